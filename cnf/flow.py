@@ -1,0 +1,284 @@
+r"""The continuous normalizing flow: state and log-density integrated jointly.
+
+Data :math:`x` sits at :math:`t = 0` and the base (standard normal) at :math:`t = T`. The flow
+integrates
+
+.. math::
+    \frac{dz}{dt} = f(t, z), \qquad \frac{da}{dt} = \mathrm{Tr}\,\frac{\partial f}{\partial z},
+    \qquad z(0) = x,\ a(0) = 0,
+
+so that :math:`a(T) = \log\lvert\det \partial z(T) / \partial x\rvert` and, by the instantaneous
+change of variables,
+
+.. math:: \log p(x) = \log \mathcal{N}(z(T); 0, I) + \int_0^T \mathrm{Tr}\,
+    \frac{\partial f}{\partial z(t)}\, dt.
+
+Sampling draws :math:`z \sim \mathcal{N}(0, I)` and integrates from :math:`T` back to :math:`0`.
+
+References:
+    Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018 (arXiv:1806.07366).
+    Grathwohl et al., "FFJORD", ICLR 2019 (arXiv:1810.01367).
+    Finlay et al., "How to train your neural ODE", ICML 2020 (arXiv:2002.02798).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cnf.fields import ConcatSquashMLP
+from cnf.ode import ODEBlock
+from cnf.solvers import Solver
+from cnf.trace import TraceEstimator, make_trace
+
+
+@dataclass(frozen=True)
+class FlowResult:
+    """One pass of the flow.
+
+    Attributes:
+        value: where the inputs went (latents for :meth:`CNF.to_latent`, data for
+            :meth:`CNF.to_data`), or the states at every requested time for
+            :meth:`CNF.trajectory` (leading time axis).
+        logdet: ``log|det d value / d input|`` per sample (same leading axes as ``value``).
+        kinetic: ``int ||f||^2 dt`` per sample, when regularization was requested.
+        jacobian: ``int ||df/dz||_F^2 dt`` per sample (Hutchinson estimate under that trace).
+    """
+
+    value: Tensor
+    logdet: Tensor
+    kinetic: Tensor | None = None
+    jacobian: Tensor | None = None
+
+
+class _JointDynamics:
+    """``d/ds [z, a, (kinetic, jacobian)] = T [f, Tr J, (||f||^2, ||J||_F^2)]`` at ``t = sT``,
+    with one fixed probe for the whole solve, adjoint pass included."""
+
+    def __init__(
+        self,
+        flow: CNF,
+        estimator: TraceEstimator,
+        probe: Tensor | None,
+        regularize: bool,
+    ) -> None:
+        self.flow, self.estimator, self.probe, self.regularize = flow, estimator, probe, regularize
+
+    def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        T = self.flow.T
+        ev = self.estimator(self.flow.field, s * T, state[0], self.probe, self.regularize)
+        out = (T * ev.value, T * ev.trace)
+        if self.regularize:
+            kinetic = ev.value.reshape(ev.value.shape[0], -1).square().sum(1)
+            out = (*out, T * kinetic, T * ev.frobenius)
+        return out
+
+
+class CNF(ODEBlock):
+    """A continuous normalizing flow with a standard normal base.
+
+    Arguments:
+        dim: the data dimension, or an event shape such as ``(1, 8, 8)`` for images.
+        vector_field: an ``nn.Module`` ``f(t, z)``; by default a :class:`ConcatSquashMLP` with
+            widths ``hidden`` and ``activation`` (vector data only).
+        trace: ``"exact"``, ``"hutchinson"`` or ``"auto"`` (exact up to
+            :data:`cnf.trace.AUTO_EXACT_MAX_DIM` dimensions).
+        noise: the Hutchinson probe, ``"rademacher"`` or ``"gaussian"``.
+        T, learn_T, method, atol, rtol, step_size, adjoint, seminorm, max_nfe, options,
+            eval_solver: the integration time and solvers, as in :class:`~cnf.ode.ODEBlock`.
+
+    Example:
+        >>> flow = CNF(2, hidden=(16, 16))
+        >>> x = flow.sample(5)
+        >>> flow.log_prob(x).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        dim: int | Sequence[int],
+        vector_field: nn.Module | None = None,
+        *,
+        hidden: Sequence[int] = (64, 64, 64),
+        activation: str = "tanh",
+        trace: str = "auto",
+        noise: str = "rademacher",
+        T: float = 1.0,
+        learn_T: bool = False,
+        method: str = "dopri5",
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        step_size: float | None = None,
+        adjoint: bool = False,
+        seminorm: bool = False,
+        max_nfe: int | None = 20_000,
+        options: Mapping[str, Any] | None = None,
+        eval_solver: Solver | Mapping[str, Any] | None = None,
+    ) -> None:
+        event_shape = _event_shape(dim)
+        if vector_field is None:
+            if len(event_shape) != 1:
+                raise ValueError(
+                    f"the default vector field is for vector data; for event shape {event_shape} "
+                    "pass vector_field= (a convolutional field, e.g. from cnf.images)"
+                )
+            vector_field = ConcatSquashMLP(event_shape[0], hidden, activation=activation)
+        super().__init__(
+            vector_field, T=T, learn_T=learn_T, method=method, atol=atol, rtol=rtol,
+            step_size=step_size, adjoint=adjoint, seminorm=seminorm, max_nfe=max_nfe,
+            options=options, eval_solver=eval_solver,
+        )  # fmt: skip
+        self.event_shape = event_shape
+        self.dim = math.prod(event_shape)
+        self.trace_name, self.noise = trace, noise
+        self.estimator = make_trace(trace, self.dim, noise)
+
+    def extra_repr(self) -> str:
+        return (
+            f"event_shape={self.event_shape}, trace={self.estimator.name!r}, "
+            f"solver={self.solver.describe()}, eval_solver={self.eval_solver.describe()}"
+        )
+
+    # --- densities ------------------------------------------------------------------------
+
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        """``log N(z; 0, I)`` summed over the event dimensions."""
+        flat = z.reshape(z.shape[0], -1)
+        return -0.5 * (flat.square().sum(1) + self.dim * math.log(2 * math.pi))
+
+    def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """``log p(x)`` per sample: ``log N(z(T)) + log|det dz(T)/dx|``.
+
+        Keyword arguments (``solver``, ``trace``, ``generator``) are those of :meth:`to_latent`.
+        """
+        out = self.to_latent(x, **kwargs)
+        return self.base_log_prob(out.value) + out.logdet
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:  # type: ignore[override]
+        return self.log_prob(x, **kwargs)
+
+    def sample(
+        self, n: int, *, generator: torch.Generator | None = None, solver: Solver | None = None
+    ) -> Tensor:
+        """Draw ``n`` samples: base noise integrated from ``T`` back to 0 (no trace computed)."""
+        z = self._base_noise(n, generator)
+        return self.integrate(self.dynamics, (z,), self.times(z, reverse=True), solver)[0][-1]
+
+    def sample_and_log_prob(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        solver: Solver | None = None,
+        trace: str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` samples with their log-density ``log N(z) - log|det dx/dz|``."""
+        z = self._base_noise(n, generator)
+        out = self.to_data(z, solver=solver, trace=trace, generator=generator)
+        return out.value, self.base_log_prob(z) - out.logdet
+
+    # --- maps -----------------------------------------------------------------------------
+
+    def to_latent(self, x: Tensor, **kwargs: Any) -> FlowResult:
+        """Map data to latents (``t: 0 -> T``); ``logdet = log|det dz/dx|``.
+
+        Keyword arguments: ``solver`` (a :class:`Solver`, default the active one), ``trace``
+        (a trace name overriding the flow's), ``generator`` (for the Hutchinson probe) and
+        ``regularize`` (also integrate the kinetic energy and Jacobian norm).
+        """
+        x = self.check_input(x, "x")
+        return self._last(self._joint(x, self.times(x), **kwargs))
+
+    def to_data(self, z: Tensor, **kwargs: Any) -> FlowResult:
+        """Map latents to data (``t: T -> 0``); ``logdet = log|det dx/dz|``. Keywords as in
+        :meth:`to_latent`."""
+        z = self.check_input(z, "z")
+        return self._last(self._joint(z, self.times(z, reverse=True), **kwargs))
+
+    def trajectory(self, y: Tensor, t: Tensor, **kwargs: Any) -> FlowResult:  # type: ignore[override]
+        """Integrate from ``y`` at time ``t[0]`` through every time of ``t`` (1-D, monotone, in
+        ``[0, T]``); ``value`` and ``logdet`` carry a leading time axis. One solve serves all
+        times. Keywords as in :meth:`to_latent`."""
+        y = self.check_input(y, "y")
+        if not isinstance(t, Tensor) or t.ndim != 1 or len(t) < 2:
+            raise ValueError(f"t must be a 1-D tensor of at least 2 times, got {t!r}")
+        return self._joint(y, t, **kwargs)
+
+    def _joint(
+        self,
+        y: Tensor,
+        t: Tensor,
+        *,
+        solver: Solver | None = None,
+        trace: str | None = None,
+        generator: torch.Generator | None = None,
+        regularize: bool = False,
+    ) -> FlowResult:
+        estimator = self.estimator if trace is None else make_trace(trace, self.dim, self.noise)
+        probe = estimator.probe(y, generator)
+        zeros = y.new_zeros(y.shape[0])
+        y0 = (y, zeros, zeros, zeros) if regularize else (y, zeros)
+        dynamics = _JointDynamics(self, estimator, probe, regularize)
+        states = self.integrate(dynamics, y0, t, solver)
+        return FlowResult(*states)
+
+    @staticmethod
+    def _last(result: FlowResult) -> FlowResult:
+        return FlowResult(*(None if x is None else x[-1] for x in vars(result).values()))
+
+    def _base_noise(self, n: int, generator: torch.Generator | None) -> Tensor:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive integer number of samples, got {n!r}")
+        return torch.randn(
+            (n, *self.event_shape), generator=generator, dtype=self.log_T.dtype,
+            device=self.log_T.device,
+        )  # fmt: skip
+
+    def check_input(self, x: Tensor, name: str) -> Tensor:
+        """Validate a batch: a floating tensor of shape ``(n, *event_shape)`` on the flow's device
+        and in its dtype, with no NaN or inf."""
+        if not isinstance(x, Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(x).__name__}; convert with "
+                f"torch.as_tensor({name}, dtype={self.log_T.dtype})"
+            )
+        expected = ("n", *self.event_shape)
+        if x.ndim != len(expected) or tuple(x.shape[1:]) != self.event_shape or len(x) == 0:
+            raise ValueError(
+                f"expected {name} of shape {_shape_str(expected)}, got {tuple(x.shape)}: this flow "
+                f"models {self.dim}-dimensional data"
+            )
+        if x.dtype != self.log_T.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the flow's parameters are {self.log_T.dtype}: "
+                f"call {name}.to({self.log_T.dtype}) or flow.to({x.dtype})"
+            )
+        if x.device != self.log_T.device:
+            raise ValueError(
+                f"{name} is on {x.device} but the flow is on {self.log_T.device}: call "
+                f"{name}.to('{self.log_T.device}') or flow.to('{x.device}')"
+            )
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()[:5].tolist()
+            raise ValueError(
+                f"{name} has NaN or inf values in {int(bad.sum())} rows (first: {rows}); drop or "
+                "impute them before calling the flow"
+            )
+        return x
+
+
+def _event_shape(dim: int | Sequence[int]) -> tuple[int, ...]:
+    shape = (dim,) if isinstance(dim, int) else tuple(dim)
+    if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in shape):
+        raise ValueError(f"dim must be a positive integer or a shape of them, got {dim!r}")
+    return shape
+
+
+def _shape_str(shape: tuple[Any, ...]) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"

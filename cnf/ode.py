@@ -1,0 +1,142 @@
+r"""Neural ODE layers: :class:`ODEBlock`, the continuous-depth replacement of a residual block.
+
+A residual block :math:`h + f(h)` is one Euler step of :math:`dh/dt = f(t, h)`; an ODE block
+integrates that equation from :math:`t = 0` to :math:`T` with an ODE solver instead.
+
+Time is rescaled to :math:`s = t / T \in [0, 1]` and the solver integrates
+:math:`dh/ds = T\, f(sT, h)`, so :math:`T` is an ordinary parameter of the dynamics. A learnable
+:math:`T` therefore receives its exact gradient under direct backpropagation and under the adjoint
+alike (FFJORD's learnable end time was cut from the graph).
+
+References:
+    Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018 (arXiv:1806.07366).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cnf.fields import check_field
+from cnf.solvers import NFE, Solver, check_finite
+
+
+def make_solver(value: Solver | Mapping[str, Any] | None, default: Solver) -> Solver:
+    """Accept a :class:`Solver`, a mapping of its fields, or ``None`` (the default)."""
+    if value is None:
+        return default
+    if isinstance(value, Solver):
+        return value
+    if isinstance(value, Mapping):
+        return Solver(**value)
+    raise TypeError(f"expected a cnf.Solver or a dict of its fields, got {type(value).__name__}")
+
+
+class ODEBlock(nn.Module):
+    """Integrates ``dh/dt = field(t, h)`` from 0 to ``T`` and returns ``h(T)``.
+
+    Arguments:
+        field: an ``nn.Module`` called as ``field(t, h)`` returning a tensor shaped like ``h``.
+        T: the integration time (positive).
+        learn_T: make ``T`` a parameter (kept positive as ``exp(log_T)``).
+        method, atol, rtol, step_size, adjoint, seminorm, max_nfe, options: the training
+            :class:`~cnf.solvers.Solver` (see there).
+        eval_solver: the solver used in ``eval()`` mode (a :class:`Solver` or a dict of its
+            fields); by default the training solver without the adjoint.
+
+    Example:
+        >>> from cnf.fields import ConcatSquashMLP
+        >>> block = ODEBlock(ConcatSquashMLP(3, (8,)), method="rk4", step_size=0.25)
+        >>> block(torch.zeros(4, 3)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(
+        self,
+        field: nn.Module,
+        *,
+        T: float = 1.0,
+        learn_T: bool = False,
+        method: str = "dopri5",
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        step_size: float | None = None,
+        adjoint: bool = False,
+        seminorm: bool = False,
+        max_nfe: int | None = 20_000,
+        options: Mapping[str, Any] | None = None,
+        eval_solver: Solver | Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.field = check_field(field)
+        if not isinstance(T, int | float) or not math.isfinite(T) or T <= 0:
+            raise ValueError(f"T must be a positive finite number, got {T!r}")
+        log_T = torch.tensor(math.log(T), dtype=torch.get_default_dtype())
+        if learn_T:
+            self.log_T = nn.Parameter(log_T)
+        else:
+            self.register_buffer("log_T", log_T)
+        self.solver = Solver(
+            method=method, atol=atol, rtol=rtol, step_size=step_size, adjoint=adjoint,
+            seminorm=seminorm, max_nfe=max_nfe, options=options or {},
+        )  # fmt: skip
+        self.eval_solver = make_solver(
+            eval_solver, self.solver.replace(adjoint=False, seminorm=False)
+        )
+        self._nfe = NFE()
+
+    @property
+    def T(self) -> Tensor:
+        """The integration time as a 0-d tensor (differentiable when learnable)."""
+        return self.log_T.exp()
+
+    @property
+    def nfe(self) -> NFE:
+        """Function evaluations of the latest solve; ``backward`` updates after ``.backward()``."""
+        return self._nfe
+
+    def active_solver(self, solver: Solver | None = None) -> Solver:
+        """``solver`` if given, else the training solver in train mode and the eval one in eval."""
+        if solver is not None:
+            return solver
+        return self.solver if self.training else self.eval_solver
+
+    def integrate(
+        self,
+        dynamics: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]],
+        y0: tuple[Tensor, ...],
+        t: Tensor,
+        solver: Solver | None = None,
+    ) -> tuple[Tensor, ...]:
+        """Solve ``dynamics`` (written in rescaled time ``s``) through the times ``t`` in
+        ``[0, T]``; return the states at every time, each with a leading time axis."""
+        solver = self.active_solver(solver)
+        T = self.T.detach()
+        s = (t.to(y0[0]) / T).to(y0[0].dtype)
+        params = tuple(self.parameters())
+        states, self._nfe = solver.solve(dynamics, y0, s, params, time_scale=float(T))
+        check_finite([x[-1] for x in states], solver)
+        return states
+
+    def dynamics(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """``dh/ds = T f(sT, h)``."""
+        T = self.T
+        return (T * self.field(s * T, state[0]),)
+
+    def times(self, like: Tensor, reverse: bool = False, steps: Sequence[float] = (0.0, 1.0)):
+        """Integration times ``T * steps`` (reversed for ``reverse``) in ``like``'s dtype/device."""
+        s = torch.tensor(steps, dtype=like.dtype, device=like.device)
+        t = s * self.T.detach().to(like)
+        return t.flip(0) if reverse else t
+
+    def forward(self, h: Tensor, *, solver: Solver | None = None) -> Tensor:
+        return self.integrate(self.dynamics, (h,), self.times(h), solver)[0][-1]
+
+    def trajectory(self, h: Tensor, t: Tensor, *, solver: Solver | None = None) -> Tensor:
+        """States at each time of ``t`` (1-D, monotone, within ``[0, T]``), starting from ``h``
+        at ``t[0]``; shape ``(len(t), *h.shape)``."""
+        return self.integrate(self.dynamics, (h,), t, solver)[0]

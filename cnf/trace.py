@@ -1,0 +1,150 @@
+r"""Trace estimators for the instantaneous change of variables.
+
+Each estimator evaluates the vector field and ``Tr(df/dz)`` at one state in a single call, so the
+solver pays one forward pass per function evaluation:
+
+* :class:`ExactTrace` forms the per-sample Jacobian with ``torch.func.vmap(jacrev)`` (``D``
+  vector-Jacobian products, vectorized, no Python loop over dimensions);
+* :class:`HutchinsonTrace` uses one vector-Jacobian product, :math:`\epsilon^\top (\partial f /
+  \partial z)\, \epsilon`, with a probe :math:`\epsilon` drawn once per solve.
+
+Both also return the squared Frobenius norm of the Jacobian (exact, or its Hutchinson estimate
+:math:`\lVert \epsilon^\top J \rVert^2`), the regularizer of RNODE.
+
+References:
+    Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian
+    smoothing splines", 1989. Grathwohl et al., FFJORD, ICLR 2019 (arXiv:1810.01367).
+    Finlay et al., "How to train your neural ODE", ICML 2020 (arXiv:2002.02798).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+TRACES = ("auto", "exact", "hutchinson")
+NOISES = ("rademacher", "gaussian")
+
+# Above this many dimensions "auto" switches from the exact trace to Hutchinson's estimator
+# (bench/bench_core.py: at d=10 an exact-trace iteration costs 2.4x a Hutchinson one).
+AUTO_EXACT_MAX_DIM = 8
+
+
+@dataclass(frozen=True)
+class FieldEval:
+    """The vector field at one state, with its Jacobian's trace and squared Frobenius norm."""
+
+    value: Tensor
+    trace: Tensor
+    frobenius: Tensor | None = None
+
+
+def _flat_sum(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], -1).sum(1)
+
+
+class ExactTrace:
+    """Exact ``Tr(df/dz)`` per sample from the full Jacobian (cost grows with the dimension)."""
+
+    name = "exact"
+
+    def __init__(self) -> None:
+        self._vmap_failed = False
+
+    def probe(self, z: Tensor, generator: torch.Generator | None = None) -> None:
+        return None
+
+    def __call__(
+        self, field: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None, frobenius: bool = False
+    ) -> FieldEval:
+        if not self._vmap_failed:
+            try:
+                return self._vmapped(field, t, z, frobenius)
+            except RuntimeError as err:  # fields with data-dependent control flow cannot be vmapped
+                self._vmap_failed = True
+                warnings.warn(
+                    f"exact trace: torch.func.vmap failed on this vector field ({err}); "
+                    "falling back to one vector-Jacobian product per dimension",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self._looped(field, t, z, frobenius)
+
+    @staticmethod
+    def _vmapped(field: nn.Module, t: Tensor, z: Tensor, frobenius: bool) -> FieldEval:
+        def one(zi: Tensor) -> tuple[Tensor, Tensor]:
+            out = field(t, zi.unsqueeze(0)).squeeze(0)
+            return out, out
+
+        jac, value = torch.func.vmap(torch.func.jacrev(one, has_aux=True))(z)
+        n, dim = z.shape[0], z[0].numel()
+        jac = jac.reshape(n, dim, dim)
+        frob = jac.square().sum((1, 2)) if frobenius else None
+        return FieldEval(value, jac.diagonal(dim1=1, dim2=2).sum(1), frob)
+
+    @staticmethod
+    def _looped(field: nn.Module, t: Tensor, z: Tensor, frobenius: bool) -> FieldEval:
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            zg = z if z.requires_grad else z.detach().requires_grad_(True)
+            value = field(t, zg)
+            flat = value.reshape(z.shape[0], -1)
+            trace = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+            frob = torch.zeros_like(trace) if frobenius else None
+            for i in range(flat.shape[1]):
+                row = torch.autograd.grad(
+                    flat[:, i].sum(), zg, create_graph=create_graph, retain_graph=True
+                )[0].reshape(z.shape[0], -1)
+                trace = trace + row[:, i]
+                if frob is not None:
+                    frob = frob + row.square().sum(1)
+        return FieldEval(value, trace, frob)
+
+
+class HutchinsonTrace:
+    r"""Unbiased estimate :math:`\mathbb{E}_\epsilon[\epsilon^\top J \epsilon] = \mathrm{Tr}\,J`.
+
+    Arguments:
+        noise: ``"rademacher"`` (entries +-1, lower variance) or ``"gaussian"`` (standard normal).
+    """
+
+    name = "hutchinson"
+
+    def __init__(self, noise: str = "rademacher") -> None:
+        if noise not in NOISES:
+            raise ValueError(f"unknown noise {noise!r}; valid choices: {list(NOISES)}")
+        self.noise = noise
+
+    def probe(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Draw one probe shaped like ``z``; the flow holds it fixed for the whole solve."""
+        if self.noise == "gaussian":
+            return torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        bits = torch.randint(0, 2, z.shape, generator=generator, device=z.device)
+        return bits.to(z.dtype) * 2 - 1
+
+    def __call__(
+        self, field: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None, frobenius: bool = False
+    ) -> FieldEval:
+        if probe is None:
+            raise ValueError("the Hutchinson estimator needs a probe: draw one with .probe(z)")
+        value, vjp = torch.func.vjp(lambda zz: field(t, zz), z)
+        (e_j,) = vjp(probe)
+        frob = _flat_sum(e_j.square()) if frobenius else None
+        return FieldEval(value, _flat_sum(e_j * probe), frob)
+
+
+TraceEstimator = ExactTrace | HutchinsonTrace
+
+
+def make_trace(name: str, dim: int, noise: str = "rademacher") -> TraceEstimator:
+    """Turn a trace name into an estimator; ``"auto"`` is exact up to :data:`AUTO_EXACT_MAX_DIM`."""
+    if name not in TRACES:
+        raise ValueError(f"unknown trace {name!r}; valid choices: {list(TRACES)}")
+    if noise not in NOISES:
+        raise ValueError(f"unknown noise {noise!r}; valid choices: {list(NOISES)}")
+    if name == "exact" or (name == "auto" and dim <= AUTO_EXACT_MAX_DIM):
+        return ExactTrace()
+    return HutchinsonTrace(noise)

@@ -1,0 +1,29 @@
+"""Shared fixtures: small fields with known mathematics."""
+
+import pytest
+import torch
+from torch import nn
+
+
+class LinearField(nn.Module):
+    """f(t, z) = z A^T (each row z -> A z): the flow is z(t) = expm(A t) z(0), log-det t tr(A)."""
+
+    def __init__(self, A: torch.Tensor, learn: bool = False) -> None:
+        super().__init__()
+        self.A = nn.Parameter(A.clone()) if learn else A.clone()
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.A.T
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def float64():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
