@@ -3,8 +3,9 @@ r"""Trace estimators for the instantaneous change of variables.
 Each estimator evaluates the vector field and ``Tr(df/dz)`` at one state in a single call, so the
 solver pays one forward pass per function evaluation:
 
-* :class:`ExactTrace` forms the per-sample Jacobian with ``torch.func.vmap(jacrev)`` (``D``
-  vector-Jacobian products, vectorized, no Python loop over dimensions);
+* :class:`ExactTrace` forms the per-sample Jacobian: by forward mode when the field provides
+  ``value_and_jacobian(t, z)`` (as :class:`~cnf.fields.ConcatSquashMLP` does), else with
+  ``torch.func.vmap(jacrev)`` (``D`` vector-Jacobian products, vectorized, no Python loop);
 * :class:`HutchinsonTrace` uses one vector-Jacobian product, :math:`\epsilon^\top (\partial f /
   \partial z)\, \epsilon`, with a probe :math:`\epsilon` drawn once per solve.
 
@@ -60,6 +61,10 @@ class ExactTrace:
     def __call__(
         self, field: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None, frobenius: bool = False
     ) -> FieldEval:
+        if hasattr(field, "value_and_jacobian") and z.ndim == 2:
+            value, jac = field.value_and_jacobian(t, z)
+            frob = jac.square().sum((1, 2)) if frobenius else None
+            return FieldEval(value, jac.diagonal(dim1=1, dim2=2).sum(1), frob)
         if not self._vmap_failed:
             try:
                 return self._vmapped(field, t, z, frobenius)

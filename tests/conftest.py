@@ -27,3 +27,17 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+# A run small enough for tests: a few seconds on one CPU core.
+SMALL = dict(
+    iters=12, batch_size=64, eval_every=6, hidden=(16, 16), method="rk4", step_size=0.25,
+    eval_method="rk4", eval_step_size=0.25, test_size=300,
+)  # fmt: skip

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from cnf import ConcatSquashMLP
+from cnf.fields import ACTIVATIONS
 from cnf.trace import AUTO_EXACT_MAX_DIM, ExactTrace, HutchinsonTrace, make_trace
 
 
@@ -15,15 +16,38 @@ def _autograd_jacobians(field: nn.Module, t: torch.Tensor, z: torch.Tensor) -> t
     return torch.stack([torch.autograd.functional.jacobian(one, zi) for zi in z])
 
 
+class _Generic(nn.Module):
+    """A field without ``value_and_jacobian``: the exact trace takes the torch.func path."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = ConcatSquashMLP(dim, (32, 32), activation="softplus")
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(t, z)
+
+
 @pytest.mark.parametrize("dim", [2, 5, 10])
-def test_exact_trace_equals_autograd_jacobian(float64, dim: int) -> None:
+@pytest.mark.parametrize("path", ["forward-mode", "vmap-jacrev"])
+def test_exact_trace_equals_autograd_jacobian(float64, dim: int, path: str) -> None:
     field = ConcatSquashMLP(dim, (32, 32), activation="softplus")
+    if path == "vmap-jacrev":
+        field = _Generic(dim)
     t, z = torch.tensor(0.37), torch.randn(7, dim)
     jac = _autograd_jacobians(field, t, z)
     ev = ExactTrace()(field, t, z, None, frobenius=True)
     torch.testing.assert_close(ev.value, field(t, z))
     torch.testing.assert_close(ev.trace, jac.diagonal(dim1=1, dim2=2).sum(1), rtol=0, atol=1e-10)
     torch.testing.assert_close(ev.frobenius, jac.square().sum((1, 2)), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_forward_mode_jacobian_for_every_activation(float64, activation: str) -> None:
+    field = ConcatSquashMLP(3, (16, 16), activation=activation)
+    t, z = torch.tensor(0.8), torch.randn(9, 3) * 2
+    value, jac = field.value_and_jacobian(t, z)
+    torch.testing.assert_close(value, field(t, z))
+    torch.testing.assert_close(jac, _autograd_jacobians(field, t, z))
 
 
 class _NotVmappable(nn.Module):

@@ -1,0 +1,7 @@
+"""``python -m cnf`` is the ``cnf`` command."""
+
+import sys
+
+from cnf.cli import main
+
+sys.exit(main())

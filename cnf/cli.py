@@ -1,0 +1,232 @@
+"""The ``cnf`` command: thin layers over the Python API.
+
+    cnf train --data 8gaussians --out runs/8g     train (Ctrl-C saves; --resume continues)
+    cnf eval runs/8g [--n N] [--json]             test NLL, NFE, entropy and KL where known
+    cnf sample runs/8g -n 1000 -o samples.npy     samples (.npy or .csv), --with-log-prob
+    cnf datasets                                  the built-in datasets
+
+Every error is one line on stderr and a non-zero exit; set CNF_DEBUG=1 for tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnf.checkpoint import CheckpointError
+from cnf.data import get_dataset, list_datasets
+from cnf.evaluate import evaluate
+from cnf.solvers import SolverError
+from cnf.train import TrainConfig, load_model, resolve_device, to_tensor, train
+
+HELP = {
+    "data": "dataset name (see `cnf datasets`)",
+    "iters": "training iterations",
+    "batch_size": "samples per iteration",
+    "lr": "Adam learning rate (peak of the schedule)",
+    "schedule": "learning-rate schedule: cosine or constant",
+    "grad_clip": "clip the gradient norm to this (0: off)",
+    "eval_every": "evaluate on the validation set every this many iterations",
+    "seed": "seed for initialization, batches and probes",
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N",
+    "threads": "CPU threads (0: automatic, 1 for small models)",
+    "hidden": "hidden widths of the vector field, e.g. 64,64,64",
+    "trace": "auto, exact or hutchinson",
+    "noise": "Hutchinson probe: rademacher or gaussian",
+    "method": "training ODE solver (any torchdiffeq method)",
+    "step_size": "step of fixed-step training solvers",
+    "atol": "absolute tolerance of adaptive training solvers",
+    "rtol": "relative tolerance of adaptive training solvers",
+    "adjoint": "backpropagate with the adjoint method",
+    "kinetic": "weight of the kinetic-energy regularizer (RNODE)",
+    "jacobian": "weight of the Jacobian Frobenius regularizer (RNODE)",
+    "eval_method": "evaluation ODE solver",
+    "test_size": "fresh test samples in the final report",
+}
+# flags that may change when resuming a run; everything else must match the saved config
+RESUMABLE = {"iters", "device", "threads"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _field_type(annotation: Any) -> Any:
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    return hint
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected widths like 64,64,64, got {text!r}") from None
+    return widths
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f.type)
+        help_text = HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {f.default})"
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif f.name == "hidden":
+            parser.add_argument(flag, type=_hidden, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cnf", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a flow", description="Train a flow on a dataset.")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/DATA)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(p)
+
+    p = sub.add_parser("eval", help="evaluate a run on fresh test data")
+    p.add_argument("run", type=Path, help="run directory or checkpoint file")
+    p.add_argument("--n", type=int, help="test samples (default: the run's test_size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("sample", help="draw samples from a trained flow")
+    p.add_argument("run", type=Path, help="run directory or checkpoint file")
+    p.add_argument("-n", type=int, required=True, help="number of samples")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output file: .npy or .csv")
+    p.add_argument("--with-log-prob", action="store_true", help="add the log-density column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--device", default="auto")
+
+    sub.add_parser("datasets", help="list the built-in datasets")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if f.name != "extra" and getattr(args, f.name) is not None
+    }
+    if args.resume is not None:
+        if args.out is not None and args.out != args.resume:
+            raise ValueError("--resume DIR names the run directory: drop --out")
+        clash = sorted(set(given) - RESUMABLE)
+        if clash:
+            flags = ", ".join("--" + c.replace("_", "-") for c in clash)
+            raise ValueError(f"{flags} cannot change when resuming: the saved config is used")
+        result = train(TrainConfig(), args.resume, resume=True, progress=not args.no_progress,
+                       iters=given.get("iters"))  # fmt: skip
+    else:
+        cfg = TrainConfig(**given)
+        out = args.out or Path("runs") / cfg.data
+        result = train(cfg, out, force=args.force, progress=not args.no_progress)
+    if result.interrupted:
+        return 128 + result.interrupted  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    print(json.dumps(result.report, indent=2))
+    print(f"run saved in {result.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, cfg, meta = load_model(args.run, resolve_device(args.device))
+    data = get_dataset(meta["name"], seed=cfg.seed, **cfg.extra)
+    p = next(model.parameters())
+    x = to_tensor(data.test(args.n or cfg.test_size), p.device, p.dtype)
+    result = evaluate(model, x, entropy=getattr(data, "entropy", None)).to_dict()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>14}: {value:.5g}" if isinstance(value, float) else f"{key:>14}: {value}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    suffix = args.output.suffix.lower()
+    if suffix not in (".npy", ".csv"):
+        raise ValueError(f"unknown output format {suffix or '(none)'!r}: use a .npy or .csv file")
+    if args.output.exists() and not args.force:
+        raise FileExistsError(f"{args.output} exists: pass --force to overwrite it")
+    if args.n < 1:
+        raise ValueError(f"-n must be a positive number of samples, got {args.n}")
+    model, _, _ = load_model(args.run, resolve_device(args.device))
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    with torch.no_grad():
+        if args.with_log_prob:
+            x, logp = model.sample_and_log_prob(args.n, generator=gen)
+            table = torch.cat([x.flatten(1), logp[:, None]], 1)
+        else:
+            table = model.sample(args.n, generator=gen).flatten(1)
+    table = table.cpu().double().numpy()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".npy":
+        np.save(args.output, table)
+    else:
+        dims = table.shape[1] - args.with_log_prob
+        header = [f"x{i}" for i in range(dims)] + (["log_prob"] if args.with_log_prob else [])
+        np.savetxt(args.output, table, delimiter=",", header=",".join(header), comments="")
+    print(f"wrote {len(table)} samples to {args.output}")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    print(f"{'name':<16}{'kind':<9}{'dim':>5}  truth  note")
+    for info in list_datasets():
+        truth = "yes" if info.truth else "no"
+        print(f"{info.name:<16}{info.kind:<9}{info.dim:>5}  {truth:<5}  {info.note}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "datasets": cmd_datasets}
+ERRORS = (ValueError, TypeError, OSError, CheckpointError, SolverError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("cnf: interrupted", file=sys.stderr)
+        return 130
+    except ERRORS as err:
+        if os.environ.get("CNF_DEBUG"):
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"cnf {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug: still one line, with the way to see more
+        if os.environ.get("CNF_DEBUG"):
+            raise
+        print(
+            f"cnf {args.command}: internal error: {type(err).__name__}: {err} "
+            "(set CNF_DEBUG=1 for the traceback and please report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

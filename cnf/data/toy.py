@@ -1,0 +1,193 @@
+r"""FFJORD's 2-D toy densities, seedable, with their true log-densities where known.
+
+Each generator follows FFJORD's ``toy_data.inf_train_gen`` (same shapes and scales) but draws from
+a ``numpy.random.Generator`` so that runs reproduce. Ring and moon angles are drawn uniformly
+rather than evenly spaced as in FFJORD (whose samples are then not independent); the density is the
+same.
+
+Known truths (``log_prob``; ``entropy`` by quadrature of :math:`-p \log p` on a fine grid):
+
+* 8gaussians: equal mixture of 8 isotropic Gaussians, centres :math:`(4/1.414)(\cos k\pi/4,
+  \sin k\pi/4)`, :math:`\sigma = 0.5/1.414`; entropy about 2.831 nats.
+* checkerboard: uniform on 8 squares of side 2 (area 32); entropy :math:`\log 32`.
+* circles, rings: rings of radius :math:`R` blurred by isotropic Gaussian noise, whose density is
+  :math:`p(x) = \frac{1}{2\pi\sigma^2} e^{-(r^2 + R^2)/2\sigma^2} I_0(rR/\sigma^2)` with
+  :math:`r = \lVert x \rVert` and :math:`I_0` the modified Bessel function (computed as
+  ``i0e`` for stability).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from scipy.special import i0e, logsumexp
+
+Sampler = Callable[[int, np.random.Generator], np.ndarray]
+LogProb = Callable[[np.ndarray], np.ndarray]
+
+
+def _8gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
+    centres = _8GAUSS_CENTRES * 1.414  # FFJORD adds unit-circle centres * 4 then divides by 1.414
+    idx = rng.integers(0, 8, n)
+    return ((rng.standard_normal((n, 2)) * 0.5 + centres[idx]) / 1.414).astype(np.float64)
+
+
+_8GAUSS_CENTRES = (
+    4.0
+    / 1.414
+    * np.array(
+        [(1, 0), (-1, 0), (0, 1), (0, -1)]
+        + [(s1 / math.sqrt(2), s2 / math.sqrt(2)) for s1 in (1, -1) for s2 in (1, -1)]
+    )
+)
+_8GAUSS_SIGMA = 0.5 / 1.414
+
+
+def _8gaussians_log_prob(x: np.ndarray) -> np.ndarray:
+    sq = ((x[:, None, :] - _8GAUSS_CENTRES[None]) ** 2).sum(-1)
+    log_comp = -sq / (2 * _8GAUSS_SIGMA**2) - math.log(2 * math.pi * _8GAUSS_SIGMA**2)
+    return logsumexp(log_comp, axis=1) - math.log(8)
+
+
+def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
+    x1 = rng.random(n) * 4 - 2
+    x2 = rng.random(n) - rng.integers(0, 2, n) * 2
+    x2 = x2 + np.floor(x1) % 2
+    return np.stack([x1, x2], 1) * 2
+
+
+def _checkerboard_log_prob(x: np.ndarray) -> np.ndarray:
+    inside = (np.abs(x) < 4).all(1)
+    cell = np.floor(x / 2).astype(int)
+    filled = (cell[:, 0] + cell[:, 1]) % 2 == 0  # the squares the sampler fills
+    return np.where(inside & filled, -math.log(32.0), -np.inf)
+
+
+def _ring_sample(n: int, rng: np.random.Generator, radii: np.ndarray, sigma: float) -> np.ndarray:
+    """Equal mixture of rings of the given radii, blurred with isotropic noise ``sigma``."""
+    r = radii[rng.integers(0, len(radii), n)]
+    theta = rng.random(n) * 2 * math.pi
+    pts = np.stack([r * np.cos(theta), r * np.sin(theta)], 1)
+    return pts + rng.standard_normal((n, 2)) * sigma
+
+
+def _ring_log_prob(x: np.ndarray, radii: np.ndarray, sigma: float) -> np.ndarray:
+    r = np.linalg.norm(x, axis=1)[:, None]
+    R = radii[None, :]
+    s2 = sigma**2
+    # log I0(a) = log i0e(a) + a, so the Gaussian in (r - R) stays finite far from the origin
+    log_comp = -((r - R) ** 2) / (2 * s2) + np.log(i0e(r * R / s2)) - math.log(2 * math.pi * s2)
+    return logsumexp(log_comp, axis=1) - math.log(len(radii))
+
+
+_CIRCLES = (np.array([3.0, 1.5]), 0.08 * 3)  # sklearn make_circles(factor=.5, noise=.08) * 3
+_RINGS = (np.array([3.0, 2.25, 1.5, 0.75]), 0.08)  # radii (1, .75, .5, .25) * 3, noise after
+
+
+def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
+    theta = rng.random(n) * math.pi
+    upper = rng.random(n) < 0.5
+    x = np.where(upper, np.cos(theta), 1 - np.cos(theta))
+    y = np.where(upper, np.sin(theta), 1 - np.sin(theta) - 0.5)
+    pts = np.stack([x, y], 1) + rng.standard_normal((n, 2)) * 0.1
+    return pts * 2 + np.array([-1, -0.2])
+
+
+def _swissroll(n: int, rng: np.random.Generator) -> np.ndarray:
+    t = 1.5 * math.pi * (1 + 2 * rng.random(n))  # sklearn make_swiss_roll(noise=1.0)[:, [0, 2]]
+    pts = np.stack([t * np.cos(t), t * np.sin(t)], 1) + rng.standard_normal((n, 2))
+    return pts / 5
+
+
+def _2spirals(n: int, rng: np.random.Generator) -> np.ndarray:
+    m = np.sqrt(rng.random((n, 1))) * 540 * (2 * math.pi) / 360
+    arm = np.hstack([-np.cos(m) * m, np.sin(m) * m]) + rng.random((n, 2)) * 0.5
+    sign = np.where(rng.random((n, 1)) < 0.5, 1.0, -1.0)  # FFJORD mirrors each arm point instead
+    return sign * arm / 3 + rng.standard_normal((n, 2)) * 0.1
+
+
+def _pinwheel(n: int, rng: np.random.Generator) -> np.ndarray:
+    radial_std, tangential_std, num_classes, rate = 0.3, 0.1, 5, 0.25
+    rads = np.linspace(0, 2 * math.pi, num_classes, endpoint=False)
+    features = rng.standard_normal((n, 2)) * np.array([radial_std, tangential_std])
+    features[:, 0] += 1.0
+    labels = rng.integers(0, num_classes, n)
+    angles = rads[labels] + rate * np.exp(features[:, 0])
+    c, s = np.cos(angles), np.sin(angles)
+    rotations = np.stack([c, -s, s, c], 1).reshape(-1, 2, 2)
+    return 2 * np.einsum("ti,tij->tj", features, rotations)
+
+
+@dataclass(frozen=True)
+class ToyDensity:
+    """A 2-D toy distribution: a seedable sampler and, where known, its true log-density.
+
+    Attributes:
+        name: the registry name.
+        sampler: ``sampler(n, rng) -> (n, 2)`` array.
+        truth: ``truth(x) -> (n,)`` true log-density, or ``None`` if unknown.
+        support: half-width of a square holding essentially all the mass (for quadrature/plots).
+        exact_entropy: the entropy in closed form, where it has one.
+    """
+
+    name: str
+    sampler: Sampler
+    truth: LogProb | None = None
+    support: float = 4.5
+    exact_entropy: float | None = None
+    dim: int = 2
+
+    def sample(self, n: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
+        """``n`` samples as a float64 array of shape ``(n, 2)``."""
+        rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        return np.asarray(self.sampler(int(n), rng), dtype=np.float64)
+
+    @property
+    def has_truth(self) -> bool:
+        return self.truth is not None
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        """The true log-density; raises ``ValueError`` where it is not known."""
+        if self.truth is None:
+            raise ValueError(f"the true density of {self.name!r} is not known in closed form")
+        return self.truth(np.asarray(x, dtype=np.float64))
+
+    @cached_property
+    def entropy(self) -> float | None:
+        """Differential entropy in nats (closed form, else quadrature on a 1500^2 grid)."""
+        if self.exact_entropy is not None or self.truth is None:
+            return self.exact_entropy
+        g = np.linspace(-self.support, self.support, 1500)
+        xx, yy = np.meshgrid(g, g, indexing="ij")
+        logp = self.log_prob(np.stack([xx.ravel(), yy.ravel()], 1))
+        p = np.exp(logp)
+        return float(-(p * np.where(p > 0, logp, 0.0)).sum() * (g[1] - g[0]) ** 2)
+
+
+TOY: dict[str, ToyDensity] = {
+    d.name: d
+    for d in [
+        ToyDensity("8gaussians", _8gaussians, _8gaussians_log_prob, support=5.0),
+        ToyDensity("2spirals", _2spirals, support=4.5),
+        ToyDensity("checkerboard", _checkerboard, _checkerboard_log_prob, 4.0, math.log(32.0)),
+        ToyDensity("moons", _moons, support=4.0),
+        ToyDensity(
+            "circles",
+            lambda n, rng: _ring_sample(n, rng, *_CIRCLES),
+            lambda x: _ring_log_prob(x, *_CIRCLES),
+            support=4.5,
+        ),
+        ToyDensity("pinwheel", _pinwheel, support=4.5),
+        ToyDensity("swissroll", _swissroll, support=4.5),
+        ToyDensity(
+            "rings",
+            lambda n, rng: _ring_sample(n, rng, *_RINGS),
+            lambda x: _ring_log_prob(x, *_RINGS),
+            support=4.0,
+        ),
+    ]
+}

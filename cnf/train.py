@@ -1,0 +1,447 @@
+"""Training: one config, one loop you can read top to bottom, checkpoints that resume exactly.
+
+``train(TrainConfig(data="8gaussians"), "runs/8g")`` fits a flow by maximum likelihood with Adam,
+a learning-rate schedule and gradient clipping; evaluates on held-out data with the evaluation
+solver every ``eval_every`` iterations; keeps ``best.pt`` and ``last.pt``; logs every iteration to
+``log.jsonl``; and ends with a report (test NLL, entropy and KL where the truth is known) and
+figures. Batches and Hutchinson probes are functions of ``(seed, iteration)``, so a resumed run ends
+exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnf.data import Dataset, get_dataset
+from cnf.evaluate import evaluate
+from cnf.flow import CNF
+from cnf.solvers import Solver, SolverError
+
+SCHEDULES = ("cosine", "constant")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved as ``config.json`` and inside every checkpoint."""
+
+    data: str = "8gaussians"
+    iters: int = 3000
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    grad_clip: float = 5.0
+    eval_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    dtype: str = "float32"
+    # model
+    hidden: tuple[int, ...] = (64, 64, 64)
+    activation: str = "tanh"
+    trace: str = "auto"
+    noise: str = "rademacher"
+    T: float = 1.0
+    learn_T: bool = False
+    # training solver
+    method: str = "dopri5"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    step_size: float | None = None
+    adjoint: bool = False
+    max_nfe: int = 10_000
+    kinetic: float = 0.0
+    jacobian: float = 0.0
+    # evaluation solver
+    eval_method: str = "dopri5"
+    eval_atol: float = 1e-7
+    eval_rtol: float = 1e-7
+    eval_step_size: float | None = None
+    test_size: int = 20_000
+    extra: dict[str, Any] = field(default_factory=dict)  # dataset/model-specific options
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(h) for h in self.hidden)
+        for name in ("iters", "batch_size", "eval_every", "test_size", "max_nfe"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr",):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("weight_decay", "grad_clip", "kinetic", "jacobian"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("dtype", self.dtype, tuple(DTYPES))
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: automatic), got {self.threads}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @property
+    def train_solver(self) -> Solver:
+        return Solver(self.method, self.atol, self.rtol, self.step_size, adjoint=self.adjoint,
+                      max_nfe=self.max_nfe)  # fmt: skip
+
+    @property
+    def eval_solver(self) -> Solver:
+        return Solver(self.eval_method, self.eval_atol, self.eval_rtol, self.eval_step_size,
+                      max_nfe=self.max_nfe)  # fmt: skip
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {list(valid)}")
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+def build_vector_cnf(cfg: TrainConfig, meta: dict[str, Any]) -> nn.Module:
+    """A single CNF block on vector data with the config's field and solvers."""
+    (dim,) = meta["event_shape"]
+    return CNF(
+        dim, hidden=cfg.hidden, activation=cfg.activation, trace=cfg.trace, noise=cfg.noise,
+        T=cfg.T, learn_T=cfg.learn_T, method=cfg.method, atol=cfg.atol, rtol=cfg.rtol,
+        step_size=cfg.step_size, adjoint=cfg.adjoint, max_nfe=cfg.max_nfe,
+        eval_solver=cfg.eval_solver,
+    )  # fmt: skip
+
+
+# dataset kind -> model builder; the tabular and image modules register theirs
+BUILDERS: dict[str, Callable[[TrainConfig, dict[str, Any]], nn.Module]] = {"toy": build_vector_cnf}
+
+
+def build_model(cfg: TrainConfig, meta: dict[str, Any]) -> nn.Module:
+    if meta["kind"] not in BUILDERS:
+        raise ValueError(f"no model builder for datasets of kind {meta['kind']!r}")
+    return BUILDERS[meta["kind"]](cfg, meta)
+
+
+# --- run directory ---------------------------------------------------------------------------
+
+
+def prepare_run_dir(out: str | Path, *, resume: bool, force: bool) -> Path:
+    """Create (or check) the run directory without losing anything the user has."""
+    out = Path(out)
+    if resume and force:
+        raise ValueError("--resume and --force contradict each other: choose one")
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise CheckpointError(f"cannot resume: {out / 'last.pt'} does not exist")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(
+                f"run directory {out} already exists and is not empty: pass --resume to continue "
+                "it, --force to overwrite it, or choose another --out"
+            )
+        if not (out / "config.json").is_file():
+            raise FileExistsError(
+                f"refusing to --force {out}: it does not look like a cnf run (no config.json)"
+            )
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"cannot write to run directory {out}: {err.strerror}") from err
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
+
+
+def configure_threads(threads: int, device: torch.device, dim: int) -> int:
+    """Small CNFs on a CPU run fastest on one thread: the per-op work is too small to split, and
+    on a shared 2-core machine a second thread mostly contends (bench/bench_threads.py)."""
+    if threads == 0:
+        threads = 1 if device.type == "cpu" and dim <= 16 else torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    out: Path
+    iteration: int
+    interrupted: int | None  # the signal that stopped the run, if one did
+    best_val_nll: float
+    report: dict[str, Any] | None
+
+
+class _StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current iteration."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        signal.signal(signum, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_StopRequest]:
+    stop = _StopRequest()
+    try:
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no handlers, no clean stop
+        previous = {}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _generator(device: torch.device, seed: int, stream: int, iteration: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, stream, iteration]).generate_state(1)[0]))
+    return g
+
+
+def to_tensor(batch: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.as_tensor(batch).to(device=device, dtype=dtype)
+
+
+def training_loss(model: nn.Module, x: Tensor, cfg: TrainConfig, generator: torch.Generator):
+    """Mean negative log-likelihood (nats), plus RNODE's kinetic and Jacobian penalties."""
+    regularize = cfg.kinetic > 0 or cfg.jacobian > 0
+    out = model.to_latent(x, generator=generator, regularize=regularize)
+    nll = -(model.base_log_prob(out.value) + out.logdet).mean()
+    loss = nll
+    if regularize:
+        loss = loss + cfg.kinetic * out.kinetic.mean() + cfg.jacobian * out.jacobian.mean()
+    return loss, nll
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The schedule in closed form (cosine down to 1% of ``lr``), so extending a resumed run
+    with more iterations keeps one smooth curve."""
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(step, cfg.iters) / cfg.iters
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig):
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step))
+    return opt, sched
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    iters: int | None = None,
+) -> TrainResult:
+    """Train a flow on ``cfg.data`` into the run directory ``out``.
+
+    Arguments:
+        cfg: the run's configuration (ignored with ``resume``, which reads the saved one).
+        out: the run directory; an existing non-empty one needs ``resume`` or ``force``.
+        resume: continue from ``out/last.pt``.
+        force: delete an existing run in ``out`` first.
+        progress: show a progress bar (loss, NFE, it/s, ETA).
+        iters: with ``resume``, train to this many iterations instead of the saved number.
+    """
+    out = prepare_run_dir(out, resume=resume, force=force)
+    ckpt = load_checkpoint(out / "last.pt") if resume else None
+    if ckpt is not None:
+        cfg = TrainConfig.from_dict({**ckpt["config"], **({"iters": iters} if iters else {})})
+    device = resolve_device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    torch.manual_seed(cfg.seed)
+    data = get_dataset(cfg.data, seed=cfg.seed, **cfg.extra)
+    configure_threads(cfg.threads, device, math.prod(data.event_shape))
+    model = build_model(cfg, data.meta()).to(device=device, dtype=dtype)
+    opt, sched = make_optimizer(model, cfg)
+    start, best = 0, math.inf
+    if ckpt is not None:
+        _check_same_data(ckpt, data, out)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start, best = ckpt["iteration"], ckpt["best_val_nll"]
+        _truncate_log(out / "log.jsonl", start)
+    else:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    x_val = to_tensor(data.validation(), device, dtype)
+
+    def checkpoint(name: str, iteration: int) -> None:
+        save_checkpoint(out / name, {
+            "config": cfg.to_dict(), "data": data.meta(), "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "iteration": iteration, "best_val_nll": best,
+        })  # fmt: skip
+
+    it = start
+    with (
+        _stop_on_signals() as stop,
+        open(out / "log.jsonl", "a") as log,
+        tqdm(total=cfg.iters, initial=start, disable=not progress, dynamic_ncols=True,
+             desc=f"train {cfg.data}", mininterval=0.5) as bar,
+    ):  # fmt: skip
+        for it in range(start + 1, cfg.iters + 1):
+            t0 = time.perf_counter()
+            x = to_tensor(data.train_batch(cfg.batch_size, it), device, dtype)
+            with _diverged(it, out):
+                loss, nll = training_loss(model, x, cfg, _generator(device, cfg.seed, 1, it))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            clip = cfg.grad_clip or math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                with _diverged(it, out):
+                    raise SolverError(
+                        f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+                    )
+            opt.step()
+            sched.step()
+            row = {"iter": it, "loss": loss.item(), "nll": nll.item(), "nfe": model.nfe.forward,
+                   "nfe_backward": model.nfe.backward, "grad_norm": grad_norm.item(),
+                   "lr": sched.get_last_lr()[0], "time": time.perf_counter() - t0}  # fmt: skip
+            if it % cfg.eval_every == 0 or it == cfg.iters:
+                ev = evaluate(model, x_val)
+                row.update(val_nll=ev.nll, val_nll_se=ev.nll_se, val_nfe=ev.nfe)
+                bar.write(
+                    f"iter {it}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f} (NFE {ev.nfe})", sys.stderr
+                )
+                if ev.nll < best:
+                    best = ev.nll
+                    checkpoint("best.pt", it)
+                checkpoint("last.pt", it)
+                log.flush()
+            log.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", nfe=f"{row['nfe']}/{row['nfe_backward']}",
+                            best=f"{best:.3f}", refresh=False)  # fmt: skip
+            bar.update()
+            if stop.signal is not None:
+                checkpoint("last.pt", it)
+                name = signal.Signals(stop.signal).name
+                bar.write(
+                    f"{name}: saved iteration {it}; continue with cnf train --resume {out}",
+                    sys.stderr,
+                )
+                return TrainResult(out, it, stop.signal, best, None)
+    report = final_report(out, data, device, dtype)
+    return TrainResult(out, it, None, best, report)
+
+
+@contextmanager
+def _diverged(iteration: int, out: Path) -> Iterator[None]:
+    """Re-raise a failed solve or a non-finite loss with the way out."""
+    try:
+        yield
+    except SolverError as err:
+        raise SolverError(
+            f"training diverged at iteration {iteration}: {err}. The last good checkpoint is "
+            f"{out / 'last.pt'}; lower --lr, tighten the solver or add --kinetic/--jacobian "
+            "regularization, then --resume or retrain"
+        ) from err
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop log rows past the checkpoint (a hard kill can leave some) before a resume."""
+    if path.is_file():
+        rows = path.read_text().splitlines()
+        kept = [r for r in rows if json.loads(r)["iter"] <= iteration]
+        path.write_text("".join(r + "\n" for r in kept))
+
+
+def _check_same_data(ckpt: dict[str, Any], data: Dataset, out: Path) -> None:
+    if ckpt["data"] != data.meta():
+        raise CheckpointError(
+            f"{out / 'last.pt'} was trained on {ckpt['data']} but the dataset now gives "
+            f"{data.meta()}: resume with the same data, or start a new run"
+        )
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild the model in a checkpoint (or a run directory's ``best.pt``), in eval mode.
+
+    Returns:
+        The model, its training config and the checkpoint's dataset description.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = TrainConfig.from_dict(ckpt["config"])
+        model = build_model(cfg, ckpt["data"])
+        model.to(DTYPES[cfg.dtype]).load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing", "Unexp"))),
+                      lines[0])  # fmt: skip
+        raise CheckpointError(
+            f"{path} does not fit this cnf model ({detail[:300]}): it was written for other data "
+            "or by another version"
+        ) from err
+    return model.to(resolve_device(str(device))).eval(), cfg, ckpt["data"]
+
+
+def final_report(out: Path, data: Dataset, device: torch.device, dtype: torch.dtype) -> dict:
+    """Evaluate the best checkpoint on fresh test data, write report.json and the figures."""
+    model, cfg, _ = load_model(out / "best.pt", device)
+    x_test = to_tensor(data.test(cfg.test_size), device, dtype)
+    report = evaluate(model, x_test, entropy=getattr(data, "entropy", None)).to_dict()
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if data.kind == "toy":
+        from cnf import viz
+
+        viz.plot_run(model, data, out)
+    return report

@@ -1,0 +1,93 @@
+"""Figures of 2-D flows: density heat maps and samples beside data (headless, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from torch import nn
+
+
+def _check_2d(model: nn.Module) -> None:
+    shape = getattr(model, "event_shape", None)
+    if shape != (2,):
+        raise ValueError(
+            f"these figures are for 2-D flows, got a model of event shape {shape}: "
+            "plot a 2-D projection of samples instead"
+        )
+
+
+def grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An ``n x n`` grid on ``[-lim, lim]^2``: the axis, and the points as an ``(n*n, 2)`` array."""
+    g = np.linspace(-lim, lim, n)
+    xx, yy = np.meshgrid(g, g, indexing="xy")
+    return g, g, np.stack([xx.ravel(), yy.ravel()], 1)
+
+
+@torch.no_grad()
+def model_density(model: nn.Module, lim: float, n: int = 200, batch: int = 10_000) -> np.ndarray:
+    """``exp log_prob`` of the model on an ``n x n`` grid (rows are y, columns x)."""
+    _check_2d(model)
+    _, _, pts = grid(lim, n)
+    p = next(model.parameters())
+    x = torch.as_tensor(pts, dtype=p.dtype, device=p.device)
+    model.eval()
+    logp = torch.cat([model.log_prob(b) for b in x.split(batch)])
+    return logp.exp().cpu().numpy().reshape(n, n)
+
+
+def _heat(ax: Any, density: np.ndarray, lim: float, title: str) -> None:
+    ax.imshow(density, extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma")
+    ax.set(title=title, xticks=[], yticks=[])
+
+
+def _scatter(ax: Any, pts: np.ndarray, lim: float, title: str, color: str) -> None:
+    ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color=color, rasterized=True)
+    ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
+
+
+@torch.no_grad()
+def plot_density(model: nn.Module, data: Any, path: str | Path, n: int = 200) -> None:
+    """Heat map of the model's density, beside the true density when it is known."""
+    lim = data.density.support
+    panels = [("model density", model_density(model, lim, n))]
+    if data.density.has_truth:
+        _, _, pts = grid(lim, n)
+        panels.insert(0, ("true density", np.exp(data.log_prob(pts)).reshape(n, n)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, dens) in zip(axes[0], panels, strict=True):
+        _heat(ax, dens, lim, title)
+    fig.suptitle(data.name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_samples(model: nn.Module, data: Any, path: str | Path, n: int = 5000) -> None:
+    """Model samples beside data samples."""
+    _check_2d(model)
+    lim = data.density.support
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    model.eval()
+    samples = model.sample(n, generator=gen).cpu().numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
+    _scatter(axes[0], data.test(n), lim, "data", "C0")
+    _scatter(axes[1], samples, lim, "model samples", "C3")
+    fig.suptitle(data.name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_run(model: nn.Module, data: Any, out: str | Path) -> None:
+    """The figures every 2-D training run writes: ``density.png`` and ``samples.png``."""
+    out = Path(out)
+    plot_density(model, data, out / "density.png")
+    plot_samples(model, data, out / "samples.png")

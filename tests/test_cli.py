@@ -1,0 +1,135 @@
+"""The cnf command: thin layers over the API, one-line errors, nothing overwritten."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SMALL
+
+from cnf.cli import main
+from cnf.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    train(TrainConfig(data="8gaussians", **SMALL), out, progress=False)
+    return out
+
+
+def _flags(**kw) -> list[str]:
+    flags = []
+    for k, v in kw.items():
+        flags += [
+            f"--{k.replace('_', '-')}",
+            ",".join(map(str, v)) if isinstance(v, tuple) else str(v),
+        ]
+    return flags
+
+
+def test_train_command(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "r"
+    assert (
+        main(["train", "--data", "moons", "--out", str(out), "--no-progress", *_flags(**SMALL)])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out.split("\nrun saved")[0])
+    assert {"nll", "nll_se", "nfe"} <= report.keys() and "kl" not in report  # moons: no truth
+    assert json.loads((out / "config.json").read_text())["hidden"] == [16, 16]
+
+
+def test_eval_json(run: Path, capsys) -> None:
+    assert main(["eval", str(run), "--n", "500", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"nll", "nll_se", "nfe", "entropy", "kl"} <= result.keys()
+    assert result["n"] == 500 and result["entropy"] == pytest.approx(2.8319, abs=1e-3)
+
+
+def test_eval_text(run: Path, capsys) -> None:
+    assert main(["eval", str(run), "--n", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "nll" in out and "kl" in out
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".csv"])
+def test_sample_files(run: Path, tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"s{suffix}"
+    assert main(["sample", str(run), "-n", "50", "-o", str(path), "--with-log-prob"]) == 0
+    table = np.load(path) if suffix == ".npy" else np.loadtxt(path, delimiter=",", skiprows=1)
+    assert table.shape == (50, 3) and np.isfinite(table).all()
+    if suffix == ".csv":
+        assert path.read_text().splitlines()[0] == "x0,x1,log_prob"
+    assert main(["sample", str(run), "-n", "5", "-o", str(path)]) == 1  # refuses to overwrite
+    assert main(["sample", str(run), "-n", "5", "-o", str(path), "--force"]) == 0
+
+
+def test_sample_log_prob_matches_model(run: Path, tmp_path: Path) -> None:
+    import torch
+
+    from cnf.train import load_model
+
+    path = tmp_path / "s.npy"
+    main(["sample", str(run), "-n", "20", "-o", str(path), "--with-log-prob"])
+    table = np.load(path)
+    model, _, _ = load_model(run)
+    with torch.no_grad():
+        logp = model.log_prob(torch.as_tensor(table[:, :2], dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(logp, table[:, 2], atol=2e-2)
+
+
+def test_datasets_command(capsys) -> None:
+    assert main(["datasets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["checkerboard"][1:4] == ["toy", "2", "yes"]
+    assert rows["swissroll"][3] == "no"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "--data", "gaussians", "--out", "{tmp}/x"],
+            "unknown dataset 'gaussians'; valid names:",
+        ),
+        (
+            ["train", "--data", "moons", "--out", "{tmp}/x", "--method", "rk5"],
+            "unknown method 'rk5'",
+        ),
+        (["train", "--data", "moons", "--out", "{tmp}/x", "--method", "euler"], "pass step_size"),
+        (
+            ["train", "--data", "moons", "--out", "{tmp}/x", "--trace", "exakt"],
+            "unknown trace 'exakt'",
+        ),
+        (["eval", "{tmp}/nothing"], "no checkpoint at"),
+        (["sample", "{run}", "-n", "5", "-o", "{tmp}/s.txt"], "use a .npy or .csv file"),
+        (["train", "--resume", "{run}", "--lr", "0.1"], "--lr cannot change when resuming"),
+        (["train", "--data", "moons", "--out", "{run}"], "already exists and is not empty"),
+    ],
+)
+def test_errors_are_one_line(run: Path, tmp_path: Path, capsys, argv: list, message: str) -> None:
+    argv = [a.format(tmp=tmp_path, run=run) for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("cnf ")
+
+
+def test_usage_errors_are_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--iters", "many"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "invalid int value: 'many'" in err
+
+
+def test_corrupt_checkpoint_from_the_shell(tmp_path: Path) -> None:
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"\x00garbage")
+    proc = subprocess.run([sys.executable, "-m", "cnf", "eval", str(tmp_path)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "corrupt or not a cnf checkpoint" in proc.stderr

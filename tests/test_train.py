@@ -1,0 +1,210 @@
+"""The trainer: runs end to end, resumes exactly, never loses what the user has."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL
+
+from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnf.train import TrainConfig, load_model, lr_factor, train
+
+
+def _states_equal(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_training_run_writes_everything(tmp_path: Path) -> None:
+    result = train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    run = result.out
+    for name in ("config.json", "best.pt", "last.pt", "log.jsonl", "report.json",
+                 "density.png", "samples.png"):  # fmt: skip
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == list(range(1, 13))
+    assert {"loss", "nll", "nfe", "nfe_backward", "grad_norm", "lr", "time"} <= rows[0].keys()
+    assert "val_nll" in rows[5] and "val_nll" in rows[11]
+    assert rows[0]["nfe"] == 16  # rk4, 4 steps
+    assert set(result.report) >= {"nll", "nll_se", "nfe", "entropy", "kl"}
+    assert result.report["kl"] == pytest.approx(result.report["nll"] - result.report["entropy"])
+    assert load_checkpoint(run / "last.pt")["iteration"] == 12
+
+
+def test_training_lowers_the_loss(tmp_path: Path) -> None:
+    cfg = TrainConfig(data="8gaussians", **{**SMALL, "iters": 60, "eval_every": 60}, lr=5e-3)
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first = sum(r["nll"] for r in rows[:10]) / 10
+    last = sum(r["nll"] for r in rows[-10:]) / 10
+    assert last < first - 0.3
+
+
+def test_seeded_runs_reproduce(tmp_path: Path) -> None:
+    cfg = TrainConfig(data="moons", **SMALL)
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    _states_equal(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
+
+
+def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_would(tmp_path: Path) -> None:
+    args = ["--data", "8gaussians", "--iters", "300", "--batch-size", "64", "--eval-every", "100",
+            "--hidden", "16,16", "--method", "rk4", "--step-size", "0.25", "--eval-method", "rk4",
+            "--eval-step-size", "0.25", "--test-size", "300"]  # fmt: skip
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "cnf", "train", *args, "--out", str(run),
+                             "--no-progress"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log = run / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "--resume" in err
+    stopped = load_checkpoint(run / "last.pt")["iteration"]
+    assert 20 <= stopped < 300
+    assert len(log.read_text().splitlines()) == stopped  # the log matches the checkpoint
+
+    resumed = train(TrainConfig(), run, resume=True, progress=False)
+    assert resumed.iteration == 300
+    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+    train(cfg, tmp_path / "straight", progress=False)
+    _states_equal(run / "last.pt", tmp_path / "straight" / "last.pt")
+    _states_equal(run / "best.pt", tmp_path / "straight" / "best.pt")
+
+
+def test_existing_run_directory_is_refused(tmp_path: Path) -> None:
+    cfg = TrainConfig(data="8gaussians", **SMALL)
+    train(cfg, tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "best.pt").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already exists.*--resume.*--force"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "best.pt").read_bytes() == before
+    train(cfg, tmp_path / "run", force=True, progress=False)  # --force overwrites a cnf run...
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "holiday.jpg").write_text("precious")
+    with pytest.raises(FileExistsError, match="does not look like a cnf run"):
+        train(cfg, other, force=True, progress=False)  # ...but nothing else
+    assert (other / "holiday.jpg").read_text() == "precious"
+
+
+def test_unwritable_run_directory(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="cannot write to run directory"):
+        train(TrainConfig(**SMALL), blocker / "run", progress=False)
+
+
+def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        train(TrainConfig(), tmp_path, resume=True, progress=False)
+
+
+def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"iteration": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"iteration": 2})
+    assert load_checkpoint(path)["iteration"] == 1  # the old file survives whole
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
+    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    good = (tmp_path / "run" / "best.pt").read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or not a cnf checkpoint"):
+        load_model(bad)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt or not a cnf checkpoint"):
+        load_model(junk)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="not a cnf checkpoint"):
+        load_model(foreign)
+    code = tmp_path / "code.pt"
+    torch.save(torch.nn.Linear(2, 2), code)  # a pickled module: weights_only refuses to run it
+    with pytest.raises(CheckpointError, match="corrupt or not a cnf checkpoint"):
+        load_model(code)
+
+
+def test_checkpoint_of_another_dimension(tmp_path: Path) -> None:
+    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    ckpt["data"]["event_shape"] = [3]
+    save_checkpoint(tmp_path / "other.pt", {k: v for k, v in ckpt.items()
+                                            if k not in ("format", "version")})  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"does not fit this cnf model.*size mismatch"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_loaded_model_matches_the_trained_one(tmp_path: Path) -> None:
+    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    model, _, meta = load_model(tmp_path / "run")
+    assert not model.training and meta["name"] == "8gaussians"
+    assert model.eval_solver.describe() == "rk4(h=0.25)"
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        assert torch.isfinite(model.log_prob(x)).all()
+
+
+def test_schedule_is_cosine_to_one_percent() -> None:
+    cfg = TrainConfig(iters=100)
+    assert lr_factor(cfg, 0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50) == pytest.approx(0.505)
+    assert lr_factor(cfg, 100) == pytest.approx(0.01) == lr_factor(cfg, 150)
+    assert lr_factor(TrainConfig(schedule="constant"), 70) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(iters=0), "iters must be a positive integer"),
+        (dict(lr=-1.0), "lr must be positive"),
+        (dict(schedule="linear"), r"unknown schedule 'linear'; valid choices: \['cosine'"),
+        (dict(dtype="float16"), "unknown dtype"),
+    ],
+)
+def test_bad_config(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_bad_config_keys() -> None:
+    with pytest.raises(ValueError, match=r"unknown config keys \['lerning_rate'\]"):
+        TrainConfig.from_dict({"lerning_rate": 1.0})
+
+
+def test_cuda_requested_without_cuda(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available here; use --device cpu or auto"):
+        train(TrainConfig(device="cuda", **SMALL), tmp_path / "r", progress=False)
+
+
+def test_diverging_training_stops_with_advice(tmp_path: Path) -> None:
+    small = {**SMALL, "iters": 40, "method": "dopri5", "step_size": None}
+    cfg = TrainConfig(data="8gaussians", **small, lr=1e4, grad_clip=0.0, max_nfe=300)
+    with pytest.raises(
+        Exception, match=r"diverged at iteration \d+: .*max_nfe=300.*lower --lr"
+    ) as info:
+        train(cfg, tmp_path / "run", progress=False)
+    assert type(info.value).__name__ == "SolverError"
+    assert os.path.getsize(tmp_path / "run" / "log.jsonl") < 100_000  # stopped, no runaway log
