@@ -2,7 +2,8 @@
 
 A dataset gives the trainer deterministic batches (a function of the seed and the iteration, so
 an interrupted run resumes exactly), a fixed validation set and a test set. ``get_dataset`` turns a
-name into one; an unknown name lists the valid ones.
+name into one; an unknown name lists the valid ones. A path (a ``.csv``/``.npy``/``.npz`` file, or
+a MAF benchmark directory) is read as tabular data by :mod:`cnf.data.tabular`.
 """
 
 from __future__ import annotations
@@ -82,10 +83,18 @@ class ToyData:
         return {"name": self.name, "kind": self.kind, "event_shape": list(self.event_shape)}
 
 
+def _toy(density: ToyDensity, seed: int = 0, n_val: int = 2000, **options: Any) -> ToyData:
+    if options:
+        raise ValueError(
+            f"{density.name} is a toy density: the options {sorted(options)} are for tabular data"
+        )
+    return ToyData(density, seed, n_val)
+
+
 # name -> (factory(seed, **options) -> Dataset, info)
 REGISTRY: dict[str, tuple[Callable[..., Dataset], DatasetInfo]] = {
     name: (
-        lambda seed=0, _d=density, **kw: ToyData(_d, seed, **kw),
+        lambda seed=0, _d=density, **kw: _toy(_d, seed, **kw),
         DatasetInfo(name, "toy", 2, density.has_truth, "FFJORD toy density"),
     )
     for name, density in TOY.items()
@@ -103,8 +112,18 @@ def list_datasets() -> list[DatasetInfo]:
 
 
 def get_dataset(name: str, *, seed: int = 0, **options: Any) -> Dataset:
-    """The dataset called ``name``, seeded; unknown names list the valid ones."""
+    """The dataset called ``name``, seeded; unknown names list the valid ones. A path to a
+    ``.csv``/``.npy``/``.npz`` file or a MAF directory loads tabular data (see
+    :mod:`cnf.data.tabular`)."""
+    if name not in REGISTRY and tabular.looks_like_path(name):
+        return tabular.from_file(name, seed=seed, **options)
     if name not in REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(
+            f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}, or a path to "
+            "a .csv/.npy/.npz file"
+        )
     factory, _ = REGISTRY[name]
     return factory(seed=seed, **options)
+
+
+from cnf.data import tabular  # noqa: E402  (registers the tabular sets; needs the names above)
