@@ -4,6 +4,7 @@ from cnf.fields import ConcatSquashLinear, ConcatSquashMLP
 from cnf.flow import CNF, FlowResult
 from cnf.ode import ODEBlock
 from cnf.solvers import METHODS, NFE, Solver, SolverError
+from cnf.tabular import TabularCNF
 from cnf.trace import ExactTrace, HutchinsonTrace, make_trace
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "CNF",
     "METHODS",
     "NFE",
+    "CNFDensity",
     "ConcatSquashLinear",
     "ConcatSquashMLP",
     "ExactTrace",
@@ -20,5 +22,15 @@ __all__ = [
     "ODEBlock",
     "Solver",
     "SolverError",
+    "TabularCNF",
     "make_trace",
 ]
+
+
+def __getattr__(name: str):
+    # scikit-learn is imported only when the estimator is used: `import cnf` stays light
+    if name == "CNFDensity":
+        from cnf.estimator import CNFDensity
+
+        return CNFDensity
+    raise AttributeError(f"module 'cnf' has no attribute {name!r}")

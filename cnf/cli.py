@@ -28,10 +28,10 @@ from cnf.checkpoint import CheckpointError
 from cnf.data import get_dataset, list_datasets
 from cnf.evaluate import evaluate
 from cnf.solvers import SolverError
-from cnf.train import TrainConfig, load_model, resolve_device, to_tensor, train
+from cnf.train import TrainConfig, dataset_options, load_model, resolve_device, to_tensor, train
 
 HELP = {
-    "data": "dataset name (see `cnf datasets`)",
+    "data": "dataset name (see `cnf datasets`), a .csv/.npy/.npz file or a MAF data directory",
     "iters": "training iterations",
     "batch_size": "samples per iteration",
     "lr": "Adam learning rate (peak of the schedule)",
@@ -53,6 +53,13 @@ HELP = {
     "jacobian": "weight of the Jacobian Frobenius regularizer (RNODE)",
     "eval_method": "evaluation ODE solver",
     "test_size": "fresh test samples in the final report",
+    "preprocess": "tabular: fixed affine layer fitted on train: standardize, whiten or none",
+    "columns": "tabular: comma list of column names or 0-based indices to model",
+    "val_fraction": "tabular: fraction of rows for validation (seeded split)",
+    "test_fraction": "tabular: fraction of rows for the test set (seeded split)",
+    "dequantize": "tabular: add U[0,1) noise to integer-valued columns",
+    "drop_nan": "tabular: drop rows with NaN/inf instead of refusing them",
+    "patience": "stop after this many evaluations without a better validation NLL (0: off)",
 }
 # flags that may change when resuming a run; everything else must match the saved config
 RESUMABLE = {"iters", "device", "threads"}
@@ -141,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        iters=given.get("iters"))  # fmt: skip
     else:
         cfg = TrainConfig(**given)
-        out = args.out or Path("runs") / cfg.data
+        out = args.out or Path("runs") / Path(cfg.data.split(".npz:")[0]).stem
         result = train(cfg, out, force=args.force, progress=not args.no_progress)
     if result.interrupted:
         return 128 + result.interrupted  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
@@ -152,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     model, cfg, meta = load_model(args.run, resolve_device(args.device))
-    data = get_dataset(meta["name"], seed=cfg.seed, **cfg.extra)
+    data = get_dataset(meta["name"], seed=cfg.seed, **dataset_options(cfg))
     p = next(model.parameters())
     x = to_tensor(data.test(args.n or cfg.test_size), p.device, p.dtype)
     result = evaluate(model, x, entropy=getattr(data, "entropy", None)).to_dict()
@@ -172,7 +179,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.output} exists: pass --force to overwrite it")
     if args.n < 1:
         raise ValueError(f"-n must be a positive number of samples, got {args.n}")
-    model, _, _ = load_model(args.run, resolve_device(args.device))
+    model, _, meta = load_model(args.run, resolve_device(args.device))
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     with torch.no_grad():
         if args.with_log_prob:
@@ -186,7 +193,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         np.save(args.output, table)
     else:
         dims = table.shape[1] - args.with_log_prob
-        header = [f"x{i}" for i in range(dims)] + (["log_prob"] if args.with_log_prob else [])
+        names = meta.get("columns") or [f"x{i}" for i in range(dims)]
+        header = list(names) + (["log_prob"] if args.with_log_prob else [])
         np.savetxt(args.output, table, delimiter=",", header=",".join(header), comments="")
     print(f"wrote {len(table)} samples to {args.output}")
     return 0

@@ -76,6 +76,14 @@ class TrainConfig:
     eval_rtol: float = 1e-7
     eval_step_size: float | None = None
     test_size: int = 20_000
+    # tabular data (cnf.data.tabular, cnf.tabular)
+    preprocess: str = "standardize"
+    columns: str = ""
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    dequantize: bool = False
+    drop_nan: bool = False
+    patience: int = 0  # early stopping: evaluations without a better validation NLL (0: off)
     extra: dict[str, Any] = field(default_factory=dict)  # dataset/model-specific options
 
     def __post_init__(self) -> None:
@@ -94,6 +102,9 @@ class TrainConfig:
         _choice("dtype", self.dtype, tuple(DTYPES))
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0: automatic), got {self.threads}")
+        if not isinstance(self.patience, int) or self.patience < 0:
+            raise ValueError(f"patience must be an integer >= 0 (0: off), got {self.patience!r}")
+        _choice("preprocess", self.preprocess, ("standardize", "whiten", "none"))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -119,6 +130,17 @@ class TrainConfig:
                       max_nfe=self.max_nfe)  # fmt: skip
 
 
+# the config fields that are dataset options (passed to get_dataset when not at their defaults)
+DATA_OPTIONS = ("columns", "val_fraction", "test_fraction", "dequantize", "drop_nan")
+
+
+def dataset_options(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg.extra`` plus the tabular data options the user changed (a toy dataset refuses them)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    changed = {k: getattr(cfg, k) for k in DATA_OPTIONS if getattr(cfg, k) != defaults[k]}
+    return {**cfg.extra, **changed}
+
+
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid choices: {list(valid)}")
@@ -138,8 +160,18 @@ def build_vector_cnf(cfg: TrainConfig, meta: dict[str, Any]) -> nn.Module:
     )  # fmt: skip
 
 
+def build_tabular_cnf(cfg: TrainConfig, meta: dict[str, Any]) -> nn.Module:
+    """A CNF behind a fixed standardization layer (:mod:`cnf.tabular`)."""
+    from cnf.tabular import build_tabular_cnf as build
+
+    return build(cfg, meta)
+
+
 # dataset kind -> model builder; the tabular and image modules register theirs
-BUILDERS: dict[str, Callable[[TrainConfig, dict[str, Any]], nn.Module]] = {"toy": build_vector_cnf}
+BUILDERS: dict[str, Callable[[TrainConfig, dict[str, Any]], nn.Module]] = {
+    "toy": build_vector_cnf,
+    "tabular": build_tabular_cnf,
+}
 
 
 def build_model(cfg: TrainConfig, meta: dict[str, Any]) -> nn.Module:
@@ -302,17 +334,20 @@ def train(
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     torch.manual_seed(cfg.seed)
-    data = get_dataset(cfg.data, seed=cfg.seed, **cfg.extra)
+    data = get_dataset(cfg.data, seed=cfg.seed, **dataset_options(cfg))
     configure_threads(cfg.threads, device, math.prod(data.event_shape))
     model = build_model(cfg, data.meta()).to(device=device, dtype=dtype)
+    if hasattr(model, "fit_preprocessing"):  # statistics of the training split only
+        model.fit_preprocessing(data.train_data())
     opt, sched = make_optimizer(model, cfg)
-    start, best = 0, math.inf
+    start, best, stale = 0, math.inf, 0
     if ckpt is not None:
         _check_same_data(ckpt, data, out)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start, best = ckpt["iteration"], ckpt["best_val_nll"]
+        stale = ckpt.get("stale_evals", 0)
         _truncate_log(out / "log.jsonl", start)
     else:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -322,7 +357,7 @@ def train(
         save_checkpoint(out / name, {
             "config": cfg.to_dict(), "data": data.meta(), "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "iteration": iteration, "best_val_nll": best,
+            "iteration": iteration, "best_val_nll": best, "stale_evals": stale,
         })  # fmt: skip
 
     it = start
@@ -357,12 +392,17 @@ def train(
                 bar.write(
                     f"iter {it}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f} (NFE {ev.nfe})", sys.stderr
                 )
+                stale = 0 if ev.nll < best else stale + 1
                 if ev.nll < best:
                     best = ev.nll
                     checkpoint("best.pt", it)
                 checkpoint("last.pt", it)
                 log.flush()
             log.write(json.dumps(row) + "\n")
+            if cfg.patience and stale >= cfg.patience:
+                message = f"no better validation NLL in {stale} evaluations (--patience)"
+                bar.write(f"early stop at iteration {it}: {message}", sys.stderr)
+                break
             bar.set_postfix(loss=f"{row['loss']:.3f}", nfe=f"{row['nfe']}/{row['nfe_backward']}",
                             best=f"{best:.3f}", refresh=False)  # fmt: skip
             bar.update()
