@@ -484,4 +484,8 @@ def final_report(out: Path, data: Dataset, device: torch.device, dtype: torch.dt
         from cnf import viz
 
         viz.plot_run(model, data, out)
+    elif data.kind == "tabular":
+        from cnf import viz
+
+        viz.plot_marginals(model, data, out / "marginals.png")
     return report

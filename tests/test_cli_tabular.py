@@ -33,6 +33,7 @@ def run(tmp_path_factory) -> Path:
 def test_train_then_eval_on_the_same_test_split(run: Path, capsys) -> None:
     report = json.loads((run / "report.json").read_text())
     assert report["n"] == 57  # 10% of 569 rows, the seeded test split
+    assert (run / "marginals.png").is_file()
     assert main(["eval", str(run), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["n"] == 57 and again["nll"] == pytest.approx(report["nll"], rel=1e-6)
