@@ -266,6 +266,7 @@ class TabularData:
         self.name, self.splits, self.columns = name, splits, tuple(columns)
         self.seed, self.info = seed, dict(info or {})
         self.event_shape = (splits.train.shape[1],)
+        self._orders: dict[int, np.ndarray] = {}
         integer = integer_columns(splits.train)
         self.integer = integer if dequantize else np.zeros_like(integer)
         if integer.any() and not dequantize:
@@ -283,12 +284,17 @@ class TabularData:
         n = len(self.splits.train)
         start = (iteration - 1) * batch_size
         first, last = start // n, (start + batch_size - 1) // n
-        epochs = range(first, last + 1)
-        order = np.concatenate(
-            [np.random.default_rng([self.seed, 0, e]).permutation(n) for e in epochs]
-        )
+        order = np.concatenate([self._epoch(e) for e in range(first, last + 1)])
         rows = order[start - first * n : start - first * n + batch_size]
         return self._noisy(self.splits.train[rows], 1, iteration)
+
+    def _epoch(self, epoch: int) -> np.ndarray:
+        """The order of the training rows in ``epoch`` (the last two are cached: large sets)."""
+        if epoch not in self._orders:
+            n = len(self.splits.train)
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = np.random.default_rng([self.seed, 0, epoch]).permutation(n)
+        return self._orders[epoch]
 
     def train_data(self) -> np.ndarray:
         """The whole training split, dequantized once (fits the model's standardization)."""
@@ -415,12 +421,26 @@ def _is_number(text: str) -> bool:
 
 def _read_csv(path: Path) -> Table:
     with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
-    if not rows:
+        first = next((r for r in csv.reader(f) if any(c.strip() for c in r)), None)
+    if first is None:
         raise ValueError(f"{path} is empty")
-    header = not all(_is_number(c) for c in rows[0])
-    width = len(rows[0])
-    columns = tuple(c.strip() for c in rows[0]) if header else tuple(f"x{i}" for i in range(width))
+    header = not all(_is_number(c) for c in first)
+    columns = (
+        tuple(c.strip() for c in first) if header else tuple(f"x{i}" for i in range(len(first)))
+    )
+    try:  # numpy's C parser for all-numeric files (MAF's HEPMASS has millions of rows)
+        values = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, comments=None)
+        if values.shape[1] == len(columns) and len(values):
+            return Table(values, columns)
+    except ValueError:
+        pass
+    return _read_csv_text(path, header, columns)
+
+
+def _read_csv_text(path: Path, header: bool, columns: tuple[str, ...]) -> Table:
+    """The slow path: text cells (converted after column selection) and missing values."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
     body = rows[1:] if header else rows
     for i, row in enumerate(body):
         if len(row) != len(columns):
