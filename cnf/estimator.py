@@ -47,8 +47,9 @@ class CNFDensity(DensityMixin, BaseEstimator):
         hidden: hidden widths of the vector field (ConcatSquash MLP).
         activation: its activation (``tanh``, ``softplus``, ...).
         preprocess: the fixed affine layer fitted on the training rows: ``"standardize"``,
-            ``"whiten"`` (inverse Cholesky of the covariance: the untrained flow is then the
-            full-covariance Gaussian) or ``"none"``. Its log-det is part of every density.
+            ``"whiten"`` (inverse Cholesky of the covariance; the flow starts at the identity,
+            so the untrained model is then the full-covariance Gaussian fit) or ``"none"``.
+            Its log-det is part of every density.
         dequantize: add ``U[0, 1)`` noise to integer-valued columns while training (the density is
             then that of the dequantized data; evaluate it at ``X + U`` for the bound on the
             discrete likelihood).

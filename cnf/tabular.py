@@ -4,8 +4,9 @@ Columns of a table come in arbitrary units (millimetres next to thousands of dol
 flow's base is a standard normal. :class:`Normalizer` maps the data to
 :math:`u = W (x - m)`, with :math:`m` the training mean and :math:`W` either
 :math:`\mathrm{diag}(1/\sigma)` (``"standardize"``: training standard deviations) or the inverse
-Cholesky factor of the training covariance (``"whiten"``, so that an untrained flow is already the
-full-covariance Gaussian fit). :math:`W` is lower triangular, so the change of variables is
+Cholesky factor of the training covariance (``"whiten"``: the flow starts at the identity, so
+the untrained model is the full-covariance Gaussian fit). :math:`W` is lower triangular, so
+the change of variables is
 
 .. math:: \log p_X(x) = \log p_U(u) + \log\lvert\det W\rvert
     = \log p_U(u) + \sum_i \log\lvert W_{ii}\rvert,
@@ -134,6 +135,10 @@ class TabularCNF(CNF):
         preprocess: ``"standardize"`` (default), ``"whiten"`` or ``"none"``.
         **kwargs: those of :class:`~cnf.flow.CNF` (``hidden``, ``trace``, solvers, ...).
 
+    The default field's last layer starts at zero, so the untrained flow is the identity and the
+    untrained model is a Gaussian: ``N(m, diag(sigma^2))`` after standardization, the
+    maximum-likelihood full-covariance Gaussian after whitening. Training starts from that fit
+    (and early stopping can only improve on it on the validation data).
     :meth:`trajectory` (inherited) runs in the normalized coordinates ``u``.
 
     Example:
@@ -144,8 +149,12 @@ class TabularCNF(CNF):
     """
 
     def __init__(self, dim: int, *, preprocess: str = "standardize", **kwargs: Any) -> None:
+        default_field = kwargs.get("vector_field") is None
         super().__init__(dim, **kwargs)
         self.normalizer = Normalizer(self.dim, preprocess)
+        if default_field:  # start at the identity flow: the Gaussian of the normalizer's fit
+            for p in self.field.layers[-1].parameters():
+                nn.init.zeros_(p)
 
     def fit_preprocessing(self, x: np.ndarray | Tensor) -> None:
         """Fit the normalizer on the training rows (never on validation or test data)."""

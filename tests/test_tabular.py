@@ -114,6 +114,8 @@ def test_exact_trace_for_evaluation_up_to_the_bound(float64) -> None:
     dim = EXACT_EVAL_MAX_DIM  # 64: at the bound, eval-mode log_prob has no probe noise
     flow = TabularCNF(dim, hidden=(8,), method="rk4", step_size=0.5)
     assert flow.estimator.name == "hutchinson"  # training above 8 dims
+    for p in flow.parameters():  # away from the identity start, where every trace is 0
+        p.data.normal_(0, 0.3)
     flow.fit_preprocessing(np.random.default_rng(0).normal(size=(30, dim)))
     flow.eval()
     x = torch.randn(4, dim)
@@ -137,3 +139,18 @@ def test_a_checkpoint_reloads_the_statistics(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(other.log_prob(x), flow.log_prob(x))
     assert not math.isclose(other.normalizer.logdet.item(), 0.0)
+
+
+@pytest.mark.parametrize("preprocess", ["standardize", "whiten"])
+def test_untrained_model_is_the_gaussian_fit(float64, preprocess: str) -> None:
+    from scipy.stats import multivariate_normal
+
+    x = _data(200)
+    flow = TabularCNF(3, preprocess=preprocess, hidden=(8,), method="rk4", step_size=0.5).eval()
+    flow.fit_preprocessing(x)
+    cov = np.cov(x.T, bias=True) if preprocess == "whiten" else np.diag(x.var(0))
+    expected = multivariate_normal(x.mean(0), cov).logpdf(x[:20])
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            flow.log_prob(torch.tensor(x[:20])).numpy(), expected, rtol=1e-10
+        )
