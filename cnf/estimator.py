@@ -57,8 +57,8 @@ class CNFDensity(DensityMixin, BaseEstimator):
         batch_size: rows per step (at most the number of training rows).
         lr, weight_decay: AdamW's learning rate (cosine schedule to 1%) and weight decay.
         kinetic, jacobian: RNODE regularization weights (arXiv:2002.02798).
-        validation_fraction: part of ``X`` held out for early stopping (0: none, train
-            ``max_iter`` steps).
+        validation_fraction: part of ``X`` held out for early stopping (0, or fewer than 10
+            rows: none, train ``max_iter`` steps).
         patience: stop after this many evaluations without a better validation NLL (0: never);
             the best parameters are kept.
         eval_every: iterations between validation evaluations.
