@@ -29,6 +29,7 @@ from cnf.data import get_dataset, list_datasets
 from cnf.evaluate import evaluate
 from cnf.solvers import SolverError
 from cnf.train import TrainConfig, load_model, resolve_device, to_tensor, train
+from cnf.validity import solver_validity
 
 HELP = {
     "data": "dataset name (see `cnf datasets`)",
@@ -52,6 +53,11 @@ HELP = {
     "kinetic": "weight of the kinetic-energy regularizer (RNODE)",
     "jacobian": "weight of the Jacobian Frobenius regularizer (RNODE)",
     "eval_method": "evaluation ODE solver",
+    "adapt": "adapt the training step/tolerance so a finer solver agrees (Ott et al. 2021)",
+    "adapt_every": "iterations between step-size checks",
+    "adapt_threshold": "tolerated disagreement with the finer solver, nats per dimension",
+    "max_steps": "lower bound of the adapted step: T / max_steps",
+    "validity_size": "test rows in the final solver-validity check",
     "test_size": "fresh test samples in the final report",
 }
 # flags that may change when resuming a run; everything else must match the saved config
@@ -86,7 +92,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.type)
         help_text = HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {f.default})"
-        if kind is bool:
+        if kind is bool and f.default:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)  # fmt: skip
+        elif kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         elif f.name == "hidden":
             parser.add_argument(flag, type=_hidden, default=None, help=help_text)
@@ -109,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory or checkpoint file")
     p.add_argument("--n", type=int, help="test samples (default: the run's test_size)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--validity", action="store_true",
+                   help="also compare the training solver with a finer one and a float64 "
+                   "dopri5 reference (Ott et al. 2021)")  # fmt: skip
     p.add_argument("--device", default="auto")
 
     p = sub.add_parser("sample", help="draw samples from a trained flow")
@@ -156,11 +168,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     p = next(model.parameters())
     x = to_tensor(data.test(args.n or cfg.test_size), p.device, p.dtype)
     result = evaluate(model, x, entropy=getattr(data, "entropy", None)).to_dict()
+    validity = solver_validity(model, x[: cfg.validity_size]) if args.validity else None
+    if validity is not None:
+        result["validity"] = validity.to_dict()
     if args.json:
         print(json.dumps(result))
-    else:
-        for key, value in result.items():
+        return 0
+    for key, value in result.items():
+        if key != "validity":
             print(f"{key:>14}: {value:.5g}" if isinstance(value, float) else f"{key:>14}: {value}")
+    if validity is not None:
+        print(f"{'validity':>14}: {validity.summary()}")
     return 0
 
 

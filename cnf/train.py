@@ -32,7 +32,15 @@ from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cnf.data import Dataset, get_dataset
 from cnf.evaluate import evaluate
 from cnf.flow import CNF
-from cnf.solvers import Solver, SolverError
+from cnf.solvers import FIXED_STEP, Solver, SolverError
+from cnf.validity import (
+    StepAdapter,
+    batch_nll_metric,
+    initial_step,
+    set_training_solver,
+    solver_validity,
+    training_solver,
+)
 
 SCHEDULES = ("cosine", "constant")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -61,13 +69,20 @@ class TrainConfig:
     noise: str = "rademacher"
     T: float = 1.0
     learn_T: bool = False
-    # training solver
-    method: str = "dopri5"
+    # training solver; a fixed-step method without step_size starts from Hairer's heuristic
+    method: str = "rk4"
     atol: float = 1e-5
     rtol: float = 1e-5
     step_size: float | None = None
     adjoint: bool = False
     max_nfe: int = 10_000
+    # keep the trained model an ODE flow (Ott et al. 2021): adapt the step/tolerance every
+    # adapt_every iterations so the training and a finer solver agree within adapt_threshold
+    # nats per dimension, with at most max_steps steps
+    adapt: bool = True
+    adapt_every: int = 50
+    adapt_threshold: float = 0.01
+    max_steps: int = 500
     kinetic: float = 0.0
     jacobian: float = 0.0
     # evaluation solver
@@ -76,18 +91,20 @@ class TrainConfig:
     eval_rtol: float = 1e-7
     eval_step_size: float | None = None
     test_size: int = 20_000
+    validity_size: int = 2000
     extra: dict[str, Any] = field(default_factory=dict)  # dataset/model-specific options
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
-        for name in ("iters", "batch_size", "eval_every", "test_size", "max_nfe"):
+        for name in ("iters", "batch_size", "eval_every", "test_size", "max_nfe", "adapt_every",
+                     "max_steps", "validity_size"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("lr",):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "grad_clip", "kinetic", "jacobian"):
+        for name in ("weight_decay", "grad_clip", "kinetic", "jacobian", "adapt_threshold"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         _choice("schedule", self.schedule, SCHEDULES)
@@ -110,7 +127,12 @@ class TrainConfig:
 
     @property
     def train_solver(self) -> Solver:
-        return Solver(self.method, self.atol, self.rtol, self.step_size, adjoint=self.adjoint,
+        """The configured training solver; a fixed-step method without a step gets a placeholder
+        of T/8 until :func:`cnf.validity.initial_step` replaces it on the first batch."""
+        step = self.step_size
+        if step is None and self.method in FIXED_STEP:
+            step = self.T / 8
+        return Solver(self.method, self.atol, self.rtol, step, adjoint=self.adjoint,
                       max_nfe=self.max_nfe)  # fmt: skip
 
     @property
@@ -133,7 +155,7 @@ def build_vector_cnf(cfg: TrainConfig, meta: dict[str, Any]) -> nn.Module:
     return CNF(
         dim, hidden=cfg.hidden, activation=cfg.activation, trace=cfg.trace, noise=cfg.noise,
         T=cfg.T, learn_T=cfg.learn_T, method=cfg.method, atol=cfg.atol, rtol=cfg.rtol,
-        step_size=cfg.step_size, adjoint=cfg.adjoint, max_nfe=cfg.max_nfe,
+        step_size=cfg.train_solver.step_size, adjoint=cfg.adjoint, max_nfe=cfg.max_nfe,
         eval_solver=cfg.eval_solver,
     )  # fmt: skip
 
@@ -240,10 +262,12 @@ def _stop_on_signals() -> Iterator[_StopRequest]:
             signal.signal(s, handler)
 
 
+def _seed(seed: int, stream: int, iteration: int) -> int:
+    return int(np.random.SeedSequence([seed, stream, iteration]).generate_state(1)[0])
+
+
 def _generator(device: torch.device, seed: int, stream: int, iteration: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.SeedSequence([seed, stream, iteration]).generate_state(1)[0]))
-    return g
+    return torch.Generator(device=device).manual_seed(_seed(seed, stream, iteration))
 
 
 def to_tensor(batch: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -276,6 +300,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig):
     return opt, sched
 
 
+def solver_state(solver: Solver) -> dict[str, Any]:
+    """The adapted part of a training solver, for checkpoints."""
+    return {"method": solver.method, "step_size": solver.step_size, "atol": solver.atol,
+            "rtol": solver.rtol}  # fmt: skip
+
+
 def train(
     cfg: TrainConfig,
     out: str | Path,
@@ -303,26 +333,35 @@ def train(
     dtype = DTYPES[cfg.dtype]
     torch.manual_seed(cfg.seed)
     data = get_dataset(cfg.data, seed=cfg.seed, **cfg.extra)
-    configure_threads(cfg.threads, device, math.prod(data.event_shape))
+    dim = math.prod(data.event_shape)
+    configure_threads(cfg.threads, device, dim)
     model = build_model(cfg, data.meta()).to(device=device, dtype=dtype)
     opt, sched = make_optimizer(model, cfg)
+    adapter = StepAdapter(cfg.adapt_threshold * dim, T=cfg.T, max_steps=cfg.max_steps)
     start, best = 0, math.inf
     if ckpt is not None:
         _check_same_data(ckpt, data, out)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        set_training_solver(model, training_solver(model).replace(**ckpt["solver"]))
         start, best = ckpt["iteration"], ckpt["best_val_nll"]
         _truncate_log(out / "log.jsonl", start)
     else:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if cfg.step_size is None and training_solver(model).fixed_step:
+            x = to_tensor(data.train_batch(cfg.batch_size, 1), device, dtype)
+            solver = training_solver(model)
+            h = initial_step(model, x, solver.order, rtol=cfg.rtol, atol=cfg.atol)
+            set_training_solver(model, adapter.scaled(solver.replace(step_size=h), 1.0))
     x_val = to_tensor(data.validation(), device, dtype)
 
     def checkpoint(name: str, iteration: int) -> None:
         save_checkpoint(out / name, {
             "config": cfg.to_dict(), "data": data.meta(), "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "iteration": iteration, "best_val_nll": best,
+            "solver": solver_state(training_solver(model)), "iteration": iteration,
+            "best_val_nll": best,
         })  # fmt: skip
 
     it = start
@@ -335,6 +374,13 @@ def train(
         for it in range(start + 1, cfg.iters + 1):
             t0 = time.perf_counter()
             x = to_tensor(data.train_batch(cfg.batch_size, it), device, dtype)
+            row: dict[str, Any] = {"iter": it}
+            if cfg.adapt and it % cfg.adapt_every == 0:
+                # Ott et al.: does a finer solver agree on this batch? If not, refine the step.
+                metric = batch_nll_metric(model, x, _seed(cfg.seed, 2, it))
+                with _diverged(it, out):
+                    solver, row["adapt"] = adapter.adapt(training_solver(model), metric)
+                set_training_solver(model, solver)
             with _diverged(it, out):
                 loss, nll = training_loss(model, x, cfg, _generator(device, cfg.seed, 1, it))
                 opt.zero_grad(set_to_none=True)
@@ -348,15 +394,16 @@ def train(
                     )
             opt.step()
             sched.step()
-            row = {"iter": it, "loss": loss.item(), "nll": nll.item(), "nfe": model.nfe.forward,
-                   "nfe_backward": model.nfe.backward, "grad_norm": grad_norm.item(),
-                   "lr": sched.get_last_lr()[0], "time": time.perf_counter() - t0}  # fmt: skip
+            solver = training_solver(model)
+            row.update(loss=loss.item(), nll=nll.item(), nfe=model.nfe.forward,
+                       nfe_backward=model.nfe.backward, grad_norm=grad_norm.item(),
+                       lr=sched.get_last_lr()[0], step_size=solver.step_size, atol=solver.atol,
+                       rtol=solver.rtol, time=time.perf_counter() - t0)  # fmt: skip
             if it % cfg.eval_every == 0 or it == cfg.iters:
                 ev = evaluate(model, x_val)
                 row.update(val_nll=ev.nll, val_nll_se=ev.nll_se, val_nfe=ev.nfe)
-                bar.write(
-                    f"iter {it}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f} (NFE {ev.nfe})", sys.stderr
-                )
+                bar.write(f"iter {it}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f} (NFE {ev.nfe}), "
+                          f"training solver {solver.describe()}", sys.stderr)  # fmt: skip
                 if ev.nll < best:
                     best = ev.nll
                     checkpoint("best.pt", it)
@@ -369,10 +416,8 @@ def train(
             if stop.signal is not None:
                 checkpoint("last.pt", it)
                 name = signal.Signals(stop.signal).name
-                bar.write(
-                    f"{name}: saved iteration {it}; continue with cnf train --resume {out}",
-                    sys.stderr,
-                )
+                bar.write(f"{name}: saved iteration {it}; continue with cnf train --resume {out}",
+                          sys.stderr)  # fmt: skip
                 return TrainResult(out, it, stop.signal, best, None)
     report = final_report(out, data, device, dtype)
     return TrainResult(out, it, None, best, report)
@@ -423,6 +468,8 @@ def load_model(
         cfg = TrainConfig.from_dict(ckpt["config"])
         model = build_model(cfg, ckpt["data"])
         model.to(DTYPES[cfg.dtype]).load_state_dict(ckpt["model"])
+        if "solver" in ckpt:
+            set_training_solver(model, training_solver(model).replace(**ckpt["solver"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
         detail = next((ln for ln in lines if ln.startswith(("size mismatch", "Missing", "Unexp"))),
@@ -435,13 +482,18 @@ def load_model(
 
 
 def final_report(out: Path, data: Dataset, device: torch.device, dtype: torch.dtype) -> dict:
-    """Evaluate the best checkpoint on fresh test data, write report.json and the figures."""
+    """Evaluate the best checkpoint on fresh test data with the solver-validity verdict; write
+    report.json and the figures."""
     model, cfg, _ = load_model(out / "best.pt", device)
     x_test = to_tensor(data.test(cfg.test_size), device, dtype)
     report = evaluate(model, x_test, entropy=getattr(data, "entropy", None)).to_dict()
+    validity = solver_validity(model, x_test[: cfg.validity_size])
+    report["validity"] = validity.to_dict()
+    print(validity.summary(), file=sys.stderr)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if data.kind == "toy":
-        from cnf import viz
+    from cnf import viz
 
+    viz.plot_solver(out / "log.jsonl", out / "solver.png")
+    if data.kind == "toy":
         viz.plot_run(model, data, out)
     return report

@@ -91,3 +91,29 @@ def plot_run(model: nn.Module, data: Any, out: str | Path) -> None:
     out = Path(out)
     plot_density(model, data, out / "density.png")
     plot_samples(model, data, out / "samples.png")
+
+
+def plot_solver(log_path: str | Path, path: str | Path) -> None:
+    """The training solver over a run: step size (or tolerance) and NFE per iteration, with the
+    adaptation checks marked (read from the run's ``log.jsonl``)."""
+    import json
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    it = np.array([r["iter"] for r in rows])
+    fixed = rows[0].get("step_size") is not None
+    key, label = ("step_size", "step size") if fixed else ("atol", "tolerance (atol)")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 4.8), sharex=True)
+    ax1.plot(it, [r[key] for r in rows], color="C0")
+    for event, color in (("shrink", "C3"), ("grow", "C2"), ("revert", "C1")):
+        hits = [r for r in rows if r.get("adapt", {}).get("event") == event]
+        if hits:
+            ax1.scatter([r["iter"] for r in hits], [r[key] for r in hits], s=8, color=color,
+                        label=event, zorder=3)  # fmt: skip
+    ax1.set(ylabel=label, yscale="log", title="training solver (Ott et al. step adaptation)")
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend(fontsize=8)
+    ax2.plot(it, [r["nfe"] for r in rows], color="C4", lw=0.8)
+    ax2.set(xlabel="iteration", ylabel="NFE per solve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
