@@ -78,10 +78,12 @@ class TrainConfig:
     max_nfe: int = 10_000
     # keep the trained model an ODE flow (Ott et al. 2021): adapt the step/tolerance every
     # adapt_every iterations so the training and a finer solver agree within adapt_threshold
-    # nats per dimension, with at most max_steps steps
+    # nats per dimension, with at most max_steps steps. Half the validity report's 0.01: the
+    # grow-and-revert rule keeps the step near its threshold, and the report should pass with
+    # margin (euler adapted at 0.01 ended 0.0106 nats/dim off on test data).
     adapt: bool = True
     adapt_every: int = 50
-    adapt_threshold: float = 0.01
+    adapt_threshold: float = 0.005
     max_steps: int = 500
     kinetic: float = 0.0
     jacobian: float = 0.0
