@@ -148,6 +148,21 @@ def test_gradients_reach_every_parameter() -> None:
     assert not missing
 
 
+def test_adjoint_gradients_match_direct_backpropagation(float64) -> None:
+    """FFJORD's configuration trains with the adjoint: through every block of the composite it
+    must give the gradients that backpropagating through the solver's steps gives."""
+    options = dict(trace="hutchinson", atol=1e-9, rtol=1e-9, learn_T=True)
+    direct, adjoint = _tiny(**options), _tiny(**options, adjoint=True)
+    adjoint.load_state_dict(direct.state_dict())
+    x = _pixels(3, (1, 4, 4), 4).double()
+    for model in (direct, adjoint):
+        loss = -model.log_prob(x, generator=torch.Generator().manual_seed(0)).mean()
+        loss.backward()
+    assert adjoint.nfe.backward > 0 and direct.nfe.backward == 0
+    for (name, a), b in zip(direct.named_parameters(), adjoint.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_scales_follow_ffjord_rule() -> None:
     assert [max_scales(s, s) for s in (28, 32, 8, 4, 3)] == [3, 4, 2, 1, 0]
     for shape, scales, blocks in [((1, 28, 28), 3, 10), ((3, 32, 32), 4, 14), ((1, 8, 8), 2, 6),

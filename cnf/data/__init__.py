@@ -18,7 +18,8 @@ from cnf.data.toy import TOY, ToyDensity
 
 
 class Dataset(Protocol):
-    """What the trainer needs of a dataset."""
+    """What the trainer needs of a dataset. A dataset may also have ``to(device)``, returning
+    itself with its training data moved there once (the image sets do); the trainer calls it."""
 
     name: str
     kind: str  # "toy", "tabular" or "image": picks the model builder
