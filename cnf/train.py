@@ -231,9 +231,9 @@ def open_dataset(cfg: TrainConfig, data_dir: str | None = None) -> Dataset:
 
 
 def configure_cuda(device: torch.device, tf32: bool) -> None:
-    """On CUDA, allow TF32 matrix products and convolutions (Ampere and later: about 8x the
-    float32 throughput, 10-bit mantissa products with float32 accumulation) and let cuDNN pick
-    the fastest convolution for each shape. Process-wide settings; no effect on the CPU."""
+    """On CUDA, allow TF32 matrix products and convolutions (Ampere and later: several times the
+    float32 throughput; 10-bit mantissa products, float32 accumulation) and let cuDNN pick the
+    fastest convolution for each shape. Process-wide settings; no effect on the CPU."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
