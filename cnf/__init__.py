@@ -1,7 +1,8 @@
 """cnf: continuous normalizing flows for PyTorch."""
 
-from cnf.fields import ConcatSquashLinear, ConcatSquashMLP
+from cnf.fields import ConcatSquashLinear, ConcatSquashMLP, ConvField
 from cnf.flow import CNF, FlowResult
+from cnf.multiscale import MultiscaleCNF
 from cnf.ode import ODEBlock
 from cnf.solvers import METHODS, NFE, Solver, SolverError
 from cnf.trace import ExactTrace, HutchinsonTrace, make_trace
@@ -14,9 +15,11 @@ __all__ = [
     "NFE",
     "ConcatSquashLinear",
     "ConcatSquashMLP",
+    "ConvField",
     "ExactTrace",
     "FlowResult",
     "HutchinsonTrace",
+    "MultiscaleCNF",
     "ODEBlock",
     "Solver",
     "SolverError",

@@ -3,6 +3,7 @@
     cnf train --data 8gaussians --out runs/8g     train (Ctrl-C saves; --resume continues)
     cnf eval runs/8g [--n N] [--json]             test NLL, NFE, entropy and KL where known
     cnf sample runs/8g -n 1000 -o samples.npy     samples (.npy or .csv), --with-log-prob
+    cnf sample runs/digits -n 64 -o grid.png      a PNG grid of samples (image models)
     cnf datasets                                  the built-in datasets
 
 Every error is one line on stderr and a non-zero exit; set CNF_DEBUG=1 for tracebacks.
@@ -25,10 +26,10 @@ import numpy as np
 import torch
 
 from cnf.checkpoint import CheckpointError
-from cnf.data import get_dataset, list_datasets
+from cnf.data import list_datasets
 from cnf.evaluate import evaluate
 from cnf.solvers import SolverError
-from cnf.train import TrainConfig, load_model, resolve_device, to_tensor, train
+from cnf.train import TrainConfig, load_model, open_dataset, resolve_device, to_tensor, train
 from cnf.validity import solver_validity
 
 HELP = {
@@ -59,6 +60,12 @@ HELP = {
     "max_steps": "lower bound of the adapted step: T / max_steps",
     "validity_size": "test rows in the final solver-validity check",
     "test_size": "fresh test samples in the final report",
+    "data_dir": "directory of the dataset's files (mnist, fashion-mnist, cifar10)",
+    "scales": "image models: number of scales (0: as many as the image size allows)",
+    "blocks": "image models: CNF blocks per stage (before and after each squeeze)",
+    "alpha": "image models: logit transform alpha (0: no logit, x - 1/2)",
+    "conv_layer": "image models: conv layer of the vector field, concatsquash or concat (FFJORD)",
+    "tf32": "allow TF32 matmuls and convolutions on CUDA (--no-tf32: full float32)",
 }
 # flags that may change when resuming a run; everything else must match the saved config
 RESUMABLE = {"iters", "device", "threads"}
@@ -92,11 +99,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = _field_type(f.type)
         help_text = HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {f.default})"
-        if kind is bool and f.default:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)  # fmt: skip
-        elif kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        if kind is bool:
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument(flag, action=action, default=None, help=help_text)
         elif f.name == "hidden":
             parser.add_argument(flag, type=_hidden, default=None, help=help_text)
         else:
@@ -122,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compare the training solver with a finer one and a float64 "
                    "dopri5 reference (Ott et al. 2021)")  # fmt: skip
     p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", help="where the dataset's files are now (default: the run's)")
 
     p = sub.add_parser("sample", help="draw samples from a trained flow")
     p.add_argument("run", type=Path, help="run directory or checkpoint file")
     p.add_argument("-n", type=int, required=True, help="number of samples")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output file: .npy or .csv")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output: .npy or .csv (a row per sample), .png (image grid)")  # fmt: skip
     p.add_argument("--with-log-prob", action="store_true", help="add the log-density column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -163,8 +170,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, cfg, meta = load_model(args.run, resolve_device(args.device))
-    data = get_dataset(meta["name"], seed=cfg.seed, **cfg.extra)
+    model, cfg, _ = load_model(args.run, resolve_device(args.device))
+    data = open_dataset(cfg, args.data_dir)
     p = next(model.parameters())
     x = to_tensor(data.test(args.n or cfg.test_size), p.device, p.dtype)
     result = evaluate(model, x, entropy=getattr(data, "entropy", None)).to_dict()
@@ -184,14 +191,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     suffix = args.output.suffix.lower()
-    if suffix not in (".npy", ".csv"):
-        raise ValueError(f"unknown output format {suffix or '(none)'!r}: use a .npy or .csv file")
+    if suffix not in (".npy", ".csv", ".png"):
+        raise ValueError(
+            f"unknown output format {suffix or '(none)'!r}: use a .npy or .csv file (one row per "
+            "sample) or .png (a grid of images)"
+        )
+    if suffix == ".png" and args.with_log_prob:
+        raise ValueError("--with-log-prob needs a .npy or .csv output; a .png grid has no column")
     if args.output.exists() and not args.force:
         raise FileExistsError(f"{args.output} exists: pass --force to overwrite it")
     if args.n < 1:
         raise ValueError(f"-n must be a positive number of samples, got {args.n}")
     model, _, _ = load_model(args.run, resolve_device(args.device))
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    if suffix == ".png":
+        return _sample_grid(model, args, gen)
     with torch.no_grad():
         if args.with_log_prob:
             x, logp = model.sample_and_log_prob(args.n, generator=gen)
@@ -207,6 +221,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
         header = [f"x{i}" for i in range(dims)] + (["log_prob"] if args.with_log_prob else [])
         np.savetxt(args.output, table, delimiter=",", header=",".join(header), comments="")
     print(f"wrote {len(table)} samples to {args.output}")
+    return 0
+
+
+def _sample_grid(model: torch.nn.Module, args: argparse.Namespace, gen: torch.Generator) -> int:
+    from cnf import viz
+
+    if getattr(model, "levels", None) is None:
+        raise ValueError(
+            f"a .png grid is for image models; {args.run} holds a model of event shape "
+            f"{tuple(model.event_shape)}: use a .npy or .csv output"
+        )
+    with torch.no_grad():
+        images = model.sample(args.n, generator=gen)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    viz.save_image_grid(images, model.levels, args.output)
+    print(f"wrote a grid of {args.n} samples to {args.output}")
     return 0
 
 

@@ -1,7 +1,9 @@
-"""Figures of 2-D flows: density heat maps and samples beside data (headless, Agg)."""
+"""Figures: density heat maps and samples of 2-D flows, sample grids of image flows (headless,
+Agg)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def _check_2d(model: nn.Module) -> None:
@@ -117,3 +119,42 @@ def plot_solver(log_path: str | Path, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def image_grid(
+    images: Tensor, levels: int, *, columns: int | None = None, zoom: int = 1
+) -> np.ndarray:
+    """Tile images ``(n, C, H, W)`` of continuous pixel values in ``[0, levels)`` into one
+    ``(rows, cols)`` (grey) or ``(rows, cols, 3)`` (colour) array of intensities in ``[0, 1]``:
+    each image quantized (``floor``, clamped to ``0..levels-1``), a 1-pixel white border, each
+    pixel drawn ``zoom`` times wider and taller."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"expected images of shape (n, 1 or 3, H, W), got {tuple(images.shape)}: a grid "
+            "shows grey or RGB images"
+        )
+    n, c, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    pixels = images.detach().float().floor().clamp(0, levels - 1).cpu().numpy() / (levels - 1)
+    canvas = np.ones((c, rows * (h + 1) + 1, columns * (w + 1) + 1))
+    for i, image in enumerate(pixels):
+        r, k = divmod(i, columns)
+        canvas[:, 1 + r * (h + 1) : (r + 1) * (h + 1), 1 + k * (w + 1) : (k + 1) * (w + 1)] = image
+    canvas = canvas.repeat(zoom, 1).repeat(zoom, 2)
+    return canvas[0] if c == 1 else canvas.transpose(1, 2, 0)
+
+
+def save_image_grid(images: Tensor, levels: int, path: str | Path, **kwargs: Any) -> None:
+    """Write :func:`image_grid` as a PNG (pixels drawn at least 64 screen pixels per image)."""
+    zoom = kwargs.pop("zoom", max(1, 64 // images.shape[-1]))
+    grid_ = image_grid(images, levels, zoom=zoom, **kwargs)
+    plt.imsave(path, grid_, cmap="gray", vmin=0.0, vmax=1.0, format="png")
+
+
+@torch.no_grad()
+def save_sample_grid(model: nn.Module, path: str | Path, n: int = 64, seed: int = 0) -> None:
+    """Draw ``n`` images from an image flow (seeded) and write them as a PNG grid."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    model.eval()
+    save_image_grid(model.sample(n, generator=gen), model.levels, path)

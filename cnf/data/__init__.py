@@ -18,7 +18,8 @@ from cnf.data.toy import TOY, ToyDensity
 
 
 class Dataset(Protocol):
-    """What the trainer needs of a dataset."""
+    """What the trainer needs of a dataset. A dataset may also have ``to(device)``, returning
+    itself with its training data moved there once (the image sets do); the trainer calls it."""
 
     name: str
     kind: str  # "toy", "tabular" or "image": picks the model builder
@@ -39,6 +40,7 @@ class DatasetInfo:
     dim: int
     truth: bool
     note: str = ""
+    options: tuple[str, ...] | None = None  # the factory's keyword options (None: not checked)
 
 
 class ToyData:
@@ -86,7 +88,7 @@ class ToyData:
 REGISTRY: dict[str, tuple[Callable[..., Dataset], DatasetInfo]] = {
     name: (
         lambda seed=0, _d=density, **kw: ToyData(_d, seed, **kw),
-        DatasetInfo(name, "toy", 2, density.has_truth, "FFJORD toy density"),
+        DatasetInfo(name, "toy", 2, density.has_truth, "FFJORD toy density", ("n_val",)),
     )
     for name, density in TOY.items()
 }
@@ -106,5 +108,14 @@ def get_dataset(name: str, *, seed: int = 0, **options: Any) -> Dataset:
     """The dataset called ``name``, seeded; unknown names list the valid ones."""
     if name not in REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}")
-    factory, _ = REGISTRY[name]
+    factory, info = REGISTRY[name]
+    unknown = sorted(set(options) - set(info.options or options))
+    if unknown:
+        raise ValueError(
+            f"dataset {name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+            f"{list(info.options or ())}"
+        )
     return factory(seed=seed, **options)
+
+
+from cnf.data import images  # noqa: E402, F401  registers the image datasets
