@@ -10,37 +10,50 @@ rest (drawing every frame with matplotlib/Agg and PillowWriter's encoding); ``CP
 process's CPU time for the whole call, which on a busy machine says more than wall time does (one
 thread: on a quiet machine, wall time is about the CPU time). The target is 60 frames with a
 200 x 200 density mesh in under a minute on 2 CPU cores. Threads are chosen as ``cnf animate``
-does (one thread for a 2-D model on a CPU).
+does (one thread for a 2-D model on a CPU). ``mass error`` is the largest relative error over the
+frames of ``sum(p_t * cell area)`` on the transported mesh (:meth:`cnf.transport.Transport.mass`)
+against its exact value: the density panel's accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cnf import CNF, Solver, viz
 from cnf.data import get_dataset
 from cnf.train import configure_threads, load_model
+from cnf.transport import LATENT_LIM, Transport
 
 
 class TimedTransport:
     """Wraps :func:`cnf.transport.transport` to time its solve and count the calls."""
 
     def __init__(self) -> None:
-        self.inner, self.seconds, self.calls = viz.transport, 0.0, 0
+        self.inner, self.seconds, self.calls, self.last = viz.transport, 0.0, 0, None
 
     def __call__(self, *args, **kwargs):
         t0 = time.perf_counter()
-        out = self.inner(*args, **kwargs)
+        self.last = self.inner(*args, **kwargs)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
-        return out
+        return self.last
+
+
+def mass_error(tr: Transport) -> float:
+    """Largest relative error of the mesh's mass over the frames: against the latent square's
+    Gaussian mass for ``"sample"``, against the first frame's for ``"density"`` (conservation)."""
+    mass = tr.mass()
+    exact = math.erf(LATENT_LIM / math.sqrt(2)) ** 2 if tr.direction == "sample" else mass[0]
+    return float(np.abs(mass / exact - 1).max())
 
 
 def run_one(flow: torch.nn.Module, lim: float, **options) -> dict:
@@ -56,7 +69,7 @@ def run_one(flow: torch.nn.Module, lim: float, **options) -> dict:
     finally:
         viz.transport = timed.inner
     return dict(solve=timed.seconds, render=total - timed.seconds, total=total, solves=timed.calls,
-                nfe=flow.nfe.forward, mb=size, cpu=cpu)  # fmt: skip
+                nfe=flow.nfe.forward, mb=size, cpu=cpu, mass=mass_error(timed.last))  # fmt: skip
 
 
 def configurations(eval_solver: Solver, quick: bool) -> list[tuple[str, dict]]:
@@ -92,13 +105,13 @@ def main() -> None:
           f"{threads} thread(s), {os.cpu_count()} CPUs, {cpu}")  # fmt: skip
     print()
     print("| configuration | frames | grid | NFE | solves | solve s | render + encode s | total s "
-          "| CPU s | GIF MB |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| CPU s | GIF MB | mass error |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, options in configurations(flow.eval_solver, args.quick):
         r = run_one(flow, lim, **options)
         print(f"| {label} | {options['frames']} | {options['grid']} | {r['nfe']} | {r['solves']} "
               f"| {r['solve']:.1f} | {r['render']:.1f} | {r['total']:.1f} | {r['cpu']:.1f} "
-              f"| {r['mb']:.2f} |",
+              f"| {r['mb']:.2f} | {100 * r['mass']:.2f}% |",
               flush=True)  # fmt: skip
 
 

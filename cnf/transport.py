@@ -40,6 +40,7 @@ DIRECTIONS = ("sample", "density")
 # half-width of the latent square meshed by direction="sample": it holds erf(4/sqrt 2)^2 = 99.987%
 # of the base's mass, so the mesh misses nothing visible
 LATENT_LIM = 4.0
+_ALL = slice(None)
 
 
 @dataclass(frozen=True)
@@ -62,20 +63,23 @@ class Transport:
     nfe: int
     direction: str
 
-    def cell_area(self) -> np.ndarray:
-        """``(F, G, G)`` areas of the transported cells (quadrilaterals, by their diagonals)."""
-        m = self._require_mesh()
-        d1 = m[:, 1:, 1:] - m[:, :-1, :-1]
-        d2 = m[:, :-1, 1:] - m[:, 1:, :-1]
+    def cell_area(self, k: int | slice = _ALL) -> np.ndarray:
+        """``(F, G, G)`` areas of the transported cells (quadrilaterals, by their diagonals), or
+        frame ``k``'s."""
+        m = self._require_mesh()[k]
+        d1 = m[..., 1:, 1:, :] - m[..., :-1, :-1, :]
+        d2 = m[..., :-1, 1:, :] - m[..., 1:, :-1, :]
         return 0.5 * np.abs(d1[..., 0] * d2[..., 1] - d1[..., 1] * d2[..., 0])
 
-    def cell_density(self) -> np.ndarray:
-        """``(F, G, G)`` density of each cell: ``p_t`` at its centre with ``log p_t`` interpolated
-        bilinearly, the geometric mean of its four corners. (Interpolating ``log p`` rather than
-        ``p`` keeps cells that the flow tears apart, between modes, from borrowing a neighbouring
-        mode's density: on the 8gaussians flow it halves the mass error of the arithmetic mean.)"""
-        lp = self._require_log_density()
-        return np.exp(0.25 * (lp[:, :-1, :-1] + lp[:, 1:, :-1] + lp[:, :-1, 1:] + lp[:, 1:, 1:]))
+    def cell_density(self, k: int | slice = _ALL) -> np.ndarray:
+        """``(F, G, G)`` density of each cell, or frame ``k``'s: ``p_t`` at its centre with
+        ``log p_t`` interpolated bilinearly, the geometric mean of its four corners.
+        (Interpolating ``log p`` rather than ``p`` keeps cells that the flow tears apart, between
+        modes, from borrowing a neighbouring mode's density: on the 8gaussians flow it halves the
+        mass error of the arithmetic mean.)"""
+        lp = self._require_log_density()[k]
+        corners = lp[..., :-1, :-1] + lp[..., 1:, :-1] + lp[..., :-1, 1:] + lp[..., 1:, 1:]
+        return np.exp(0.25 * corners)
 
     def mass(self) -> np.ndarray:
         """``(F,)`` probability mass on the mesh at each time, ``sum p_t * area``: constant in

@@ -149,7 +149,7 @@ def _draw_density(ax: Any, tr: Transport, k: int) -> QuadMesh:
     scaled to the frame (its 99.5th percentile of cell densities)."""
     for old in list(ax.collections):
         old.remove()
-    dens = tr.cell_density()[k]
+    dens = tr.cell_density(k)
     vmax = float(np.quantile(dens, 0.995)) or 1.0
     mesh = tr.mesh[k]
     return ax.pcolormesh(mesh[..., 0], mesh[..., 1], dens, shading="flat", cmap="magma",

@@ -92,6 +92,7 @@ def test_density_panel_draws_the_transported_density(float64) -> None:
         (mesh,) = fig.axes[1].collections
         np.testing.assert_allclose(mesh.get_coordinates(), tr.mesh[k])
         dens = np.asarray(mesh.get_array()).reshape(40, 40)
+        np.testing.assert_allclose(dens, tr.cell_density()[k])
         corners = mesh.get_coordinates()
         area = _quad_areas(corners)
         assert (dens * area).sum() == pytest.approx(LATENT_MASS, rel=1.5e-2)
