@@ -357,11 +357,12 @@ def plot_density_times(
     solver: Solver | None = None,
 ) -> None:
     """The density ``p_t`` at ``times`` evenly spaced times, ends included, from one solve (PNG)."""
+    if not isinstance(times, int) or isinstance(times, bool) or times < 2:
+        raise ValueError(f"times must be an integer >= 2 (the ends are included), got {times!r}")
     tr, lim = _solve(flow, times, direction=direction, grid_cells=grid, particles=256, lim=lim,
                      data=data, seed=0, solver=solver)  # fmt: skip
-    fig, axes = _panels(times, 110)
-    fig.set_size_inches(2.4 * times, 2.7)
-    for k, ax in enumerate(axes):
+    fig, axes = plt.subplots(1, times, figsize=(2.4 * times, 2.9), layout="constrained")
+    for k, ax in enumerate(np.atleast_1d(axes)):
         _draw_density(ax, tr, k)
         ax.set_facecolor(plt.get_cmap("magma")(0.0))
         _window(ax, lim, f"t = {tr.times[k]:.2f}")
