@@ -150,6 +150,14 @@ def transport(
 
     Returns:
         A :class:`Transport`. The flow is solved exactly once, for mesh and particles together.
+
+    Example:
+        >>> from cnf import CNF
+        >>> tr = transport(CNF(2, hidden=(8,)), 3, grid=50, particles=5)
+        >>> tr.mesh.shape, tr.particles.shape
+        ((3, 51, 51, 2), (3, 5, 2))
+        >>> bool(abs(tr.mass() - 0.99987).max() < 0.01)  # erf(4 / sqrt 2)^2 at every time
+        True
     """
     check_2d(flow)
     _check_options(frames, direction, grid, particles, lim)
@@ -168,7 +176,7 @@ def transport(
     k = len(nodes)
     mesh_path, path = out.value[:, :k], out.value[:, k:]
     logp = None if mesh is None else _log_density(flow, direction, mesh_path, out.logdet[:, :k])
-    if isinstance(particles, int) and direction == "density":
+    if isinstance(particles, int) and direction == "density" and particles > 0:
         path = _resampled_nodes(mesh_path, logp, particles, generator)
     shape = (frames, *([] if mesh is None else mesh.shape[:2]))
     return Transport(

@@ -240,7 +240,9 @@ def _solve(
         particles=_start_points(data, particles, direction, ref),
         generator=torch.Generator(device=ref.device).manual_seed(seed),
     )  # fmt: skip
-    return tr, lim or default_lim(tr.particles)
+    if lim is None:
+        lim = default_lim(tr.particles) if tr.particles.size else LATENT_LIM
+    return tr, lim
 
 
 @torch.no_grad()
