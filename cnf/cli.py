@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--field", action="store_true", help="add a panel of velocity arrows")
     p.add_argument("--lim", type=float, help="half-width of the window (default: the dataset's)")
+    p.add_argument("--atol", type=float, help="solver tolerance (default: the run's eval solver's)")
+    p.add_argument("--rtol", type=float, help="solver tolerance (default: the run's eval solver's)")
     p.add_argument("--dpi", type=float, default=72, help="resolution (default: 72)")
     p.add_argument("--seed", type=int, default=0, help="seed of the particles")
     p.add_argument("--trajectories", type=Path, metavar="PNG", help="also plot whole trajectories")
@@ -248,7 +250,9 @@ def cmd_animate(args: argparse.Namespace) -> int:
     samples = data.test(max(args.particles, 1))
     for path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
-    kw = dict(direction=args.direction, lim=lim, data=samples)
+    tolerances = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
+    solver = model.eval_solver.replace(**tolerances)
+    kw = dict(direction=args.direction, lim=lim, data=samples, solver=solver)
     # the bar shows from the start: the one solve comes first, then the frames
     with tqdm(total=args.frames, desc="solve, then draw frames", disable=args.no_progress,
               leave=False, unit="frame") as bar:  # fmt: skip

@@ -201,7 +201,7 @@ def test_cli_animate(run: Path, tmp_path: Path, capsys) -> None:
     assert "one solve" in capsys.readouterr().out
     assert main(argv) == 1  # refuses to overwrite
     assert "exists: pass --force" in capsys.readouterr().err
-    assert main([*argv, "--force", "--direction", "density", "--field"]) == 0
+    assert main([*argv, "--force", "--direction", "density", "--field", "--atol", "1e-4"]) == 0
 
 
 @pytest.mark.parametrize(
@@ -210,6 +210,7 @@ def test_cli_animate(run: Path, tmp_path: Path, capsys) -> None:
         (["-o", "{tmp}/f.avi"], "unknown animation format '.avi'"),
         (["-o", "{tmp}/f.gif", "--times", "{tmp}/d.jpg"], "written as .png files"),
         (["-o", "{tmp}/f.gif", "--frames", "1"], "frames must be an integer >= 2"),
+        (["-o", "{tmp}/f.gif", "--rtol", "-1"], "rtol must be a positive finite number"),
     ],
 )
 def test_cli_errors_are_one_line(run: Path, tmp_path: Path, capsys, extra, message) -> None:
