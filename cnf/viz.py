@@ -145,11 +145,11 @@ def _time_label(tr: Transport, k: int) -> str:
 
 
 def _draw_density(ax: Any, tr: Transport, k: int) -> QuadMesh:
-    """Replace the panel's mesh by frame ``k``'s: ``p_t`` on the transported cells, colours
-    scaled to the frame (its 99.5th percentile of cell densities)."""
+    """Replace the panel's mesh by frame ``k``'s: ``p_t`` on the transported cells
+    (:meth:`Transport.shown_density`), colours scaled to the frame (its 99.5th percentile)."""
     for old in list(ax.collections):
         old.remove()
-    dens = tr.cell_density(k)
+    dens = tr.shown_density(k)
     vmax = float(np.quantile(dens, 0.995)) or 1.0
     mesh = tr.mesh[k]
     return ax.pcolormesh(mesh[..., 0], mesh[..., 1], dens, shading="flat", cmap="magma",
