@@ -194,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(TrainConfig(), args.resume, resume=True, progress=not args.no_progress,
                        iters=given.get("iters"))  # fmt: skip
     else:
-        cfg = TrainConfig(**given)
+        cfg = TrainConfig.for_data(given.pop("data", TrainConfig.data), **given)
         out = args.out or Path("runs") / cfg.data
         result = train(cfg, out, force=args.force, progress=not args.no_progress)
     if result.interrupted:

@@ -104,6 +104,13 @@ def list_datasets() -> list[DatasetInfo]:
     return [info for _, info in REGISTRY.values()]
 
 
+def dataset_kind(name: str) -> str:
+    """The kind ("toy", "tabular", "image") of a dataset name; unknown names list the valid ones."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name][1].kind
+
+
 def get_dataset(name: str, *, seed: int = 0, **options: Any) -> Dataset:
     """The dataset called ``name``, seeded; unknown names list the valid ones."""
     if name not in REGISTRY:
