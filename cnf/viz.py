@@ -25,15 +25,6 @@ from cnf.solvers import Solver
 from cnf.transport import LATENT_LIM, Transport, check_2d, like, transport
 
 
-def _check_2d(model: nn.Module) -> None:
-    shape = getattr(model, "event_shape", None)
-    if shape != (2,):
-        raise ValueError(
-            f"these figures are for 2-D flows, got a model of event shape {shape}: "
-            "plot a 2-D projection of samples instead"
-        )
-
-
 def grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An ``n x n`` grid on ``[-lim, lim]^2``: the axis, and the points as an ``(n*n, 2)`` array."""
     g = np.linspace(-lim, lim, n)
@@ -44,7 +35,7 @@ def grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @torch.no_grad()
 def model_density(model: nn.Module, lim: float, n: int = 200, batch: int = 10_000) -> np.ndarray:
     """``exp log_prob`` of the model on an ``n x n`` grid (rows are y, columns x)."""
-    _check_2d(model)
+    check_2d(model)
     _, _, pts = grid(lim, n)
     p = next(model.parameters())
     x = torch.as_tensor(pts, dtype=p.dtype, device=p.device)
@@ -83,7 +74,7 @@ def plot_density(model: nn.Module, data: Any, path: str | Path, n: int = 200) ->
 @torch.no_grad()
 def plot_samples(model: nn.Module, data: Any, path: str | Path, n: int = 5000) -> None:
     """Model samples beside data samples."""
-    _check_2d(model)
+    check_2d(model)
     lim = data.density.support
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     model.eval()
