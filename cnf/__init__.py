@@ -1,7 +1,8 @@
 """cnf: continuous normalizing flows for PyTorch."""
 
-from cnf.fields import ConcatSquashLinear, ConcatSquashMLP
+from cnf.fields import ConcatSquashLinear, ConcatSquashMLP, ConvField
 from cnf.flow import CNF, FlowResult
+from cnf.multiscale import MultiscaleCNF
 from cnf.ode import ODEBlock
 from cnf.solvers import METHODS, NFE, Solver, SolverError
 from cnf.tabular import TabularCNF
@@ -16,9 +17,11 @@ __all__ = [
     "CNFDensity",
     "ConcatSquashLinear",
     "ConcatSquashMLP",
+    "ConvField",
     "ExactTrace",
     "FlowResult",
     "HutchinsonTrace",
+    "MultiscaleCNF",
     "ODEBlock",
     "Solver",
     "SolverError",

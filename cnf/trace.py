@@ -125,8 +125,9 @@ class HutchinsonTrace:
 
     def probe(self, z: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Draw one probe shaped like ``z``; the flow holds it fixed for the whole solve."""
-        if self.noise == "gaussian":
-            return torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        if self.noise == "gaussian":  # drawn in float64 so float32 and float64 solves share it
+            draw = torch.randn(z.shape, generator=generator, dtype=torch.float64, device=z.device)
+            return draw.to(z.dtype)
         bits = torch.randint(0, 2, z.shape, generator=generator, device=z.device)
         return bits.to(z.dtype) * 2 - 1
 

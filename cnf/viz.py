@@ -1,7 +1,12 @@
-"""Figures of 2-D flows: density heat maps and samples beside data (headless, Agg)."""
+"""Figures (headless, Agg): run figures of 2-D flows (density heat maps, samples beside data),
+pictures of the flow in time (:func:`animate`, :func:`plot_trajectories`,
+:func:`plot_density_times`), each drawn from one solve (:func:`cnf.transport.transport`), the
+training solver over a run (:func:`plot_solver`) and sample grids of image flows."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +16,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from torch import nn
+from matplotlib import animation
+from matplotlib.collections import LineCollection, QuadMesh
+from matplotlib.figure import Figure
+from torch import Tensor, nn
 
-
-def _check_2d(model: nn.Module) -> None:
-    shape = getattr(model, "event_shape", None)
-    if shape != (2,):
-        raise ValueError(
-            f"these figures are for 2-D flows, got a model of event shape {shape}: "
-            "plot a 2-D projection of samples instead"
-        )
+from cnf.solvers import Solver
+from cnf.transport import LATENT_LIM, Transport, check_2d, like, transport
 
 
 def grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,7 +35,7 @@ def grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @torch.no_grad()
 def model_density(model: nn.Module, lim: float, n: int = 200, batch: int = 10_000) -> np.ndarray:
     """``exp log_prob`` of the model on an ``n x n`` grid (rows are y, columns x)."""
-    _check_2d(model)
+    check_2d(model)
     _, _, pts = grid(lim, n)
     p = next(model.parameters())
     x = torch.as_tensor(pts, dtype=p.dtype, device=p.device)
@@ -72,7 +74,7 @@ def plot_density(model: nn.Module, data: Any, path: str | Path, n: int = 200) ->
 @torch.no_grad()
 def plot_samples(model: nn.Module, data: Any, path: str | Path, n: int = 5000) -> None:
     """Model samples beside data samples."""
-    _check_2d(model)
+    check_2d(model)
     lim = data.density.support
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     model.eval()
@@ -120,5 +122,340 @@ def plot_marginals(
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(f"{Path(data.name).name}: marginals, test data vs model samples", fontsize=9)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_solver(log_path: str | Path, path: str | Path) -> None:
+    """The training solver over a run: step size (or tolerance) and NFE per iteration, with the
+    adaptation checks marked (read from the run's ``log.jsonl``)."""
+    import json
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    it = np.array([r["iter"] for r in rows])
+    fixed = rows[0].get("step_size") is not None
+    key, label = ("step_size", "step size") if fixed else ("atol", "tolerance (atol)")
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.4, 4.8), sharex=True)
+    ax1.plot(it, [r[key] for r in rows], color="C0")
+    for event, color in (("shrink", "C3"), ("grow", "C2"), ("revert", "C1")):
+        hits = [r for r in rows if r.get("adapt", {}).get("event") == event]
+        if hits:
+            ax1.scatter([r["iter"] for r in hits], [r[key] for r in hits], s=8, color=color,
+                        label=event, zorder=3)  # fmt: skip
+    ax1.set(ylabel=label, yscale="log", title="training solver (Ott et al. step adaptation)")
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend(fontsize=8)
+    ax2.plot(it, [r["nfe"] for r in rows], color="C4", lw=0.8)
+    ax2.set(xlabel="iteration", ylabel="NFE per solve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the flow in time ------------------------------------------------------------------------
+
+_ARROWS = 17  # arrows per side of the vector-field panel
+
+
+def animation_writer(path: str | Path, fps: float) -> animation.AbstractMovieWriter:
+    """PillowWriter for ``.gif``; ffmpeg for ``.mp4`` when matplotlib finds it; else an error."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".gif":
+        return animation.PillowWriter(fps=fps)
+    if suffix == ".mp4":
+        if not animation.writers.is_available("ffmpeg"):
+            raise ValueError(
+                f"cannot write {path}: .mp4 needs ffmpeg, which matplotlib does not find here; "
+                "write a .gif instead (or install ffmpeg)"
+            )
+        return animation.FFMpegWriter(fps=fps)
+    raise ValueError(
+        f"unknown animation format {suffix or '(none)'!r} for {path}: write a .gif (or an .mp4 "
+        "where ffmpeg is installed)"
+    )
+
+
+def default_lim(points: np.ndarray) -> float:
+    """A half-width framing nearly all of ``points`` (any shape ending in 2), in steps of 0.5."""
+    extent = float(np.quantile(np.abs(points.reshape(-1, 2)).max(1), 0.995)) * 1.1
+    return max(0.5, math.ceil(extent * 2) / 2)
+
+
+def _window(ax: Any, lim: float, title: str) -> None:
+    ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
+
+
+def _arrow(tr: Transport) -> str:
+    return "noise → data" if tr.direction == "sample" else "data → noise"
+
+
+def _time_label(tr: Transport, k: int) -> str:
+    return f"t = {tr.times[k]:.2f}  ({_arrow(tr)})"
+
+
+def _draw_density(ax: Any, tr: Transport, k: int) -> QuadMesh:
+    """Replace the panel's mesh by frame ``k``'s: ``p_t`` on the transported cells
+    (:meth:`Transport.shown_density`), colours scaled to the frame (its 99.5th percentile)."""
+    for old in list(ax.collections):
+        old.remove()
+    dens = tr.shown_density(k)
+    vmax = float(np.quantile(dens, 0.995)) or 1.0
+    mesh = tr.mesh[k]
+    return ax.pcolormesh(mesh[..., 0], mesh[..., 1], dens, shading="flat", cmap="magma",
+                         vmin=0.0, vmax=vmax, rasterized=True)  # fmt: skip
+
+
+def _trail_segments(tr: Transport, k: int, trails: int | None) -> np.ndarray:
+    first = 0 if trails is None else max(0, k - trails)
+    return tr.particles[first : k + 1].transpose(1, 0, 2)
+
+
+@torch.no_grad()
+def _velocities(flow: nn.Module, tr: Transport, lim: float) -> tuple[np.ndarray, np.ndarray]:
+    """Arrow positions ``(A, 2)`` and arrows ``(F, A, 2)`` for the velocity of the motion shown:
+    ``f(t, y)`` forward in time, ``-f`` when the picture runs from ``T`` to 0. Arrows are in data
+    units: the 95th percentile of speed spans 1.4 grid spacings, faster ones are clipped to it
+    (the field is fastest in a few spots, which would otherwise hide the rest)."""
+    _, _, pts = grid(lim * 0.9, _ARROWS)
+    p = like(flow)
+    y = torch.as_tensor(pts, dtype=p.dtype, device=p.device)
+    sign = -1.0 if tr.direction == "sample" else 1.0
+    v = torch.stack([sign * flow.field(torch.tensor(t).to(p), y) for t in tr.times])
+    v = v.cpu().double().numpy()
+    speed = np.linalg.norm(v, axis=-1, keepdims=True)
+    cap = float(np.quantile(speed, 0.95)) or 1.0
+    length = 1.4 * 1.8 * lim / (_ARROWS - 1)
+    return pts, v * (length / cap) * np.minimum(1.0, cap / np.maximum(speed, 1e-300))
+
+
+def _panels(n: int, dpi: float) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.5), dpi=dpi, squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.84, wspace=0.06)
+    return fig, axes[0]
+
+
+def _frame_drawer(
+    flow: nn.Module, tr: Transport, lim: float, trails: int | None, field: bool, dpi: float
+) -> tuple[Figure, Callable[[int], None]]:
+    """The figure and a function drawing frame ``k`` of it (particles, density, arrows)."""
+    fig, axes = _panels(2 + field, dpi)
+    _window(axes[0], lim, "samples")
+    _window(axes[1], lim, "density $p_t$")
+    axes[1].set_facecolor(plt.get_cmap("magma")(0.0))  # outside the mesh: zero density
+    lines = LineCollection([], colors="C0", linewidths=0.6, alpha=0.5)
+    axes[0].add_collection(lines)
+    dots = axes[0].scatter(*tr.particles[0].T, s=2, color="C3", zorder=3)
+    arrows = None
+    if field:
+        pts, vel = _velocities(flow, tr, lim)
+        arrows = axes[2].quiver(*pts.T, *vel[0].T, angles="xy", scale_units="xy", scale=1.0,
+                                width=0.005)  # fmt: skip
+        _window(axes[2], lim, "velocity")
+    label = fig.suptitle("")
+
+    def draw(k: int) -> None:
+        dots.set_offsets(tr.particles[k])
+        lines.set_segments(_trail_segments(tr, k, trails) if trails != 0 else [])
+        if tr.mesh is not None:
+            _draw_density(axes[1], tr, k)
+        if arrows is not None:
+            arrows.set_UVC(*vel[k].T)
+        label.set_text(_time_label(tr, k))
+
+    return fig, draw
+
+
+def _start_points(data: Any, n: int, direction: str, ref: Tensor) -> int | Tensor:
+    """Particles for :func:`transport`: data samples when running from the data, else a count."""
+    if direction != "density" or data is None:
+        return n
+    x = torch.as_tensor(np.asarray(data)[:n]).to(ref)
+    if x.ndim != 2 or x.shape[1] != 2 or len(x) == 0:
+        raise ValueError(f"data must be an (n, 2) array of samples, got shape {tuple(x.shape)}")
+    return x
+
+
+def _solve(
+    flow: nn.Module, frames: int, *, direction: str, grid_cells: int | None, particles: int,
+    lim: float | None, data: Any, seed: int, solver: Solver | None,
+) -> tuple[Transport, float]:  # fmt: skip
+    """One :func:`transport` solve, and the half-width of the window to draw."""
+    check_2d(flow)
+    ref = like(flow)
+    if lim is None and data is not None:
+        lim = default_lim(np.asarray(data))
+    tr = transport(
+        flow, frames, direction=direction, grid=grid_cells, lim=lim or LATENT_LIM, solver=solver,
+        particles=_start_points(data, particles, direction, ref),
+        generator=torch.Generator(device=ref.device).manual_seed(seed),
+    )  # fmt: skip
+    if lim is None:
+        lim = default_lim(tr.particles) if tr.particles.size else LATENT_LIM
+    return tr, lim
+
+
+@torch.no_grad()
+def animate(
+    flow: nn.Module,
+    path: str | Path | None = None,
+    *,
+    frames: int = 60,
+    fps: float = 15,
+    direction: str = "sample",
+    grid: int | None = 200,
+    particles: int = 1500,
+    trails: int | None = 8,
+    field: bool = False,
+    lim: float | None = None,
+    data: Any = None,
+    seed: int = 0,
+    solver: Solver | None = None,
+    dpi: float = 72,
+    progress: Callable[[int, int], None] | None = None,
+) -> animation.FuncAnimation:
+    """Animate a 2-D flow: particles beside the density ``p_t``, optionally the vector field.
+
+    The flow is solved once, through all frame times (:func:`cnf.transport.transport`).
+
+    Arguments:
+        flow: a 2-D :class:`~cnf.flow.CNF`.
+        path: where to save: ``.gif`` (Pillow) or ``.mp4`` (needs ffmpeg); ``None``: don't save.
+        frames, fps: number of frames (ends included) and frames per second.
+        direction: ``"sample"`` plays ``t: T -> 0``, base noise becoming data (the sampler);
+            ``"density"`` plays ``t: 0 -> T``, data being normalized to the Gaussian (the
+            density evaluation), starting from ``data`` when given.
+        grid: cells per side of the density mesh (``None``: no density panel content).
+        particles: number of particles.
+        trails: frames of trail behind each particle (0: none, ``None``: the whole path).
+        field: add a panel with the velocity of the motion shown, as arrows.
+        lim: half-width of the square window (default: framing ``data``, else the particles).
+        data: ``(n, 2)`` data samples (start points of ``"density"`` particles, and the window).
+        seed: seed of the particles.
+        solver: the ODE solver (default: the flow's evaluation solver).
+        dpi: resolution of the saved frames.
+        progress: called as ``progress(frame, total)`` while saving.
+
+    Returns:
+        The ``matplotlib.animation.FuncAnimation`` (show it in a notebook with ``.to_jshtml()``).
+
+    Example:
+        >>> import os, tempfile
+        >>> from cnf import CNF
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     anim = animate(CNF(2, hidden=(8,)), os.path.join(tmp, "flow.gif"), frames=3,
+        ...                    grid=10, particles=20)
+    """
+    writer = None if path is None else animation_writer(path, fps)
+    if not isinstance(fps, int | float) or not 0 < fps <= 100:
+        raise ValueError(f"fps must be a number in (0, 100], got {fps!r}")
+    if trails is not None and (not isinstance(trails, int) or trails < 0):
+        raise ValueError(f"trails must be a number of frames >= 0 or None, got {trails!r}")
+    tr, lim = _solve(flow, frames, direction=direction, grid_cells=grid, particles=particles,
+                     lim=lim, data=data, seed=seed, solver=solver)  # fmt: skip
+    fig, draw = _frame_drawer(flow, tr, lim, trails, field, dpi)
+    anim = animation.FuncAnimation(fig, draw, frames=frames, interval=1000 / fps, repeat=True,
+                                   cache_frame_data=False)  # fmt: skip
+    if path is not None:
+        anim.save(path, writer=writer, dpi=dpi, progress_callback=progress)
+        plt.close(fig)
+    return anim
+
+
+@torch.no_grad()
+def plot_trajectories(
+    flow: nn.Module,
+    path: str | Path,
+    *,
+    n: int = 400,
+    steps: int = 60,
+    direction: str = "sample",
+    lim: float | None = None,
+    data: Any = None,
+    seed: int = 0,
+    solver: Solver | None = None,
+) -> None:
+    """The whole paths of ``n`` particles as lines coloured by time, from one solve (PNG).
+
+    ``direction`` is as in :func:`animate`: base noise to data, or data (when given) to noise.
+    """
+    tr, lim = _solve(flow, steps, direction=direction, grid_cells=None, particles=n, lim=lim,
+                     data=data, seed=seed, solver=solver)  # fmt: skip
+    fig, ax = plt.subplots(figsize=(4.6, 4.0), layout="constrained")
+    seg = np.stack([tr.particles[:-1], tr.particles[1:]], 2).transpose(1, 0, 2, 3)
+    t_mid = np.broadcast_to((tr.times[:-1] + tr.times[1:]) / 2, seg.shape[:2])
+    lines = LineCollection(seg.reshape(-1, 2, 2), array=t_mid.ravel(), cmap="viridis",
+                           linewidths=0.5, alpha=0.6)  # fmt: skip
+    ax.add_collection(lines)
+    ax.scatter(*tr.particles[0].T, s=2, color="0.3", zorder=3, label=f"t = {tr.times[0]:.2g}")
+    ax.scatter(*tr.particles[-1].T, s=2, color="C3", zorder=3, label=f"t = {tr.times[-1]:.2g}")
+    ax.legend(loc="lower right", fontsize=7, markerscale=3)
+    fig.colorbar(lines, ax=ax, fraction=0.04, pad=0.02, label="t")
+    _window(ax, lim, f"trajectories ({_arrow(tr)})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def image_grid(
+    images: Tensor, levels: int, *, columns: int | None = None, zoom: int = 1
+) -> np.ndarray:
+    """Tile images ``(n, C, H, W)`` of continuous pixel values in ``[0, levels)`` into one
+    ``(rows, cols)`` (grey) or ``(rows, cols, 3)`` (colour) array of intensities in ``[0, 1]``:
+    each image quantized (``floor``, clamped to ``0..levels-1``), a 1-pixel white border, each
+    pixel drawn ``zoom`` times wider and taller."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"expected images of shape (n, 1 or 3, H, W), got {tuple(images.shape)}: a grid "
+            "shows grey or RGB images"
+        )
+    n, c, h, w = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    pixels = images.detach().float().floor().clamp(0, levels - 1).cpu().numpy() / (levels - 1)
+    canvas = np.ones((c, rows * (h + 1) + 1, columns * (w + 1) + 1))
+    for i, image in enumerate(pixels):
+        r, k = divmod(i, columns)
+        canvas[:, 1 + r * (h + 1) : (r + 1) * (h + 1), 1 + k * (w + 1) : (k + 1) * (w + 1)] = image
+    canvas = canvas.repeat(zoom, 1).repeat(zoom, 2)
+    return canvas[0] if c == 1 else canvas.transpose(1, 2, 0)
+
+
+def save_image_grid(images: Tensor, levels: int, path: str | Path, **kwargs: Any) -> None:
+    """Write :func:`image_grid` as a PNG (pixels drawn at least 64 screen pixels per image)."""
+    zoom = kwargs.pop("zoom", max(1, 64 // images.shape[-1]))
+    grid_ = image_grid(images, levels, zoom=zoom, **kwargs)
+    plt.imsave(path, grid_, cmap="gray", vmin=0.0, vmax=1.0, format="png")
+
+
+@torch.no_grad()
+def save_sample_grid(model: nn.Module, path: str | Path, n: int = 64, seed: int = 0) -> None:
+    """Draw ``n`` images from an image flow (seeded) and write them as a PNG grid."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    model.eval()
+    save_image_grid(model.sample(n, generator=gen), model.levels, path)
+
+
+@torch.no_grad()
+def plot_density_times(
+    flow: nn.Module,
+    path: str | Path,
+    *,
+    times: int = 5,
+    grid: int = 200,
+    direction: str = "sample",
+    lim: float | None = None,
+    data: Any = None,
+    solver: Solver | None = None,
+) -> None:
+    """The density ``p_t`` at ``times`` evenly spaced times, ends included, from one solve (PNG)."""
+    if not isinstance(times, int) or isinstance(times, bool) or times < 2:
+        raise ValueError(f"times must be an integer >= 2 (the ends are included), got {times!r}")
+    tr, lim = _solve(flow, times, direction=direction, grid_cells=grid, particles=256, lim=lim,
+                     data=data, seed=0, solver=solver)  # fmt: skip
+    fig, axes = plt.subplots(1, times, figsize=(2.4 * times, 2.9), layout="constrained")
+    for k, ax in enumerate(np.atleast_1d(axes)):
+        _draw_density(ax, tr, k)
+        ax.set_facecolor(plt.get_cmap("magma")(0.0))
+        _window(ax, lim, f"t = {tr.times[k]:.2f}")
+    fig.suptitle(f"density $p_t$ ({_arrow(tr)})")
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -99,7 +99,20 @@ def test_datasets_command(capsys) -> None:
             ["train", "--data", "moons", "--out", "{tmp}/x", "--method", "rk5"],
             "unknown method 'rk5'",
         ),
-        (["train", "--data", "moons", "--out", "{tmp}/x", "--method", "euler"], "pass step_size"),
+        (
+            [
+                "train",
+                "--data",
+                "moons",
+                "--out",
+                "{tmp}/x",
+                "--method",
+                "dopri5",
+                "--step-size",
+                "0.1",
+            ],
+            "is for fixed-step methods",
+        ),
         (
             ["train", "--data", "moons", "--out", "{tmp}/x", "--trace", "exakt"],
             "unknown trace 'exakt'",

@@ -72,7 +72,10 @@ def test_user_csv_with_columns(tmp_path: Path, capsys) -> None:
     [
         (["--data", "{tmp}/mine.csv", "--columns", "a,zz"], "unknown column 'zz'"),
         (["--data", "{tmp}/absent.csv"], "no data file at"),
-        (["--data", "moons", "--columns", "a"], "moons is a toy density"),
+        (
+            ["--data", "moons", "--columns", "a"],
+            "dataset 'moons' (toy data) takes no option 'columns'",
+        ),
         (["--data", "{tmp}", "--iters", "5"], "is not a MAF dataset directory"),
         (["--data", "wine", "--test-fraction", "1.5"], "test_fraction must be in (0, 1)"),
     ],

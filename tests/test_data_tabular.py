@@ -28,8 +28,8 @@ def test_bundled_sets(name: str, dim: int) -> None:
 
 
 def test_digits_name_is_left_for_images_and_constant_pixels_are_dropped() -> None:
-    names = {info.name for info in list_datasets()}
-    assert "digits-tabular" in names and "digits" not in names
+    kinds = {info.name: info.kind for info in list_datasets()}
+    assert kinds["digits-tabular"] == "tabular" and kinds["digits"] == "image"
     meta = get_dataset("digits-tabular", seed=0).meta()
     assert "pixel_0_0" in meta["dropped"] and "pixel_0_0" not in meta["columns"]
 
@@ -204,7 +204,7 @@ def test_nan_rows_are_refused_or_dropped(tmp_path: Path, table: np.ndarray, capl
 
 
 def test_toy_densities_refuse_tabular_options() -> None:
-    with pytest.raises(ValueError, match=r"moons is a toy density: the options \['columns'\]"):
+    with pytest.raises(ValueError, match=r"'moons' \(toy data\) takes no option 'columns'"):
         get_dataset("moons", columns="a")
 
 

@@ -187,6 +187,15 @@ def test_bad_config(kwargs: dict, match: str) -> None:
         TrainConfig(**kwargs)
 
 
+def test_presets_per_kind_of_data() -> None:
+    assert TrainConfig.for_data("8gaussians") == TrainConfig(data="8gaussians")
+    image = TrainConfig.for_data("digits")
+    assert (image.batch_size, image.hidden, image.validity_size) == (64, (32, 32), 64)
+    assert TrainConfig.for_data("digits", batch_size=8).batch_size == 8  # given flags win
+    with pytest.raises(ValueError, match="unknown dataset 'digitz'"):
+        TrainConfig.for_data("digitz")
+
+
 def test_bad_config_keys() -> None:
     with pytest.raises(ValueError, match=r"unknown config keys \['lerning_rate'\]"):
         TrainConfig.from_dict({"lerning_rate": 1.0})

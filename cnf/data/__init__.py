@@ -19,7 +19,8 @@ from cnf.data.toy import TOY, ToyDensity
 
 
 class Dataset(Protocol):
-    """What the trainer needs of a dataset."""
+    """What the trainer needs of a dataset. A dataset may also have ``to(device)``, returning
+    itself with its training data moved there once (the image sets do); the trainer calls it."""
 
     name: str
     kind: str  # "toy", "tabular" or "image": picks the model builder
@@ -40,6 +41,7 @@ class DatasetInfo:
     dim: int
     truth: bool
     note: str = ""
+    options: tuple[str, ...] | None = None  # the factory's keyword options (None: not checked)
 
 
 class ToyData:
@@ -83,19 +85,11 @@ class ToyData:
         return {"name": self.name, "kind": self.kind, "event_shape": list(self.event_shape)}
 
 
-def _toy(density: ToyDensity, seed: int = 0, n_val: int = 2000, **options: Any) -> ToyData:
-    if options:
-        raise ValueError(
-            f"{density.name} is a toy density: the options {sorted(options)} are for tabular data"
-        )
-    return ToyData(density, seed, n_val)
-
-
 # name -> (factory(seed, **options) -> Dataset, info)
 REGISTRY: dict[str, tuple[Callable[..., Dataset], DatasetInfo]] = {
     name: (
-        lambda seed=0, _d=density, **kw: _toy(_d, seed, **kw),
-        DatasetInfo(name, "toy", 2, density.has_truth, "FFJORD toy density"),
+        lambda seed=0, _d=density, **kw: ToyData(_d, seed, **kw),
+        DatasetInfo(name, "toy", 2, density.has_truth, "FFJORD toy density", ("n_val",)),
     )
     for name, density in TOY.items()
 }
@@ -111,6 +105,23 @@ def list_datasets() -> list[DatasetInfo]:
     return [info for _, info in REGISTRY.values()]
 
 
+def dataset_kind(name: str) -> str:
+    """The kind ("toy", "tabular", "image") of a dataset name or path; unknown names list the
+    valid ones."""
+    if name not in REGISTRY and tabular.looks_like_path(name):
+        return "tabular"
+    if name not in REGISTRY:
+        raise ValueError(_unknown(name))
+    return REGISTRY[name][1].kind
+
+
+def _unknown(name: str) -> str:
+    return (
+        f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}, or a path to a "
+        ".csv/.npy/.npz file or a MAF dataset directory"
+    )
+
+
 def get_dataset(name: str, *, seed: int = 0, **options: Any) -> Dataset:
     """The dataset called ``name``, seeded; unknown names list the valid ones. A path to a
     ``.csv``/``.npy``/``.npz`` file or a MAF directory loads tabular data (see
@@ -118,12 +129,16 @@ def get_dataset(name: str, *, seed: int = 0, **options: Any) -> Dataset:
     if name not in REGISTRY and tabular.looks_like_path(name):
         return tabular.from_file(name, seed=seed, **options)
     if name not in REGISTRY:
+        raise ValueError(_unknown(name))
+    factory, info = REGISTRY[name]
+    unknown = sorted(set(options) - set(info.options or options))
+    if unknown:
         raise ValueError(
-            f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}, or a path to "
-            "a .csv/.npy/.npz file"
+            f"dataset {name!r} ({info.kind} data) takes no option {', '.join(map(repr, unknown))}; "
+            f"its options: "
+            f"{list(info.options or ())}"
         )
-    factory, _ = REGISTRY[name]
     return factory(seed=seed, **options)
 
 
-from cnf.data import tabular  # noqa: E402  (registers the tabular sets; needs the names above)
+from cnf.data import images, tabular  # noqa: E402, F401  register the image and tabular sets

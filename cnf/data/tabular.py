@@ -329,6 +329,9 @@ class TabularData:
         }  # fmt: skip
 
 
+TABLE_OPTIONS = ("columns", "val_fraction", "test_fraction", "dequantize", "drop_nan")
+
+
 def from_table(
     table: Table,
     name: str,
@@ -611,6 +614,6 @@ def maf(
 
 for _name, (_dim, _note) in BUNDLED.items():
     register(
-        DatasetInfo(_name, "tabular", _dim, False, _note),
+        DatasetInfo(_name, "tabular", _dim, False, _note, TABLE_OPTIONS),
         lambda seed=0, _n=_name, **kw: bundled(_n, seed=seed, **kw),
     )

@@ -1,0 +1,339 @@
+r"""Image datasets: sklearn's 8x8 digits (bundled), Fashion-MNIST, MNIST and CIFAR-10 from files.
+
+Every dataset yields *dequantized* pixel values: the integers ``0..levels-1`` plus uniform noise
+in ``[0, 1)`` (:meth:`cnf.transforms.Dequantization.noise`), shaped ``(n, C, H, W)``. Training
+batches draw fresh noise as a function of ``(seed, iteration)``; the validation and test sets are
+dequantized once, with fixed noise, so evaluations repeat exactly.
+
+Nothing is downloaded. The files are read from ``data_dir`` (``cnf train --data-dir DIR``):
+
+* ``fashion-mnist``: the IDX files ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte``
+  (optionally ``.gz``); by default from ``/usr/share/datasets/fashion-mnist``, where Debian's
+  ``dataset-fashion-mnist`` package puts them.
+* ``mnist``: the same IDX files of MNIST.
+* ``cifar10``: the ``cifar-10-batches-py`` directory (``data_batch_1`` .. ``data_batch_5``,
+  ``test_batch``), read with an unpickler that builds numpy arrays and nothing else.
+
+Splits: digits, a fixed permutation into 1257 training, 180 validation and 360 test images; the
+others, the official test set, and a fixed 5000 training images held out for validation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import pickle
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cnf.data import DatasetInfo, register
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IDX_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
+CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+
+HOW_TO_GET = {
+    "fashion-mnist": (
+        "install Debian's package (sudo apt-get install dataset-fashion-mnist, which puts them in "
+        f"{FASHION_MNIST_DIR}) or download train-images-idx3-ubyte.gz and "
+        "t10k-images-idx3-ubyte.gz from https://github.com/zalandoresearch/fashion-mnist "
+        "(data/fashion) into a directory and pass --data-dir DIR"
+    ),
+    "mnist": (
+        "download train-images-idx3-ubyte.gz and t10k-images-idx3-ubyte.gz from "
+        "https://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/"
+        "mnist/) into a directory and pass --data-dir DIR"
+    ),
+    "cifar10": (
+        "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extract it "
+        "(tar xzf cifar-10-python.tar.gz) and pass --data-dir .../cifar-10-batches-py"
+    ),
+}
+
+
+class ImageData:
+    """An image dataset of ``levels``-valued pixels, served dequantized.
+
+    Arguments:
+        name: the registry name.
+        train: the training images, integers of shape ``(N, C, H, W)`` (validation included).
+        test: the test images, same layout.
+        levels: the number of pixel values (256 for 8-bit images).
+        seed: the run's seed: training batches and the dequantization noise depend on it.
+        n_val: training images held out for validation (a fixed choice, whatever the seed).
+        source: where the images came from (recorded in :meth:`meta`).
+    """
+
+    kind = "image"
+
+    def __init__(
+        self,
+        name: str,
+        train: np.ndarray,
+        test: np.ndarray,
+        levels: int,
+        *,
+        seed: int = 0,
+        n_val: int = 5000,
+        source: str = "",
+    ) -> None:
+        if not isinstance(n_val, int) or not 0 < n_val < len(train):
+            raise ValueError(
+                f"n_val must be a positive integer below the {len(train)} training images, "
+                f"got {n_val!r}"
+            )
+        if not isinstance(levels, int) or not 2 <= levels <= 256:
+            raise ValueError(f"levels must be an integer in 2..256 (uint8 pixels), got {levels!r}")
+        for part, images in (("train", train), ("test", test)):
+            _check_images(name, part, images, levels, train.shape[1:])
+        order = np.random.default_rng(0).permutation(len(train))
+        self.name, self.levels, self.seed, self.source = name, levels, seed, source
+        self.event_shape: tuple[int, ...] = tuple(int(d) for d in train.shape[1:])
+        self.pixels = torch.from_numpy(train[order[n_val:]].astype(np.uint8))
+        self._val_pixels = torch.from_numpy(train[order[:n_val]].astype(np.uint8))
+        self._test_pixels = torch.from_numpy(test.astype(np.uint8))
+        self._epoch: tuple[int, Tensor] | None = None
+
+    def to(self, device: torch.device | str) -> ImageData:
+        """Keep the training images on ``device`` (one copy; batches are then cut and dequantized
+        there). Returns ``self``."""
+        self.pixels = self.pixels.to(device)
+        self._epoch = None
+        return self
+
+    def train_batch(self, batch_size: int, iteration: int) -> Tensor:
+        """Images ``(iteration - 1) * batch_size ...`` of a stream of seeded epoch permutations,
+        dequantized with noise seeded by ``(seed, iteration)`` (float32, on the data's device).
+
+        The noise is drawn by a generator on that device: a run repeats exactly on the same kind
+        of device, not across CPU and GPU."""
+        start = (iteration - 1) * batch_size
+        idx = torch.cat([self._order(epoch) for epoch in range(start // len(self.pixels),
+                         (start + batch_size - 1) // len(self.pixels) + 1)])  # fmt: skip
+        offset = start % len(self.pixels)
+        rows = idx[offset : offset + batch_size].to(self.pixels.device)
+        gen = _generator(self.pixels.device, self.seed, 11, iteration)
+        return _dequantize(self.pixels[rows], gen)
+
+    def _order(self, epoch: int) -> Tensor:
+        if self._epoch is None or self._epoch[0] != epoch:
+            perm = np.random.default_rng([self.seed, 10, epoch]).permutation(len(self.pixels))
+            self._epoch = (epoch, torch.as_tensor(perm))
+        return self._epoch[1]
+
+    @cached_property
+    def _validation(self) -> Tensor:
+        return _dequantize(self._val_pixels, _generator("cpu", self.seed, 12, 0))
+
+    def validation(self) -> Tensor:
+        """The held-out training images, dequantized once (float32, CPU)."""
+        return self._validation
+
+    @cached_property
+    def _test(self) -> Tensor:
+        return _dequantize(self._test_pixels, _generator("cpu", self.seed, 13, 0))
+
+    def test(self, n: int | None = None) -> Tensor:
+        """The first ``n`` test images (all of them when ``n`` is ``None`` or larger), dequantized
+        with fixed noise (float32, CPU)."""
+        return self._test if n is None else self._test[:n]
+
+    def meta(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "event_shape": list(self.event_shape),
+                "levels": self.levels, "source": self.source}  # fmt: skip
+
+
+def _check_images(name: str, part: str, images: np.ndarray, levels: int, shape: tuple) -> None:
+    if images.ndim != 4 or images.shape[1:] != shape or len(images) == 0:
+        raise ValueError(f"{name}: {part} images have shape {images.shape}, expected (N, *{shape})")
+    if not np.issubdtype(images.dtype, np.integer) or images.min() < 0 or images.max() >= levels:
+        raise ValueError(
+            f"{name}: {part} images must hold integers 0..{levels - 1}, got {images.dtype} in "
+            f"[{images.min()}, {images.max()}]"
+        )
+
+
+def _generator(device: torch.device | str, seed: int, stream: int, index: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, stream, index]).generate_state(1)[0]))
+    return g
+
+
+def _dequantize(pixels: Tensor, generator: torch.Generator) -> Tensor:
+    u = torch.rand(pixels.shape, generator=generator, device=pixels.device)
+    return pixels.float() + u
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (the MNIST format; ``.gz`` read transparently) as an array.
+
+    Raises:
+        ValueError: the file is not an unsigned-byte IDX file or is truncated.
+    """
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise ValueError(
+            f"{path} is not an IDX file of unsigned bytes (header {raw[:4].hex() or 'empty'}; "
+            "expected 000008 and a rank of 1 to 4): replace it with the original file"
+        )
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
+    body = raw[4 + 4 * ndim :]
+    if len(body) != math.prod(shape):
+        raise ValueError(
+            f"{path} is truncated or corrupt: its header promises {shape} = {math.prod(shape)} "
+            f"bytes of pixels, it holds {len(body)}; download it again"
+        )
+    return np.frombuffer(body, np.uint8).reshape(shape)
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def load_idx_pair(name: str, data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The training and test images of an MNIST-style dataset, as ``(N, 1, 28, 28)`` uint8."""
+    directory = Path(data_dir)
+    paths = [_find(directory, stem) for stem in IDX_FILES]
+    if not directory.is_dir() or None in paths:
+        missing = [s for s, p in zip(IDX_FILES, paths, strict=True) if p is None]
+        raise FileNotFoundError(
+            f"{name}: no {' and '.join(f'{m}[.gz]' for m in missing)} in {directory}"
+            f"{'' if directory.is_dir() else ' (no such directory)'}; {HOW_TO_GET[name]}"
+        )
+    train, test = (read_idx(p) for p in paths)
+    for path, images in zip(paths, (train, test), strict=True):
+        if images.ndim != 3:
+            raise ValueError(f"{path} holds an array of shape {images.shape}, not images (N, H, W)")
+    return train[:, None], test[:, None]
+
+
+class _NumpyOnly(pickle.Unpickler):
+    """Rebuilds dicts, lists, strings and numpy arrays; any other global is refused, so a file
+    posing as a CIFAR batch cannot run code (plain ``pickle.load`` would)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _numpy_globals()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refused to load global {module}.{name}")
+        return allowed[(module, name)]
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric
+    import codecs
+
+    found = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # bytes pickled by Python 3 at protocol 2
+    }
+    for core in ("numpy.core", "numpy._core"):  # files name either, whatever numpy wrote them
+        found[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        found[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    return found
+
+
+def read_cifar_batch(path: str | Path) -> np.ndarray:
+    """One CIFAR-10 python batch as ``(N, 3, 32, 32)`` uint8 images."""
+    path = Path(path)
+    try:
+        batch = _NumpyOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"{path} is not a CIFAR-10 python batch ({type(err).__name__}: {err}); replace it "
+            "with the original file"
+        ) from err
+    data = batch.get("data", batch.get(b"data")) if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(
+            f"{path} is not a CIFAR-10 python batch: expected a dict with 'data' of shape "
+            f"(N, 3072), got {type(batch).__name__}"
+        )
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+
+
+def load_cifar10(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The 50,000 training and 10,000 test images of CIFAR-10, ``(N, 3, 32, 32)`` uint8."""
+    directory = Path(data_dir)
+    missing = [f for f in CIFAR_FILES if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"cifar10: no {', '.join(missing)} in {directory}"
+            f"{'' if directory.is_dir() else ' (no such directory)'}; {HOW_TO_GET['cifar10']}"
+        )
+    train = np.concatenate([read_cifar_batch(directory / f) for f in CIFAR_FILES[:-1]])
+    return train, read_cifar_batch(directory / CIFAR_FILES[-1])
+
+
+# --- the registered datasets -----------------------------------------------------------------
+
+
+def digits(seed: int = 0, n_val: int = 180) -> ImageData:
+    """sklearn's 1797 8x8 handwritten digits, pixel values 0..16 (17 levels)."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    order = np.random.default_rng(0).permutation(len(images))
+    test, train = images[order[:360]], images[order[360:]]
+    return ImageData("digits", train, test, 17, seed=seed, n_val=n_val, source="sklearn")
+
+
+def _required(name: str, data_dir: str | Path | None) -> Path:
+    if data_dir is None:
+        raise FileNotFoundError(
+            f"{name} is read from files: pass --data-dir DIR; {HOW_TO_GET[name]}"
+        )
+    return Path(data_dir).expanduser()
+
+
+def fashion_mnist(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000):
+    """Fashion-MNIST, 28x28 grey levels (256), from IDX files."""
+    directory = Path(data_dir or FASHION_MNIST_DIR).expanduser()
+    train, test = load_idx_pair("fashion-mnist", directory)
+    return ImageData("fashion-mnist", train, test, 256, seed=seed, n_val=n_val,
+                     source=str(directory.resolve()))  # fmt: skip
+
+
+def mnist(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000) -> ImageData:
+    """MNIST, 28x28 grey levels (256), from IDX files."""
+    directory = _required("mnist", data_dir)
+    train, test = load_idx_pair("mnist", directory)
+    return ImageData("mnist", train, test, 256, seed=seed, n_val=n_val,
+                     source=str(directory.resolve()))  # fmt: skip
+
+
+def cifar10(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000) -> ImageData:
+    """CIFAR-10, 3x32x32 colour images (256 levels), from the python batches."""
+    directory = _required("cifar10", data_dir)
+    train, test = load_cifar10(directory)
+    return ImageData("cifar10", train, test, 256, seed=seed, n_val=n_val,
+                     source=str(directory.resolve()))  # fmt: skip
+
+
+register(DatasetInfo("digits", "image", 64, False, "sklearn 8x8 digits, 17 levels (bundled)",
+                     ("n_val",)), digits)  # fmt: skip
+register(DatasetInfo("fashion-mnist", "image", 784, False,
+                     f"28x28, 256 levels; IDX files (default {FASHION_MNIST_DIR})",
+                     ("data_dir", "n_val")), fashion_mnist)  # fmt: skip
+register(DatasetInfo("mnist", "image", 784, False, "28x28, 256 levels; IDX files (--data-dir)",
+                     ("data_dir", "n_val")), mnist)  # fmt: skip
+register(DatasetInfo("cifar10", "image", 3072, False,
+                     "3x32x32, 256 levels; python batches (--data-dir)",
+                     ("data_dir", "n_val")), cifar10)  # fmt: skip

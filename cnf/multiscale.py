@@ -1,0 +1,338 @@
+r"""Multiscale CNFs for images, in the manner of FFJORD's (after RealNVP's multiscale design).
+
+The data are dequantized pixel values :math:`x \in [0, L)^{C \times H \times W}` (integers plus
+uniform noise, see :class:`~cnf.transforms.Dequantization`). The map to the latent is
+
+1. :math:`y = x / L` (log-det :math:`-D \log L`), then the logit transform
+   :math:`\mathrm{logit}(\alpha + (1 - 2\alpha) y)` (or :math:`y - 1/2` with ``alpha=0``);
+2. per scale: ``blocks`` CNFs with convolutional fields at the current size; unless it is the
+   last scale, a squeeze ``(c, h, w) -> (4c, h/2, w/2)``, ``blocks`` more CNFs, and half of the
+   channels factored out (they go straight to the base distribution);
+3. the factored-out halves and the last scale's output reassembled (by the inverse squeezes) into
+   a latent :math:`z` of the data's own shape, with base :math:`\mathcal{N}(0, I)`.
+
+Every step is a bijection with an exact log-determinant (the CNFs' up to the trace estimator), so
+
+.. math:: \log p(x) = \log \mathcal{N}(z; 0, I) - D \log L + \log\lvert\det J_{\rm logit}\rvert
+    + \sum_{\rm blocks} \int_0^T \mathrm{Tr}\,\frac{\partial f}{\partial z}\,dt,
+
+the density of :math:`x` in integer pixel units. Its NLL in bits per dimension is
+:math:`-\log p(x) / (D \log 2)` (:func:`cnf.evaluate.bits_per_dim`).
+
+References:
+    Grathwohl et al., "FFJORD", ICLR 2019 (arXiv:1810.01367), ``lib/layers/odenvp.py``.
+    Dinh et al., "Density estimation using Real NVP", ICLR 2017 (arXiv:1605.08803).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cnf.fields import ConvField
+from cnf.flow import CNF, FlowResult
+from cnf.solvers import NFE, Solver
+from cnf.transforms import Center, Dequantization, Logit, squeeze, unsqueeze
+
+
+def max_scales(height: int, width: int) -> int:
+    """FFJORD's number of scales: one per halving while the image is at least 4x4 (3 for 28x28
+    and 32x32, 2 for 8x8)."""
+    n = 0
+    while height >= 4 and width >= 4:
+        n, height, width = n + 1, height // 2, width // 2
+    return n
+
+
+class _Scale(nn.Module):
+    """The CNFs of one scale: ``pre`` at the incoming size, ``post`` after the squeeze (empty
+    on the last scale, which neither squeezes nor factors out)."""
+
+    def __init__(self, pre: list[CNF], post: list[CNF]) -> None:
+        super().__init__()
+        self.pre, self.post = nn.ModuleList(pre), nn.ModuleList(post)
+
+    @property
+    def squeezes(self) -> bool:
+        return len(self.post) > 0
+
+
+class _Sum:
+    """Adds up the log-determinant and regularizers of the steps of one pass."""
+
+    def __init__(self, logdet: Tensor) -> None:
+        self.logdet, self.kinetic, self.jacobian = logdet, None, None
+
+    def add(self, out: FlowResult) -> Tensor:
+        self.logdet = self.logdet + out.logdet
+        if out.kinetic is not None:
+            self.kinetic = out.kinetic if self.kinetic is None else self.kinetic + out.kinetic
+            self.jacobian = out.jacobian if self.jacobian is None else self.jacobian + out.jacobian
+        return out.value
+
+
+class MultiscaleCNF(nn.Module):
+    """A multiscale continuous normalizing flow on images of dequantized pixels.
+
+    Arguments:
+        event_shape: the image shape ``(C, H, W)``; ``H`` and ``W`` must halve ``scales - 1``
+            times.
+        levels: the number of pixel values ``L`` (256 for 8-bit images).
+        scales: the number of scales; ``None`` for FFJORD's rule (:func:`max_scales`).
+        blocks: CNFs per stage (FFJORD's ``--num_blocks``): each scale but the last runs
+            ``blocks`` CNFs, squeezes, and runs ``blocks`` more.
+        alpha: the logit transform's ``alpha`` (FFJORD: ``1e-6``); 0 replaces the logit by
+            ``y - 1/2``, as FFJORD does.
+        hidden, layer, activation: the convolutional field of every block
+            (:class:`~cnf.fields.ConvField`).
+        trace, noise: the trace estimator (Hutchinson with Rademacher probes by default).
+        **block_options: passed to every :class:`~cnf.flow.CNF` block: ``T``, ``learn_T``,
+            ``method``, ``atol``, ``rtol``, ``step_size``, ``adjoint``, ``seminorm``,
+            ``max_nfe``, ``options``, ``eval_solver``.
+
+    Example:
+        >>> flow = MultiscaleCNF((1, 8, 8), levels=17, blocks=1, hidden=(8,),
+        ...                      method="rk4", step_size=0.5)
+        >>> x = flow.sample(3)
+        >>> x.shape, flow.log_prob(x).shape
+        (torch.Size([3, 1, 8, 8]), torch.Size([3]))
+    """
+
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        *,
+        levels: int = 256,
+        scales: int | None = None,
+        blocks: int = 2,
+        alpha: float = 1e-6,
+        hidden: Sequence[int] = (64, 64, 64),
+        layer: str = "concatsquash",
+        activation: str = "softplus",
+        trace: str = "hutchinson",
+        noise: str = "rademacher",
+        **block_options: Any,
+    ) -> None:
+        super().__init__()
+        self.event_shape = _image_shape(event_shape)
+        channels, height, width = self.event_shape
+        self.dim = math.prod(self.event_shape)
+        scales = _check_scales(scales, height, width)
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or blocks < 1:
+            raise ValueError(f"blocks must be a positive integer (CNFs per stage), got {blocks!r}")
+        self.levels = levels
+        self.dequantization = Dequantization(levels)
+        self.squash = Logit(alpha) if alpha else Center()
+
+        def cnfs(c: int, h: int, w: int) -> list[CNF]:
+            field = dict(hidden=hidden, layer=layer, activation=activation)
+            return [
+                CNF((c, h, w), ConvField(c, **field), trace=trace, noise=noise, **block_options)
+                for _ in range(blocks)
+            ]
+
+        stages = []
+        c, h, w = channels, height, width
+        for i in range(scales):
+            last = i == scales - 1
+            stages.append(_Scale(cnfs(c, h, w), [] if last else cnfs(4 * c, h // 2, w // 2)))
+            c, h, w = 2 * c, h // 2, w // 2
+        self.scales = nn.ModuleList(stages)
+
+    def extra_repr(self) -> str:
+        first = self.blocks[0]
+        return (
+            f"event_shape={self.event_shape}, levels={self.levels}, scales={len(self.scales)}, "
+            f"blocks={len(self.blocks)}, trace={first.estimator.name!r}, "
+            f"solver={first.solver.describe()}, eval_solver={first.eval_solver.describe()}"
+        )
+
+    @property
+    def blocks(self) -> list[CNF]:
+        """Every CNF block, in the order data meet them."""
+        return [b for s in self.scales for b in (*s.pre, *s.post)]
+
+    @property
+    def nfe(self) -> NFE:
+        """Function evaluations of the latest pass, summed over the blocks (``backward`` fills in
+        after ``.backward()`` under the adjoint)."""
+        counts = [b.nfe for b in self.blocks]
+        return NFE(sum(c.forward for c in counts), sum(c.backward for c in counts))
+
+    # --- densities ------------------------------------------------------------------------
+
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        """``log N(z; 0, I)`` summed over the image."""
+        flat = z.reshape(z.shape[0], -1)
+        return -0.5 * (flat.square().sum(1) + self.dim * math.log(2 * math.pi))
+
+    def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """``log p(x)`` per image, in integer pixel units. Keywords as in :meth:`to_latent`."""
+        out = self.to_latent(x, **kwargs)
+        return self.base_log_prob(out.value) + out.logdet
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        return self.log_prob(x, **kwargs)
+
+    def sample(
+        self, n: int, *, generator: torch.Generator | None = None, solver: Solver | None = None
+    ) -> Tensor:
+        """``n`` images of continuous pixel values (no traces integrated); ``quantize`` them
+        with ``self.dequantization.quantize``."""
+        return self._decode(self._base_noise(n, generator), solver=solver, logdet=False).value
+
+    def sample_and_log_prob(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        solver: Solver | None = None,
+        trace: str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``n`` images with their log-density ``log N(z) - log|det dx/dz|``."""
+        z = self._base_noise(n, generator)
+        out = self._decode(z, solver=solver, trace=trace, generator=generator)
+        return out.value, self.base_log_prob(z) - out.logdet
+
+    # --- maps -----------------------------------------------------------------------------
+
+    def to_latent(
+        self,
+        x: Tensor,
+        *,
+        solver: Solver | None = None,
+        trace: str | None = None,
+        generator: torch.Generator | None = None,
+        regularize: bool = False,
+    ) -> FlowResult:
+        """Map images to latents of the same shape; ``logdet = log|det dz/dx|`` summed over every
+        step, ``kinetic`` and ``jacobian`` over every block (with ``regularize``).
+
+        Keywords as in :meth:`cnf.CNF.to_latent`; ``generator`` draws every block's probe.
+        """
+        x = self.check_input(x, "x")
+        y, logdet = self.dequantization(x)
+        self._check_domain(y)
+        y, ld = self.squash(y)
+        acc = _Sum(logdet + ld)
+        kw = dict(solver=solver, trace=trace, generator=generator, regularize=regularize)
+        factored = []
+        for scale in self.scales:
+            for block in scale.pre:
+                y = acc.add(block.to_latent(y, **kw))
+            if scale.squeezes:
+                y = squeeze(y)
+                for block in scale.post:
+                    y = acc.add(block.to_latent(y, **kw))
+                y, out = y.chunk(2, 1)
+                factored.append(out)
+        for out in reversed(factored):
+            y = unsqueeze(torch.cat([y, out], 1))
+        return FlowResult(y, acc.logdet, acc.kinetic, acc.jacobian)
+
+    def to_data(
+        self,
+        z: Tensor,
+        *,
+        solver: Solver | None = None,
+        trace: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> FlowResult:
+        """Map latents to images; ``logdet = log|det dx/dz|``. Keywords as in :meth:`to_latent`."""
+        z = self.check_input(z, "z")
+        return self._decode(z, solver=solver, trace=trace, generator=generator)
+
+    def _decode(
+        self,
+        z: Tensor,
+        *,
+        solver: Solver | None = None,
+        trace: str | None = None,
+        generator: torch.Generator | None = None,
+        logdet: bool = True,
+    ) -> FlowResult:
+        factored, y = [], z
+        for _ in self.scales[:-1]:  # undo the reassembly: the halves each scale factored out
+            y, out = squeeze(y).chunk(2, 1)
+            factored.append(out)
+        acc = _Sum(z.new_zeros(z.shape[0]))
+
+        def invert(blocks: nn.ModuleList, y: Tensor) -> Tensor:
+            for block in reversed(blocks):
+                if logdet:
+                    y = acc.add(block.to_data(y, solver=solver, trace=trace, generator=generator))
+                else:
+                    times = block.times(y, reverse=True)
+                    y = block.integrate(block.dynamics, (y,), times, solver)[0][-1]
+            return y
+
+        for i in reversed(range(len(self.scales))):
+            scale = self.scales[i]
+            if scale.squeezes:
+                y = unsqueeze(invert(scale.post, torch.cat([y, factored[i]], 1)))
+            y = invert(scale.pre, y)
+        y, ld = self.squash.inverse(y)
+        x, ld2 = self.dequantization.inverse(y)
+        return FlowResult(x, acc.logdet + ld + ld2)
+
+    # --- checks ---------------------------------------------------------------------------
+
+    def _base_noise(self, n: int, generator: torch.Generator | None) -> Tensor:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive integer number of samples, got {n!r}")
+        like = self.blocks[0].log_T
+        return torch.randn((n, *self.event_shape), generator=generator, dtype=like.dtype,
+                           device=like.device)  # fmt: skip
+
+    def check_input(self, x: Tensor, name: str) -> Tensor:
+        """Validate a batch of images: shape ``(n, C, H, W)``, the model's dtype and device,
+        finite (see :meth:`cnf.CNF.check_input`)."""
+        return self.blocks[0].check_input(x, name)
+
+    def _check_domain(self, y: Tensor) -> None:
+        low, high = self.squash.domain()
+        if math.isinf(low):
+            return
+        lo, hi = torch.stack(torch.aminmax(y.detach())).tolist()  # one device sync per pass
+        if not (low < lo and hi < high):
+            L = self.levels
+            raise ValueError(
+                f"x has values in [{lo * L:.4g}, {hi * L:.4g}], outside the model's support "
+                f"({low * L:.4g}, {high * L:.4g}): the model takes dequantized pixel values, the "
+                f"integers 0..{L - 1} plus uniform noise in [0, 1) (Dequantization.noise); "
+                f"images scaled to [0, 1] must be multiplied by {L} first"
+            )
+
+
+def _image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(shape)
+    if len(shape) != 3 or any(not isinstance(d, int) or isinstance(d, bool) or d < 1
+                              for d in shape):  # fmt: skip
+        raise ValueError(f"event_shape must be an image shape (C, H, W), got {shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _check_scales(scales: int | None, height: int, width: int) -> int:
+    if scales is None or scales == 0:
+        return max(1, min(max_scales(height, width), _fitting_scales(height, width)))
+    if not isinstance(scales, int) or isinstance(scales, bool) or scales < 1:
+        raise ValueError(f"scales must be a positive integer or None (automatic), got {scales!r}")
+    factor = 2 ** (scales - 1)
+    if height % factor or width % factor:
+        raise ValueError(
+            f"{scales} scales squeeze {scales - 1} times, so the image's height and width must be "
+            f"multiples of {factor}, got {height}x{width}: use scales <= "
+            f"{_fitting_scales(height, width)}"
+        )
+    return scales
+
+
+def _fitting_scales(height: int, width: int) -> int:
+    n = 1
+    while height % 2 == 0 and width % 2 == 0:
+        n, height, width = n + 1, height // 2, width // 2
+    return n

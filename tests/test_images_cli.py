@@ -1,0 +1,115 @@
+"""Image models through the trainer and the shell: train, eval (bits/dim), sample (PNG grid)."""
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL
+
+from cnf.checkpoint import save_checkpoint
+from cnf.cli import main
+from cnf.data import get_dataset
+from cnf.train import TrainConfig, build_model, load_model
+
+# two scales of one block each on 8x8 digits, four rk4 steps: seconds on one core
+TINY = ["--iters", "24", "--batch-size", "64", "--eval-every", "12", "--hidden", "16,16",
+        "--blocks", "1", "--method", "rk4", "--step-size", "0.5", "--eval-method", "rk4",
+        "--eval-step-size", "0.5", "--lr", "5e-3", "--test-size", "100", "--threads", "1",
+        "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("images") / "digits"
+    assert main(["train", "--data", "digits", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_training_on_digits_lowers_the_loss(run: Path) -> None:
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    first = sum(r["nll"] for r in rows[:4]) / 4
+    last = sum(r["nll"] for r in rows[-4:]) / 4
+    assert last < first - 30  # nats per image: from about 300 to well below 200
+    assert rows[11]["val_bits_per_dim"] == pytest.approx(rows[11]["val_nll"] / (64 * math.log(2)))
+    report = json.loads((run / "report.json").read_text())
+    assert report["n"] == 100 and report["bits_per_dim"] < math.log2(17) + 0.5
+    assert (run / "samples.png").is_file()
+
+
+def test_eval_reports_bits_per_dim(run: Path, capsys) -> None:
+    assert main(["eval", str(run), "--n", "50", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 50
+    assert result["bits_per_dim"] == pytest.approx(result["nll"] / (64 * math.log(2)))
+    assert main(["eval", str(run), "--n", "50"]) == 0
+    assert "bits_per_dim" in capsys.readouterr().out
+
+
+def test_sample_png_grid_and_raw_npy(run: Path, tmp_path: Path) -> None:
+    grid = tmp_path / "grid.png"
+    assert main(["sample", str(run), "-n", "9", "-o", str(grid)]) == 0
+    image = matplotlib.image.imread(grid)
+    assert image.shape[:2] == (8 * (3 * 9 + 1), 8 * (3 * 9 + 1))  # 3x3 tiles, 8x zoom
+    assert main(["sample", str(run), "-n", "9", "-o", str(grid)]) == 1  # refuses to overwrite
+    raw = tmp_path / "raw.npy"
+    assert main(["sample", str(run), "-n", "6", "-o", str(raw), "--with-log-prob"]) == 0
+    table = np.load(raw)
+    assert table.shape == (6, 65) and np.isfinite(table).all()
+    assert (table[:, :64] != np.floor(table[:, :64])).any()  # raw, not quantized
+    model, _, _ = load_model(run)
+    with torch.no_grad():
+        x = torch.as_tensor(table[:, :64], dtype=torch.float32).reshape(6, 1, 8, 8)
+        assert model.log_prob(x).shape == (6,)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sample", "{run}", "-n", "4", "-o", "{tmp}/g.png", "--with-log-prob"],
+         "--with-log-prob needs a .npy or .csv output"),
+        (["sample", "{toy}", "-n", "4", "-o", "{tmp}/g.png"], "a .png grid is for image models"),
+        (["sample", "{run}", "-n", "4", "-o", "{tmp}/g.jpg"], "or .png (a grid of images)"),
+        (["eval", "{run}", "--data-dir", "{tmp}"],
+         "dataset 'digits' (image data) takes no option 'data_dir'"),
+        (["train", "--data", "mnist", "--out", "{tmp}/m", "--data-dir", "{tmp}/none"],
+         "mnist: no train-images-idx3-ubyte[.gz] and"),
+        (["train", "--data", "moons", "--out", "{tmp}/m", "--data-dir", "{tmp}"],
+         "'moons' (toy data) takes no option 'data_dir'"),
+        (["train", "--data", "digits", "--out", "{tmp}/m", "--scales", "5"],
+         "squeeze 4 times, so the image's height and width must be multiples of 16"),
+    ],
+)  # fmt: skip
+def test_errors_are_one_line(run: Path, tmp_path: Path, capsys, argv: list, message: str) -> None:
+    toy = tmp_path / "toy.pt"  # an untrained 2-D flow is enough to be refused a grid
+    cfg = TrainConfig(data="8gaussians", **SMALL)
+    meta = get_dataset("8gaussians").meta()
+    model = build_model(cfg, meta)
+    save_checkpoint(toy, {"config": cfg.to_dict(), "data": meta, "model": model.state_dict()})
+    argv = [a.format(tmp=tmp_path, run=run, toy=toy) for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("cnf ")
+
+
+def test_tf32_flag_can_be_turned_off(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    argv = ["train", "--data", "digits", "--out", str(out), *TINY, "--iters", "1", "--no-tf32"]
+    assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["tf32"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    assert main(["train", "--data", "digits", "--out", str(out), *TINY, "--device", "cuda"]) == 0
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    data = get_dataset("digits").to("cuda")
+    assert data.train_batch(8, 1).device.type == "cuda"
+    model, _, _ = load_model(out, "cuda")
+    with torch.no_grad():
+        assert model.sample(4).device.type == "cuda"
