@@ -5,6 +5,7 @@ from cnf.flow import CNF, FlowResult
 from cnf.multiscale import MultiscaleCNF
 from cnf.ode import ODEBlock
 from cnf.solvers import METHODS, NFE, Solver, SolverError
+from cnf.tabular import TabularCNF
 from cnf.trace import ExactTrace, HutchinsonTrace, make_trace
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ __all__ = [
     "CNF",
     "METHODS",
     "NFE",
+    "CNFDensity",
     "ConcatSquashLinear",
     "ConcatSquashMLP",
     "ConvField",
@@ -23,5 +25,15 @@ __all__ = [
     "ODEBlock",
     "Solver",
     "SolverError",
+    "TabularCNF",
     "make_trace",
 ]
+
+
+def __getattr__(name: str):
+    # scikit-learn is imported only when the estimator is used: `import cnf` stays light
+    if name == "CNFDensity":
+        from cnf.estimator import CNFDensity
+
+        return CNFDensity
+    raise AttributeError(f"module 'cnf' has no attribute {name!r}")

@@ -34,7 +34,7 @@ from cnf.train import TrainConfig, load_model, open_dataset, resolve_device, to_
 from cnf.validity import solver_validity
 
 HELP = {
-    "data": "dataset name (see `cnf datasets`)",
+    "data": "dataset name (see `cnf datasets`), a .csv/.npy/.npz file or a MAF data directory",
     "iters": "training iterations",
     "batch_size": "samples per iteration",
     "lr": "Adam learning rate (peak of the schedule)",
@@ -61,6 +61,13 @@ HELP = {
     "max_steps": "lower bound of the adapted step: T / max_steps",
     "validity_size": "test rows in the final solver-validity check",
     "test_size": "fresh test samples in the final report",
+    "preprocess": "tabular: fixed affine layer fitted on train: standardize, whiten or none",
+    "columns": "tabular: comma list of column names or 0-based indices to model",
+    "val_fraction": "tabular: fraction of rows for validation (seeded split)",
+    "test_fraction": "tabular: fraction of rows for the test set (seeded split)",
+    "dequantize": "tabular: add U[0,1) noise to integer-valued columns",
+    "drop_nan": "tabular: drop rows with NaN/inf instead of refusing them",
+    "patience": "stop after this many evaluations without a better validation NLL (0: off)",
     "data_dir": "directory of the dataset's files (mnist, fashion-mnist, cifar10)",
     "scales": "image models: number of scales (0: as many as the image size allows)",
     "blocks": "image models: CNF blocks per stage (before and after each squeeze)",
@@ -195,7 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        iters=given.get("iters"))  # fmt: skip
     else:
         cfg = TrainConfig.for_data(given.pop("data", TrainConfig.data), **given)
-        out = args.out or Path("runs") / cfg.data
+        out = args.out or Path("runs") / Path(cfg.data.split(".npz:")[0]).stem
         result = train(cfg, out, force=args.force, progress=not args.no_progress)
     if result.interrupted:
         return 128 + result.interrupted  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
@@ -205,8 +212,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    model, cfg, _ = load_model(args.run, resolve_device(args.device))
-    data = open_dataset(cfg, args.data_dir)
+    model, cfg, meta = load_model(args.run, resolve_device(args.device))
+    # the checkpoint's dataset name: a tabular file's absolute path, found from any directory
+    data = open_dataset(dataclasses.replace(cfg, data=meta["name"]), args.data_dir)
     p = next(model.parameters())
     x = to_tensor(data.test(args.n or cfg.test_size), p.device, p.dtype)
     result = evaluate(model, x, entropy=getattr(data, "entropy", None)).to_dict()
@@ -237,7 +245,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.output} exists: pass --force to overwrite it")
     if args.n < 1:
         raise ValueError(f"-n must be a positive number of samples, got {args.n}")
-    model, _, _ = load_model(args.run, resolve_device(args.device))
+    model, _, meta = load_model(args.run, resolve_device(args.device))
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     if suffix == ".png":
         return _sample_grid(model, args, gen)
@@ -253,7 +261,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         np.save(args.output, table)
     else:
         dims = table.shape[1] - args.with_log_prob
-        header = [f"x{i}" for i in range(dims)] + (["log_prob"] if args.with_log_prob else [])
+        names = meta.get("columns") or [f"x{i}" for i in range(dims)]
+        header = list(names) + (["log_prob"] if args.with_log_prob else [])
         np.savetxt(args.output, table, delimiter=",", header=",".join(header), comments="")
     print(f"wrote {len(table)} samples to {args.output}")
     return 0

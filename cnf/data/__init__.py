@@ -2,7 +2,8 @@
 
 A dataset gives the trainer deterministic batches (a function of the seed and the iteration, so
 an interrupted run resumes exactly), a fixed validation set and a test set. ``get_dataset`` turns a
-name into one; an unknown name lists the valid ones.
+name into one; an unknown name lists the valid ones. A path (a ``.csv``/``.npy``/``.npz`` file, or
+a MAF benchmark directory) is read as tabular data by :mod:`cnf.data.tabular`.
 """
 
 from __future__ import annotations
@@ -105,24 +106,39 @@ def list_datasets() -> list[DatasetInfo]:
 
 
 def dataset_kind(name: str) -> str:
-    """The kind ("toy", "tabular", "image") of a dataset name; unknown names list the valid ones."""
+    """The kind ("toy", "tabular", "image") of a dataset name or path; unknown names list the
+    valid ones."""
+    if name not in REGISTRY and tabular.looks_like_path(name):
+        return "tabular"
     if name not in REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(_unknown(name))
     return REGISTRY[name][1].kind
 
 
+def _unknown(name: str) -> str:
+    return (
+        f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}, or a path to a "
+        ".csv/.npy/.npz file or a MAF dataset directory"
+    )
+
+
 def get_dataset(name: str, *, seed: int = 0, **options: Any) -> Dataset:
-    """The dataset called ``name``, seeded; unknown names list the valid ones."""
+    """The dataset called ``name``, seeded; unknown names list the valid ones. A path to a
+    ``.csv``/``.npy``/``.npz`` file or a MAF directory loads tabular data (see
+    :mod:`cnf.data.tabular`)."""
+    if name not in REGISTRY and tabular.looks_like_path(name):
+        return tabular.from_file(name, seed=seed, **options)
     if name not in REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(_unknown(name))
     factory, info = REGISTRY[name]
     unknown = sorted(set(options) - set(info.options or options))
     if unknown:
         raise ValueError(
-            f"dataset {name!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+            f"dataset {name!r} ({info.kind} data) takes no option {', '.join(map(repr, unknown))}; "
+            f"its options: "
             f"{list(info.options or ())}"
         )
     return factory(seed=seed, **options)
 
 
-from cnf.data import images  # noqa: E402, F401  registers the image datasets
+from cnf.data import images, tabular  # noqa: E402, F401  register the image and tabular sets
