@@ -10,7 +10,8 @@ dequantized with U[0, 1) noise, once for the baselines' training rows and for va
 test, afresh every batch for the CNF). Every method standardizes with the training statistics
 and counts that map's log-det, so all NLLs are in the original units of the data:
 
-* cnf: ``cnf.train.train`` (the code of ``cnf train``) with the settings below, early stopping
+* cnf: ``cnf.train.train`` (the code of ``cnf train``) with ``cnf train``'s tabular settings
+  (``cnf.train.PRESETS["tabular"]``: ConcatSquash MLP 64-64, whitening, AdamW), early stopping
   on the validation NLL, the best checkpoint evaluated on the test split (exact trace);
 * GaussianMixture (full covariance): ``n_components`` chosen on the validation split;
 * KernelDensity (Gaussian kernel): bandwidth chosen on the validation split;
@@ -40,13 +41,6 @@ from cnf.train import TrainConfig, train
 DATASETS = ("breast_cancer", "wine", "digits-tabular")
 DEQUANTIZE = {"digits-tabular"}
 
-# CNF settings for small tables: with whitening the untrained model is the Gaussian fit, a small
-# field with weight decay and early stopping keeps it from memorizing a few hundred rows.
-CNF_SETTINGS = dict(
-    iters=2000, batch_size=256, lr=2e-3, weight_decay=1e-2, hidden=(64, 64), preprocess="whiten",
-    eval_every=25, patience=8, atol=1e-5, rtol=1e-5, eval_atol=1e-6, eval_rtol=1e-6,
-    test_size=100_000,
-)  # fmt: skip
 QUICK = dict(iters=30, eval_every=10, hidden=(16,), method="rk4", step_size=0.25,
              eval_method="rk4", eval_step_size=0.25)  # fmt: skip
 
@@ -102,8 +96,10 @@ def baselines(data, seed: int, quick: bool) -> dict[str, Result]:
 
 
 def fit_cnf(name: str, seed: int, quick: bool) -> Result:
-    settings = {**CNF_SETTINGS, **(QUICK if quick else {})}
-    cfg = TrainConfig(data=name, seed=seed, dequantize=name in DEQUANTIZE, **settings)
+    # cnf train's settings for tables (cnf.train.PRESETS["tabular"]), all test rows evaluated
+    cfg = TrainConfig.for_data(
+        name, seed=seed, dequantize=name in DEQUANTIZE, **(QUICK if quick else {})
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = train(cfg, f"{tmp}/run", progress=False)

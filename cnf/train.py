@@ -49,12 +49,19 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run; saved as ``config.json`` and inside every checkpoint."""
+    """Everything that defines a run; saved as ``config.json`` and inside every checkpoint.
+
+    The field defaults are the recipe for the 2-D toys (bench/bench_toy.py): rk4 with the
+    adapted step, lr 5e-3 on a cosine schedule, and RNODE's kinetic and Jacobian penalties at
+    0.01, which keep the field smooth, so the adapted step stays large (few NFE) and the sharp
+    densities (checkerboard) train to a lower KL in less time than without them. Other kinds of
+    data start from :data:`PRESETS`.
+    """
 
     data: str = "8gaussians"
     iters: int = 3000
     batch_size: int = 512
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     schedule: str = "cosine"
     grad_clip: float = 5.0
@@ -86,8 +93,8 @@ class TrainConfig:
     adapt_every: int = 50
     adapt_threshold: float = 0.005
     max_steps: int = 500
-    kinetic: float = 0.0
-    jacobian: float = 0.0
+    kinetic: float = 0.01
+    jacobian: float = 0.01
     # evaluation solver
     eval_method: str = "dopri5"
     eval_atol: float = 1e-7
@@ -200,6 +207,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_rtol=1e-5,
         eval_every=500,
         validity_size=64,
+        kinetic=0.0,
+        jacobian=0.0,
     ),
     # small tables (a few hundred rows): whitening makes the untrained flow the Gaussian fit; a
     # small field with weight decay and early stopping keeps it from memorizing the rows
