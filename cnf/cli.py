@@ -30,7 +30,15 @@ from cnf.checkpoint import CheckpointError
 from cnf.data import list_datasets
 from cnf.evaluate import evaluate
 from cnf.solvers import SolverError
-from cnf.train import TrainConfig, load_model, open_dataset, resolve_device, to_tensor, train
+from cnf.train import (
+    PRESETS,
+    TrainConfig,
+    load_model,
+    open_dataset,
+    resolve_device,
+    to_tensor,
+    train,
+)
 from cnf.validity import solver_validity
 
 HELP = {
@@ -100,6 +108,10 @@ def _hidden(text: str) -> tuple[int, ...]:
     return widths
 
 
+def _flag_text(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "extra":
@@ -120,7 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnf", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a flow", description="Train a flow on a dataset.")
+    presets = "; ".join(
+        f"{kind}: "
+        + ", ".join(f"--{k.replace('_', '-')} {_flag_text(v)}" for k, v in preset.items())
+        for kind, preset in PRESETS.items()
+    )
+    p = sub.add_parser(
+        "train",
+        help="train a flow",
+        description="Train a flow on a dataset.",
+        epilog=f"The defaults shown are those of the 2-D toys; other kinds of data change some "
+        f"of them (flags given still win). {presets}.",
+    )
     p.add_argument("--out", type=Path, help="run directory (default: runs/DATA)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
