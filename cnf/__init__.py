@@ -1,7 +1,7 @@
 """cnf: continuous normalizing flows for PyTorch."""
 
 from cnf.fields import ConcatSquashLinear, ConcatSquashMLP, ConvField
-from cnf.flow import CNF, FlowResult
+from cnf.flow import CNF, Flow, FlowResult
 from cnf.multiscale import MultiscaleCNF
 from cnf.ode import ODEBlock
 from cnf.solvers import METHODS, NFE, Solver, SolverError
@@ -19,6 +19,7 @@ __all__ = [
     "ConcatSquashMLP",
     "ConvField",
     "ExactTrace",
+    "Flow",
     "FlowResult",
     "HutchinsonTrace",
     "MultiscaleCNF",

@@ -79,7 +79,64 @@ class _JointDynamics:
         return out
 
 
-class CNF(ODEBlock):
+class Flow:
+    """What every flow of this package shares, over a subclass's maps ``to_latent`` (data to
+    latent, ``logdet = log|det dz/dx|``) and ``to_data`` (back): the standard normal base, the
+    density ``log p(x) = log N(z) + log|det dz/dx|``, calling the flow for ``log_prob``, and
+    sampling with or without the density. A subclass has ``dim`` and ``event_shape`` and names, in
+    ``_like()``, a tensor whose dtype and device the base noise takes."""
+
+    dim: int
+    event_shape: tuple[int, ...]
+
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        """``log N(z; 0, I)`` summed over the event dimensions."""
+        flat = z.reshape(z.shape[0], -1)
+        return -0.5 * (flat.square().sum(1) + self.dim * math.log(2 * math.pi))
+
+    def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """``log p(x)`` per sample: ``log N(z(T)) + log|det dz(T)/dx|``.
+
+        Keyword arguments (``solver``, ``trace``, ``generator``) are those of ``to_latent``.
+        """
+        out = self.to_latent(x, **kwargs)
+        return self.base_log_prob(out.value) + out.logdet
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        return self.log_prob(x, **kwargs)
+
+    def sample_and_log_prob(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        solver: Solver | None = None,
+        trace: str | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` samples with their log-density ``log N(z) - log|det dx/dz|``."""
+        z = self._base_noise(n, generator)
+        out = self.to_data(z, solver=solver, trace=trace, generator=generator)
+        return out.value, self.base_log_prob(z) - out.logdet
+
+    def _base_noise(self, n: int, generator: torch.Generator | None) -> Tensor:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive integer number of samples, got {n!r}")
+        like = self._like()
+        return torch.randn((n, *self.event_shape), generator=generator, dtype=like.dtype,
+                           device=like.device)  # fmt: skip
+
+    def _like(self) -> Tensor:
+        raise NotImplementedError
+
+    # implemented by subclasses
+    def to_latent(self, x: Tensor, **kwargs: Any) -> FlowResult:
+        raise NotImplementedError
+
+    def to_data(self, z: Tensor, **kwargs: Any) -> FlowResult:
+        raise NotImplementedError
+
+
+class CNF(Flow, ODEBlock):
     """A continuous normalizing flow with a standard normal base.
 
     Arguments:
@@ -146,41 +203,12 @@ class CNF(ODEBlock):
 
     # --- densities ------------------------------------------------------------------------
 
-    def base_log_prob(self, z: Tensor) -> Tensor:
-        """``log N(z; 0, I)`` summed over the event dimensions."""
-        flat = z.reshape(z.shape[0], -1)
-        return -0.5 * (flat.square().sum(1) + self.dim * math.log(2 * math.pi))
-
-    def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
-        """``log p(x)`` per sample: ``log N(z(T)) + log|det dz(T)/dx|``.
-
-        Keyword arguments (``solver``, ``trace``, ``generator``) are those of :meth:`to_latent`.
-        """
-        out = self.to_latent(x, **kwargs)
-        return self.base_log_prob(out.value) + out.logdet
-
-    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:  # type: ignore[override]
-        return self.log_prob(x, **kwargs)
-
     def sample(
         self, n: int, *, generator: torch.Generator | None = None, solver: Solver | None = None
     ) -> Tensor:
         """Draw ``n`` samples: base noise integrated from ``T`` back to 0 (no trace computed)."""
         z = self._base_noise(n, generator)
         return self.integrate(self.dynamics, (z,), self.times(z, reverse=True), solver)[0][-1]
-
-    def sample_and_log_prob(
-        self,
-        n: int,
-        *,
-        generator: torch.Generator | None = None,
-        solver: Solver | None = None,
-        trace: str | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Draw ``n`` samples with their log-density ``log N(z) - log|det dx/dz|``."""
-        z = self._base_noise(n, generator)
-        out = self.to_data(z, solver=solver, trace=trace, generator=generator)
-        return out.value, self.base_log_prob(z) - out.logdet
 
     # --- maps -----------------------------------------------------------------------------
 
@@ -231,13 +259,8 @@ class CNF(ODEBlock):
     def _last(result: FlowResult) -> FlowResult:
         return FlowResult(*(None if x is None else x[-1] for x in vars(result).values()))
 
-    def _base_noise(self, n: int, generator: torch.Generator | None) -> Tensor:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be a positive integer number of samples, got {n!r}")
-        return torch.randn(
-            (n, *self.event_shape), generator=generator, dtype=self.log_T.dtype,
-            device=self.log_T.device,
-        )  # fmt: skip
+    def _like(self) -> Tensor:
+        return self.log_T
 
     def check_input(self, x: Tensor, name: str) -> Tensor:
         """Validate a batch: a floating tensor of shape ``(n, *event_shape)`` on the flow's device

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from cnf.fields import ConvField
-from cnf.flow import CNF, FlowResult
+from cnf.flow import CNF, Flow, FlowResult
 from cnf.solvers import NFE, Solver
 from cnf.transforms import Center, Dequantization, Logit, squeeze, unsqueeze
 
@@ -75,8 +75,9 @@ class _Sum:
         return out.value
 
 
-class MultiscaleCNF(nn.Module):
-    """A multiscale continuous normalizing flow on images of dequantized pixels.
+class MultiscaleCNF(Flow, nn.Module):
+    """A multiscale continuous normalizing flow on images of dequantized pixels; ``log_prob`` is
+    the density in integer pixel units (its log-det includes the rescaling to ``[0, 1]``).
 
     Arguments:
         event_shape: the image shape ``(C, H, W)``; ``H`` and ``W`` must halve ``scales - 1``
@@ -165,38 +166,12 @@ class MultiscaleCNF(nn.Module):
 
     # --- densities ------------------------------------------------------------------------
 
-    def base_log_prob(self, z: Tensor) -> Tensor:
-        """``log N(z; 0, I)`` summed over the image."""
-        flat = z.reshape(z.shape[0], -1)
-        return -0.5 * (flat.square().sum(1) + self.dim * math.log(2 * math.pi))
-
-    def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
-        """``log p(x)`` per image, in integer pixel units. Keywords as in :meth:`to_latent`."""
-        out = self.to_latent(x, **kwargs)
-        return self.base_log_prob(out.value) + out.logdet
-
-    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
-        return self.log_prob(x, **kwargs)
-
     def sample(
         self, n: int, *, generator: torch.Generator | None = None, solver: Solver | None = None
     ) -> Tensor:
         """``n`` images of continuous pixel values (no traces integrated); ``quantize`` them
         with ``self.dequantization.quantize``."""
         return self._decode(self._base_noise(n, generator), solver=solver, logdet=False).value
-
-    def sample_and_log_prob(
-        self,
-        n: int,
-        *,
-        generator: torch.Generator | None = None,
-        solver: Solver | None = None,
-        trace: str | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """``n`` images with their log-density ``log N(z) - log|det dx/dz|``."""
-        z = self._base_noise(n, generator)
-        out = self._decode(z, solver=solver, trace=trace, generator=generator)
-        return out.value, self.base_log_prob(z) - out.logdet
 
     # --- maps -----------------------------------------------------------------------------
 
@@ -281,12 +256,8 @@ class MultiscaleCNF(nn.Module):
 
     # --- checks ---------------------------------------------------------------------------
 
-    def _base_noise(self, n: int, generator: torch.Generator | None) -> Tensor:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n must be a positive integer number of samples, got {n!r}")
-        like = self.blocks[0].log_T
-        return torch.randn((n, *self.event_shape), generator=generator, dtype=like.dtype,
-                           device=like.device)  # fmt: skip
+    def _like(self) -> Tensor:
+        return self.blocks[0].log_T
 
     def check_input(self, x: Tensor, name: str) -> Tensor:
         """Validate a batch of images: shape ``(n, C, H, W)``, the model's dtype and device,

@@ -1,7 +1,7 @@
 """Regenerate the flow animations in figures/: GIFs and their static companions for 2-D toys.
 
-    python examples/animate_flows.py --runs runs --train   # train missing runs (5-10 min each)
-    python examples/animate_flows.py --runs runs           # draw from existing runs/DATASET
+    python examples/animate_flows.py --runs runs --train   # train missing runs (4-9 min each)
+    python examples/animate_flows.py --runs runs/bench-toy # draw from bench/bench_toy.py's runs
 
 For each dataset this writes, from the run in RUNS/DATASET:
 
@@ -10,7 +10,7 @@ For each dataset this writes, from the run in RUNS/DATASET:
 * figures/density_times_DATASET.png: p_t at five times;
 
 and, for the first dataset, figures/flow_DATASET_density.gif (data flowing to noise, with the
-velocity field). Models are trained with accurate solvers (dopri5 at 1e-5), as `cnf train` would.
+velocity field). Missing models are trained as `cnf train --data DATASET` would (its defaults).
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from cnf.data import get_dataset
 from cnf.train import TrainConfig, configure_threads, load_model, train
 
 DATASETS = ("8gaussians", "checkerboard", "moons")
-# accurate training solvers; 5 to 10 minutes each on one CPU core
-TRAINING = dict(method="dopri5", atol=1e-5, rtol=1e-5)
-ITERS = {"checkerboard": 3000}  # its sharp edges take longer; the others get 1500
 FIGURES = Path(__file__).resolve().parent.parent / "figures"
 # small GIFs for the README: 48 frames at 64 dpi stay under 2 MB
 GIF = dict(frames=48, fps=12, dpi=64, particles=1200)
@@ -42,8 +39,8 @@ for i, name in enumerate(args.datasets):
     run = args.runs / name
     if not (run / "best.pt").is_file():
         if not args.train:
-            raise SystemExit(f"no trained run in {run}: pass --train to train it (about 5 min)")
-        train(TrainConfig(data=name, iters=ITERS.get(name, 1500), **TRAINING), run)
+            raise SystemExit(f"no trained run in {run}: pass --train to train it (4-9 min)")
+        train(TrainConfig.for_data(name), run)
     flow, cfg, _ = load_model(run)
     configure_threads(0, next(flow.parameters()).device, 2)
     data = get_dataset(name, seed=cfg.seed)
