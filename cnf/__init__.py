@@ -7,6 +7,7 @@ from cnf.ode import ODEBlock
 from cnf.solvers import METHODS, NFE, Solver, SolverError
 from cnf.tabular import TabularCNF
 from cnf.trace import ExactTrace, HutchinsonTrace, make_trace
+from cnf.validity import ValidityReport, solver_validity
 
 __version__ = "0.1.0"
 
@@ -27,7 +28,9 @@ __all__ = [
     "Solver",
     "SolverError",
     "TabularCNF",
+    "ValidityReport",
     "make_trace",
+    "solver_validity",
 ]
 
 
