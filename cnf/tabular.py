@@ -195,6 +195,6 @@ def build_tabular_cnf(cfg: TrainConfig, meta: dict[str, Any]) -> TabularCNF:
     return TabularCNF(
         dim, preprocess=cfg.preprocess, hidden=cfg.hidden, activation=cfg.activation,
         trace=cfg.trace, noise=cfg.noise, T=cfg.T, learn_T=cfg.learn_T, method=cfg.method,
-        atol=cfg.atol, rtol=cfg.rtol, step_size=cfg.step_size, adjoint=cfg.adjoint,
+        atol=cfg.atol, rtol=cfg.rtol, step_size=cfg.train_solver.step_size, adjoint=cfg.adjoint,
         max_nfe=cfg.max_nfe, eval_solver=cfg.eval_solver,
     )  # fmt: skip

@@ -258,7 +258,7 @@ def build_image_cnf(cfg: TrainConfig, meta: dict[str, Any]) -> nn.Module:
         blocks=cfg.blocks, alpha=cfg.alpha, hidden=cfg.hidden, layer=cfg.conv_layer,
         activation=cfg.activation, trace=cfg.trace, noise=cfg.noise, T=cfg.T,
         learn_T=cfg.learn_T, method=cfg.method, atol=cfg.atol, rtol=cfg.rtol,
-        step_size=cfg.step_size, adjoint=cfg.adjoint, max_nfe=cfg.max_nfe,
+        step_size=cfg.train_solver.step_size, adjoint=cfg.adjoint, max_nfe=cfg.max_nfe,
         eval_solver=cfg.eval_solver,
     )  # fmt: skip
 

@@ -124,9 +124,14 @@ def hairer_initial_step(
 
 def initial_step(model: nn.Module, x: Tensor, order: int, rtol: float, atol: float) -> float:
     """Hairer's starting step for the first block of ``model`` on the batch ``x``, in units of
-    integration time (the data and log-density state at t = 0)."""
+    integration time (the data and log-density state at t = 0), taken in the coordinates the
+    block sees (after a tabular model's normalizer). A field that is still zero on the batch
+    (a flow initialized at the identity) leaves Hairer's rule nothing to measure (it would
+    answer 1e-6); any step integrates it exactly, so the start is then ``T / 8`` and the
+    adaptation takes it from there."""
     block = blocks(model)[0]
     estimator = getattr(block, "estimator", None)
+    normalizer = getattr(model, "normalizer", None)
 
     def f(t: float, y: Tensor) -> Tensor:
         tt = torch.as_tensor(t, dtype=y.dtype, device=y.device)
@@ -135,7 +140,10 @@ def initial_step(model: nn.Module, x: Tensor, order: int, rtol: float, atol: flo
         return estimator(block.field, tt, y, estimator.probe(y)).value
 
     with torch.no_grad():
-        return hairer_initial_step(f, 0.0, x, order, rtol=rtol, atol=atol)
+        y = x if normalizer is None else normalizer(x)
+        if _rms(f(0.0, y) / (atol + y.abs() * rtol)) < 1e-5:
+            return float(block.T) / 8
+        return hairer_initial_step(f, 0.0, y, order, rtol=rtol, atol=atol)
 
 
 # --- adaptation ------------------------------------------------------------------------------

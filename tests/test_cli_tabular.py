@@ -30,6 +30,16 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
+def test_the_tabular_preset_trains_with_its_default_solver(tmp_path: Path) -> None:
+    # no --method or --step-size: rk4 with the adapted step, starting at T/8 (identity start)
+    out = tmp_path / "run"
+    flags = ["--iters", "4", "--eval-every", "2", "--hidden", "8", "--test-size", "40"]
+    assert main(["train", "--data", "iris", "--out", str(out), "--no-progress", *flags]) == 0
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert first["step_size"] == pytest.approx(1 / 8)
+    assert json.loads((out / "config.json").read_text())["preprocess"] == "whiten"
+
+
 def test_train_then_eval_on_the_same_test_split(run: Path, capsys) -> None:
     report = json.loads((run / "report.json").read_text())
     assert report["n"] == 57  # 10% of 569 rows, the seeded test split

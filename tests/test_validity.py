@@ -7,11 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL, LinearField
+from torch import Tensor
 
 from cnf import CNF, Solver
 from cnf.cli import main
+from cnf.tabular import TabularCNF
 from cnf.train import TrainConfig, train
-from cnf.validity import StepAdapter, checking_solver, hairer_initial_step, solver_validity
+from cnf.validity import (
+    StepAdapter,
+    checking_solver,
+    hairer_initial_step,
+    initial_step,
+    solver_validity,
+)
 
 
 def _decay(t, y):
@@ -191,6 +199,26 @@ def test_hairer_starts_fixed_step_training(tmp_path: Path) -> None:
     train(cfg, tmp_path / "run", progress=False)
     first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert 1 / 500 <= first["step_size"] < 1.0 and first["step_size"] != 1 / 8
+
+
+def test_initial_step_of_a_zero_field_is_T_over_8_and_uses_normalized_coordinates(float64) -> None:
+    x = torch.randn(200, 3, dtype=torch.float64) * torch.tensor([1.0, 50.0, 1000.0]) + 7.0
+    flow = TabularCNF(3, hidden=(8,), method="rk4", step_size=0.5, T=2.0).double()
+    flow.fit_preprocessing(x)
+    assert initial_step(flow, x, 4, rtol=1e-5, atol=1e-5) == pytest.approx(2.0 / 8)
+    for p in flow.field.layers[-1].parameters():  # a field that moves: Hairer's rule
+        torch.nn.init.normal_(p)
+    u = flow.normalizer(x)
+
+    def f(t: float, y: Tensor) -> Tensor:
+        return flow.estimator(
+            flow.field, torch.tensor(t, dtype=y.dtype), y, flow.estimator.probe(y)
+        ).value
+
+    with torch.no_grad():
+        expected = hairer_initial_step(f, 0.0, u, 4, rtol=1e-5, atol=1e-5)
+    got = initial_step(flow, x, 4, rtol=1e-5, atol=1e-5)
+    assert got == pytest.approx(expected) and got != pytest.approx(2.0 / 8)
 
 
 def test_eval_validity_json(tmp_path: Path, capsys) -> None:
