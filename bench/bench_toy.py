@@ -1,10 +1,10 @@
 """Toy-density quality: the default `cnf train` on each 2-D dataset, timed, with test NLL and KL.
 
-    python bench/bench_toy.py                       # all 8 datasets (about 80 minutes on 2 cores)
+    python bench/bench_toy.py                       # all 8 datasets (about 40 minutes on 2 cores)
     python bench/bench_toy.py --data 8gaussians checkerboard
 
 Each dataset runs `cnf train --data NAME` with the default configuration in a fresh process (rk4
-with Ott et al.'s step adaptation, exact trace, batch 512) and reports the training time, the test
+with Ott et al.'s step adaptation, exact trace, batch 512, lr 5e-3, RNODE penalties 0.01) and reports the training time, the test
 NLL on 20,000 fresh samples under the evaluation solver (dopri5 at atol = rtol = 1e-7), its
 standard error, the true entropy and KL = NLL - H where the density is known, and the solver
 validity verdict. Runs are kept in --runs for the figures (examples/toy_figures.py).
