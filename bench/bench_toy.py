@@ -4,10 +4,11 @@
     python bench/bench_toy.py --data 8gaussians checkerboard
 
 Each dataset runs `cnf train --data NAME` with the default configuration in a fresh process (rk4
-with Ott et al.'s step adaptation, exact trace, batch 512, lr 5e-3, RNODE penalties 0.01) and reports the training time, the test
-NLL on 20,000 fresh samples under the evaluation solver (dopri5 at atol = rtol = 1e-7), its
-standard error, the true entropy and KL = NLL - H where the density is known, and the solver
-validity verdict. Runs are kept in --runs for the figures (examples/toy_figures.py).
+with Ott et al.'s step adaptation, exact trace, batch 512, lr 5e-3, RNODE penalties 0.01) and
+reports the training time, the test NLL on 20,000 fresh samples under the evaluation solver
+(dopri5 at atol = rtol = 1e-7), its standard error, the true entropy and KL = NLL - H where the
+density is known, and the solver validity verdict. Runs are kept in --runs for the figures
+(examples/toy_figures.py).
 """
 
 from __future__ import annotations
