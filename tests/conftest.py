@@ -37,6 +37,17 @@ def _restore_threads():
 
 
 # A run small enough for tests: a few seconds on one CPU core.
+def cli_flags(**kw) -> list[str]:
+    """``cnf train`` flags for config values: ``hidden=(16, 16)`` -> ``--hidden 16,16``."""
+    flags = []
+    for k, v in kw.items():
+        flags += [
+            f"--{k.replace('_', '-')}",
+            ",".join(map(str, v)) if isinstance(v, tuple) else str(v),
+        ]
+    return flags
+
+
 SMALL = dict(
     iters=12, batch_size=64, eval_every=6, hidden=(16, 16), method="rk4", step_size=0.25,
     eval_method="rk4", eval_step_size=0.25, test_size=300,

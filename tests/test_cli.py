@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, cli_flags
 
 from cnf.cli import main
 from cnf.train import TrainConfig, train
@@ -20,20 +20,10 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
-def _flags(**kw) -> list[str]:
-    flags = []
-    for k, v in kw.items():
-        flags += [
-            f"--{k.replace('_', '-')}",
-            ",".join(map(str, v)) if isinstance(v, tuple) else str(v),
-        ]
-    return flags
-
-
 def test_train_command(tmp_path: Path, capsys) -> None:
     out = tmp_path / "r"
     assert (
-        main(["train", "--data", "moons", "--out", str(out), "--no-progress", *_flags(**SMALL)])
+        main(["train", "--data", "moons", "--out", str(out), "--no-progress", *cli_flags(**SMALL)])
         == 0
     )
     report = json.loads(capsys.readouterr().out.split("\nrun saved")[0])

@@ -5,28 +5,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, cli_flags
 
 from cnf.checkpoint import load_checkpoint
 from cnf.cli import main
 from cnf.train import TrainConfig, load_model, train
 
 
-def _flags(**kw) -> list[str]:
-    out = []
-    for k, v in kw.items():
-        out += [
-            f"--{k.replace('_', '-')}",
-            ",".join(map(str, v)) if isinstance(v, tuple) else str(v),
-        ]
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tab") / "run"
     assert main(["train", "--data", "breast_cancer", "--out", str(out), "--no-progress",
-                 *_flags(**SMALL)]) == 0  # fmt: skip
+                 *cli_flags(**SMALL)]) == 0  # fmt: skip
     return out
 
 
@@ -67,7 +57,7 @@ def test_user_csv_with_columns(tmp_path: Path, capsys) -> None:
     np.savetxt(tmp_path / "mine.csv", x, delimiter=",", header="a,b,c", comments="")
     out = tmp_path / "r"
     argv = ["train", "--data", str(tmp_path / "mine.csv"), "--columns", "b,a", "--out", str(out),
-            "--no-progress", *_flags(**SMALL)]  # fmt: skip
+            "--no-progress", *cli_flags(**SMALL)]  # fmt: skip
     assert main(argv) == 0
     capsys.readouterr()
     _, cfg, meta = load_model(out)
