@@ -1,6 +1,6 @@
 """Does a CNF trained with a coarse solver stay a flow? (Ott et al. 2021, for CNF likelihoods)
 
-    python examples/validity_experiment.py [--iters 1500] [--runs runs/validity]
+    python examples/validity_experiment.py [--iters 1500] [--runs runs/validity] [--reuse]
 
 Trains 8gaussians four times with the same seed and budget: euler at a coarse fixed step (2 steps),
 euler at a fine fixed step (64 steps), euler with the adaptive step scheme starting from the coarse
@@ -12,6 +12,7 @@ a markdown table and writes figures/validity.png.
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +27,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--iters", type=int, default=1500)
 parser.add_argument("--runs", type=Path, default=Path("runs/validity"))
 parser.add_argument("--figure", type=Path, default=Path("figures/validity.png"))
+parser.add_argument("--reuse", action="store_true", help="redraw from finished runs in --runs")
 args = parser.parse_args()
 
 RUNS = {
@@ -40,8 +42,11 @@ for name, solver in RUNS.items():
     out = args.runs / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
     cfg = TrainConfig(data="8gaussians", iters=args.iters, eval_every=args.iters, seed=0,
                       test_size=5000, validity_size=2000, **solver)  # fmt: skip
-    print(f"training {name} -> {out}", flush=True)
-    report = train(cfg, out, force=out.exists(), progress=False).report
+    if args.reuse and (out / "report.json").is_file():
+        report = json.loads((out / "report.json").read_text())
+    else:
+        print(f"training {name} -> {out}", flush=True)
+        report = train(cfg, out, force=out.exists(), progress=False).report
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     results[name] = dict(report=report, rows=rows)
 
@@ -65,7 +70,7 @@ validity = [results[n]["report"]["validity"] for n in names]
 own = [v["train"]["nll"] for v in validity]
 ref = [v["reference"]["nll"] for v in validity]
 pos = np.arange(len(names))
-labels = [n.replace(", ", ",\n") for n in names]
+labels = [textwrap.fill(n, 16) for n in names]
 ax1.bar(pos - 0.2, own, 0.4, label="own training solver")
 ax1.bar(pos + 0.2, ref, 0.4, label="reference (dopri5 1e-8, float64)")
 ax1.axhline(2.832, color="k", lw=1, ls="--", label="true entropy")
