@@ -1,43 +1,50 @@
-"""cnf: continuous normalizing flows for PyTorch."""
+"""cnf: continuous normalizing flows for PyTorch.
 
-from cnf.fields import ConcatSquashLinear, ConcatSquashMLP, ConvField
-from cnf.flow import CNF, Flow, FlowResult
-from cnf.multiscale import MultiscaleCNF
-from cnf.ode import ODEBlock
-from cnf.solvers import METHODS, NFE, Solver, SolverError
-from cnf.tabular import TabularCNF
-from cnf.trace import ExactTrace, HutchinsonTrace, make_trace
-from cnf.validity import ValidityReport, solver_validity
+The public names load on first use (PEP 562), so ``import cnf`` and the ``cnf`` command start
+without importing torch until they need it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CNF",
-    "METHODS",
-    "NFE",
-    "CNFDensity",
-    "ConcatSquashLinear",
-    "ConcatSquashMLP",
-    "ConvField",
-    "ExactTrace",
-    "Flow",
-    "FlowResult",
-    "HutchinsonTrace",
-    "MultiscaleCNF",
-    "ODEBlock",
-    "Solver",
-    "SolverError",
-    "TabularCNF",
-    "ValidityReport",
-    "make_trace",
-    "solver_validity",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "CNF": "cnf.flow",
+    "CNFDensity": "cnf.estimator",
+    "ConcatSquashLinear": "cnf.fields",
+    "ConcatSquashMLP": "cnf.fields",
+    "ConvField": "cnf.fields",
+    "ExactTrace": "cnf.trace",
+    "Flow": "cnf.flow",
+    "FlowResult": "cnf.flow",
+    "HutchinsonTrace": "cnf.trace",
+    "METHODS": "cnf.solvers",
+    "MultiscaleCNF": "cnf.multiscale",
+    "NFE": "cnf.solvers",
+    "ODEBlock": "cnf.ode",
+    "Solver": "cnf.solvers",
+    "SolverError": "cnf.solvers",
+    "TabularCNF": "cnf.tabular",
+    "ValidityReport": "cnf.validity",
+    "make_trace": "cnf.trace",
+    "solver_validity": "cnf.validity",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    # scikit-learn is imported only when the estimator is used: `import cnf` stays light
-    if name == "CNFDensity":
-        from cnf.estimator import CNFDensity
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cnf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-        return CNFDensity
-    raise AttributeError(f"module 'cnf' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

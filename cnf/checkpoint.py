@@ -7,14 +7,14 @@ cnf checkpoint (or is truncated) gets a :class:`CheckpointError` that says so.
 
 from __future__ import annotations
 
-import os
-import pickle
-import tempfile
-import zipfile
+import io
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cnf.io import write_bytes
 
 FORMAT = "cnf-checkpoint"
 VERSION = 1
@@ -25,20 +25,12 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically: a temporary file in the same directory, flushed
-    to disk, then renamed over the target, so a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    data = {"format": FORMAT, "version": VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``payload`` to ``path`` atomically (:func:`cnf.io.write_bytes`): serialized in
+    memory, then a temporary file in the same directory, flushed to disk and renamed over the
+    target, so a crash or a full disk never leaves a half-written checkpoint."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -47,11 +39,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: expected a file written by `cnf train`")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        with warnings.catch_warnings():  # torch warns about the formats it refuses: we say it
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses code; any failure means "not ours"
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"{path} is corrupt or not a cnf checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}); use another checkpoint or retrain"
+            f"{path} is corrupt or not a cnf checkpoint ({type(err).__name__}"
+            f"{': ' + detail if detail else ''}); use another checkpoint or retrain"
         ) from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cnf checkpoint (no '{FORMAT}' marker)")

@@ -175,6 +175,7 @@ class CNFDensity(DensityMixin, BaseEstimator):
         cfg = self._config(seed, len(splits.train))
         kept = [names[j] for j in self.columns_.keep]
         data = TabularData("X", splits, kept, seed=seed, dequantize=self.dequantize)
+        data.check_range(self.dtype)
         self.model_ = self._train(cfg, data)
         return self
 

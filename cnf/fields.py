@@ -90,9 +90,9 @@ class ConcatSquashMLP(nn.Module):
         self, dim: int, hidden: Sequence[int] = (64, 64, 64), *, activation: str = "tanh"
     ) -> None:
         super().__init__()
+        if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in hidden):
+            raise ValueError(f"hidden must hold positive integer widths, got {list(hidden)}")
         widths = [dim, *hidden, dim]
-        if any(int(w) < 1 for w in widths):
-            raise ValueError(f"layer widths must be positive integers, got {widths}")
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in itertools.pairwise(widths))
         self.activations = nn.ModuleList(make_activation(activation) for _ in hidden)
         self.activation = activation

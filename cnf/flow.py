@@ -91,7 +91,7 @@ class Flow:
 
     def base_log_prob(self, z: Tensor) -> Tensor:
         """``log N(z; 0, I)`` summed over the event dimensions."""
-        flat = z.reshape(z.shape[0], -1)
+        flat = z.flatten(1)
         return -0.5 * (flat.square().sum(1) + self.dim * math.log(2 * math.pi))
 
     def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
@@ -248,6 +248,10 @@ class CNF(Flow, ODEBlock):
         regularize: bool = False,
     ) -> FlowResult:
         estimator = self.estimator if trace is None else make_trace(trace, self.dim, self.noise)
+        if len(y) == 0:  # nothing to integrate: empty results of the right shapes
+            empty = y.new_zeros((len(t), 0))
+            parts = (empty, empty) if regularize else (None, None)
+            return FlowResult(y.expand(len(t), *y.shape), empty, *parts)
         probe = estimator.probe(y, generator)
         zeros = y.new_zeros(y.shape[0])
         y0 = (y, zeros, zeros, zeros) if regularize else (y, zeros)
@@ -271,10 +275,15 @@ class CNF(Flow, ODEBlock):
                 f"torch.as_tensor({name}, dtype={self.log_T.dtype})"
             )
         expected = ("n", *self.event_shape)
-        if x.ndim != len(expected) or tuple(x.shape[1:]) != self.event_shape or len(x) == 0:
+        if x.ndim != len(expected) or tuple(x.shape[1:]) != self.event_shape:
             raise ValueError(
                 f"expected {name} of shape {_shape_str(expected)}, got {tuple(x.shape)}: this flow "
                 f"models {self.dim}-dimensional data"
+            )
+        if not x.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} has dtype {x.dtype}, but the flow takes floating-point data: call "
+                f"{name}.to({self.log_T.dtype})"
             )
         if x.dtype != self.log_T.dtype:
             raise TypeError(
@@ -286,7 +295,7 @@ class CNF(Flow, ODEBlock):
                 f"{name} is on {x.device} but the flow is on {self.log_T.device}: call "
                 f"{name}.to('{self.log_T.device}') or flow.to('{x.device}')"
             )
-        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)
+        bad = ~torch.isfinite(x.flatten(1)).all(1)
         if bool(bad.any()):
             rows = bad.nonzero().flatten()[:5].tolist()
             raise ValueError(
@@ -297,6 +306,8 @@ class CNF(Flow, ODEBlock):
 
 
 def _event_shape(dim: int | Sequence[int]) -> tuple[int, ...]:
+    if not isinstance(dim, int | Sequence) or isinstance(dim, str):
+        raise ValueError(f"dim must be a positive integer or a shape of them, got {dim!r}")
     shape = (dim,) if isinstance(dim, int) else tuple(dim)
     if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in shape):
         raise ValueError(f"dim must be a positive integer or a shape of them, got {dim!r}")

@@ -266,7 +266,7 @@ class MultiscaleCNF(Flow, nn.Module):
 
     def _check_domain(self, y: Tensor) -> None:
         low, high = self.squash.domain()
-        if math.isinf(low):
+        if math.isinf(low) or y.numel() == 0:
             return
         lo, hi = torch.stack(torch.aminmax(y.detach())).tolist()  # one device sync per pass
         if not (low < lo and hi < high):

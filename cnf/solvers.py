@@ -48,7 +48,12 @@ _SCIPY_OPTIONS = frozenset({"solver", "min_step", "max_step"})
 
 class SolverError(RuntimeError):
     """The ODE solve failed (diverged, stalled or produced non-finite values); the message says
-    what to change."""
+    what to change. ``problem`` is what happened, ``advice`` what to do (a caller that knows
+    more, such as the trainer, replaces the advice with its own)."""
+
+    def __init__(self, problem: str, advice: str = "") -> None:
+        super().__init__(f"{problem}. {advice}" if advice else problem)
+        self.problem, self.advice = problem, advice
 
 
 @dataclass
@@ -78,9 +83,9 @@ class _Counted:
         if self.limit is not None and count > self.limit:
             raise SolverError(
                 f"{self.describe}: more than max_nfe={self.limit} function evaluations in the "
-                f"{self.phase} pass; the dynamics are too stiff for these tolerances or diverging. "
+                f"{self.phase} pass; the dynamics are too stiff for these tolerances or diverging",
                 "Lower the learning rate, add kinetic/Jacobian regularization, loosen atol/rtol, "
-                "or raise max_nfe"
+                "or raise max_nfe",
             )
         return self.func(t, y)
 
@@ -261,8 +266,9 @@ class Solver:
                 ys = odeint(counted, y0, s, **kwargs)
         except AssertionError as err:  # torchdiffeq reports step underflow and max_num_steps so
             raise SolverError(
-                f"{self.describe()} failed: {err}. The dynamics are stiff or diverging: lower the "
-                "learning rate, loosen atol/rtol, add regularization, or use a smaller step"
+                f"{self.describe()} failed: {err}; the dynamics are stiff or diverging",
+                "Lower the learning rate, loosen atol/rtol, add regularization, or use a smaller "
+                "step",
             ) from err
         counted.phase = "backward"
         return ys, counted.nfe
@@ -285,6 +291,7 @@ def check_finite(states: Sequence[Tensor], solver: Solver) -> None:
     """Raise :class:`SolverError` if a solve produced NaN or inf (one device sync per solve)."""
     if not all(bool(torch.isfinite(x).all()) for x in states):
         raise SolverError(
-            f"{solver.describe()} produced NaN/inf: the flow diverged. Lower the learning rate, "
-            "clip gradients, use a smaller step or tighter tolerances, or add regularization"
+            f"{solver.describe()} produced NaN/inf: the flow diverged",
+            "Lower the learning rate, clip gradients, use a smaller step or tighter tolerances, "
+            "or add regularization",
         )

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import signal
 import sys
 import time
@@ -28,12 +27,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from cnf import rundir
 from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from cnf.data import Dataset, dataset_kind, get_dataset
+from cnf.data import Dataset, dataset_kind, get_dataset, held_warnings
 from cnf.data.tabular import TABLE_OPTIONS
 from cnf.evaluate import evaluate
+from cnf.fields import ACTIVATIONS
 from cnf.flow import CNF
+from cnf.io import write_text
 from cnf.solvers import FIXED_STEP, Solver, SolverError
+from cnf.trace import NOISES, TRACES
 from cnf.validity import (
     StepAdapter,
     batch_nll_metric,
@@ -44,6 +47,8 @@ from cnf.validity import (
 )
 
 SCHEDULES = ("cosine", "constant")
+# dataset options only the caller may give, never a config or a checkpoint
+UNTRUSTED_OPTIONS = frozenset({"trust_pickle"})
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -120,31 +125,45 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # dataset/model-specific options
 
     def __post_init__(self) -> None:
+        if not isinstance(self.hidden, tuple | list) or not self.hidden:
+            raise ConfigError("hidden", f"must be a list of layer widths, got {self.hidden!r}")
+        if any(not _is_int(h) or h < 1 for h in self.hidden):
+            raise ConfigError("hidden", f"must hold positive widths, got {list(self.hidden)}")
         self.hidden = tuple(int(h) for h in self.hidden)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f.name, f"must be a finite number, got {value}")
         for name in ("iters", "batch_size", "eval_every", "test_size", "max_nfe", "adapt_every",
-                     "max_steps", "validity_size"):  # fmt: skip
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr",):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("weight_decay", "grad_clip", "kinetic", "jacobian", "adapt_threshold",
-                     "scales"):  # fmt: skip
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not isinstance(self.blocks, int) or self.blocks < 1:
-            raise ValueError(f"blocks must be a positive integer, got {self.blocks!r}")
-        if not 0 <= self.alpha < 0.5:
-            raise ValueError(f"alpha must be in [0, 0.5) (0: no logit transform), got {self.alpha}")
+                     "max_steps", "validity_size", "blocks"):  # fmt: skip
+            _check(name, getattr(self, name), _is_int, 1, "a positive integer")
+        for name in ("threads", "patience", "scales"):
+            _check(name, getattr(self, name), _is_int, 0, "an integer >= 0 (0: automatic/off)")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ConfigError("seed", f"must be an integer in 0..2**63-1, got {self.seed!r}")
+        for name in ("lr", "T", "atol", "rtol", "eval_atol", "eval_rtol"):
+            _check(name, getattr(self, name), _is_number, 0, "a positive number", strict=True)
+        for name in ("step_size", "eval_step_size"):
+            if getattr(self, name) is not None:
+                _check(name, getattr(self, name), _is_number, 0, "a positive number", strict=True)
+        for name in ("weight_decay", "grad_clip", "kinetic", "jacobian", "adapt_threshold"):
+            _check(name, getattr(self, name), _is_number, 0, "a number >= 0")
+        if not _is_number(self.alpha) or not 0 <= self.alpha < 0.5:
+            raise ConfigError("alpha", f"must be in [0, 0.5) (0: no logit), got {self.alpha!r}")
+        for name in ("val_fraction", "test_fraction"):
+            if not _is_number(getattr(self, name)) or not 0 < getattr(self, name) < 1:
+                raise ConfigError(name, f"must be in (0, 1), got {getattr(self, name)!r}")
         _choice("conv_layer", self.conv_layer, ("concatsquash", "concat"))
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("dtype", self.dtype, tuple(DTYPES))
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: automatic), got {self.threads}")
-        if not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(f"patience must be an integer >= 0 (0: off), got {self.patience!r}")
         _choice("preprocess", self.preprocess, ("standardize", "whiten", "none"))
+        _choice("activation", self.activation, tuple(sorted(ACTIVATIONS)))
+        _choice("trace", self.trace, TRACES)
+        _choice("noise", self.noise, NOISES)
+        if UNTRUSTED_OPTIONS & set(self.extra):
+            raise ConfigError("extra", "cannot hold trust_pickle: trust is given by the caller "
+                              "(--trust-pickle), never by a config or checkpoint")  # fmt: skip
+        self.train_solver, self.eval_solver  # noqa: B018  validates method, step and tolerances
 
     @classmethod
     def for_data(cls, data: str, **given: Any) -> TrainConfig:
@@ -230,9 +249,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class ConfigError(ValueError):
+    """A config value is out of range; ``field`` names it (the CLI shows it as a flag)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(name: str, value: object, kind, low: float, what: str, strict: bool = False) -> None:
+    if not kind(value) or value < low or (strict and value == low):
+        raise ConfigError(name, f"must be {what}, got {value!r}")
+
+
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {list(valid)}")
+        raise ConfigError(name, f"{value!r} is unknown; valid choices: {list(valid)}")
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -284,37 +324,7 @@ def build_model(cfg: TrainConfig, meta: dict[str, Any]) -> nn.Module:
     return BUILDERS[meta["kind"]](cfg, meta)
 
 
-# --- run directory ---------------------------------------------------------------------------
-
-
-def prepare_run_dir(out: str | Path, *, resume: bool, force: bool) -> Path:
-    """Create (or check) the run directory without losing anything the user has."""
-    out = Path(out)
-    if resume and force:
-        raise ValueError("--resume and --force contradict each other: choose one")
-    if resume:
-        if not (out / "last.pt").is_file():
-            raise CheckpointError(f"cannot resume: {out / 'last.pt'} does not exist")
-        return out
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise FileExistsError(
-                f"run directory {out} already exists and is not empty: pass --resume to continue "
-                "it, --force to overwrite it, or choose another --out"
-            )
-        if not (out / "config.json").is_file():
-            raise FileExistsError(
-                f"refusing to --force {out}: it does not look like a cnf run (no config.json)"
-            )
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"cannot write to run directory {out}: {err.strerror}") from err
-    return out
+# --- devices and data ------------------------------------------------------------------------
 
 
 def resolve_device(name: str) -> torch.device:
@@ -328,13 +338,18 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from err
 
 
-def open_dataset(cfg: TrainConfig, data_dir: str | None = None) -> Dataset:
+def open_dataset(
+    cfg: TrainConfig, data_dir: str | None = None, *, trust_pickle: bool = False
+) -> Dataset:
     """The config's dataset, with its ``data_dir`` (or the one given) for datasets read from
-    files."""
+    files. A config (and so a checkpoint) names data but never grants trust: reading a file that
+    unpickles (the MAF GAS set) needs ``trust_pickle`` from the caller."""
     options = dataset_options(cfg)
+    if UNTRUSTED_OPTIONS & set(options):
+        raise ConfigError("extra", "cannot hold trust_pickle: pass --trust-pickle instead")
     if data_dir or cfg.data_dir:
         options["data_dir"] = data_dir or cfg.data_dir
-    return get_dataset(cfg.data, seed=cfg.seed, **options)
+    return get_dataset(cfg.data, seed=cfg.seed, trust_pickle=trust_pickle, **options)
 
 
 def configure_cuda(device: torch.device, tf32: bool) -> None:
@@ -439,6 +454,12 @@ def solver_state(solver: Solver) -> dict[str, Any]:
             "rtol": solver.rtol}  # fmt: skip
 
 
+# options that a resumed run may change: they steer neither the model nor the data
+RESUMABLE = frozenset({"iters", "device", "threads", "lr", "max_nfe", "grad_clip", "patience",
+                       "eval_every", "test_size", "validity_size", "eval_method", "eval_atol",
+                       "eval_rtol", "eval_step_size"})  # fmt: skip
+
+
 def train(
     cfg: TrainConfig,
     out: str | Path,
@@ -446,26 +467,47 @@ def train(
     resume: bool = False,
     force: bool = False,
     progress: bool = True,
-    iters: int | None = None,
+    changes: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
 ) -> TrainResult:
     """Train a flow on ``cfg.data`` into the run directory ``out``.
+
+    Everything (config, data, model, a resumed checkpoint) is validated before the run directory
+    is touched, so a mistake never costs the user an existing run.
 
     Arguments:
         cfg: the run's configuration (ignored with ``resume``, which reads the saved one).
         out: the run directory; an existing non-empty one needs ``resume`` or ``force``.
         resume: continue from ``out/last.pt``.
-        force: delete an existing run in ``out`` first.
+        force: replace an existing run in ``out`` (only a cnf run, and only if it holds nothing
+            else: see :mod:`cnf.rundir`).
         progress: show a progress bar (loss, NFE, it/s, ETA).
-        iters: with ``resume``, train to this many iterations instead of the saved number.
+        changes: with ``resume``, new values for options in :data:`RESUMABLE` (e.g. more
+            ``iters``, a lower ``lr``).
+        trust_pickle: allow reading data files that unpickle (the MAF GAS set); never taken from
+            a config or a checkpoint.
     """
-    out = prepare_run_dir(out, resume=resume, force=force)
-    ckpt = load_checkpoint(out / "last.pt") if resume else None
-    if ckpt is not None:
-        cfg = TrainConfig.from_dict({**ckpt["config"], **({"iters": iters} if iters else {})})
+    out = Path(out)
+    if resume and force:
+        raise ValueError(
+            "--resume and --force contradict each other: --resume continues the run, --force "
+            "replaces it; choose one"
+        )
+    ckpt = None
+    if resume:
+        ckpt = _resume_checkpoint(out)
+        cfg = _resumed_config(ckpt, changes or {})
+    else:
+        rundir.check_new(out, force=force)
     device = resolve_device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     torch.manual_seed(cfg.seed)
-    data = open_dataset(cfg)
+    with held_warnings():  # a refused run prints its error alone
+        data = open_dataset(cfg, trust_pickle=trust_pickle)
+        if ckpt is not None:
+            _check_same_data(ckpt, data, out)
+        if hasattr(data, "check_range"):  # a table's values must fit the model's dtype
+            data.check_range(cfg.dtype)
     if hasattr(data, "to"):  # image datasets keep their training images on the device
         data = data.to(device)
     dim = math.prod(data.event_shape)
@@ -478,30 +520,38 @@ def train(
     adapter = StepAdapter(cfg.adapt_threshold * dim, T=cfg.T, max_steps=cfg.max_steps)
     start, best, stale = 0, math.inf, 0
     if ckpt is not None:
-        _check_same_data(ckpt, data, out)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        set_training_solver(model, training_solver(model).replace(**ckpt["solver"]))
+        _load_training_state(ckpt, model, opt, sched, cfg, out)
         start, best = ckpt["iteration"], ckpt["best_val_nll"]
         stale = ckpt.get("stale_evals", 0)
+        if start >= cfg.iters or (cfg.patience and stale >= cfg.patience):
+            return _finished(out, start, data, device, dtype, trust_pickle)
+        # only now, with everything checked, does the run directory change
         _truncate_log(out / "log.jsonl", start)
+        if cfg.to_dict() != ckpt["config"]:
+            write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     else:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if cfg.step_size is None and training_solver(model).fixed_step:
             x = to_tensor(data.train_batch(cfg.batch_size, 1), device, dtype)
             solver = training_solver(model)
             h = initial_step(model, x, solver.order, rtol=cfg.rtol, atol=cfg.atol)
             set_training_solver(model, adapter.scaled(solver.replace(step_size=h), 1.0))
+        rundir.create(out)
+        write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     x_val = to_tensor(data.validation(), device, dtype)
+    saved = {"iteration": start if ckpt is not None else None}
 
     def checkpoint(name: str, iteration: int) -> None:
         save_checkpoint(out / name, {
             "config": cfg.to_dict(), "data": data.meta(), "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "solver": solver_state(training_solver(model)), "iteration": iteration,
-            "best_val_nll": best, "stale_evals": stale,
+            "best_val_nll": best, "stale_evals": stale, "data_fingerprint": data.fingerprint(),
         })  # fmt: skip
+        if name == "last.pt":
+            saved["iteration"] = iteration
+
+    def diverged() -> Any:
+        return _diverged(it, out, saved["iteration"], cfg)
 
     it = start
     with (
@@ -517,17 +567,17 @@ def train(
             if cfg.adapt and it % cfg.adapt_every == 0:
                 # Ott et al.: does a finer solver agree on this batch? If not, refine the step.
                 metric = batch_nll_metric(model, x, _seed(cfg.seed, 2, it))
-                with _diverged(it, out):
+                with diverged():
                     solver, row["adapt"] = adapter.adapt(training_solver(model), metric)
                 set_training_solver(model, solver)
-            with _diverged(it, out):
+            with diverged():
                 loss, nll = training_loss(model, x, cfg, _generator(device, cfg.seed, 1, it))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             clip = cfg.grad_clip or math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-                with _diverged(it, out):
+                with diverged():
                     raise SolverError(
                         f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
                     )
@@ -538,7 +588,8 @@ def train(
                        nfe_backward=model.nfe.backward, grad_norm=grad_norm.item(),
                        lr=sched.get_last_lr()[0], step_size=solver.step_size, atol=solver.atol,
                        rtol=solver.rtol, time=time.perf_counter() - t0)  # fmt: skip
-            if it % cfg.eval_every == 0 or it == cfg.iters:
+            evaluated = it % cfg.eval_every == 0 or it == cfg.iters
+            if evaluated:
                 ev = evaluate(model, x_val)
                 row.update(val_nll=ev.nll, val_nll_se=ev.nll_se, val_nfe=ev.nfe)
                 bpd = "" if ev.bits_per_dim is None else f", {ev.bits_per_dim:.4f} bits/dim"
@@ -546,13 +597,17 @@ def train(
                     row["val_bits_per_dim"] = ev.bits_per_dim
                 bar.write(f"iter {it}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f}{bpd} (NFE {ev.nfe}), "
                           f"training solver {solver.describe()}", sys.stderr)  # fmt: skip
-                stale = 0 if ev.nll < best else stale + 1
-                if ev.nll < best:
-                    best = ev.nll
+                improved = ev.nll < best
+                stale = 0 if improved else stale + 1
+                best = min(best, ev.nll)
+            # the log row goes first: a kill between the two leaves an extra row, which the
+            # resume drops, never a missing one
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            if evaluated:
+                if improved:
                     checkpoint("best.pt", it)
                 checkpoint("last.pt", it)
-                log.flush()
-            log.write(json.dumps(row) + "\n")
             if cfg.patience and stale >= cfg.patience:
                 message = f"no better validation NLL in {stale} evaluations (--patience)"
                 bar.write(f"early stop at iteration {it}: {message}", sys.stderr)
@@ -561,7 +616,8 @@ def train(
                             best=f"{best:.3f}", refresh=False)  # fmt: skip
             bar.update()
             if stop.signal is not None:
-                checkpoint("last.pt", it)
+                if not evaluated:
+                    checkpoint("last.pt", it)
                 name = signal.Signals(stop.signal).name
                 bar.write(f"{name}: saved iteration {it}; continue with cnf train --resume {out}",
                           sys.stderr)  # fmt: skip
@@ -570,25 +626,95 @@ def train(
     return TrainResult(out, it, None, best, report)
 
 
+def _resume_checkpoint(out: Path) -> dict[str, Any]:
+    if not (out / "last.pt").is_file():
+        hint = (" (the run stopped before its first checkpoint: start it again with --force)"
+                if (out / "config.json").is_file() else "")  # fmt: skip
+        raise CheckpointError(f"cannot resume: {out / 'last.pt'} does not exist{hint}")
+    return load_checkpoint(out / "last.pt")
+
+
+def _resumed_config(ckpt: dict[str, Any], changes: dict[str, Any]) -> TrainConfig:
+    clash = sorted(set(changes) - RESUMABLE)
+    if clash:
+        flags = ", ".join("--" + c.replace("_", "-") for c in clash)
+        raise ValueError(
+            f"{flags} cannot change when resuming (the saved config is used; these options may: "
+            f"{', '.join('--' + c.replace('_', '-') for c in sorted(RESUMABLE))}): start a new "
+            "run to change them"
+        )
+    cfg = TrainConfig.from_dict({**ckpt["config"], **changes})
+    if cfg.iters < ckpt["iteration"]:
+        raise ConfigError(
+            "iters", f"{cfg.iters} is below the {ckpt['iteration']} iterations this run has "
+            "already trained: give a larger number to train further"
+        )  # fmt: skip
+    return cfg
+
+
+def _load_training_state(ckpt, model, opt, sched, cfg: TrainConfig, out: Path) -> None:
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        set_training_solver(model, training_solver(model).replace(**ckpt["solver"]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+        raise CheckpointError(f"{out / 'last.pt'} does not fit its own config ({detail})") from err
+    # a changed --lr keeps the schedule's shape and scales it
+    sched.base_lrs = [cfg.lr for _ in sched.base_lrs]
+    for group in opt.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * lr_factor(cfg, sched.last_epoch)
+
+
+def _finished(out: Path, iteration: int, data, device, dtype, trust_pickle: bool) -> TrainResult:
+    """A resume of a run that has nothing left to train: its report, made if it is missing."""
+    path = out / "report.json"
+    if path.is_file():
+        print(f"the run in {out} has finished (iteration {iteration}); its report is {path}",
+              file=sys.stderr)  # fmt: skip
+        return TrainResult(out, iteration, None, math.nan, json.loads(path.read_text()))
+    return TrainResult(out, iteration, None, math.nan, final_report(out, data, device, dtype))
+
+
 @contextmanager
-def _diverged(iteration: int, out: Path) -> Iterator[None]:
-    """Re-raise a failed solve or a non-finite loss with the way out."""
+def _diverged(iteration: int, out: Path, saved: int | None, cfg: TrainConfig) -> Iterator[None]:
+    """Re-raise a failed solve or a non-finite loss with advice that fits: resume from the last
+    checkpoint with a lower learning rate, or, with no checkpoint yet, start again."""
     try:
         yield
     except SolverError as err:
-        raise SolverError(
-            f"training diverged at iteration {iteration}: {err}. The last good checkpoint is "
-            f"{out / 'last.pt'}; lower --lr, tighten the solver or add --kinetic/--jacobian "
-            "regularization, then --resume or retrain"
-        ) from err
+        lower = f"{cfg.lr / 10:.3g}"
+        if iteration == 1:  # no optimizer step yet: the learning rate cannot be the cause
+            advice = (
+                "it failed before the first training step, so the initial model and the setup "
+                "are the cause, not the learning rate: check --T, the solver (--method, "
+                "--step-size, --max-nfe) and the scale of the data, then start again with --force"
+            )
+        elif saved is None:
+            advice = (
+                f"no checkpoint was saved yet (the first comes at iteration "
+                f"{min(cfg.eval_every, cfg.iters)}): start again with --force and a lower --lr "
+                f"(e.g. {lower}), a finer solver or --kinetic/--jacobian regularization"
+            )
+        else:
+            advice = (
+                f"the last good checkpoint is {out / 'last.pt'} (iteration {saved}): continue "
+                f"from it with a lower learning rate (cnf train --resume {out} --lr {lower}; "
+                "--max-nfe can change too), or start a new run with a finer solver or "
+                "--kinetic/--jacobian regularization"
+            )
+        problem = getattr(err, "problem", str(err))
+        raise SolverError(f"training diverged at iteration {iteration}: {problem}", advice) from err
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
     """Drop log rows past the checkpoint (a hard kill can leave some) before a resume."""
     if path.is_file():
         rows = path.read_text().splitlines()
-        kept = [r for r in rows if json.loads(r)["iter"] <= iteration]
-        path.write_text("".join(r + "\n" for r in kept))
+        kept = [r for r in rows if r.strip() and json.loads(r)["iter"] <= iteration]
+        write_text(path, "".join(r + "\n" for r in kept))
 
 
 def _check_same_data(ckpt: dict[str, Any], data: Dataset, out: Path) -> None:
@@ -596,6 +722,13 @@ def _check_same_data(ckpt: dict[str, Any], data: Dataset, out: Path) -> None:
         raise CheckpointError(
             f"{out / 'last.pt'} was trained on {ckpt['data']} but the dataset now gives "
             f"{data.meta()}: resume with the same data, or start a new run"
+        )
+    saved = ckpt.get("data_fingerprint")
+    if saved is not None and saved != data.fingerprint():
+        raise CheckpointError(
+            f"the training data changed since {out / 'last.pt'} was written (content "
+            f"fingerprint {saved[:12]}, now {data.fingerprint()[:12]}): resume with the data the "
+            "run was trained on, or start a new run"
         )
 
 
@@ -637,7 +770,7 @@ def final_report(out: Path, data: Dataset, device: torch.device, dtype: torch.dt
     validity = solver_validity(model, x_test[: cfg.validity_size])
     report["validity"] = validity.to_dict()
     print(validity.summary(), file=sys.stderr)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     from cnf import viz
 
     viz.plot_solver(out / "log.jsonl", out / "solver.png")

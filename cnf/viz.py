@@ -5,6 +5,7 @@ training solver over a run (:func:`plot_solver`) and sample grids of image flows
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from matplotlib.collections import LineCollection, QuadMesh
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from cnf.io import atomic_path, save_figure, write_bytes
 from cnf.solvers import Solver
 from cnf.transport import LATENT_LIM, Transport, check_2d, like, transport
 
@@ -67,7 +69,7 @@ def plot_density(model: nn.Module, data: Any, path: str | Path, n: int = 200) ->
         _heat(ax, dens, lim, title)
     fig.suptitle(data.name)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -84,7 +86,7 @@ def plot_samples(model: nn.Module, data: Any, path: str | Path, n: int = 5000) -
     _scatter(axes[1], samples, lim, "model samples", "C3")
     fig.suptitle(data.name)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -122,7 +124,7 @@ def plot_marginals(
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(f"{Path(data.name).name}: marginals, test data vs model samples", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -148,7 +150,7 @@ def plot_solver(log_path: str | Path, path: str | Path) -> None:
     ax2.plot(it, [r["nfe"] for r in rows], color="C4", lw=0.8)
     ax2.set(xlabel="iteration", ylabel="NFE per solve")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -346,6 +348,8 @@ def animate(
         ...                    grid=10, particles=20)
     """
     writer = None if path is None else animation_writer(path, fps)
+    if not isinstance(dpi, int | float) or not math.isfinite(dpi) or dpi <= 0:
+        raise ValueError(f"dpi must be a positive number, got {dpi!r}")
     if not isinstance(fps, int | float) or not 0 < fps <= 100:
         raise ValueError(f"fps must be a number in (0, 100], got {fps!r}")
     if trails is not None and (not isinstance(trails, int) or trails < 0):
@@ -356,7 +360,8 @@ def animate(
     anim = animation.FuncAnimation(fig, draw, frames=frames, interval=1000 / fps, repeat=True,
                                    cache_frame_data=False)  # fmt: skip
     if path is not None:
-        anim.save(path, writer=writer, dpi=dpi, progress_callback=progress)
+        with atomic_path(path) as tmp:
+            anim.save(tmp, writer=writer, dpi=dpi, progress_callback=progress)
         plt.close(fig)
     return anim
 
@@ -391,7 +396,7 @@ def plot_trajectories(
     ax.legend(loc="lower right", fontsize=7, markerscale=3)
     fig.colorbar(lines, ax=ax, fraction=0.04, pad=0.02, label="t")
     _window(ax, lim, f"trajectories ({_arrow(tr)})")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -423,7 +428,9 @@ def save_image_grid(images: Tensor, levels: int, path: str | Path, **kwargs: Any
     """Write :func:`image_grid` as a PNG (pixels drawn at least 64 screen pixels per image)."""
     zoom = kwargs.pop("zoom", max(1, 64 // images.shape[-1]))
     grid_ = image_grid(images, levels, zoom=zoom, **kwargs)
-    plt.imsave(path, grid_, cmap="gray", vmin=0.0, vmax=1.0, format="png")
+    buffer = io.BytesIO()
+    plt.imsave(buffer, grid_, cmap="gray", vmin=0.0, vmax=1.0, format="png")
+    write_bytes(path, buffer.getvalue())
 
 
 @torch.no_grad()
@@ -457,5 +464,5 @@ def plot_density_times(
         ax.set_facecolor(plt.get_cmap("magma")(0.0))
         _window(ax, lim, f"t = {tr.times[k]:.2f}")
     fig.suptitle(f"density $p_t$ ({_arrow(tr)})")
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)

@@ -222,8 +222,8 @@ def test_cli_animate(run: Path, tmp_path: Path, capsys) -> None:
     [
         (["-o", "{tmp}/f.avi"], "unknown animation format '.avi'"),
         (["-o", "{tmp}/f.gif", "--times", "{tmp}/d.jpg"], "written as .png files"),
-        (["-o", "{tmp}/f.gif", "--frames", "1"], "frames must be an integer >= 2"),
-        (["-o", "{tmp}/f.gif", "--rtol", "-1"], "rtol must be a positive finite number"),
+        (["-o", "{tmp}/f.gif", "--frames", "1"], "--frames must be an integer >= 2"),
+        (["-o", "{tmp}/f.gif", "--rtol", "-1"], "--rtol must be a positive finite number"),
     ],
 )
 def test_cli_errors_are_one_line(run: Path, tmp_path: Path, capsys, extra, message) -> None:

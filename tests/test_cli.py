@@ -105,11 +105,11 @@ def test_datasets_command(capsys) -> None:
         ),
         (
             ["train", "--data", "moons", "--out", "{tmp}/x", "--trace", "exakt"],
-            "unknown trace 'exakt'",
+            "--trace 'exakt' is unknown; valid choices",
         ),
         (["eval", "{tmp}/nothing"], "no checkpoint at"),
         (["sample", "{run}", "-n", "5", "-o", "{tmp}/s.txt"], "use a .npy or .csv file"),
-        (["train", "--resume", "{run}", "--lr", "0.1"], "--lr cannot change when resuming"),
+        (["train", "--resume", "{run}", "--hidden", "8"], "--hidden cannot change when resuming"),
         (["train", "--data", "moons", "--out", "{run}"], "already exists and is not empty"),
     ],
 )

@@ -74,10 +74,10 @@ def test_user_csv_with_columns(tmp_path: Path, capsys) -> None:
         (["--data", "{tmp}/absent.csv"], "no data file at"),
         (
             ["--data", "moons", "--columns", "a"],
-            "dataset 'moons' (toy data) takes no option 'columns'",
+            "dataset 'moons' (toy data) takes no option columns (--columns)",
         ),
         (["--data", "{tmp}", "--iters", "5"], "is not a MAF dataset directory"),
-        (["--data", "wine", "--test-fraction", "1.5"], "test_fraction must be in (0, 1)"),
+        (["--data", "wine", "--test-fraction", "1.5"], "--test-fraction must be in (0, 1)"),
     ],
 )
 def test_tabular_errors_are_one_line(tmp_path: Path, capsys, argv: list, message: str) -> None:
@@ -86,6 +86,54 @@ def test_tabular_errors_are_one_line(tmp_path: Path, capsys, argv: list, message
     assert main(["train", *argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_samples_put_back_the_columns_that_were_dropped(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2))
+    table = np.column_stack([x[:, 0], np.full(200, 7.5), x[:, 1], x[:, 0]])  # const, copy
+    np.savetxt(tmp_path / "t.csv", table, delimiter=",", header="a,c,b,a2", comments="")
+    out = tmp_path / "r"
+    assert main(["train", "--data", str(tmp_path / "t.csv"), "--out", str(out), "--no-progress",
+                 *cli_flags(**SMALL)]) == 0  # fmt: skip
+    path = tmp_path / "s.csv"
+    assert main(["sample", str(out), "-n", "30", "-o", str(path), "--with-log-prob"]) == 0
+    assert path.read_text().splitlines()[0] == "a,c,b,a2,log_prob"
+    samples = np.loadtxt(path, delimiter=",", skiprows=1)
+    assert samples.shape == (30, 5)
+    assert (samples[:, 1] == 7.5).all() and (samples[:, 3] == samples[:, 0]).all()
+
+
+@pytest.mark.parametrize("preprocess", ["standardize", "whiten"])
+def test_values_beyond_the_dtypes_range_name_the_column(tmp_path: Path, capsys, preprocess):
+    x = np.random.default_rng(0).normal(size=(50, 2))
+    x[3, 1] = 1e300
+    np.savetxt(tmp_path / "t.csv", x, delimiter=",", header="small,huge", comments="")
+    argv = ["train", "--data", str(tmp_path / "t.csv"), "--preprocess", preprocess,
+            "--out", str(tmp_path / "r"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "column 'huge' has values up to 1e+300" in err and "rescale the column" in err
+    assert not (tmp_path / "r").exists()
+    x[3, 1] = 1e35  # fits float64, not float32: the advice says so, and it works
+    np.savetxt(tmp_path / "t.csv", x, delimiter=",", header="small,huge", comments="")
+    assert main(argv) == 1
+    assert "--dtype float64" in capsys.readouterr().err
+    assert main([*argv, "--dtype", "float64", *cli_flags(**SMALL)]) == 0
+
+
+def test_resume_refuses_a_table_whose_values_changed(tmp_path: Path, capsys) -> None:
+    x = np.random.default_rng(0).normal(size=(100, 2))
+    np.savetxt(tmp_path / "t.csv", x, delimiter=",", header="a,b", comments="")
+    out = tmp_path / "r"
+    flags = cli_flags(**{**SMALL, "iters": 6})
+    assert main(["train", "--data", str(tmp_path / "t.csv"), "--out", str(out), "--no-progress",
+                 *flags]) == 0  # fmt: skip
+    x[10, 0] += 1.0  # same shape, same header, other values
+    np.savetxt(tmp_path / "t.csv", x, delimiter=",", header="a,b", comments="")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--iters", "12", "--no-progress"]) == 1
+    assert "the training data changed since" in capsys.readouterr().err
 
 
 def test_early_stopping_on_validation_nll(tmp_path: Path) -> None:

@@ -146,10 +146,12 @@ def test_missing_files_say_how_to_get_them(tmp_path: Path, name, options, match)
 
 def test_options_are_checked() -> None:
     with pytest.raises(
-        ValueError, match=r"dataset 'digits' \(image data\) takes no option 'data_dir'"
+        ValueError, match=r"dataset 'digits' \(image data\) takes no option data_dir \(--data-dir\)"
     ):
         get_dataset("digits", data_dir="/tmp")
-    with pytest.raises(ValueError, match=r"'moons' \(toy data\) takes no option 'data_dir'"):
+    with pytest.raises(
+        ValueError, match=r"'moons' \(toy data\) takes no option data_dir \(--data-dir\)"
+    ):
         get_dataset("moons", data_dir="/tmp")
     with pytest.raises(ValueError, match="n_val must be a positive integer below the 1437"):
         get_dataset("digits", n_val=5000)

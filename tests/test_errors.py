@@ -17,11 +17,22 @@ def test_wrong_trailing_dimension(flow: CNF) -> None:
         flow.log_prob(torch.randn(5, 3))
 
 
-def test_wrong_rank_and_empty(flow: CNF) -> None:
+def test_wrong_rank(flow: CNF) -> None:
     with pytest.raises(ValueError, match=r"expected x of shape \(n, 2\), got \(2,\)"):
         flow.log_prob(torch.randn(2))
-    with pytest.raises(ValueError, match=r"got \(0, 2\)"):
-        flow.log_prob(torch.randn(0, 2))
+
+
+def test_an_empty_batch_has_an_empty_answer(flow: CNF) -> None:
+    assert flow.log_prob(torch.randn(0, 2)).shape == (0,)
+    out = flow.to_data(torch.randn(0, 2))
+    assert out.value.shape == (0, 2) and out.logdet.shape == (0,)
+    assert flow.to_latent(torch.randn(0, 2), regularize=True).kinetic.shape == (0,)
+
+
+def test_integer_data_is_told_to_become_floating_point(flow: CNF) -> None:
+    with pytest.raises(TypeError, match=r"floating-point data: call x.to\(torch.float32\)") as info:
+        flow.log_prob(torch.zeros(3, 2, dtype=torch.int64))
+    assert "flow.to(torch.int64)" not in str(info.value)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -83,10 +94,9 @@ def test_bad_options(kwargs: dict, exc: type, match: str) -> None:
 
 
 def test_bad_dim_and_field() -> None:
-    with pytest.raises(
-        ValueError, match=r"dim must be a positive integer or a shape of them, got 0"
-    ):
-        CNF(0)
+    for dim in (0, 2.5, "2", None):
+        with pytest.raises(ValueError, match=r"dim must be a positive integer or a shape of them"):
+            CNF(dim)
     with pytest.raises(ValueError, match="default vector field is for vector data"):
         CNF((1, 8, 8))
     with pytest.raises(

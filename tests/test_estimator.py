@@ -102,7 +102,7 @@ def test_early_stopping_keeps_the_best_parameters() -> None:
     [
         ({"validation_fraction": 1.0}, "validation_fraction must be in"),
         ({"max_iter": 0}, "iters must be a positive integer"),
-        ({"preprocess": "zscore"}, "unknown preprocess"),
+        ({"preprocess": "zscore"}, "preprocess 'zscore' is unknown"),
         ({"method": "rk5"}, "unknown method"),
     ],
 )

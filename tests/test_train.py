@@ -1,6 +1,8 @@
 """The trainer: runs end to end, resumes exactly, never loses what the user has."""
 
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import torch
 from conftest import SMALL
 
 from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnf.solvers import SolverError
 from cnf.train import TrainConfig, load_model, lr_factor, train
 
 
@@ -101,7 +104,7 @@ def test_existing_run_directory_is_refused(tmp_path: Path) -> None:
 def test_unwritable_run_directory(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(PermissionError, match="cannot write to run directory"):
+    with pytest.raises(NotADirectoryError, match=r"cannot write to run directory.*is a file"):
         train(TrainConfig(**SMALL), blocker / "run", progress=False)
 
 
@@ -177,9 +180,18 @@ def test_schedule_is_cosine_to_one_percent() -> None:
     ("kwargs", "match"),
     [
         (dict(iters=0), "iters must be a positive integer"),
-        (dict(lr=-1.0), "lr must be positive"),
-        (dict(schedule="linear"), r"unknown schedule 'linear'; valid choices: \['cosine'"),
-        (dict(dtype="float16"), "unknown dtype"),
+        (dict(lr=-1.0), "lr must be a positive number, got -1.0"),
+        (dict(lr=math.inf), "lr must be a finite number, got inf"),
+        (dict(T=math.nan), "T must be a finite number, got nan"),
+        (dict(T=0), "T must be a positive number, got 0"),
+        (dict(kinetic=math.inf), "kinetic must be a finite number"),
+        (dict(seed=-1), r"seed must be an integer in 0..2\*\*63-1, got -1"),
+        (dict(seed=10**22), "seed must be an integer in 0..2"),
+        (dict(hidden=(0, 16)), r"hidden must hold positive widths, got \[0, 16\]"),
+        (dict(schedule="linear"), r"schedule 'linear' is unknown; valid choices: \['cosine'"),
+        (dict(dtype="float16"), "dtype 'float16' is unknown"),
+        (dict(activation="gelu"), "activation 'gelu' is unknown"),
+        (dict(extra={"trust_pickle": True}), "extra cannot hold trust_pickle"),
     ],
 )
 def test_bad_config(kwargs: dict, match: str) -> None:
@@ -211,9 +223,83 @@ def test_cuda_requested_without_cuda(tmp_path: Path) -> None:
 def test_diverging_training_stops_with_advice(tmp_path: Path) -> None:
     small = {**SMALL, "iters": 40, "method": "dopri5", "step_size": None}
     cfg = TrainConfig(data="8gaussians", **small, lr=1e4, grad_clip=0.0, max_nfe=300)
-    with pytest.raises(
-        Exception, match=r"diverged at iteration \d+: .*max_nfe=300.*lower --lr"
-    ) as info:
+    with pytest.raises(SolverError, match=r"diverged at iteration \d+: .*max_nfe=300") as info:
         train(cfg, tmp_path / "run", progress=False)
-    assert type(info.value).__name__ == "SolverError"
     assert os.path.getsize(tmp_path / "run" / "log.jsonl") < 100_000  # stopped, no runaway log
+    # the advice fits: no checkpoint exists yet, so it says to start again, not to resume
+    assert not (tmp_path / "run" / "last.pt").exists()
+    assert "no checkpoint was saved yet" in str(info.value) and "--force" in str(info.value)
+    assert "--resume" not in str(info.value)
+
+
+def test_divergence_after_a_checkpoint_advises_a_resume_that_works(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(TrainConfig(data="8gaussians", **SMALL), run, progress=False)
+    changes = {"iters": 40, "max_nfe": 5}  # the next iteration exceeds it
+    with pytest.raises(SolverError, match=r"last good checkpoint is .*last.pt \(iteration 12\)"):
+        train(TrainConfig(), run, resume=True, progress=False, changes=changes)
+    train(TrainConfig(), run, resume=True, progress=False, changes={"iters": 14, "lr": 1e-3})
+    assert load_checkpoint(run / "last.pt")["iteration"] == 14
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}  # fmt: skip
+
+
+def test_force_refuses_a_folder_that_merely_has_a_config(tmp_path: Path) -> None:
+    project = tmp_path / "thesis"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text("{}")
+    (project / "thesis.tex").write_text("\\documentclass{article}")
+    (project / "src" / "main.py").write_text("print()")
+    before = _tree(tmp_path)
+    with pytest.raises(FileExistsError, match="does not look like a cnf run"):
+        train(TrainConfig(data="8gaussians", **SMALL), project, force=True, progress=False)
+    assert _tree(tmp_path) == before
+
+
+def test_force_deletes_a_run_but_never_a_file_it_did_not_write(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = TrainConfig(data="8gaussians", **SMALL)
+    train(cfg, run, progress=False)
+    (run / "notes.md").write_text("mine")
+    (run / "plots").mkdir()
+    before = _tree(tmp_path)
+    with pytest.raises(FileExistsError, match=r"besides a cnf run it holds notes.md, plots/"):
+        train(cfg, run, force=True, progress=False)
+    assert _tree(tmp_path) == before
+    (run / "notes.md").unlink()
+    (run / "plots").rmdir()
+    train(dataclasses.replace(cfg, seed=1), run, force=True, progress=False)
+    assert json.loads((run / "config.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # the swap left nothing behind
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(data="missing.csv"), "no data file at"),
+        (dict(method="bogus"), "unknown method 'bogus'"),
+        (dict(hidden=(16, 0)), "hidden must hold positive widths"),
+        (dict(device="cuda:99"), "device"),
+    ],
+)
+def test_force_checks_everything_before_it_replaces_a_run(tmp_path: Path, change, match) -> None:
+    run = tmp_path / "run"
+    cfg = TrainConfig(data="8gaussians", **SMALL)
+    train(cfg, run, progress=False)
+    before = _tree(tmp_path)
+    with pytest.raises((ValueError, OSError), match=match):
+        train(TrainConfig(**{**cfg.to_dict(), **change}), run, force=True, progress=False)
+    assert _tree(tmp_path) == before
+
+
+def test_a_run_directory_is_marked_as_ours(tmp_path: Path) -> None:
+    from cnf.rundir import MARKER, is_run
+
+    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / MARKER).is_file() and is_run(tmp_path / "run")
+    (tmp_path / "run" / MARKER).unlink()  # a run of an older cnf: its checkpoints prove it
+    assert is_run(tmp_path / "run")
+    assert not is_run(tmp_path)

@@ -8,7 +8,10 @@ a MAF benchmark directory) is read as tabular data by :mod:`cnf.data.tabular`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
@@ -30,6 +33,7 @@ class Dataset(Protocol):
     def validation(self) -> Any: ...
     def test(self, n: int | None = None) -> Any: ...
     def meta(self) -> dict[str, Any]: ...
+    def fingerprint(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,24 @@ class ToyData:
     def meta(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "event_shape": list(self.event_shape)}
 
+    def fingerprint(self) -> str:
+        """A hash of the validation samples: changes if the density's sampler does."""
+        return content_hash(self.name, self._validation)
+
+
+def content_hash(*parts: Any) -> str:
+    """SHA-256 of arrays (their dtype, shape and bytes) and strings: a dataset's fingerprint,
+    stored in checkpoints so that a resume refuses data that changed."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            part = np.ascontiguousarray(part)
+            digest.update(f"{part.dtype.str}{part.shape}".encode())
+            digest.update(part.tobytes())
+        else:
+            digest.update(repr(part).encode())
+    return digest.hexdigest()
+
 
 # name -> (factory(seed, **options) -> Dataset, info)
 REGISTRY: dict[str, tuple[Callable[..., Dataset], DatasetInfo]] = {
@@ -122,21 +144,47 @@ def _unknown(name: str) -> str:
     )
 
 
-def get_dataset(name: str, *, seed: int = 0, **options: Any) -> Dataset:
+def _option(name: str) -> str:
+    return f"{name} (--{name.replace('_', '-')})"
+
+
+@contextmanager
+def held_warnings() -> Iterator[None]:
+    """Hold the package's logged warnings (dropped columns, integer columns, ...) while inputs
+    are checked: they are shown once the block succeeds, and dropped if it fails, so that a
+    refused command prints its one error line and nothing else."""
+    logger = logging.getLogger("cnf")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in held:  # reached only when the block succeeded
+        logger.handle(record)
+
+
+def get_dataset(name: str, *, seed: int = 0, trust_pickle: bool = False, **options: Any) -> Dataset:
     """The dataset called ``name``, seeded; unknown names list the valid ones. A path to a
     ``.csv``/``.npy``/``.npz`` file or a MAF directory loads tabular data (see
-    :mod:`cnf.data.tabular`)."""
+    :mod:`cnf.data.tabular`); ``trust_pickle`` allows the one format that unpickles (MAF's GAS),
+    and must come from the user, never from a config or checkpoint."""
     if name not in REGISTRY and tabular.looks_like_path(name):
-        return tabular.from_file(name, seed=seed, **options)
+        return tabular.from_file(name, seed=seed, trust_pickle=trust_pickle, **options)
     if name not in REGISTRY:
         raise ValueError(_unknown(name))
     factory, info = REGISTRY[name]
     unknown = sorted(set(options) - set(info.options or options))
     if unknown:
         raise ValueError(
-            f"dataset {name!r} ({info.kind} data) takes no option {', '.join(map(repr, unknown))}; "
-            f"its options: "
-            f"{list(info.options or ())}"
+            f"dataset {name!r} ({info.kind} data) takes no option "
+            f"{', '.join(_option(o) for o in unknown)}; its options: "
+            f"{', '.join(_option(o) for o in info.options or ()) or 'none'}"
         )
     return factory(seed=seed, **options)
 

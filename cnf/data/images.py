@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cnf.data import DatasetInfo, register
+from cnf.data import DatasetInfo, content_hash, register
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
@@ -99,6 +99,11 @@ class ImageData:
         self._val_pixels = torch.from_numpy(train[order[:n_val]].astype(np.uint8))
         self._test_pixels = torch.from_numpy(test.astype(np.uint8))
         self._epoch: tuple[int, Tensor] | None = None
+        self._fingerprint = content_hash(name, levels, train.astype(np.uint8, copy=False))
+
+    def fingerprint(self) -> str:
+        """A hash of the training images (validation included): a resume refuses other images."""
+        return self._fingerprint
 
     def to(self, device: torch.device | str) -> ImageData:
         """Keep the training images on ``device`` (one copy; batches are then cut and dequantized

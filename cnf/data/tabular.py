@@ -35,6 +35,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import warnings
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from cnf.data import DatasetInfo, register
+from cnf.data import DatasetInfo, content_hash, register
 
 logger = logging.getLogger("cnf")
 
@@ -181,6 +183,18 @@ class ColumnPlan:
 
     def dropped(self, columns: Sequence[str]) -> list[str]:
         return [columns[j] for j in range(self.width) if j not in self.keep]
+
+    def to_meta(self) -> dict[str, Any]:
+        """Plain data for a checkpoint's dataset description (see :meth:`from_meta`)."""
+        return {"width": self.width, "keep": list(self.keep),
+                "constant": [list(c) for c in self.constant],
+                "duplicate": [list(d) for d in self.duplicate]}  # fmt: skip
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ColumnPlan:
+        return cls(int(meta["width"]), tuple(int(j) for j in meta["keep"]),
+                   tuple((int(j), float(v)) for j, v in meta["constant"]),
+                   tuple((int(j), int(k)) for j, k in meta["duplicate"]))  # fmt: skip
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return x[:, list(self.keep)]
@@ -319,6 +333,28 @@ class TabularData:
         """The test split (its first ``n`` rows if ``n`` is given)."""
         return self._test if n is None else self._test[:n]
 
+    def fingerprint(self) -> str:
+        """A hash of the training and validation rows (after column selection and cleaning), the
+        column names and the dequantized columns: a resume refuses data that changed."""
+        return content_hash(self.name, list(self.columns), self.splits.train,
+                            self.splits.validation, self.integer)  # fmt: skip
+
+    def check_range(self, dtype: str) -> None:
+        """Refuse values too large for training in ``dtype``: their squares (the covariance of
+        the standardization) or the cast to float32 would overflow."""
+        limit = RANGE_LIMIT[dtype]
+        parts = [p for p in vars(self.splits).values() if len(p)]
+        peak = np.max([np.abs(p).max(0) for p in parts], axis=0)
+        if (peak <= limit).all():
+            return
+        j = int(np.argmax(peak))
+        hint = " or train with --dtype float64" if dtype == "float32" and peak[j] < 1e150 else ""
+        raise ValueError(
+            f"{self.name}: column {self.columns[j]!r} has values up to {peak[j]:.3g} in "
+            f"magnitude, too large for {dtype} densities (at most {limit:.0e}): rescale the "
+            f"column (divide it by a power of ten, or take its log){hint}"
+        )
+
     def meta(self) -> dict[str, Any]:
         return {
             "name": self.name, "kind": self.kind, "event_shape": list(self.event_shape),
@@ -328,6 +364,10 @@ class TabularData:
             **self.info,
         }  # fmt: skip
 
+
+# the largest magnitude a value may have, per training dtype: float32 leaves room for the
+# normalizer's arithmetic, float64 for squaring in the covariance
+RANGE_LIMIT = {"float32": 1e30, "float64": 1e150}
 
 TABLE_OPTIONS = ("columns", "val_fraction", "test_fraction", "dequantize", "drop_nan")
 
@@ -351,7 +391,8 @@ def from_table(
     plan = ColumnPlan.fit(x[train], table.columns, name)
     splits = Splits(*(plan.apply(x[i]) for i in (train, val, test)))
     kept = [table.columns[j] for j in plan.keep]
-    info = {**(info or {}), "dropped": plan.dropped(table.columns)}
+    info = {**(info or {}), "dropped": plan.dropped(table.columns),
+            "all_columns": list(table.columns), "plan": plan.to_meta()}  # fmt: skip
     return TabularData(name, splits, kept, seed=seed, dequantize=dequantize, info=info)
 
 
@@ -394,15 +435,24 @@ def read_table(path: Path, key: str | None = None) -> Table:
         raise FileNotFoundError(f"no data file at {path}")
     if suffix == ".csv":
         return _read_csv(path)
-    if suffix == ".npy":
-        return _named(np.load(path, allow_pickle=False), path)
-    with np.load(path, allow_pickle=False) as archive:
-        keys = list(archive.keys())
-        if key is None and len(keys) != 1:
-            raise ValueError(f"{path} holds arrays {keys}: choose one with --data {path}:NAME")
-        if key is not None and key not in keys:
-            raise ValueError(f"{path} has no array {key!r}; it holds {keys}")
-        return _named(archive[key or keys[0]], path)
+    try:  # never with allow_pickle: an object array would unpickle, and so could run code
+        if suffix == ".npy":
+            return _named(np.load(path, allow_pickle=False), path)
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            if key is None and len(keys) != 1:
+                raise ValueError(f"{path} holds arrays {keys}: choose one with --data {path}:NAME")
+            if key is not None and key not in keys:
+                raise ValueError(f"{path} has no array {key!r}; it holds {keys}")
+            return _named(archive[key or keys[0]], path)
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(
+            f"{path} is not a numeric {suffix} array numpy can read without unpickling "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): save it with "
+            f"np.save of a float array, or as .csv"
+        ) from err
 
 
 def _named(array: np.ndarray, path: Path) -> Table:
@@ -432,7 +482,9 @@ def _read_csv(path: Path) -> Table:
         tuple(c.strip() for c in first) if header else tuple(f"x{i}" for i in range(len(first)))
     )
     try:  # numpy's C parser for all-numeric files (MAF's HEPMASS has millions of rows)
-        values = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, comments=None)
+        with warnings.catch_warnings():  # "input contained no data": our own error says it
+            warnings.simplefilter("ignore")
+            values = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2, comments=None)
         if values.shape[1] == len(columns) and len(values):
             return Table(values, columns)
     except ValueError:
@@ -455,15 +507,17 @@ def _read_csv_text(path: Path, header: bool, columns: tuple[str, ...]) -> Table:
     return Table(np.array(body, dtype=object), columns)
 
 
-def from_file(name: str, *, seed: int = 0, **options: Any) -> TabularData:
+def from_file(
+    name: str, *, seed: int = 0, trust_pickle: bool = False, **options: Any
+) -> TabularData:
     """A user's ``.csv``/``.npy``/``.npz`` file (``file.npz:key`` picks an array), or a MAF
-    dataset directory."""
+    dataset directory (``trust_pickle``: see :func:`maf`)."""
     text, key = name, None
     if ".npz:" in name:
         text, key = name.rsplit(":", 1)
     path = Path(text).expanduser().resolve()
     if path.is_dir():
-        return maf(path, seed=seed, **options)
+        return maf(path, seed=seed, trust_pickle=trust_pickle, **options)
     table = read_table(path, key)
     full = f"{path}:{key}" if key else str(path)
     return from_table(table, full, seed=seed, info={"source": "file"}, **options)
@@ -588,10 +642,12 @@ def maf(
     columns: str | Sequence[str | int] | None = None,
     dequantize: bool = False,
     drop_nan: bool = False,
+    trust_pickle: bool = False,
     **fractions: float,
 ) -> TabularData:
     """A MAF benchmark set from its directory (named power, gas, hepmass, miniboone or BSDS300),
-    with the MAF paper's preprocessing and fixed split."""
+    with the MAF paper's preprocessing and fixed split. GAS is a pandas pickle, which can run
+    code when read: it is read only with ``trust_pickle=True``."""
     root = Path(root).expanduser().resolve()
     loader = MAF.get(root.name.lower())
     if loader is None:
@@ -601,6 +657,12 @@ def maf(
         )
     if fractions:
         raise ValueError(f"{root.name} keeps the MAF paper's fixed split: drop {sorted(fractions)}")
+    pickled = root / "ethylene_CO.pickle"
+    if loader is _gas and not trust_pickle and pickled.exists():  # before anything is read
+        raise PermissionError(
+            f"reading GAS unpickles {pickled}, and unpickling can run any "
+            "code: pass --trust-pickle (trust_pickle=True) if you trust this file"
+        )
     raw = loader(root)
     names = tuple(f"x{i}" for i in range(raw.train.shape[1]))
     selected = [select_columns(Table(x, names), columns, str(root)) for x in vars(raw).values()]
@@ -608,7 +670,8 @@ def maf(
     plan = ColumnPlan.fit(x[0], selected[0].columns, str(root))
     splits = Splits(*(plan.apply(part) for part in x))
     kept = [selected[0].columns[j] for j in plan.keep]
-    info = {"source": f"maf-{root.name.lower()}", "dropped": plan.dropped(selected[0].columns)}
+    info = {"source": f"maf-{root.name.lower()}", "dropped": plan.dropped(selected[0].columns),
+            "all_columns": list(selected[0].columns), "plan": plan.to_meta()}  # fmt: skip
     return TabularData(str(root), splits, kept, seed=seed, dequantize=dequantize, info=info)
 
 
