@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from cnf import CNF, Solver, viz
-from cnf.data import get_dataset
-from cnf.train import configure_threads, load_model
+from cnf.runs import load_run
+from cnf.runtime import configure_threads
 from cnf.transport import LATENT_LIM, Transport
 
 
@@ -97,8 +97,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small configuration")
     args = parser.parse_args()
     if args.run is not None:
-        flow, cfg, meta = load_model(args.run)
-        name, lim = meta["name"], get_dataset(meta["name"], **cfg.extra).density.support
+        run = load_run(args.run)
+        flow, name, lim = run.model, run.meta["name"], run.dataset().density.support
     else:
         torch.manual_seed(0)
         flow, name, lim = CNF(2).eval(), "untrained CNF(2)", 4.0

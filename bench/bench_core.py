@@ -52,7 +52,7 @@ def peak_memory_child(dim: int, batch: int, steps: int, adjoint: bool, device: s
     peak RSS on CPU, peak allocated memory on CUDA."""
     torch.manual_seed(0)
     x = torch.randn(batch, dim, device=device)
-    flow = CNF(dim, method="rk4", step_size=1 / steps, adjoint=adjoint).to(device)
+    flow = CNF(dim, solver=Solver("rk4", step_size=1 / steps, adjoint=adjoint)).to(device)
     (-flow.log_prob(x[:8]).mean()).backward()  # warm-up: lazy initialization is not the solver's
     before = _reset_peak_rss()
     if device == "cuda":
@@ -97,7 +97,9 @@ def table_speed(dims: list[int], batch: int, repeats: int, device: str) -> None:
                 ("hutchinson", None),
             ):
                 flow = CNF(
-                    dim, trace="hutchinson" if estimator is None else "exact", adjoint=adjoint
+                    dim,
+                    trace="hutchinson" if estimator is None else "exact",
+                    solver=Solver(adjoint=adjoint),
                 )
                 flow.load_state_dict(base.state_dict())
                 flow.to(device)

@@ -6,7 +6,8 @@
     python bench/bench_images.py --grids figures  # also a PNG of each model's samples
 
 Each row trains one configuration from scratch, in this process, on the same device, for the same
-wall-clock budget (evaluation excluded), with Adam at a constant learning rate; then evaluates the
+training-time budget, through ``cnf.training.fit`` (the loop of ``cnf train``: its seeding, step
+adaptation and clipping), with AdamW at a constant learning rate; then evaluates the
 whole test set (digits: 360 images; Fashion-MNIST: 10,000, ``--eval-n`` to cut) with the row's
 evaluation solver and reports bits/dim (see cnf/evaluate.py), the iterations done, iterations per
 second and the mean forward NFE per training iteration.
@@ -35,7 +36,6 @@ images), is the score of a model that learned nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import sys
 import time
@@ -44,16 +44,8 @@ from pathlib import Path
 import torch
 
 from cnf.evaluate import evaluate
-from cnf.train import (
-    DTYPES,
-    TrainConfig,
-    build_model,
-    configure_cuda,
-    make_optimizer,
-    open_dataset,
-    to_tensor,
-    training_loss,
-)
+from cnf.runtime import to_tensor
+from cnf.training import Hooks, TrainConfig, fit, setup
 from cnf.viz import save_sample_grid
 
 FFJORD = dict(
@@ -79,53 +71,57 @@ CONFIGS: dict[str, dict[str, dict]] = {
 }  # fmt: skip
 
 
-def train_for(cfg: TrainConfig, seconds: float, device: torch.device, tag: str) -> dict:
-    """Train ``cfg`` from scratch for ``seconds`` of wall-clock time; return the model and
-    counts."""
-    torch.manual_seed(cfg.seed)
-    data = open_dataset(cfg).to(device)
-    configure_cuda(device, cfg.tf32)
-    model = build_model(cfg, data.meta()).to(device=device, dtype=DTYPES[cfg.dtype])
-    opt, _ = make_optimizer(model, cfg)
-    iters, nfe, start, last_print = 0, 0, time.perf_counter(), 0.0
-    while (elapsed := time.perf_counter() - start) < seconds:
-        iters += 1
-        x = to_tensor(data.train_batch(cfg.batch_size, iters), device, DTYPES[cfg.dtype])
-        probes = torch.Generator(device=device).manual_seed(iters)
-        loss, nll = training_loss(model, x, cfg, probes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        nfe += model.nfe.forward
-        if elapsed - last_print > 30:
-            last_print = elapsed
-            bpd = nll.item() / (math.prod(data.event_shape) * math.log(2))
-            print(f"  {tag}: {elapsed:5.0f} s, iteration {iters}, train {bpd:.3f} bits/dim, "
-                  f"NFE {model.nfe.forward}", file=sys.stderr, flush=True)  # fmt: skip
-    if device.type == "cuda":
+class _Report(Hooks):
+    """Prints the training bits/dim every 30 seconds of training."""
+
+    def __init__(self, tag: str, dim: int) -> None:
+        self.tag, self.dim, self.spent, self.last, self.nfe = tag, dim, 0.0, 0.0, 0
+
+    def row(self, state, row) -> None:
+        self.spent += row["time"]
+        self.nfe += row["nfe"]
+        if self.spent - self.last > 30:
+            self.last = self.spent
+            bpd = row["nll"] / (self.dim * math.log(2))
+            print(f"  {self.tag}: {self.spent:5.0f} s, iteration {row['iter']}, train "
+                  f"{bpd:.3f} bits/dim, NFE {row['nfe']}", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def train_for(cfg: TrainConfig, seconds: float, tag: str) -> dict:
+    """Train ``cfg`` from scratch through ``cnf.training.fit`` for ``seconds`` of training time
+    (``fit``'s budget: the iterations' own time); return the setup and counts."""
+    run = setup(cfg)
+    dim = math.prod(run.data.event_shape)
+    report = _Report(tag, dim)
+    start = time.perf_counter()
+    result = fit(run.state, run.data, run.objective, cfg, hooks=report, progress=False,
+                 quiet=True, seconds=seconds)  # fmt: skip
+    if run.device.type == "cuda":
         torch.cuda.synchronize()
-    train_seconds = time.perf_counter() - start
-    return dict(model=model, data=data, iters=iters, seconds=train_seconds, nfe=nfe / iters)
+    wall = time.perf_counter() - start
+    return dict(run=run, iters=result.iteration, seconds=wall, nfe=report.nfe / result.iteration)
 
 
 def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.device) -> dict:
-    cfg = TrainConfig(**{**overrides, "device": str(device), "schedule": "constant"})
+    # no evaluations during training (eval_every past any budget), a constant learning rate
+    flat = {**overrides, "device": str(device), "schedule": "constant", "iters": 10**7,
+            "eval_every": 10**7, "threads": args.threads}  # fmt: skip
     if args.data_dir:
-        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
-    torch.set_num_threads(args.threads)
-    out = train_for(cfg, args.minutes * 60, device, name)
+        flat["data_dir"] = args.data_dir
+    cfg = TrainConfig().replace(**flat)
+    out = train_for(cfg, args.minutes * 60, name)
+    run = out["run"]
     if args.grids:
         args.grids.mkdir(parents=True, exist_ok=True)
-        save_sample_grid(out["model"], args.grids / f"{cfg.data}_{name}_samples.png")
-    x = to_tensor(out["data"].test(args.eval_n), device, DTYPES[cfg.dtype])
+        save_sample_grid(run.model, args.grids / f"{cfg.data}_{name}_samples.png")
+    x = to_tensor(run.data.test(args.eval_n), device, run.dtype)
     t0 = time.perf_counter()
-    ev = evaluate(out["model"], x, batch_size=args.eval_batch)
+    ev = evaluate(run.model, x, batch_size=args.eval_batch)
     print(f"  {name}: evaluated {ev.n} test images in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr, flush=True)  # fmt: skip
     return dict(name=name, data=cfg.data, iters=out["iters"], rate=out["iters"] / out["seconds"],
                 nfe=out["nfe"], bpd=ev.bits_per_dim, bpd_se=ev.nll_se /
-                (math.prod(x.shape[1:]) * math.log(2)), levels=out["data"].levels)  # fmt: skip
+                (math.prod(x.shape[1:]) * math.log(2)), levels=run.data.levels)  # fmt: skip
 
 
 def device_name(device: torch.device) -> str:

@@ -10,8 +10,8 @@ dequantized with U[0, 1) noise, once for the baselines' training rows and for va
 test, afresh every batch for the CNF). Every method standardizes with the training statistics
 and counts that map's log-det, so all NLLs are in the original units of the data:
 
-* cnf: ``cnf.train.train`` (the code of ``cnf train``) with ``cnf train``'s tabular settings
-  (``cnf.train.PRESETS["tabular"]``: ConcatSquash MLP 64-64, whitening, AdamW), early stopping
+* cnf: ``cnf.training.train`` (the code of ``cnf train``) with ``cnf train``'s tabular settings
+  (``cnf.training.PRESETS["tabular"]``: ConcatSquash MLP 64-64, whitening, AdamW), early stopping
   on the validation NLL, the best checkpoint evaluated on the test split (exact trace);
 * GaussianMixture (full covariance): ``n_components`` chosen on the validation split;
 * KernelDensity (Gaussian kernel): bandwidth chosen on the validation split;
@@ -36,7 +36,7 @@ from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import KernelDensity
 
 from cnf.data import get_dataset
-from cnf.train import TrainConfig, train
+from cnf.training import TrainConfig, train
 
 DATASETS = ("breast_cancer", "wine", "digits-tabular")
 DEQUANTIZE = {"digits-tabular"}
@@ -96,7 +96,7 @@ def baselines(data, seed: int, quick: bool) -> dict[str, Result]:
 
 
 def fit_cnf(name: str, seed: int, quick: bool) -> Result:
-    # cnf train's settings for tables (cnf.train.PRESETS["tabular"]), all test rows evaluated
+    # cnf train's settings for tables (cnf.training.PRESETS["tabular"]), all test rows evaluated
     cfg = TrainConfig.for_data(
         name, seed=seed, dequantize=name in DEQUANTIZE, **(QUICK if quick else {})
     )

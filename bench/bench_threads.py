@@ -17,13 +17,13 @@ import time
 
 import torch
 
-from cnf import CNF
+from cnf import CNF, Solver
 
 
 def child(threads: int, iters: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    flow = CNF(2, method="rk4", step_size=0.125)
+    flow = CNF(2, solver=Solver("rk4", step_size=0.125))
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
     x = torch.randn(512, 2)
     for i in range(iters + 5):

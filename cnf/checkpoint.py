@@ -1,12 +1,27 @@
 """Checkpoints: one plain dict of data, written atomically, loaded with ``weights_only=True``.
 
-A checkpoint holds the run's config, the dataset's description, the model's and optimizer's state
-and the iteration. It never holds code: loading cannot execute anything, and a file that is not a
-cnf checkpoint (or is truncated) gets a :class:`CheckpointError` that says so.
+The schema (version 2), defined here and nowhere else:
+
+==================  =========================================================================
+``model_args``      the model's own arguments (:class:`cnf.models.ModelConfig`, a dict)
+``data``            the dataset's description (``Dataset.meta()``: kind, shape, columns, ...)
+``dataset``         how to open the same data again (:class:`cnf.data.DataSpec`, a dict)
+``data_fingerprint`` a hash of the training data's content (``Dataset.fingerprint()``)
+``config``          the training recipe (:class:`cnf.training.TrainConfig`, without the model)
+``model``           the flow's ``state_dict``
+``solver``          the adapted training solver: ``method``, ``step_size``, ``atol``, ``rtol``
+``optimizer``, ``scheduler``  their ``state_dict``
+``iteration``, ``best_val_nll``, ``stale_evals``  where training stands
+==================  =========================================================================
+
+It never holds code: loading cannot execute anything, and a file that is not a cnf checkpoint
+(or is truncated) gets a :class:`CheckpointError` that says so. Version 1 files (written before
+the model's arguments were kept apart from the recipe) are upgraded when read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 from pathlib import Path
@@ -14,10 +29,13 @@ from typing import Any
 
 import torch
 
+from cnf.data.tabular import TABLE_DEFAULTS
 from cnf.io import write_bytes
+from cnf.models import ModelConfig
 
 FORMAT = "cnf-checkpoint"
-VERSION = 1
+VERSION = 2
+KEYS = ("model_args", "data", "dataset", "config", "model", "solver", "iteration")
 
 
 class CheckpointError(ValueError):
@@ -25,16 +43,17 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (:func:`cnf.io.write_bytes`): serialized in
-    memory, then a temporary file in the same directory, flushed to disk and renamed over the
-    target, so a crash or a full disk never leaves a half-written checkpoint."""
+    """Write ``payload`` (the schema's keys) to ``path`` atomically (:func:`cnf.io.write_bytes`):
+    serialized in memory, then a temporary file in the same directory, flushed to disk and
+    renamed over the target, so a crash or a full disk never leaves a half-written checkpoint."""
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, "version": VERSION, **payload}, buffer)
     write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint (tensors on the CPU) and check that it is one of ours."""
+    """Read a checkpoint (tensors on the CPU), check that it is one of ours, and upgrade an
+    older version to the current schema."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: expected a file written by `cnf train`")
@@ -50,9 +69,42 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from err
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a cnf checkpoint (no '{FORMAT}' marker)")
+    if data.get("version") == 1:
+        data = _upgrade_v1(data, path)
     if data.get("version") != VERSION:
         raise CheckpointError(
-            f"{path} is a version {data.get('version')} checkpoint; this cnf reads version "
-            f"{VERSION}: use the cnf release that wrote it"
+            f"{path} is a version {data.get('version')} checkpoint; this cnf reads versions 1 "
+            f"and {VERSION}: use the cnf release that wrote it"
         )
+    missing = [k for k in KEYS if k not in data]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it is damaged; retrain")
     return data
+
+
+def _upgrade_v1(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Version 1 kept the model's arguments inside one flat config: split them out, and record
+    how the data was opened."""
+    config = data.get("config")
+    if not isinstance(config, dict) or not isinstance(data.get("data"), dict):
+        raise CheckpointError(f"{path} is a damaged version 1 checkpoint (no config); retrain")
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    options = {
+        k: config[k]
+        for k, default in TABLE_DEFAULTS.items()
+        if k in config and config[k] != default
+    }
+    options.update(config.get("extra") or {})
+    if config.get("data_dir"):
+        options["data_dir"] = config["data_dir"]
+    return {
+        **data,
+        "version": VERSION,
+        "model_args": {k: v for k, v in config.items() if k in model_fields},
+        "config": {k: v for k, v in config.items() if k not in model_fields},
+        "dataset": {
+            "name": data["data"].get("name", config.get("data")),
+            "seed": config.get("seed", 0),
+            "options": options,
+        },
+    }

@@ -32,64 +32,79 @@ import torch
 from cnf.checkpoint import CheckpointError
 from cnf.data import list_datasets
 from cnf.data.tabular import ColumnPlan
-from cnf.evaluate import evaluate
+from cnf.fields import ACTIVATIONS, CONV_LAYERS
 from cnf.io import atomic_path, check_output
-from cnf.solvers import SolverError
-from cnf.train import (
-    PRESETS,
-    RESUMABLE,
-    ConfigError,
-    TrainConfig,
-    load_model,
-    open_dataset,
-    resolve_device,
-    to_tensor,
-    train,
-)
-from cnf.validity import solver_validity
+from cnf.models import DTYPES, ModelConfig
+from cnf.options import ConfigError
+from cnf.report import report
+from cnf.runs import Run, load_run
+from cnf.runtime import configure_threads
+from cnf.solvers import METHODS, SolverError
+from cnf.tabular import PREPROCESS
+from cnf.trace import NOISES, TRACES
+from cnf.training import PRESETS, RESUMABLE, TrainConfig, train
+from cnf.training.config import SCHEDULES
 
+
+def _choices(values) -> str:
+    return ", ".join(values)
+
+
+# what each config option does, with its unit and choices; the default is added from the field
 HELP = {
     "data": "dataset name (see `cnf datasets`), a .csv/.npy/.npz file or a MAF data directory",
-    "iters": "training iterations",
+    "iters": "training iterations (optimizer steps)",
     "batch_size": "samples per iteration",
-    "lr": "Adam learning rate (peak of the schedule)",
-    "schedule": "learning-rate schedule: cosine or constant",
-    "grad_clip": "clip the gradient norm to this (0: off)",
-    "eval_every": "evaluate on the validation set every this many iterations",
-    "seed": "seed for initialization, batches and probes",
+    "lr": "AdamW learning rate, the peak of the schedule",
+    "weight_decay": "AdamW's decoupled weight decay",
+    "schedule": f"learning-rate schedule: {_choices(SCHEDULES)} (cosine: down to 1%% of --lr)",
+    "grad_clip": "clip the gradient's norm to this (0: off)",
+    "eval_every": "iterations between validation NLLs (and checkpoints)",
+    "seed": "seed of the initialization, the data split, batches and probes (0..2**63-1)",
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
-    "threads": "CPU threads (0: automatic, 1 for small models)",
-    "hidden": "hidden widths of the vector field, e.g. 64,64,64",
-    "trace": "auto, exact or hutchinson",
-    "noise": "Hutchinson probe: rademacher or gaussian",
-    "method": "training ODE solver (any torchdiffeq method)",
-    "step_size": "step of fixed-step training solvers",
-    "atol": "absolute tolerance of adaptive training solvers",
-    "rtol": "relative tolerance of adaptive training solvers",
-    "adjoint": "backpropagate with the adjoint method",
-    "kinetic": "weight of the kinetic-energy regularizer (RNODE)",
-    "jacobian": "weight of the Jacobian Frobenius regularizer (RNODE)",
-    "eval_method": "evaluation ODE solver",
-    "adapt": "adapt the training step/tolerance so a finer solver agrees (Ott et al. 2021)",
-    "adapt_every": "iterations between step-size checks",
-    "adapt_threshold": "tolerated disagreement with the finer solver, nats per dimension",
-    "max_steps": "lower bound of the adapted step: T / max_steps",
-    "validity_size": "test rows in the final solver-validity check",
-    "test_size": "fresh test samples in the final report",
-    "preprocess": "tabular: fixed affine layer fitted on train: standardize, whiten or none",
-    "columns": "tabular: comma list of column names or 0-based indices to model",
-    "val_fraction": "tabular: fraction of rows for validation (seeded split)",
-    "test_fraction": "tabular: fraction of rows for the test set (seeded split)",
-    "dequantize": "tabular: add U[0,1) noise to integer-valued columns",
-    "drop_nan": "tabular: drop rows with NaN/inf instead of refusing them",
-    "patience": "stop after this many evaluations without a better validation NLL (0: off)",
-    "data_dir": "directory of the dataset's files (mnist, fashion-mnist, cifar10)",
-    "scales": "image models: number of scales (0: as many as the image size allows)",
-    "blocks": "image models: CNF blocks per stage (before and after each squeeze)",
-    "alpha": "image models: logit transform alpha (0: no logit, x - 1/2)",
-    "conv_layer": "image models: conv layer of the vector field, concatsquash or concat (FFJORD)",
+    "threads": "CPU threads (0: automatic, 1 for models of up to 16 dimensions)",
     "tf32": "allow TF32 matmuls and convolutions on CUDA (--no-tf32: full float32)",
+    "kinetic": "weight of RNODE's kinetic-energy penalty, int ||f||^2 dt",
+    "jacobian": "weight of RNODE's Jacobian penalty, int ||df/dz||_F^2 dt",
+    "adapt": "adapt the training step (or tolerance) so a finer solver agrees (Ott et al. 2021)",
+    "adapt_every": "iterations between step-size checks",
+    "adapt_threshold": "tolerated NLL difference from the finer solver, nats per dimension",
+    "max_steps": "the adapted step never falls below T / max_steps",
+    "test_size": "test samples in the final report (a table's test split has its own size)",
+    "validity_size": "test samples in the final solver-validity check",
+    "patience": "stop after this many validation NLLs without a better one (0: off)",
+    "columns": "tables: the columns to model, a comma list of names or 0-based indices",
+    "val_fraction": "tables: fraction of rows held out for validation (seeded split)",
+    "test_fraction": "tables: fraction of rows held out for testing (seeded split)",
+    "dequantize": "tables: add U[0,1) noise to integer-valued columns",
+    "drop_nan": "tables: drop rows with NaN/inf instead of refusing them",
+    "data_dir": "directory of the dataset's files (mnist, fashion-mnist, cifar10)",
+    "hidden": "hidden widths of the vector field, e.g. 64,64,64",
+    "activation": f"activation of the vector field: {_choices(sorted(ACTIVATIONS))}",
+    "trace": f"divergence: {_choices(TRACES)} (auto: exact up to 8 dimensions)",
+    "noise": f"Hutchinson probe: {_choices(NOISES)}",
+    "T": "integration time of each CNF block (data at t=0, the Gaussian at t=T)",
+    "learn_T": "make T a trained parameter",
+    "method": f"training ODE solver: {_choices(METHODS)}",
+    "atol": "absolute tolerance of an adaptive training solver (the adapter changes it)",
+    "rtol": "relative tolerance of an adaptive training solver (the adapter changes it)",
+    "step_size": "first step of a fixed-step training solver, in units of time (default: "
+    "Hairer's heuristic; the adapter changes it)",
+    "adjoint": "backpropagate with the adjoint method (memory flat in the number of steps)",
+    "max_nfe": "stop a solve after this many function evaluations per pass",
+    "eval_method": f"evaluation ODE solver (validation, report, eval, sample): {_choices(METHODS)}",
+    "eval_atol": "absolute tolerance of an adaptive evaluation solver",
+    "eval_rtol": "relative tolerance of an adaptive evaluation solver",
+    "eval_step_size": "step of a fixed-step evaluation solver, in units of time",
+    "dtype": f"parameters and densities in {' or '.join(DTYPES)}",
+    "preprocess": f"tables: fixed affine layer fitted on the training rows: {_choices(PREPROCESS)}",
+    "scales": "images: number of scales (0: as many as the image size allows)",
+    "blocks": "images: CNF blocks per stage, before and after each squeeze (FFJORD's num_blocks)",
+    "alpha": "images: logit transform's alpha (0: no logit, x - 1/2)",
+    "conv_layer": f"images: convolution of the vector field: {_choices(CONV_LAYERS)}",
 }
+
+
 TRUST_PICKLE = ("allow reading data that unpickles (the MAF GAS set), which can run code: only "
                 "for files you trust; never taken from a checkpoint")  # fmt: skip
 
@@ -124,21 +139,32 @@ def _flag_text(value: object) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def _config_fields() -> list[tuple[str, Any, Any]]:
+    """``(name, type, default)`` of every option ``cnf train`` takes: the recipe's and the
+    model's fields."""
+    out = []
+    for cls in (TrainConfig, ModelConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in ("extra", "model"):
+                continue
+            out.append((f.name, _field_type(hints[f.name]), f.default))
+    return out
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(hints[f.name])
-        help_text = HELP.get(f.name, f.name.replace("_", " ")) + f" (default: {f.default})"
+    for name, kind, default in _config_fields():
+        flag = "--" + name.replace("_", "-")
+        shown = "none" if default is None else _flag_text(default)
+        help_text = f"{HELP[name]} (default: {shown})"
         if kind is bool:
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            action = argparse.BooleanOptionalAction if default else "store_true"
             parser.add_argument(flag, action=action, default=None, help=help_text)
-        elif f.name == "hidden":
-            parser.add_argument(flag, type=_hidden, default=None, help=help_text)
+        elif name == "hidden":
+            parser.add_argument(flag, type=_hidden, default=None, metavar="W,W,...", help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=help_text)
+            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                                help=help_text)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_train_parser, _eval_parser, _sample_parser, _animate_parser):
+        add(sub)
+    sub.add_parser("datasets", help="list the built-in datasets")
+    return parser
 
+
+def _train_parser(sub: Any) -> None:
     presets = "; ".join(
         f"{kind}: "
         + ", ".join(f"--{k.replace('_', '-')} {_flag_text(v)}" for k, v in preset.items())
@@ -174,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     _add_config_flags(p)
 
+
+def _eval_parser(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a run on fresh test data")
     p.add_argument("run", type=Path, help="run directory or checkpoint file")
     p.add_argument("--n", type=int, help="test samples (default: the run's test_size)")
@@ -185,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the dataset's files are now (default: the run's)")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
 
+
+def _sample_parser(sub: Any) -> None:
     p = sub.add_parser("sample", help="draw samples from a trained flow")
     p.add_argument("run", type=Path, help="run directory or checkpoint file")
     p.add_argument("-n", type=int, required=True, help="number of samples")
@@ -195,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--device", default="auto")
 
+
+def _animate_parser(sub: Any) -> None:
     p = sub.add_parser(
         "animate",
         help="animate a 2-D flow: particles, density, velocity",
@@ -230,16 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
 
-    sub.add_parser("datasets", help="list the built-in datasets")
-    return parser
-
 
 def cmd_train(args: argparse.Namespace) -> int:
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if f.name != "extra" and getattr(args, f.name) is not None
-    }
+    from cnf import viz  # matplotlib only when drawing
+
+    given = {name: getattr(args, name) for name, _, _ in _config_fields()
+             if getattr(args, name) is not None}  # fmt: skip
     common = dict(progress=not args.no_progress, trust_pickle=args.trust_pickle)
     if args.resume is not None:
         if args.out is not None and args.out != args.resume:
@@ -256,12 +290,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, out, force=args.force, **common)
     if result.interrupted:
         return 128 + result.interrupted  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    viz.plot_run(result.out, data=result.data)
     print(json.dumps(result.report, indent=2))
     print(f"run saved in {result.out}")
     return 0
 
 
-def _positive(flag: str, value: float | None, *, integer: bool = False, low: float = 0) -> None:
+def _dataset(run: Run, args: argparse.Namespace):
+    """The run's data, reopened as it was trained on; a note if its content changed since."""
+    data = run.dataset(trust_pickle=args.trust_pickle, data_dir=getattr(args, "data_dir", None))
+    if run.fingerprint is not None and run.fingerprint != data.fingerprint():
+        print(f"cnf {args.command}: note: the data of {run.path} changed since it was trained "
+              "(its content fingerprint differs)", file=sys.stderr)  # fmt: skip
+    return data
+
+
+def _in_range(flag: str, value: float | None, *, integer: bool = False, low: float = 0) -> None:
     """Refuse a numeric option outside its range, naming the flag (``None``: not given)."""
     if value is None:
         return
@@ -272,17 +316,13 @@ def _positive(flag: str, value: float | None, *, integer: bool = False, low: flo
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    _positive("--n", args.n, integer=True, low=1)
-    model, cfg, meta = load_model(args.run, resolve_device(args.device))
-    # the checkpoint's dataset name: a tabular file's absolute path, found from any directory
-    data = open_dataset(dataclasses.replace(cfg, data=meta["name"]), args.data_dir,
-                        trust_pickle=args.trust_pickle)  # fmt: skip
-    p = next(model.parameters())
-    x = to_tensor(data.test(args.n or cfg.test_size), p.device, p.dtype)
-    result = evaluate(model, x, entropy=getattr(data, "entropy", None)).to_dict()
-    validity = solver_validity(model, x[: cfg.validity_size]) if args.validity else None
-    if validity is not None:
-        result["validity"] = validity.to_dict()
+    _in_range("--n", args.n, integer=True, low=1)
+    run = load_run(args.run, args.device)
+    data = _dataset(run, args)
+    validity_n = run.config.get("validity_size", 2000) if args.validity else None
+    outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
+                     validity_n=validity_n)  # fmt: skip
+    result, validity = outcome.to_dict(), outcome.validity
     if args.json:
         print(json.dumps(result))
         return 0
@@ -309,11 +349,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     if suffix == ".png" and args.with_log_prob:
         raise ValueError("--with-log-prob needs a .npy or .csv output; a .png grid has no column")
-    _positive("-n", args.n, integer=True, low=1)
+    _in_range("-n", args.n, integer=True, low=1)
     if suffix == ".png" and args.n > GRID_MAX:
         raise ValueError(f"-n {args.n} is too many images for one .png grid: at most {GRID_MAX}")
     check_output(args.output, flag="-o", force=args.force)
-    model, _, meta = load_model(args.run, resolve_device(args.device))
+    run = load_run(args.run, args.device)
+    model, meta = run.model, run.meta
     if suffix == ".png":
         return _sample_grid(model, args)
     plan = ColumnPlan.from_meta(meta["plan"]) if "plan" in meta else None
@@ -388,14 +429,14 @@ def _sample_grid(model: torch.nn.Module, args: argparse.Namespace) -> int:
 
 
 def _check_animate_options(args: argparse.Namespace) -> None:
-    _positive("--frames", args.frames, integer=True, low=2)
-    _positive("--fps", args.fps)
-    _positive("--grid", args.grid, integer=True, low=2)
-    _positive("--particles", args.particles, integer=True, low=1)
-    _positive("--trails", args.trails, integer=True, low=0)
-    _positive("--dpi", args.dpi)
+    _in_range("--frames", args.frames, integer=True, low=2)
+    _in_range("--fps", args.fps)
+    _in_range("--grid", args.grid, integer=True, low=2)
+    _in_range("--particles", args.particles, integer=True, low=1)
+    _in_range("--trails", args.trails, integer=True, low=0)
+    _in_range("--dpi", args.dpi)
     for flag in ("lim", "atol", "rtol"):
-        _positive(f"--{flag}", getattr(args, flag))
+        _in_range(f"--{flag}", getattr(args, flag))
     if args.fps > 100:
         raise ValueError(f"--fps must be at most 100, got {args.fps:g}")
 
@@ -404,7 +445,6 @@ def cmd_animate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from cnf import viz  # matplotlib only when drawing
-    from cnf.train import configure_threads
 
     _check_animate_options(args)
     if args.output.is_dir():
@@ -416,11 +456,11 @@ def cmd_animate(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: the static figures are written as .png files")
     for path, flag in zip(outputs, ("-o", "--trajectories", "--times"), strict=False):
         check_output(path, flag=flag, force=args.force)
-    model, cfg, meta = load_model(args.run, resolve_device(args.device))
+    run = load_run(args.run, args.device)
+    model = run.model
     viz.check_2d(model)
     configure_threads(0, next(model.parameters()).device, 2)
-    data = open_dataset(dataclasses.replace(cfg, data=meta["name"]),
-                        trust_pickle=args.trust_pickle)  # fmt: skip
+    data = _dataset(run, args)
     support = getattr(getattr(data, "density", None), "support", None)
     lim = args.lim if args.lim is not None else support
     samples = data.test(max(args.particles, 1))

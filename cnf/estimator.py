@@ -6,8 +6,8 @@ KernelDensity), ``sample(n_samples, random_state)``; plain constructor arguments
 ``Pipeline`` and ``GridSearchCV`` work. It runs the same code as ``cnf train`` on a table: the
 column rules and dequantization of :mod:`cnf.data.tabular`, the model of :mod:`cnf.tabular` (a
 fixed standardization layer whose log-det is included, so densities are in the units of ``X``)
-and the trainer's loss and optimizer (:func:`cnf.train.training_loss`,
-:func:`cnf.train.make_optimizer`), with early stopping on a held-out part of ``X``.
+and the training loop of :mod:`cnf.training` (the same loss, optimizer, schedule, seeding and
+solver-step adaptation), with early stopping on a held-out part of ``X``.
 
 scikit-learn's ``check_estimator`` passes in full, no check skipped or expected to fail
 (tests/test_estimator.py runs them on a small fixed-step float64 configuration;
@@ -22,8 +22,6 @@ relative 1e-7) fails for that configuration.
 from __future__ import annotations
 
 import copy
-import math
-import sys
 from typing import Any
 
 import numpy as np
@@ -31,13 +29,12 @@ import torch
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
-from tqdm.auto import tqdm
 
 from cnf.data.tabular import ColumnPlan, Splits, TabularData
-from cnf.evaluate import evaluate
+from cnf.models import DTYPES, ModelConfig
 from cnf.solvers import SolverError
-from cnf.tabular import TabularCNF, build_tabular_cnf
-from cnf.train import DTYPES, TrainConfig, make_optimizer, training_loss
+from cnf.tabular import TabularCNF
+from cnf.training import Diverged, Hooks, TrainConfig, TrainState, fit, setup
 
 
 class CNFDensity(DensityMixin, BaseEstimator):
@@ -144,15 +141,36 @@ class CNFDensity(DensityMixin, BaseEstimator):
     # --- fitting ------------------------------------------------------------------------------
 
     def _config(self, seed: int, n_train: int) -> TrainConfig:
+        model = ModelConfig(
+            dtype=self.dtype,
+            hidden=tuple(self.hidden),
+            activation=self.activation,
+            trace=self.trace,
+            method=self.method,
+            atol=self.tol,
+            rtol=self.tol,
+            step_size=self.step_size,
+            eval_method=self.method,
+            eval_atol=self.eval_tol,
+            eval_rtol=self.eval_tol,
+            eval_step_size=self.step_size,
+            preprocess=self.preprocess,
+        )
         return TrainConfig(
-            data="array", iters=self.max_iter, batch_size=min(self.batch_size, n_train),
-            lr=self.lr, weight_decay=self.weight_decay, eval_every=self.eval_every, seed=seed,
-            dtype=self.dtype, hidden=tuple(self.hidden), activation=self.activation,
-            trace=self.trace, method=self.method, atol=self.tol, rtol=self.tol,
-            step_size=self.step_size, kinetic=self.kinetic, jacobian=self.jacobian,
-            eval_method=self.method, eval_atol=self.eval_tol, eval_rtol=self.eval_tol,
-            eval_step_size=self.step_size, preprocess=self.preprocess, patience=self.patience,
-        )  # fmt: skip
+            data="array",
+            iters=self.max_iter,
+            batch_size=min(self.batch_size, n_train),
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            eval_every=self.eval_every,
+            seed=seed,
+            device=self.device,
+            threads=torch.get_num_threads(),
+            kinetic=self.kinetic,
+            jacobian=self.jacobian,
+            patience=self.patience,
+            model=model,
+        )
 
     def fit(self, X: Any, y: Any = None) -> CNFDensity:
         """Fit the flow to the rows of ``X`` (``y`` is ignored).
@@ -175,49 +193,34 @@ class CNFDensity(DensityMixin, BaseEstimator):
         cfg = self._config(seed, len(splits.train))
         kept = [names[j] for j in self.columns_.keep]
         data = TabularData("X", splits, kept, seed=seed, dequantize=self.dequantize)
-        data.check_range(self.dtype)
         self.model_ = self._train(cfg, data)
         return self
 
     def _train(self, cfg: TrainConfig, data: TabularData) -> TabularCNF:
-        device, dtype = torch.device(self.device), DTYPES[cfg.dtype]
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-            torch.manual_seed(cfg.seed)
-            model = build_tabular_cnf(cfg, {"event_shape": list(data.event_shape)})
-        model = model.to(device=device, dtype=dtype)
-        model.fit_preprocessing(data.train_data())
-        opt, sched = make_optimizer(model, cfg)
-        x_val = self._tensor(data.validation())
-        best, best_state, stale, self.validation_scores_ = math.inf, None, 0, []
-        bar = tqdm(range(1, cfg.iters + 1), disable=not self.verbose, file=sys.stderr)
-        for it in bar:
-            self.n_iter_ = it
-            x = self._tensor(data.train_batch(cfg.batch_size, it))
-            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
-            loss, _ = training_loss(model, x, cfg, gen)
-            if not torch.isfinite(loss):
-                raise SolverError(
-                    f"CNFDensity training diverged at iteration {it} (loss {loss.item():.4g}): "
-                    "lower lr, tighten tol or add kinetic/jacobian regularization"
+        with torch.random.fork_rng(devices=[]):  # seeded, without touching the global RNG
+            run = setup(cfg, data=data)
+            best = _KeepBest()
+            try:
+                result = fit(
+                    run.state,
+                    data,
+                    run.objective,
+                    cfg,
+                    hooks=best,
+                    progress=self.verbose,
+                    quiet=not self.verbose,
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            if len(x_val) and (it % cfg.eval_every == 0 or it == cfg.iters):
-                nll = evaluate(model, x_val).nll
-                self.validation_scores_.append(-nll)
-                bar.set_postfix(val_nll=f"{nll:.4f}", refresh=False)
-                stale = 0 if nll < best else stale + 1
-                if nll < best:
-                    best, best_state = nll, copy.deepcopy(model.state_dict())
-                if cfg.patience and stale >= cfg.patience:
-                    break
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        self.best_validation_score_ = -best if best_state is not None else None
-        return model.eval()
+            except Diverged as err:
+                raise SolverError(
+                    f"CNFDensity {err}: lower lr, tighten tol or add kinetic/jacobian "
+                    "regularization"
+                ) from err
+        self.n_iter_ = result.iteration
+        self.validation_scores_ = best.scores
+        if best.weights is not None:
+            run.model.load_state_dict(best.weights)
+        self.best_validation_score_ = -run.state.best if best.weights is not None else None
+        return run.model.eval()
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.tensor(x, dtype=DTYPES[self.dtype], device=torch.device(self.device))
@@ -257,3 +260,19 @@ class CNFDensity(DensityMixin, BaseEstimator):
         gen = torch.Generator(device=torch.device(self.device)).manual_seed(seed)
         x = self.model_.sample(int(n_samples), generator=gen)
         return self.columns_.restore(x.double().cpu().numpy())
+
+
+class _KeepBest(Hooks):
+    """Keeps the weights of the best validation NLL in memory, and every validation score."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.scores: list[float] = []
+
+    def row(self, state: TrainState, row: dict[str, Any]) -> None:
+        if "val_nll" in row:
+            self.scores.append(-row["val_nll"])
+
+    def evaluated(self, state: TrainState, improved: bool) -> None:
+        if improved:
+            self.weights = copy.deepcopy(state.model.state_dict())

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cnf.flow import evaluating
 from cnf.solvers import Solver
 
 
@@ -70,16 +71,11 @@ def evaluate(
         entropy is given the KL divergence from the data to the model and, for image models,
         the NLL in bits per dimension.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        logps, nfes = [], []
+    logps, nfes = [], []
+    with evaluating(model):
         for batch in x.split(batch_size):
-            kwargs = {} if solver is None else {"solver": solver}
-            logps.append(model.log_prob(batch, generator=generator, **kwargs))
+            logps.append(model.log_prob(batch, generator=generator, solver=solver))
             nfes.append(model.nfe.forward)
-    finally:
-        model.train(was_training)
     logp = torch.cat(logps).double()
     nll = -float(logp.mean())
     se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan

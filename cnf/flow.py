@@ -24,7 +24,8 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,15 +80,40 @@ class _JointDynamics:
         return out
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block, then back in the mode it was in."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
 class Flow:
     """What every flow of this package shares, over a subclass's maps ``to_latent`` (data to
     latent, ``logdet = log|det dz/dx|``) and ``to_data`` (back): the standard normal base, the
-    density ``log p(x) = log N(z) + log|det dz/dx|``, calling the flow for ``log_prob``, and
-    sampling with or without the density. A subclass has ``dim`` and ``event_shape`` and names, in
-    ``_like()``, a tensor whose dtype and device the base noise takes."""
+    density ``log p(x) = log N(z) + log|det dz/dx|``, calling the flow for ``log_prob``,
+    sampling with or without the density, and its solvers. A subclass has ``dim`` and
+    ``event_shape``, lists its CNF blocks in ``ode_blocks()`` and names, in ``_like()``, a tensor
+    whose dtype and device the base noise takes."""
 
     dim: int
     event_shape: tuple[int, ...]
+
+    def ode_blocks(self) -> list[CNF]:
+        """Every CNF block, in the order data meet them (one for a plain CNF)."""
+        raise NotImplementedError
+
+    # ``solver``, ``eval_solver`` (the training and the eval-mode solver, shared by every block)
+    # and ``nfe`` (the latest pass's function evaluations) come from the subclass
+
+    def set_solver(self, solver: Solver | None = None, *, eval_solver: Solver | None = None):
+        """Replace the training solver, the evaluation solver, or both, in every block: the one
+        way solvers change (the trainer's step adaptation uses it)."""
+        for block in self.ode_blocks():
+            ODEBlock.set_solver(block, solver, eval_solver=eval_solver)
 
     def base_log_prob(self, z: Tensor) -> Tensor:
         """``log N(z; 0, I)`` summed over the event dimensions."""
@@ -146,11 +172,11 @@ class CNF(Flow, ODEBlock):
         trace: ``"exact"``, ``"hutchinson"`` or ``"auto"`` (exact up to
             :data:`cnf.trace.AUTO_EXACT_MAX_DIM` dimensions).
         noise: the Hutchinson probe, ``"rademacher"`` or ``"gaussian"``.
-        T, learn_T, method, atol, rtol, step_size, adjoint, seminorm, max_nfe, options,
-            eval_solver: the integration time and solvers, as in :class:`~cnf.ode.ODEBlock`.
+        T, learn_T, solver, eval_solver: the integration time and the training and evaluation
+            :class:`~cnf.solvers.Solver`, as in :class:`~cnf.ode.ODEBlock`.
 
     Example:
-        >>> flow = CNF(2, hidden=(16, 16))
+        >>> flow = CNF(2, hidden=(16, 16), solver=Solver("rk4", step_size=0.25))
         >>> x = flow.sample(5)
         >>> flow.log_prob(x).shape
         torch.Size([5])
@@ -167,14 +193,7 @@ class CNF(Flow, ODEBlock):
         noise: str = "rademacher",
         T: float = 1.0,
         learn_T: bool = False,
-        method: str = "dopri5",
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
-        step_size: float | None = None,
-        adjoint: bool = False,
-        seminorm: bool = False,
-        max_nfe: int | None = 20_000,
-        options: Mapping[str, Any] | None = None,
+        solver: Solver | Mapping[str, Any] | None = None,
         eval_solver: Solver | Mapping[str, Any] | None = None,
     ) -> None:
         event_shape = _event_shape(dim)
@@ -182,18 +201,17 @@ class CNF(Flow, ODEBlock):
             if len(event_shape) != 1:
                 raise ValueError(
                     f"the default vector field is for vector data; for event shape {event_shape} "
-                    "pass vector_field= (a convolutional field, e.g. from cnf.images)"
+                    "pass vector_field= (a convolutional one: cnf.ConvField)"
                 )
             vector_field = ConcatSquashMLP(event_shape[0], hidden, activation=activation)
-        super().__init__(
-            vector_field, T=T, learn_T=learn_T, method=method, atol=atol, rtol=rtol,
-            step_size=step_size, adjoint=adjoint, seminorm=seminorm, max_nfe=max_nfe,
-            options=options, eval_solver=eval_solver,
-        )  # fmt: skip
+        super().__init__(vector_field, T=T, learn_T=learn_T, solver=solver, eval_solver=eval_solver)
         self.event_shape = event_shape
         self.dim = math.prod(event_shape)
         self.trace_name, self.noise = trace, noise
         self.estimator = make_trace(trace, self.dim, noise)
+
+    def ode_blocks(self) -> list[CNF]:
+        return [self]
 
     def extra_repr(self) -> str:
         return (

@@ -27,7 +27,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -91,13 +91,12 @@ class MultiscaleCNF(Flow, nn.Module):
         hidden, layer, activation: the convolutional field of every block
             (:class:`~cnf.fields.ConvField`).
         trace, noise: the trace estimator (Hutchinson with Rademacher probes by default).
-        **block_options: passed to every :class:`~cnf.flow.CNF` block: ``T``, ``learn_T``,
-            ``method``, ``atol``, ``rtol``, ``step_size``, ``adjoint``, ``seminorm``,
-            ``max_nfe``, ``options``, ``eval_solver``.
+        T, learn_T, solver, eval_solver: every block's integration time and solvers, as in
+            :class:`~cnf.flow.CNF`.
 
     Example:
         >>> flow = MultiscaleCNF((1, 8, 8), levels=17, blocks=1, hidden=(8,),
-        ...                      method="rk4", step_size=0.5)
+        ...                      solver=Solver("rk4", step_size=0.5))
         >>> x = flow.sample(3)
         >>> x.shape, flow.log_prob(x).shape
         (torch.Size([3, 1, 8, 8]), torch.Size([3]))
@@ -116,7 +115,10 @@ class MultiscaleCNF(Flow, nn.Module):
         activation: str = "softplus",
         trace: str = "hutchinson",
         noise: str = "rademacher",
-        **block_options: Any,
+        T: float = 1.0,
+        learn_T: bool = False,
+        solver: Solver | Mapping[str, Any] | None = None,
+        eval_solver: Solver | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.event_shape = _image_shape(event_shape)
@@ -131,10 +133,9 @@ class MultiscaleCNF(Flow, nn.Module):
 
         def cnfs(c: int, h: int, w: int) -> list[CNF]:
             field = dict(hidden=hidden, layer=layer, activation=activation)
-            return [
-                CNF((c, h, w), ConvField(c, **field), trace=trace, noise=noise, **block_options)
-                for _ in range(blocks)
-            ]
+            block = dict(trace=trace, noise=noise, T=T, learn_T=learn_T, solver=solver,
+                         eval_solver=eval_solver)  # fmt: skip
+            return [CNF((c, h, w), ConvField(c, **field), **block) for _ in range(blocks)]
 
         stages = []
         c, h, w = channels, height, width
@@ -145,23 +146,31 @@ class MultiscaleCNF(Flow, nn.Module):
         self.scales = nn.ModuleList(stages)
 
     def extra_repr(self) -> str:
-        first = self.blocks[0]
+        first = self.ode_blocks()[0]
         return (
             f"event_shape={self.event_shape}, levels={self.levels}, scales={len(self.scales)}, "
-            f"blocks={len(self.blocks)}, trace={first.estimator.name!r}, "
+            f"blocks={len(self.ode_blocks())}, trace={first.estimator.name!r}, "
             f"solver={first.solver.describe()}, eval_solver={first.eval_solver.describe()}"
         )
 
-    @property
-    def blocks(self) -> list[CNF]:
+    def ode_blocks(self) -> list[CNF]:
         """Every CNF block, in the order data meet them."""
         return [b for s in self.scales for b in (*s.pre, *s.post)]
+
+    @property
+    def solver(self) -> Solver:
+        """The training solver, shared by every block (change it with :meth:`set_solver`)."""
+        return self.ode_blocks()[0].solver
+
+    @property
+    def eval_solver(self) -> Solver:
+        return self.ode_blocks()[0].eval_solver
 
     @property
     def nfe(self) -> NFE:
         """Function evaluations of the latest pass, summed over the blocks (``backward`` fills in
         after ``.backward()`` under the adjoint)."""
-        counts = [b.nfe for b in self.blocks]
+        counts = [b.nfe for b in self.ode_blocks()]
         return NFE(sum(c.forward for c in counts), sum(c.backward for c in counts))
 
     # --- densities ------------------------------------------------------------------------
@@ -257,12 +266,12 @@ class MultiscaleCNF(Flow, nn.Module):
     # --- checks ---------------------------------------------------------------------------
 
     def _like(self) -> Tensor:
-        return self.blocks[0].log_T
+        return self.ode_blocks()[0].log_T
 
     def check_input(self, x: Tensor, name: str) -> Tensor:
         """Validate a batch of images: shape ``(n, C, H, W)``, the model's dtype and device,
         finite (see :meth:`cnf.CNF.check_input`)."""
-        return self.blocks[0].check_input(x, name)
+        return self.ode_blocks()[0].check_input(x, name)
 
     def _check_domain(self, y: Tensor) -> None:
         low, high = self.squash.domain()

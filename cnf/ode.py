@@ -22,18 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from cnf.fields import check_field
-from cnf.solvers import NFE, Solver, check_finite
+from cnf.solvers import NFE, Solver, as_solver, check_finite
 
-
-def make_solver(value: Solver | Mapping[str, Any] | None, default: Solver) -> Solver:
-    """Accept a :class:`Solver`, a mapping of its fields, or ``None`` (the default)."""
-    if value is None:
-        return default
-    if isinstance(value, Solver):
-        return value
-    if isinstance(value, Mapping):
-        return Solver(**value)
-    raise TypeError(f"expected a cnf.Solver or a dict of its fields, got {type(value).__name__}")
+DEFAULT_SOLVER = Solver("dopri5", atol=1e-5, rtol=1e-5)
 
 
 class ODEBlock(nn.Module):
@@ -43,14 +34,17 @@ class ODEBlock(nn.Module):
         field: an ``nn.Module`` called as ``field(t, h)`` returning a tensor shaped like ``h``.
         T: the integration time (positive).
         learn_T: make ``T`` a parameter (kept positive as ``exp(log_T)``).
-        method, atol, rtol, step_size, adjoint, seminorm, max_nfe, options: the training
-            :class:`~cnf.solvers.Solver` (see there).
-        eval_solver: the solver used in ``eval()`` mode (a :class:`Solver` or a dict of its
-            fields); by default the training solver without the adjoint.
+        solver: the training :class:`~cnf.solvers.Solver` (or a dict of its fields); default
+            dopri5 at atol = rtol = 1e-5.
+        eval_solver: the solver used in ``eval()`` mode; by default the training solver without
+            the adjoint.
+
+    The block owns its solvers; :meth:`set_solver` changes them (the trainer's step adaptation
+    does so through it).
 
     Example:
         >>> from cnf.fields import ConcatSquashMLP
-        >>> block = ODEBlock(ConcatSquashMLP(3, (8,)), method="rk4", step_size=0.25)
+        >>> block = ODEBlock(ConcatSquashMLP(3, (8,)), solver=Solver("rk4", step_size=0.25))
         >>> block(torch.zeros(4, 3)).shape
         torch.Size([4, 3])
     """
@@ -61,14 +55,7 @@ class ODEBlock(nn.Module):
         *,
         T: float = 1.0,
         learn_T: bool = False,
-        method: str = "dopri5",
-        atol: float = 1e-5,
-        rtol: float = 1e-5,
-        step_size: float | None = None,
-        adjoint: bool = False,
-        seminorm: bool = False,
-        max_nfe: int | None = 20_000,
-        options: Mapping[str, Any] | None = None,
+        solver: Solver | Mapping[str, Any] | None = None,
         eval_solver: Solver | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -80,14 +67,18 @@ class ODEBlock(nn.Module):
             self.log_T = nn.Parameter(log_T)
         else:
             self.register_buffer("log_T", log_T)
-        self.solver = Solver(
-            method=method, atol=atol, rtol=rtol, step_size=step_size, adjoint=adjoint,
-            seminorm=seminorm, max_nfe=max_nfe, options=options or {},
-        )  # fmt: skip
-        self.eval_solver = make_solver(
+        self.solver = as_solver(solver, DEFAULT_SOLVER)
+        self.eval_solver = as_solver(
             eval_solver, self.solver.replace(adjoint=False, seminorm=False)
         )
         self._nfe = NFE()
+
+    def set_solver(self, solver: Solver | None = None, *, eval_solver: Solver | None = None):
+        """Replace the training solver, the evaluation solver, or both."""
+        if solver is not None:
+            self.solver = as_solver(solver, self.solver)
+        if eval_solver is not None:
+            self.eval_solver = as_solver(eval_solver, self.eval_solver)
 
     @property
     def T(self) -> Tensor:

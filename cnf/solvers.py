@@ -90,7 +90,7 @@ class _Counted:
         return self.func(t, y)
 
 
-def _positive(name: str, value: float | None, *, optional: bool = False) -> None:
+def _positive_finite(name: str, value: float | None, *, optional: bool = False) -> None:
     if value is None and optional:
         return
     if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
@@ -140,11 +140,11 @@ class Solver:
             raise ValueError(
                 f"unknown adjoint_method {self.adjoint_method!r}; valid choices: {list(METHODS)}"
             )
-        _positive("atol", self.atol)
-        _positive("rtol", self.rtol)
-        _positive("adjoint_atol", self.adjoint_atol, optional=True)
-        _positive("adjoint_rtol", self.adjoint_rtol, optional=True)
-        _positive("step_size", self.step_size, optional=True)
+        _positive_finite("atol", self.atol)
+        _positive_finite("rtol", self.rtol)
+        _positive_finite("adjoint_atol", self.adjoint_atol, optional=True)
+        _positive_finite("adjoint_rtol", self.adjoint_rtol, optional=True)
+        _positive_finite("step_size", self.step_size, optional=True)
         if self.max_nfe is not None and (not isinstance(self.max_nfe, int) or self.max_nfe < 1):
             raise ValueError(f"max_nfe must be a positive integer or None, got {self.max_nfe!r}")
         if self.fixed_step and self.step_size is None and "grid_constructor" not in self.options:
@@ -272,6 +272,24 @@ class Solver:
             ) from err
         counted.phase = "backward"
         return ys, counted.nfe
+
+
+def as_solver(value: Solver | Mapping[str, Any] | None, default: Solver) -> Solver:
+    """Accept a :class:`Solver`, a mapping of its fields, or ``None`` (the default)."""
+    if value is None:
+        return default
+    if isinstance(value, Solver):
+        return value
+    if isinstance(value, Mapping):
+        return Solver(**value)
+    raise TypeError(f"expected a cnf.Solver or a dict of its fields, got {type(value).__name__}")
+
+
+def solver_fields(solver: Solver) -> dict[str, Any]:
+    """A solver as plain data (for configs and checkpoints); ``Solver(**fields)`` rebuilds it."""
+    fields = dataclasses.asdict(solver)
+    fields["options"] = dict(solver.options)
+    return fields
 
 
 class _BackwardPhase:

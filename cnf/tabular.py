@@ -26,7 +26,7 @@ noise (one forward-mode Jacobian per function evaluation: affordable without a b
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +34,6 @@ from torch import Tensor, nn
 
 from cnf.flow import CNF, FlowResult
 from cnf.solvers import Solver
-
-if TYPE_CHECKING:
-    from cnf.train import TrainConfig
 
 PREPROCESS = ("standardize", "whiten", "none")
 
@@ -79,7 +76,7 @@ class Normalizer(nn.Module):
         weight = torch.eye(x.shape[1], dtype=torch.float64)
         loc = x.mean(0) if self.kind != "none" else torch.zeros(x.shape[1], dtype=torch.float64)
         if self.kind == "standardize":
-            weight = torch.diag(1 / _positive(x.std(0, correction=0)))
+            weight = torch.diag(1 / _nonzero_std(x.std(0, correction=0)))
         elif self.kind == "whiten":
             weight = _inverse_cholesky(torch.cov(x.T, correction=0).reshape(x.shape[1], -1))
         self.loc.copy_(loc)
@@ -99,7 +96,7 @@ class Normalizer(nn.Module):
         return x + self.loc
 
 
-def _positive(std: Tensor) -> Tensor:
+def _nonzero_std(std: Tensor) -> Tensor:
     """Training standard deviations; a zero one (a column constant on the training rows, which
     :class:`~cnf.data.tabular.ColumnPlan` drops first) would make the map singular."""
     if bool((std <= 0).any()):
@@ -142,7 +139,7 @@ class TabularCNF(CNF):
     :meth:`trajectory` (inherited) runs in the normalized coordinates ``u``.
 
     Example:
-        >>> flow = TabularCNF(3, hidden=(8,), method="rk4", step_size=0.5)
+        >>> flow = TabularCNF(3, hidden=(8,), solver=Solver("rk4", step_size=0.5))
         >>> flow.fit_preprocessing(np.random.default_rng(0).normal(5.0, 100.0, (50, 3)))
         >>> flow.sample(4).shape
         torch.Size([4, 3])
@@ -187,14 +184,3 @@ class TabularCNF(CNF):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, preprocess={self.normalizer.kind!r}"
-
-
-def build_tabular_cnf(cfg: TrainConfig, meta: dict[str, Any]) -> TabularCNF:
-    """The trainer's builder for ``kind == "tabular"`` (also used by :class:`cnf.CNFDensity`)."""
-    (dim,) = meta["event_shape"]
-    return TabularCNF(
-        dim, preprocess=cfg.preprocess, hidden=cfg.hidden, activation=cfg.activation,
-        trace=cfg.trace, noise=cfg.noise, T=cfg.T, learn_T=cfg.learn_T, method=cfg.method,
-        atol=cfg.atol, rtol=cfg.rtol, step_size=cfg.train_solver.step_size, adjoint=cfg.adjoint,
-        max_nfe=cfg.max_nfe, eval_solver=cfg.eval_solver,
-    )  # fmt: skip

@@ -43,8 +43,9 @@ class FieldEval:
     frobenius: Tensor | None = None
 
 
-def _flat_sum(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).sum(1)
+def event_sum(x: Tensor) -> Tensor:
+    """The sum over every axis but the first (the batch): one number per sample."""
+    return x.flatten(1).sum(1)
 
 
 class ExactTrace:
@@ -138,8 +139,8 @@ class HutchinsonTrace:
             raise ValueError("the Hutchinson estimator needs a probe: draw one with .probe(z)")
         value, vjp = torch.func.vjp(lambda zz: field(t, zz), z)
         (e_j,) = vjp(probe)
-        frob = _flat_sum(e_j.square()) if frobenius else None
-        return FieldEval(value, _flat_sum(e_j * probe), frob)
+        frob = event_sum(e_j.square()) if frobenius else None
+        return FieldEval(value, event_sum(e_j * probe), frob)
 
 
 TraceEstimator = ExactTrace | HutchinsonTrace

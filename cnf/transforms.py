@@ -24,9 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-
-def _flat_sum(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1).sum(1)
+from cnf.trace import event_sum
 
 
 def _event_dim(x: Tensor) -> int:
@@ -101,13 +99,13 @@ class Logit(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         s = self.alpha + (1 - 2 * self.alpha) * x
         log_s, log_1ms = torch.log(s), torch.log1p(-s)
-        logdet = _event_dim(x) * math.log1p(-2 * self.alpha) - _flat_sum(log_s + log_1ms)
+        logdet = _event_dim(x) * math.log1p(-2 * self.alpha) - event_sum(log_s + log_1ms)
         return log_s - log_1ms, logdet
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         x = (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
         log_ds = nn.functional.logsigmoid(y) + nn.functional.logsigmoid(-y)  # log s(1 - s)
-        return x, _flat_sum(log_ds) - _event_dim(y) * math.log1p(-2 * self.alpha)
+        return x, event_sum(log_ds) - _event_dim(y) * math.log1p(-2 * self.alpha)
 
     def domain(self) -> tuple[float, float]:
         """The open interval of ``x`` on which the transform is finite."""

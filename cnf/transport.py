@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cnf.flow import evaluating
 from cnf.solvers import Solver
 
 DIRECTIONS = ("sample", "density")
@@ -183,12 +184,8 @@ def transport(
     nodes = p.new_zeros(0, 2) if mesh is None else mesh.reshape(-1, 2)
     steps = np.linspace(1.0, 0.0, frames) if direction == "sample" else np.linspace(0, 1, frames)
     times = flow.times(p, steps=steps.tolist())
-    was_training = flow.training
-    flow.eval()
-    try:
+    with evaluating(flow):
         out = flow.trajectory(torch.cat([nodes, start]), times, trace="exact", solver=solver)
-    finally:
-        flow.train(was_training)
     k = len(nodes)
     mesh_path, path = out.value[:, :k], out.value[:, k:]
     logp = None if mesh is None else _log_density(flow, direction, mesh_path, out.logdet[:, :k])

@@ -23,22 +23,24 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from cnf.io import atomic_path, save_figure, write_bytes
+from cnf.runs import load_run
 from cnf.solvers import Solver
 from cnf.transport import LATENT_LIM, Transport, check_2d, like, transport
 
 
-def grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An ``n x n`` grid on ``[-lim, lim]^2``: the axis, and the points as an ``(n*n, 2)`` array."""
+def grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """An ``n x n`` grid on ``[-lim, lim]^2``: the axis, and the points as an ``(n*n, 2)`` array
+    (x varying fastest)."""
     g = np.linspace(-lim, lim, n)
     xx, yy = np.meshgrid(g, g, indexing="xy")
-    return g, g, np.stack([xx.ravel(), yy.ravel()], 1)
+    return g, np.stack([xx.ravel(), yy.ravel()], 1)
 
 
 @torch.no_grad()
 def model_density(model: nn.Module, lim: float, n: int = 200, batch: int = 10_000) -> np.ndarray:
     """``exp log_prob`` of the model on an ``n x n`` grid (rows are y, columns x)."""
     check_2d(model)
-    _, _, pts = grid(lim, n)
+    _, pts = grid(lim, n)
     p = next(model.parameters())
     x = torch.as_tensor(pts, dtype=p.dtype, device=p.device)
     model.eval()
@@ -62,7 +64,7 @@ def plot_density(model: nn.Module, data: Any, path: str | Path, n: int = 200) ->
     lim = data.density.support
     panels = [("model density", model_density(model, lim, n))]
     if data.density.has_truth:
-        _, _, pts = grid(lim, n)
+        _, pts = grid(lim, n)
         panels.insert(0, ("true density", np.exp(data.log_prob(pts)).reshape(n, n)))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, dens) in zip(axes[0], panels, strict=True):
@@ -90,11 +92,27 @@ def plot_samples(model: nn.Module, data: Any, path: str | Path, n: int = 5000) -
     plt.close(fig)
 
 
-def plot_run(model: nn.Module, data: Any, out: str | Path) -> None:
-    """The figures every 2-D training run writes: ``density.png`` and ``samples.png``."""
+def plot_run(out: str | Path, *, data: Any = None, trust_pickle: bool = False) -> list[Path]:
+    """The figures of a run directory, from its best checkpoint and log: ``solver.png`` (the
+    training solver), and by kind of data ``density.png`` and ``samples.png`` (2-D),
+    ``marginals.png`` (tables) or ``samples.png`` (an image grid). ``data``: the run's dataset
+    if it is at hand (else it is reopened). Returns the paths written."""
     out = Path(out)
-    plot_density(model, data, out / "density.png")
-    plot_samples(model, data, out / "samples.png")
+    run = load_run(out)
+    data = data if data is not None else run.dataset(trust_pickle=trust_pickle)
+    written = [out / "solver.png"]
+    plot_solver(out / "log.jsonl", written[0])
+    if data.kind == "toy":
+        written += [out / "density.png", out / "samples.png"]
+        plot_density(run.model, data, written[1])
+        plot_samples(run.model, data, written[2])
+    elif data.kind == "tabular":
+        written.append(out / "marginals.png")
+        plot_marginals(run.model, data, written[1])
+    elif data.kind == "image":
+        written.append(out / "samples.png")
+        save_sample_grid(run.model, written[1])
+    return written
 
 
 @torch.no_grad()
@@ -218,7 +236,7 @@ def _velocities(flow: nn.Module, tr: Transport, lim: float) -> tuple[np.ndarray,
     ``f(t, y)`` forward in time, ``-f`` when the picture runs from ``T`` to 0. Arrows are in data
     units: the 95th percentile of speed spans 1.4 grid spacings, faster ones are clipped to it
     (the field is fastest in a few spots, which would otherwise hide the rest)."""
-    _, _, pts = grid(lim * 0.9, _ARROWS)
+    _, pts = grid(lim * 0.9, _ARROWS)
     p = like(flow)
     y = torch.as_tensor(pts, dtype=p.dtype, device=p.device)
     sign = -1.0 if tr.direction == "sample" else 1.0

@@ -19,8 +19,9 @@ import argparse
 from pathlib import Path
 
 from cnf import viz
-from cnf.data import get_dataset
-from cnf.train import TrainConfig, configure_threads, load_model, train
+from cnf.runs import load_run
+from cnf.runtime import configure_threads
+from cnf.training import TrainConfig, train
 
 DATASETS = ("8gaussians", "checkerboard", "moons")
 FIGURES = Path(__file__).resolve().parent.parent / "figures"
@@ -41,9 +42,9 @@ for i, name in enumerate(args.datasets):
         if not args.train:
             raise SystemExit(f"no trained run in {run}: pass --train to train it (4-9 min)")
         train(TrainConfig.for_data(name), run)
-    flow, cfg, _ = load_model(run)
+    trained = load_run(run)
+    flow, data = trained.model, trained.dataset()
     configure_threads(0, next(flow.parameters()).device, 2)
-    data = get_dataset(name, seed=cfg.seed)
     kw = dict(lim=data.density.support, data=data.test(GIF["particles"]))
 
     # noise -> data: what sampling does

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
-from cnf import ConcatSquashMLP, ODEBlock
+from cnf import ConcatSquashMLP, ODEBlock, Solver
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--iters", type=int, default=600)
@@ -36,7 +36,8 @@ hidden = 8
 model = nn.Sequential(
     nn.Linear(1, hidden),
     ODEBlock(
-        ConcatSquashMLP(hidden, (32,)), method="dopri5", atol=1e-4, rtol=1e-4, adjoint=args.adjoint
+        ConcatSquashMLP(hidden, (32,)),
+        solver=Solver("dopri5", atol=1e-4, rtol=1e-4, adjoint=args.adjoint),
     ),
     nn.Linear(hidden, 1),
 )

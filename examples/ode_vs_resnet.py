@@ -16,7 +16,7 @@ import weakref
 import torch
 from torch import nn
 
-from cnf import ConcatSquashMLP, ODEBlock
+from cnf import ConcatSquashMLP, ODEBlock, Solver
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
 parser.add_argument("--iters", type=int, default=400)
@@ -45,7 +45,8 @@ def resnet(depth: int) -> nn.Module:
 
 def odenet(steps: int, adjoint: bool) -> nn.Module:
     return ODEBlock(
-        ConcatSquashMLP(HIDDEN, (WIDTH,)), method="rk4", step_size=1 / steps, adjoint=adjoint
+        ConcatSquashMLP(HIDDEN, (WIDTH,)),
+        solver=Solver("rk4", step_size=1 / steps, adjoint=adjoint),
     )
 
 

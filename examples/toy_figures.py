@@ -16,8 +16,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from cnf import viz
-from cnf.data import get_dataset
-from cnf.train import TrainConfig, load_model, train
+from cnf.runs import load_run
+from cnf.training import TrainConfig, train
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--runs", type=Path, default=Path("runs/bench-toy"))
@@ -36,8 +36,8 @@ for col, name in enumerate(args.data):
     if not (run / "best.pt").is_file():
         print(f"training {name} into {run}", flush=True)
         train(TrainConfig(data=name), run, force=run.exists())
-    model, cfg, _ = load_model(run)
-    data = get_dataset(name, seed=cfg.seed)
+    trained = load_run(run)
+    model, data = trained.model, trained.dataset()
     lim = data.density.support
     with torch.no_grad():
         samples = model.sample(5000, generator=torch.Generator().manual_seed(0)).numpy()

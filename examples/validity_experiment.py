@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from cnf.train import TrainConfig, train
+from cnf.training import TrainConfig, train
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--iters", type=int, default=1500)
@@ -40,8 +40,8 @@ RUNS = {
 results = {}
 for name, solver in RUNS.items():
     out = args.runs / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-    cfg = TrainConfig(data="8gaussians", iters=args.iters, eval_every=args.iters, seed=0,
-                      test_size=5000, validity_size=2000, **solver)  # fmt: skip
+    cfg = TrainConfig.for_data("8gaussians", iters=args.iters, eval_every=args.iters, seed=0,
+                               test_size=5000, validity_size=2000, **solver)  # fmt: skip
     if args.reuse and (out / "report.json").is_file():
         report = json.loads((out / "report.json").read_text())
     else:

@@ -52,3 +52,11 @@ SMALL = dict(
     iters=12, batch_size=64, eval_every=6, hidden=(16, 16), method="rk4", step_size=0.25,
     eval_method="rk4", eval_step_size=0.25, test_size=300,
 )  # fmt: skip
+
+
+def config(**kw):
+    """A TrainConfig from flat options (model fields such as ``hidden`` included), without the
+    presets that ``TrainConfig.for_data`` adds."""
+    from cnf.training import TrainConfig
+
+    return TrainConfig().replace(**kw)

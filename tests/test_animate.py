@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, LinearField
+from conftest import SMALL, LinearField, config
 from PIL import Image
 from scipy.linalg import expm
 from scipy.stats import multivariate_normal
@@ -15,9 +15,8 @@ from scipy.stats import multivariate_normal
 from cnf import CNF, viz
 from cnf.checkpoint import save_checkpoint
 from cnf.cli import main
-from cnf.data import get_dataset
 from cnf.solvers import Solver
-from cnf.train import TrainConfig, build_model
+from cnf.training import setup
 from cnf.transport import LATENT_LIM, Transport, transport
 
 LATENT_MASS = math.erf(LATENT_LIM / math.sqrt(2)) ** 2
@@ -26,7 +25,7 @@ TINY = dict(frames=5, grid=16, particles=40, dpi=40)
 
 def _warping_flow() -> CNF:
     """A random field strong enough to change cell areas by tens of percent."""
-    flow = CNF(2, hidden=(16, 16), atol=1e-6, rtol=1e-6)
+    flow = CNF(2, hidden=(16, 16), solver=Solver(atol=1e-6, rtol=1e-6))
     with torch.no_grad():
         for p in flow.field.parameters():
             p.mul_(3.0)
@@ -35,7 +34,7 @@ def _warping_flow() -> CNF:
 
 @pytest.fixture
 def flow() -> CNF:
-    return CNF(2, hidden=(8,), method="rk4", step_size=0.25)
+    return CNF(2, hidden=(8,), solver=Solver("rk4", step_size=0.25))
 
 
 @pytest.fixture
@@ -56,7 +55,7 @@ def test_linear_flow_density_is_the_closed_form_gaussian(float64, direction: str
     # dz/dt = A z moves the base N(0, I) at T back to y_t = expm(-A (T - t)) z ~ N(0, M M^T)
     A = torch.tensor([[-0.4, 0.9], [-0.3, 0.6]])
     T = 1.3
-    flow = CNF(2, LinearField(A), T=T, atol=1e-10, rtol=1e-10)
+    flow = CNF(2, LinearField(A), T=T, solver=Solver(atol=1e-10, rtol=1e-10))
     tr = transport(flow, 4, direction=direction, grid=6, particles=3, lim=3.0)
     for k, t in enumerate(tr.times):
         M = expm(-A.numpy() * (T - t))
@@ -197,10 +196,7 @@ def test_bad_options(flow, kwargs: dict, message: str) -> None:
 def run(tmp_path_factory) -> Path:
     """A run directory holding an untrained 8gaussians model (the CLI's plumbing is tested)."""
     out = tmp_path_factory.mktemp("animate")
-    cfg, meta = TrainConfig(data="8gaussians", **SMALL), get_dataset("8gaussians").meta()
-    model = build_model(cfg, meta)
-    save_checkpoint(out / "best.pt", {"config": cfg.to_dict(), "data": meta,
-                                      "model": model.state_dict()})  # fmt: skip
+    save_checkpoint(out / "best.pt", setup(config(data="8gaussians", **SMALL)).checkpoint())
     return out
 
 

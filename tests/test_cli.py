@@ -7,16 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, cli_flags
+from conftest import SMALL, cli_flags, config
 
 from cnf.cli import main
-from cnf.train import TrainConfig, train
+from cnf.training import train
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
-    train(TrainConfig(data="8gaussians", **SMALL), out, progress=False)
+    train(config(data="8gaussians", **SMALL), out, progress=False)
     return out
 
 
@@ -28,7 +28,7 @@ def test_train_command(tmp_path: Path, capsys) -> None:
     )
     report = json.loads(capsys.readouterr().out.split("\nrun saved")[0])
     assert {"nll", "nll_se", "nfe"} <= report.keys() and "kl" not in report  # moons: no truth
-    assert json.loads((out / "config.json").read_text())["hidden"] == [16, 16]
+    assert json.loads((out / "config.json").read_text())["model"]["hidden"] == [16, 16]
 
 
 def test_eval_json(run: Path, capsys) -> None:
@@ -59,12 +59,12 @@ def test_sample_files(run: Path, tmp_path: Path, suffix: str) -> None:
 def test_sample_log_prob_matches_model(run: Path, tmp_path: Path) -> None:
     import torch
 
-    from cnf.train import load_model
+    from cnf.runs import load_run
 
     path = tmp_path / "s.npy"
     main(["sample", str(run), "-n", "20", "-o", str(path), "--with-log-prob"])
     table = np.load(path)
-    model, _, _ = load_model(run)
+    model = load_run(run).model
     with torch.no_grad():
         logp = model.log_prob(torch.as_tensor(table[:, :2], dtype=torch.float32)).numpy()
     np.testing.assert_allclose(logp, table[:, 2], atol=2e-2)

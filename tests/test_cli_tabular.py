@@ -5,11 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, cli_flags
+from conftest import SMALL, cli_flags, config
 
 from cnf.checkpoint import load_checkpoint
 from cnf.cli import main
-from cnf.train import TrainConfig, load_model, train
+from cnf.runs import load_run
+from cnf.training import train
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def test_the_tabular_preset_trains_with_its_default_solver(tmp_path: Path) -> No
     assert main(["train", "--data", "iris", "--out", str(out), "--no-progress", *flags]) == 0
     first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert first["step_size"] == pytest.approx(1 / 8)
-    assert json.loads((out / "config.json").read_text())["preprocess"] == "whiten"
+    assert json.loads((out / "config.json").read_text())["model"]["preprocess"] == "whiten"
 
 
 def test_train_then_eval_on_the_same_test_split(run: Path, capsys) -> None:
@@ -60,8 +61,9 @@ def test_user_csv_with_columns(tmp_path: Path, capsys) -> None:
             "--no-progress", *cli_flags(**SMALL)]  # fmt: skip
     assert main(argv) == 0
     capsys.readouterr()
-    _, cfg, meta = load_model(out)
-    assert meta["columns"] == ["b", "a"] and cfg.columns == "b,a"
+    loaded = load_run(out)
+    meta = loaded.meta
+    assert meta["columns"] == ["b", "a"] and loaded.spec.options == {"columns": "b,a"}
     assert meta["name"] == str((tmp_path / "mine.csv").resolve())
     assert main(["eval", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 20
@@ -138,7 +140,7 @@ def test_resume_refuses_a_table_whose_values_changed(tmp_path: Path, capsys) -> 
 
 def test_early_stopping_on_validation_nll(tmp_path: Path) -> None:
     # a learning rate too small to move float32 weights: no evaluation beats the first
-    cfg = TrainConfig(data="iris", **{**SMALL, "iters": 60, "eval_every": 5}, lr=1e-12, patience=2)
+    cfg = config(data="iris", **{**SMALL, "iters": 60, "eval_every": 5}, lr=1e-12, patience=2)
     result = train(cfg, tmp_path / "run", progress=False)
     assert result.iteration == 15 and result.report is not None
     rows = (tmp_path / "run" / "log.jsonl").read_text().splitlines()

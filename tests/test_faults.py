@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import config
 
-import cnf.train
+import cnf.training.objectives
+import cnf.training.run
 from cnf.checkpoint import load_checkpoint
 from cnf.io import DiskFullError, save_figure, write_bytes
-from cnf.train import TrainConfig, train
+from cnf.training import MaximumLikelihood, TrainConfig, lr_factor, train
 
 # 60 iterations with checkpoints at 20, 40, 60 and a step-size check at 50
 CONFIG = dict(data="8gaussians", iters=60, batch_size=64, eval_every=20, hidden=(16, 16),
@@ -36,7 +38,7 @@ class Killed(BaseException):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("faults") / "straight"
-    train(TrainConfig(**CONFIG), out, progress=False)
+    train(config(**CONFIG), out, progress=False)
     return out
 
 
@@ -68,9 +70,15 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+# where each fault strikes: the object whose attribute is replaced
+WHERE = {"loss": MaximumLikelihood, "save_checkpoint": cnf.training.run,
+         "batch_nll_metric": cnf.training.objectives}  # fmt: skip
+
+
 def _kill_on(monkeypatch, name: str, call: int, *, after: bool = False) -> None:
-    """Make the ``call``-th call of ``cnf.train.<name>`` die (before it runs, or after)."""
-    real = getattr(cnf.train, name)
+    """Make the ``call``-th call of ``name`` (see :data:`WHERE`) die, before it runs or after."""
+    owner = WHERE[name]
+    real = getattr(owner, name)
     calls = {"n": 0}
 
     def dying(*args, **kwargs):
@@ -82,13 +90,13 @@ def _kill_on(monkeypatch, name: str, call: int, *, after: bool = False) -> None:
             raise Killed
         return result
 
-    monkeypatch.setattr(cnf.train, name, dying)
+    monkeypatch.setattr(owner, name, dying)
 
 
 @pytest.mark.parametrize(
     ("name", "call", "after"),
     [
-        ("training_loss", 27, False),  # mid-iteration, after the first checkpoint
+        ("loss", 27, False),  # mid-iteration, after the first checkpoint
         ("save_checkpoint", 3, False),  # at iteration 40, log row written, best.pt not yet
         ("save_checkpoint", 3, True),  # best.pt of iteration 40 written, last.pt not yet
         ("save_checkpoint", 4, True),  # right after last.pt of iteration 40
@@ -103,7 +111,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(
     with monkeypatch.context() as m:
         _kill_on(m, name, call, after=after)
         with pytest.raises(Killed):
-            train(TrainConfig(**CONFIG), run, progress=False)
+            train(config(**CONFIG), run, progress=False)
     saved = load_checkpoint(run / "last.pt")["iteration"]
     assert len(_log(run)) >= saved  # the log never lacks a checkpointed row
     train(TrainConfig(), run, resume=True, progress=False)
@@ -113,12 +121,12 @@ def test_a_killed_run_resumes_to_the_uninterrupted_one(
 def test_killed_before_the_first_checkpoint_says_to_start_again(tmp_path: Path, monkeypatch):
     run = tmp_path / "run"
     with monkeypatch.context() as m:
-        _kill_on(m, "training_loss", 5)
+        _kill_on(m, "loss", 5)
         with pytest.raises(Killed):
-            train(TrainConfig(**CONFIG), run, progress=False)
+            train(config(**CONFIG), run, progress=False)
     with pytest.raises(Exception, match=r"cannot resume: .*last.pt does not exist.*--force"):
         train(TrainConfig(), run, resume=True, progress=False)
-    train(TrainConfig(**CONFIG), run, force=True, progress=False)  # a started run is ours
+    train(config(**CONFIG), run, force=True, progress=False)  # a started run is ours
     assert load_checkpoint(run / "last.pt")["iteration"] == 60
 
 
@@ -181,7 +189,7 @@ def test_resume_may_lower_the_learning_rate(straight: Path, tmp_path: Path) -> N
     rows = _log(run)
     assert [r["iter"] for r in rows] == list(range(1, 71))
     assert json.loads((run / "config.json").read_text())["lr"] == 1e-3  # the config says so
-    factor = cnf.train.lr_factor(TrainConfig(iters=70), 61)
+    factor = lr_factor(61, 70, "cosine")
     assert rows[60]["lr"] == pytest.approx(1e-3 * factor)
 
 

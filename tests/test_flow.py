@@ -8,11 +8,11 @@ from conftest import LinearField
 
 from cnf import CNF, Solver
 
-TIGHT = dict(method="dopri5", atol=1e-10, rtol=1e-10)
+TIGHT = Solver("dopri5", atol=1e-10, rtol=1e-10)
 
 
 def _linear_flow(A: torch.Tensor, T: float, **kw) -> CNF:
-    return CNF(A.shape[0], LinearField(A), T=T, trace="exact", **{**TIGHT, **kw})
+    return CNF(A.shape[0], LinearField(A), T=T, trace="exact", **{"solver": TIGHT, **kw})
 
 
 @pytest.mark.parametrize("learn_T", [False, True])
@@ -51,7 +51,7 @@ def test_trajectory_hits_every_time(float64) -> None:
 
 
 def test_density_integrates_to_one(float64) -> None:
-    flow = CNF(2, hidden=(32, 32), trace="exact", atol=1e-8, rtol=1e-8).eval()
+    flow = CNF(2, hidden=(32, 32), trace="exact", solver=Solver(atol=1e-8, rtol=1e-8)).eval()
     with torch.no_grad():  # a strong random field: log-dets of order one, not a near-identity map
         for layer in flow.field.layers:
             layer.linear.weight.mul_(5)
@@ -67,7 +67,7 @@ def test_density_integrates_to_one(float64) -> None:
 
 
 def test_sample_and_log_prob_consistency_and_round_trip(float64) -> None:
-    flow = CNF(2, hidden=(32, 32), trace="exact", atol=1e-10, rtol=1e-10).eval()
+    flow = CNF(2, hidden=(32, 32), trace="exact", solver=Solver(atol=1e-10, rtol=1e-10)).eval()
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         x, logp = flow.sample_and_log_prob(64, generator=gen)
@@ -81,7 +81,7 @@ def test_sample_and_log_prob_consistency_and_round_trip(float64) -> None:
 
 
 def test_logdets_of_both_directions_cancel(float64) -> None:
-    flow = CNF(3, hidden=(16,), trace="exact", **TIGHT)
+    flow = CNF(3, hidden=(16,), trace="exact", solver=TIGHT)
     x = torch.randn(10, 3)
     fwd = flow.to_latent(x)
     bwd = flow.to_data(fwd.value)
@@ -90,9 +90,9 @@ def test_logdets_of_both_directions_cancel(float64) -> None:
 
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
 def test_adjoint_gradients_equal_direct(float64, trace: str) -> None:
-    kw = dict(hidden=(16, 16), trace=trace, learn_T=True, T=0.8, atol=1e-10, rtol=1e-10)
-    direct = CNF(2, **kw)
-    adjoint = CNF(2, adjoint=True, **kw)
+    kw = dict(hidden=(16, 16), trace=trace, learn_T=True, T=0.8)
+    direct = CNF(2, **kw, solver=TIGHT)
+    adjoint = CNF(2, **kw, solver=TIGHT.replace(adjoint=True))
     adjoint.load_state_dict(direct.state_dict())
     x = torch.randn(32, 2)
     grads = []
@@ -107,7 +107,7 @@ def test_adjoint_gradients_equal_direct(float64, trace: str) -> None:
 
 
 def test_learnable_T_gradient_matches_finite_difference(float64) -> None:
-    flow = CNF(2, hidden=(8,), learn_T=True, T=0.9, trace="exact", **TIGHT)
+    flow = CNF(2, hidden=(8,), learn_T=True, T=0.9, trace="exact", solver=TIGHT)
     x = torch.randn(8, 2)
     loss = flow.log_prob(x).sum()
     (g,) = torch.autograd.grad(loss, [flow.log_T])
@@ -121,7 +121,7 @@ def test_learnable_T_gradient_matches_finite_difference(float64) -> None:
 
 
 def test_hutchinson_probe_fixed_for_the_whole_solve_including_adjoint(float64) -> None:
-    flow = CNF(4, hidden=(8,), trace="hutchinson", adjoint=True)
+    flow = CNF(4, hidden=(8,), trace="hutchinson", solver=Solver(adjoint=True))
     seen: list[torch.Tensor] = []
     calls = {"vjp": 0}
     estimator = flow.estimator
@@ -152,7 +152,7 @@ def test_nfe_counts_forward_and_backward(float64) -> None:
     direct = CNF(2, hidden=(8,))
     direct.log_prob(torch.randn(4, 2)).sum().backward()
     assert direct.nfe.forward >= 6 and direct.nfe.backward == 0
-    adj = CNF(2, hidden=(8,), adjoint=True)
+    adj = CNF(2, hidden=(8,), solver=Solver(adjoint=True))
     loss = adj.log_prob(torch.randn(4, 2)).sum()
     assert adj.nfe.forward >= 6 and adj.nfe.backward == 0
     loss.backward()
@@ -161,7 +161,10 @@ def test_nfe_counts_forward_and_backward(float64) -> None:
 
 def test_eval_mode_uses_the_eval_solver(float64) -> None:
     flow = CNF(
-        2, hidden=(8,), method="euler", step_size=0.5, eval_solver=Solver("rk4", step_size=0.1)
+        2,
+        hidden=(8,),
+        eval_solver=Solver("rk4", step_size=0.1),
+        solver=Solver("euler", step_size=0.5),
     )
     x = torch.randn(3, 2)
     flow.log_prob(x)

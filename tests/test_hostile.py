@@ -238,7 +238,8 @@ def marker_only(c: Ctx) -> None:
 
 
 def unknown_config_key(c: Ctx) -> None:
-    tamper(c.toy / "best.pt", c.tmp / "odd.pt", lambda k: k["config"].update(bogus_key=1))
+    # the model's own arguments: rebuilding the model refuses a key it does not know
+    tamper(c.toy / "best.pt", c.tmp / "odd.pt", lambda k: k["model_args"].update(bogus_key=1))
 
 
 def wrong_shape(c: Ctx) -> None:
@@ -377,8 +378,10 @@ def _point_at_gas(gas: Path, extra: dict | None = None) -> Callable[[dict], None
         ckpt["config"]["data"] = str(gas)
         ckpt["data"]["name"] = str(gas)
         ckpt["data"]["source"] = "maf-gas"
+        ckpt["dataset"]["name"] = str(gas)  # what eval and resume open
         if extra is not None:
             ckpt["config"]["extra"] = dict(extra)
+            ckpt["dataset"]["options"] = dict(extra)
 
     return edit
 
@@ -1067,9 +1070,9 @@ def _cnf(*args, **kwargs):
 
 
 def _config(**kwargs):
-    from cnf.train import TrainConfig
+    from cnf.training import TrainConfig
 
-    return TrainConfig(**kwargs)
+    return TrainConfig().replace(**kwargs)
 
 
 API_CASES = [

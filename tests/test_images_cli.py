@@ -8,12 +8,13 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, config
 
 from cnf.checkpoint import save_checkpoint
 from cnf.cli import main
 from cnf.data import get_dataset
-from cnf.train import TrainConfig, build_model, load_model
+from cnf.runs import load_run
+from cnf.training import setup
 
 # two scales of one block each on 8x8 digits, four rk4 steps: seconds on one core
 TINY = ["--iters", "24", "--batch-size", "64", "--eval-every", "12", "--hidden", "16,16",
@@ -60,7 +61,7 @@ def test_sample_png_grid_and_raw_npy(run: Path, tmp_path: Path) -> None:
     table = np.load(raw)
     assert table.shape == (6, 65) and np.isfinite(table).all()
     assert (table[:, :64] != np.floor(table[:, :64])).any()  # raw, not quantized
-    model, _, _ = load_model(run)
+    model = load_run(run).model
     with torch.no_grad():
         x = torch.as_tensor(table[:, :64], dtype=torch.float32).reshape(6, 1, 8, 8)
         assert model.log_prob(x).shape == (6,)
@@ -85,10 +86,7 @@ def test_sample_png_grid_and_raw_npy(run: Path, tmp_path: Path) -> None:
 )  # fmt: skip
 def test_errors_are_one_line(run: Path, tmp_path: Path, capsys, argv: list, message: str) -> None:
     toy = tmp_path / "toy.pt"  # an untrained 2-D flow is enough to be refused a grid
-    cfg = TrainConfig(data="8gaussians", **SMALL)
-    meta = get_dataset("8gaussians").meta()
-    model = build_model(cfg, meta)
-    save_checkpoint(toy, {"config": cfg.to_dict(), "data": meta, "model": model.state_dict()})
+    save_checkpoint(toy, setup(config(data="8gaussians", **SMALL)).checkpoint())
     argv = [a.format(tmp=tmp_path, run=run, toy=toy) for a in argv]
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -110,6 +108,6 @@ def test_training_on_cuda(tmp_path: Path) -> None:
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     data = get_dataset("digits").to("cuda")
     assert data.train_batch(8, 1).device.type == "cuda"
-    model, _, _ = load_model(out, "cuda")
+    model = load_run(out, "cuda").model
     with torch.no_grad():
         assert model.sample(4).device.type == "cuda"

@@ -11,7 +11,7 @@ from cnf.evaluate import bits_per_dim, evaluate
 from cnf.multiscale import MultiscaleCNF, max_scales
 from cnf.transforms import Dequantization, squeeze
 
-TIGHT = dict(trace="exact", method="dopri5", atol=1e-10, rtol=1e-10)
+TIGHT = Solver("dopri5", atol=1e-10, rtol=1e-10)
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,8 @@ def _one_thread() -> None:
 
 def _tiny(shape=(1, 4, 4), levels: int = 4, strength: float = 3.0, **kw) -> MultiscaleCNF:
     """Two scales on a tiny image, with fields strong enough for log-dets of order one."""
-    options = dict(levels=levels, scales=2, blocks=1, hidden=(8, 8), activation="tanh", **TIGHT)
+    options = dict(levels=levels, scales=2, blocks=1, hidden=(8, 8), activation="tanh",
+                   trace="exact", solver=TIGHT)  # fmt: skip
     model = MultiscaleCNF(shape, **{**options, **kw})
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -39,7 +40,7 @@ def _pixels(n: int, shape, levels: int, seed: int = 0) -> torch.Tensor:
 def _zero_fields(model: MultiscaleCNF) -> None:
     """Zero every block's last layer: each CNF becomes the identity with log-det 0."""
     with torch.no_grad():
-        for block in model.blocks:
+        for block in model.ode_blocks():
             for p in block.field.layers[-1].parameters():
                 p.zero_()
 
@@ -49,7 +50,7 @@ def _by_hand(model: MultiscaleCNF, x: torch.Tensor, **kw) -> tuple[torch.Tensor,
     each block's result."""
     y, logdet = model.dequantization(x)
     y, ld = model.squash(y)
-    first, second, last = model.blocks
+    first, second, last = model.ode_blocks()
     a = first.to_latent(y, **kw)
     b = second.to_latent(squeeze(a.value), **kw)
     c = last.to_latent(b.value[:, :2], **kw)
@@ -99,7 +100,9 @@ def test_bits_per_dim_of_a_known_gaussian(float64) -> None:
     units: its bits/dim on its own samples is the Gaussian's entropy per dimension in bits,
     (1/2) log2(2 pi e) + log2 L -- the log2 L coming from the rescaling by the levels."""
     levels = 256
-    model = _tiny((1, 4, 4), levels, alpha=0.0, trace="hutchinson", method="rk4", step_size=1.0)
+    model = _tiny(
+        (1, 4, 4), levels, alpha=0.0, trace="hutchinson", solver=Solver("rk4", step_size=1.0)
+    )
     _zero_fields(model)
     x = levels / 2 + levels * torch.randn(4000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     truth = torch.distributions.Normal(levels / 2, float(levels)).log_prob(x).sum((1, 2, 3))
@@ -115,7 +118,7 @@ def test_bits_per_dim_of_a_known_gaussian(float64) -> None:
 def test_hutchinson_log_prob_is_unbiased(float64) -> None:
     """With a fixed-step solver the state path does not depend on the probe, so the mean over
     probes of the Hutchinson log-density is the exact-trace one."""
-    model = _tiny(trace="hutchinson", method="rk4", step_size=0.25, atol=1e-5, rtol=1e-5)
+    model = _tiny(trace="hutchinson", solver=Solver("rk4", step_size=0.25, atol=1e-5, rtol=1e-5))
     x = _pixels(1, (1, 4, 4), 4).double().expand(3000, -1, -1, -1)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -127,7 +130,7 @@ def test_hutchinson_log_prob_is_unbiased(float64) -> None:
 
 
 def test_regularizers_and_nfe_sum_over_blocks(float64) -> None:
-    model = _tiny(method="rk4", step_size=0.25, eval_solver=Solver("rk4", step_size=0.5))
+    model = _tiny(eval_solver=Solver("rk4", step_size=0.5), solver=Solver("rk4", step_size=0.25))
     x = _pixels(2, (1, 4, 4), 4).double()
     out = model.to_latent(x, regularize=True)
     assert model.nfe.forward == 3 * 16  # three blocks of four rk4 steps
@@ -141,7 +144,7 @@ def test_regularizers_and_nfe_sum_over_blocks(float64) -> None:
 
 
 def test_gradients_reach_every_parameter() -> None:
-    model = _tiny(trace="hutchinson", method="rk4", step_size=0.5, learn_T=True)
+    model = _tiny(trace="hutchinson", learn_T=True, solver=Solver("rk4", step_size=0.5))
     x = _pixels(4, (1, 4, 4), 4)
     (-model.log_prob(x).mean()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
@@ -151,8 +154,10 @@ def test_gradients_reach_every_parameter() -> None:
 def test_adjoint_gradients_match_direct_backpropagation(float64) -> None:
     """FFJORD's configuration trains with the adjoint: through every block of the composite it
     must give the gradients that backpropagating through the solver's steps gives."""
-    options = dict(trace="hutchinson", atol=1e-9, rtol=1e-9, learn_T=True)
-    direct, adjoint = _tiny(**options), _tiny(**options, adjoint=True)
+    options = dict(trace="hutchinson", learn_T=True)
+    solver = Solver(atol=1e-9, rtol=1e-9)
+    direct = _tiny(**options, solver=solver)
+    adjoint = _tiny(**options, solver=solver.replace(adjoint=True))
     adjoint.load_state_dict(direct.state_dict())
     x = _pixels(3, (1, 4, 4), 4).double()
     for model in (direct, adjoint):
@@ -168,9 +173,9 @@ def test_scales_follow_ffjord_rule() -> None:
     for shape, scales, blocks in [((1, 28, 28), 3, 10), ((3, 32, 32), 4, 14), ((1, 8, 8), 2, 6),
                                   ((1, 9, 9), 1, 2)]:  # fmt: skip
         model = MultiscaleCNF(shape, hidden=(4,))
-        assert (len(model.scales), len(model.blocks)) == (scales, blocks)
+        assert (len(model.scales), len(model.ode_blocks())) == (scales, blocks)
     # 28x28: 1x28x28 -> 4x14x14 (keep 2) -> 8x7x7 (keep 4) -> 4x7x7
-    shapes = [b.event_shape for b in MultiscaleCNF((1, 28, 28), hidden=(4,), blocks=1).blocks]
+    shapes = [b.event_shape for b in MultiscaleCNF((1, 28, 28), hidden=(4,), blocks=1).ode_blocks()]
     assert shapes == [(1, 28, 28), (4, 14, 14), (2, 14, 14), (8, 7, 7), (4, 7, 7)]
 
 
@@ -190,7 +195,7 @@ def test_bad_construction(make, error, match: str) -> None:
 
 
 def test_bad_input() -> None:
-    model = _tiny(trace="hutchinson", method="rk4", step_size=0.5)
+    model = _tiny(trace="hutchinson", solver=Solver("rk4", step_size=0.5))
     with pytest.raises(ValueError, match=r"expected x of shape \(n, 1, 4, 4\), got \(2, 16\)"):
         model.log_prob(torch.rand(2, 16))
     with pytest.raises(ValueError, match=r"outside the model's support.*multiplied by 4"):

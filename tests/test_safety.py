@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, config
 
 from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cnf.data import get_dataset
-from cnf.train import ConfigError, TrainConfig, load_model, open_dataset, train
+from cnf.runs import load_run
+from cnf.training import ConfigError, TrainConfig, train
 
 CNF_SOURCES = sorted((Path(__file__).parents[1] / "cnf").rglob("*.py"))
 
@@ -45,18 +46,19 @@ def test_gas_is_never_unpickled_without_the_callers_trust(tmp_path: Path) -> Non
 def test_a_checkpoint_naming_gas_grants_no_trust(tmp_path: Path) -> None:
     canary = tmp_path / "PWNED"
     gas = _gas_dir(tmp_path, canary)
-    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    train(config(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
-    ckpt["config"]["data"] = ckpt["data"]["name"] = str(gas)
+    ckpt["config"]["data"] = ckpt["data"]["name"] = ckpt["dataset"]["name"] = str(gas)
     crafted = tmp_path / "crafted.pt"
     save_checkpoint(crafted, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
-    _, cfg, _ = load_model(crafted)  # the model loads: it is only weights
+    run = load_run(crafted)  # the model loads: it is only weights
     with pytest.raises(PermissionError, match="--trust-pickle"):
-        open_dataset(cfg)
-    ckpt["config"]["extra"] = {"trust_pickle": True}  # nor can the config grant it
+        run.dataset()
+    ckpt["dataset"]["options"] = {"trust_pickle": True}  # nor can the checkpoint grant it
     save_checkpoint(crafted, {k: v for k, v in ckpt.items() if k not in ("format", "version")})
-    with pytest.raises(CheckpointError, match="does not fit"):
-        load_model(crafted)
+    with pytest.raises(CheckpointError, match=r"does not fit.*cannot hold trust_pickle"):
+        load_run(crafted)
+    ckpt["config"]["extra"] = {"trust_pickle": True}  # ... nor its config
     with pytest.raises(ConfigError, match="extra cannot hold trust_pickle"):
         TrainConfig.from_dict(ckpt["config"])
     assert not canary.exists()

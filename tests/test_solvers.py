@@ -10,8 +10,8 @@ from cnf import CNF, METHODS, ODEBlock, Solver, SolverError
 from cnf.solvers import ADAPTIVE, FIXED_STEP
 
 
-def _decay_block(method: str, **kw) -> ODEBlock:
-    return ODEBlock(LinearField(-torch.eye(1)), method=method, **kw)
+def _decay_block(method: str, T: float = 1.0, **solver) -> ODEBlock:
+    return ODEBlock(LinearField(-torch.eye(1)), T=T, solver=Solver(method, **solver))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -34,7 +34,7 @@ def test_fixed_step_order_of_convergence(float64, method: str, order: int) -> No
     exact = h0 @ torch.linalg.matrix_exp(A).T
     errors = []
     for step in (0.1, 0.05):
-        block = ODEBlock(LinearField(A), method=method, step_size=step)
+        block = ODEBlock(LinearField(A), solver=Solver(method, step_size=step))
         with torch.no_grad():
             errors.append(float((block(h0) - exact).norm()))
     assert math.log2(errors[0] / errors[1]) == pytest.approx(order, abs=0.25)
@@ -69,14 +69,15 @@ class _BlowUp(torch.nn.Module):
 
 
 def test_non_finite_solution_is_an_error_with_advice(float64) -> None:
-    block = ODEBlock(_BlowUp(), T=3.0, method="euler", step_size=0.05)
+    block = ODEBlock(_BlowUp(), T=3.0, solver=Solver("euler", step_size=0.05))
     with pytest.raises(SolverError, match=r"NaN/inf.*learning rate"):
         block(torch.ones(1, 1))
 
 
 def test_seminorm_adjoint_matches_direct_gradients(float64) -> None:
-    kw = dict(hidden=(16,), atol=1e-9, rtol=1e-9, trace="exact")
-    direct, semi = CNF(2, **kw), CNF(2, adjoint=True, seminorm=True, **kw)
+    kw = dict(hidden=(16,), trace="exact")
+    direct = CNF(2, **kw, solver=Solver(atol=1e-9, rtol=1e-9))
+    semi = CNF(2, **kw, solver=Solver(atol=1e-9, rtol=1e-9, adjoint=True, seminorm=True))
     semi.load_state_dict(direct.state_dict())
     x = torch.randn(8, 2)
     g1 = torch.autograd.grad(direct.log_prob(x).sum(), list(direct.parameters()))
@@ -86,9 +87,9 @@ def test_seminorm_adjoint_matches_direct_gradients(float64) -> None:
 
 
 def test_adjoint_method_can_differ(float64) -> None:
-    kw = dict(hidden=(8,), atol=1e-9, rtol=1e-9, trace="exact")
-    direct = CNF(2, **kw)
-    other = CNF(2, adjoint=True, **kw)
+    kw = dict(hidden=(8,), trace="exact")
+    direct = CNF(2, **kw, solver=Solver(atol=1e-9, rtol=1e-9))
+    other = CNF(2, **kw, solver=Solver(atol=1e-9, rtol=1e-9, adjoint=True))
     other.solver = other.solver.replace(adjoint_method="bosh3")
     other.load_state_dict(direct.state_dict())
     x = torch.randn(4, 2)

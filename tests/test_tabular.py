@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cnf.flow import CNF
+from cnf.solvers import Solver
 from cnf.tabular import EXACT_EVAL_MAX_DIM, Normalizer, TabularCNF
 
 
@@ -18,7 +19,9 @@ def _data(n: int = 300, seed: int = 0) -> np.ndarray:
 
 def _flow(dim: int, preprocess: str = "standardize", seed: int = 0) -> TabularCNF:
     torch.manual_seed(seed)
-    flow = TabularCNF(dim, preprocess=preprocess, hidden=(16, 16), method="rk4", step_size=0.1)
+    flow = TabularCNF(
+        dim, preprocess=preprocess, hidden=(16, 16), solver=Solver("rk4", step_size=0.1)
+    )
     for p in flow.parameters():  # a clearly non-identity flow
         p.data.normal_(0, 0.5)
     return flow.eval()
@@ -112,7 +115,7 @@ def test_samples_are_in_original_units_and_round_trip(float64) -> None:
 
 def test_exact_trace_for_evaluation_up_to_the_bound(float64) -> None:
     dim = EXACT_EVAL_MAX_DIM  # 64: at the bound, eval-mode log_prob has no probe noise
-    flow = TabularCNF(dim, hidden=(8,), method="rk4", step_size=0.5)
+    flow = TabularCNF(dim, hidden=(8,), solver=Solver("rk4", step_size=0.5))
     assert flow.estimator.name == "hutchinson"  # training above 8 dims
     for p in flow.parameters():  # away from the identity start, where every trace is 0
         p.data.normal_(0, 0.3)
@@ -146,7 +149,9 @@ def test_untrained_model_is_the_gaussian_fit(float64, preprocess: str) -> None:
     from scipy.stats import multivariate_normal
 
     x = _data(200)
-    flow = TabularCNF(3, preprocess=preprocess, hidden=(8,), method="rk4", step_size=0.5).eval()
+    flow = TabularCNF(
+        3, preprocess=preprocess, hidden=(8,), solver=Solver("rk4", step_size=0.5)
+    ).eval()
     flow.fit_preprocessing(x)
     cov = np.cov(x.T, bias=True) if preprocess == "whiten" else np.diag(x.var(0))
     expected = multivariate_normal(x.mean(0), cov).logpdf(x[:20])

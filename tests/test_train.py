@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, config
 
-from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnf import viz
+from cnf.checkpoint import KEYS, CheckpointError, load_checkpoint, save_checkpoint
+from cnf.runs import load_run
 from cnf.solvers import SolverError
-from cnf.train import TrainConfig, load_model, lr_factor, train
+from cnf.training import TrainConfig, lr_factor, train
 
 
 def _states_equal(a: Path, b: Path) -> None:
@@ -27,11 +29,13 @@ def _states_equal(a: Path, b: Path) -> None:
 
 
 def test_training_run_writes_everything(tmp_path: Path) -> None:
-    result = train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    result = train(config(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
     run = result.out
-    for name in ("config.json", "best.pt", "last.pt", "log.jsonl", "report.json",
-                 "density.png", "samples.png"):  # fmt: skip
+    for name in ("config.json", "best.pt", "last.pt", "log.jsonl", "report.json", ".cnf-run"):
         assert (run / name).is_file(), name
+    assert not list(run.glob("*.png"))  # the training layer draws nothing: its caller does
+    written = viz.plot_run(run, data=result.data)
+    assert sorted(p.name for p in written) == ["density.png", "samples.png", "solver.png"]
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == list(range(1, 13))
     assert {"loss", "nll", "nfe", "nfe_backward", "grad_norm", "lr", "time"} <= rows[0].keys()
@@ -43,7 +47,7 @@ def test_training_run_writes_everything(tmp_path: Path) -> None:
 
 
 def test_training_lowers_the_loss(tmp_path: Path) -> None:
-    cfg = TrainConfig(data="8gaussians", **{**SMALL, "iters": 60, "eval_every": 60}, lr=5e-3)
+    cfg = config(data="8gaussians", **{**SMALL, "iters": 60, "eval_every": 60}, lr=5e-3)
     train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     first = sum(r["nll"] for r in rows[:10]) / 10
@@ -52,7 +56,7 @@ def test_training_lowers_the_loss(tmp_path: Path) -> None:
 
 
 def test_seeded_runs_reproduce(tmp_path: Path) -> None:
-    cfg = TrainConfig(data="moons", **SMALL)
+    cfg = config(data="moons", **SMALL)
     train(cfg, tmp_path / "a", progress=False)
     train(cfg, tmp_path / "b", progress=False)
     _states_equal(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
@@ -86,7 +90,7 @@ def test_sigterm_saves_and_resume_ends_where_an_uninterrupted_run_would(tmp_path
 
 
 def test_existing_run_directory_is_refused(tmp_path: Path) -> None:
-    cfg = TrainConfig(data="8gaussians", **SMALL)
+    cfg = config(data="8gaussians", **SMALL)
     train(cfg, tmp_path / "run", progress=False)
     before = (tmp_path / "run" / "best.pt").read_bytes()
     with pytest.raises(FileExistsError, match=r"already exists.*--resume.*--force"):
@@ -105,7 +109,7 @@ def test_unwritable_run_directory(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(NotADirectoryError, match=r"cannot write to run directory.*is a file"):
-        train(TrainConfig(**SMALL), blocker / "run", progress=False)
+        train(config(**SMALL), blocker / "run", progress=False)
 
 
 def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
@@ -115,53 +119,54 @@ def test_resume_needs_a_checkpoint(tmp_path: Path) -> None:
 
 def test_checkpoint_writes_are_atomic(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, {"iteration": 1})
+    save_checkpoint(path, {**dict.fromkeys(KEYS), "iteration": 1})
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"iteration": 2})
+        save_checkpoint(path, {**dict.fromkeys(KEYS), "iteration": 2})
     assert load_checkpoint(path)["iteration"] == 1  # the old file survives whole
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary left behind
 
 
 def test_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
-    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    train(config(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
     good = (tmp_path / "run" / "best.pt").read_bytes()
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(good[: len(good) // 2])
     with pytest.raises(CheckpointError, match="corrupt or not a cnf checkpoint"):
-        load_model(bad)
+        load_run(bad)
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint at all")
     with pytest.raises(CheckpointError, match="corrupt or not a cnf checkpoint"):
-        load_model(junk)
+        load_run(junk)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(CheckpointError, match="not a cnf checkpoint"):
-        load_model(foreign)
+        load_run(foreign)
     code = tmp_path / "code.pt"
     torch.save(torch.nn.Linear(2, 2), code)  # a pickled module: weights_only refuses to run it
     with pytest.raises(CheckpointError, match="corrupt or not a cnf checkpoint"):
-        load_model(code)
+        load_run(code)
 
 
 def test_checkpoint_of_another_dimension(tmp_path: Path) -> None:
-    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    train(config(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     ckpt["data"]["event_shape"] = [3]
     save_checkpoint(tmp_path / "other.pt", {k: v for k, v in ckpt.items()
                                             if k not in ("format", "version")})  # fmt: skip
     with pytest.raises(CheckpointError, match=r"does not fit this cnf model.*size mismatch"):
-        load_model(tmp_path / "other.pt")
+        load_run(tmp_path / "other.pt")
 
 
 def test_loaded_model_matches_the_trained_one(tmp_path: Path) -> None:
-    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
-    model, _, meta = load_model(tmp_path / "run")
-    assert not model.training and meta["name"] == "8gaussians"
+    train(config(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    loaded = load_run(tmp_path / "run")
+    model = loaded.model
+    assert not model.training and loaded.meta["name"] == "8gaussians"
     assert model.eval_solver.describe() == "rk4(h=0.25)"
     x = torch.randn(5, 2)
     with torch.no_grad():
@@ -169,11 +174,10 @@ def test_loaded_model_matches_the_trained_one(tmp_path: Path) -> None:
 
 
 def test_schedule_is_cosine_to_one_percent() -> None:
-    cfg = TrainConfig(iters=100)
-    assert lr_factor(cfg, 0) == pytest.approx(1.0)
-    assert lr_factor(cfg, 50) == pytest.approx(0.505)
-    assert lr_factor(cfg, 100) == pytest.approx(0.01) == lr_factor(cfg, 150)
-    assert lr_factor(TrainConfig(schedule="constant"), 70) == 1.0
+    assert lr_factor(0, 100, "cosine") == pytest.approx(1.0)
+    assert lr_factor(50, 100, "cosine") == pytest.approx(0.505)
+    assert lr_factor(100, 100, "cosine") == pytest.approx(0.01) == lr_factor(150, 100, "cosine")
+    assert lr_factor(70, 100, "constant") == 1.0
 
 
 @pytest.mark.parametrize(
@@ -196,13 +200,13 @@ def test_schedule_is_cosine_to_one_percent() -> None:
 )
 def test_bad_config(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        TrainConfig(**kwargs)
+        config(**kwargs)
 
 
 def test_presets_per_kind_of_data() -> None:
-    assert TrainConfig.for_data("8gaussians") == TrainConfig(data="8gaussians")
+    assert TrainConfig.for_data("8gaussians") == config(data="8gaussians")
     image = TrainConfig.for_data("digits")
-    assert (image.batch_size, image.hidden, image.validity_size) == (64, (32, 32), 64)
+    assert (image.batch_size, image.model.hidden, image.validity_size) == (64, (32, 32), 64)
     assert TrainConfig.for_data("digits", batch_size=8).batch_size == 8  # given flags win
     with pytest.raises(ValueError, match="unknown dataset 'digitz'"):
         TrainConfig.for_data("digitz")
@@ -217,12 +221,12 @@ def test_cuda_requested_without_cuda(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="CUDA is not available here; use --device cpu or auto"):
-        train(TrainConfig(device="cuda", **SMALL), tmp_path / "r", progress=False)
+        train(config(device="cuda", **SMALL), tmp_path / "r", progress=False)
 
 
 def test_diverging_training_stops_with_advice(tmp_path: Path) -> None:
     small = {**SMALL, "iters": 40, "method": "dopri5", "step_size": None}
-    cfg = TrainConfig(data="8gaussians", **small, lr=1e4, grad_clip=0.0, max_nfe=300)
+    cfg = config(data="8gaussians", **small, lr=1e4, grad_clip=0.0, max_nfe=300)
     with pytest.raises(SolverError, match=r"diverged at iteration \d+: .*max_nfe=300") as info:
         train(cfg, tmp_path / "run", progress=False)
     assert os.path.getsize(tmp_path / "run" / "log.jsonl") < 100_000  # stopped, no runaway log
@@ -234,7 +238,7 @@ def test_diverging_training_stops_with_advice(tmp_path: Path) -> None:
 
 def test_divergence_after_a_checkpoint_advises_a_resume_that_works(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(TrainConfig(data="8gaussians", **SMALL), run, progress=False)
+    train(config(data="8gaussians", **SMALL), run, progress=False)
     changes = {"iters": 40, "max_nfe": 5}  # the next iteration exceeds it
     with pytest.raises(SolverError, match=r"last good checkpoint is .*last.pt \(iteration 12\)"):
         train(TrainConfig(), run, resume=True, progress=False, changes=changes)
@@ -255,13 +259,13 @@ def test_force_refuses_a_folder_that_merely_has_a_config(tmp_path: Path) -> None
     (project / "src" / "main.py").write_text("print()")
     before = _tree(tmp_path)
     with pytest.raises(FileExistsError, match="does not look like a cnf run"):
-        train(TrainConfig(data="8gaussians", **SMALL), project, force=True, progress=False)
+        train(config(data="8gaussians", **SMALL), project, force=True, progress=False)
     assert _tree(tmp_path) == before
 
 
 def test_force_deletes_a_run_but_never_a_file_it_did_not_write(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    cfg = TrainConfig(data="8gaussians", **SMALL)
+    cfg = config(data="8gaussians", **SMALL)
     train(cfg, run, progress=False)
     (run / "notes.md").write_text("mine")
     (run / "plots").mkdir()
@@ -287,18 +291,18 @@ def test_force_deletes_a_run_but_never_a_file_it_did_not_write(tmp_path: Path) -
 )
 def test_force_checks_everything_before_it_replaces_a_run(tmp_path: Path, change, match) -> None:
     run = tmp_path / "run"
-    cfg = TrainConfig(data="8gaussians", **SMALL)
+    cfg = config(data="8gaussians", **SMALL)
     train(cfg, run, progress=False)
     before = _tree(tmp_path)
     with pytest.raises((ValueError, OSError), match=match):
-        train(TrainConfig(**{**cfg.to_dict(), **change}), run, force=True, progress=False)
+        train(cfg.replace(**change), run, force=True, progress=False)
     assert _tree(tmp_path) == before
 
 
 def test_a_run_directory_is_marked_as_ours(tmp_path: Path) -> None:
-    from cnf.rundir import MARKER, is_run
+    from cnf.training.rundir import MARKER, is_run
 
-    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    train(config(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
     assert (tmp_path / "run" / MARKER).is_file() and is_run(tmp_path / "run")
     (tmp_path / "run" / MARKER).unlink()  # a run of an older cnf: its checkpoints prove it
     assert is_run(tmp_path / "run")

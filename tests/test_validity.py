@@ -1,4 +1,4 @@
-"""Solver validity and step adaptation (Ott et al. 2021)."""
+"""Solver validity (cnf.validity) and step adaptation (cnf.adaptation), Ott et al. 2021."""
 
 import json
 import math
@@ -6,20 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, LinearField
+from conftest import SMALL, LinearField, config
 from torch import Tensor
 
-from cnf import CNF, Solver
+from cnf import CNF, Solver, viz
+from cnf.adaptation import StepAdapter, checking_solver, hairer_initial_step, initial_step
 from cnf.cli import main
 from cnf.tabular import TabularCNF
-from cnf.train import TrainConfig, train
-from cnf.validity import (
-    StepAdapter,
-    checking_solver,
-    hairer_initial_step,
-    initial_step,
-    solver_validity,
-)
+from cnf.training import train
+from cnf.validity import solver_validity
 
 
 def _decay(t, y):
@@ -128,7 +123,9 @@ def test_adapter_on_tolerances(err, event: str, factor: float) -> None:
 
 def _rotating_flow(**solver) -> CNF:
     A = torch.tensor([[-1.0, 3.0], [-3.0, -1.0]])  # log-det T tr A = -2; euler gets it wrong
-    return CNF(2, LinearField(A), trace="exact", eval_solver=Solver(**solver), **solver)
+    return CNF(
+        2, LinearField(A), trace="exact", eval_solver=Solver(**solver), solver=Solver(**solver)
+    )
 
 
 def test_coarse_euler_is_invalid_and_a_fine_step_is_valid(float64) -> None:
@@ -154,7 +151,7 @@ def test_coarse_euler_is_invalid_and_a_fine_step_is_valid(float64) -> None:
 def test_same_probes_across_solvers(float64) -> None:
     """With Hutchinson, solver error must not be mixed with estimator noise: two accurate
     solvers agree to solver precision although each estimate is noisy."""
-    flow = CNF(3, hidden=(16,), trace="hutchinson", method="dopri5", atol=1e-9, rtol=1e-9)
+    flow = CNF(3, hidden=(16,), trace="hutchinson", solver=Solver("dopri5", atol=1e-9, rtol=1e-9))
     x = torch.randn(100, 3)
     report = solver_validity(flow, x)
     assert abs(report.delta_nll) < 1e-6 and report.se < 1e-6
@@ -184,18 +181,18 @@ def test_report_keys_and_types(float64) -> None:
 
 def test_training_adapts_the_step_and_reports_validity(tmp_path: Path) -> None:
     small = {**SMALL, "iters": 20, "eval_every": 20, "method": "euler", "step_size": 0.5}
-    cfg = TrainConfig(data="8gaussians", **small, adapt_every=5, adapt_threshold=1e-12)
+    cfg = config(data="8gaussians", **small, adapt_every=5, adapt_threshold=1e-12)
     result = train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [r["step_size"] for r in rows]
     assert steps[0] == 0.5 and steps[-1] == pytest.approx(0.5 / 16)  # 4 checks, all shrink
     assert [r["adapt"]["event"] for r in rows if "adapt" in r] == ["shrink"] * 4
     assert {"delta_nll", "recon_error", "valid"} <= result.report["validity"].keys()
-    assert (tmp_path / "run" / "solver.png").is_file()
+    assert tmp_path / "run" / "solver.png" in viz.plot_run(tmp_path / "run", data=result.data)
 
 
 def test_hairer_starts_fixed_step_training(tmp_path: Path) -> None:
-    cfg = TrainConfig(data="8gaussians", **{**SMALL, "step_size": None}, adapt=False)
+    cfg = config(data="8gaussians", **{**SMALL, "step_size": None}, adapt=False)
     train(cfg, tmp_path / "run", progress=False)
     first = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert 1 / 500 <= first["step_size"] < 1.0 and first["step_size"] != 1 / 8
@@ -203,7 +200,7 @@ def test_hairer_starts_fixed_step_training(tmp_path: Path) -> None:
 
 def test_initial_step_of_a_zero_field_is_T_over_8_and_uses_normalized_coordinates(float64) -> None:
     x = torch.randn(200, 3, dtype=torch.float64) * torch.tensor([1.0, 50.0, 1000.0]) + 7.0
-    flow = TabularCNF(3, hidden=(8,), method="rk4", step_size=0.5, T=2.0).double()
+    flow = TabularCNF(3, hidden=(8,), T=2.0, solver=Solver("rk4", step_size=0.5)).double()
     flow.fit_preprocessing(x)
     assert initial_step(flow, x, 4, rtol=1e-5, atol=1e-5) == pytest.approx(2.0 / 8)
     for p in flow.field.layers[-1].parameters():  # a field that moves: Hairer's rule
@@ -222,7 +219,7 @@ def test_initial_step_of_a_zero_field_is_T_over_8_and_uses_normalized_coordinate
 
 
 def test_eval_validity_json(tmp_path: Path, capsys) -> None:
-    train(TrainConfig(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
+    train(config(data="8gaussians", **SMALL), tmp_path / "run", progress=False)
     assert main(["eval", str(tmp_path / "run"), "--n", "300", "--json", "--validity"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"delta_nll", "recon_error", "valid"} <= result["validity"].keys()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cnf.data import DatasetInfo, content_hash, register
+from cnf.data.base import DatasetInfo, content_hash, register
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")

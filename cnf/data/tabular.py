@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from cnf.data import DatasetInfo, content_hash, register
+from cnf.data.base import DatasetInfo, content_hash, register
 
 logger = logging.getLogger("cnf")
 
@@ -369,7 +369,10 @@ class TabularData:
 # normalizer's arithmetic, float64 for squaring in the covariance
 RANGE_LIMIT = {"float32": 1e30, "float64": 1e150}
 
-TABLE_OPTIONS = ("columns", "val_fraction", "test_fraction", "dequantize", "drop_nan")
+# the options of every table, with their defaults (a config records only the changed ones)
+TABLE_DEFAULTS: dict[str, Any] = {"columns": "", "val_fraction": 0.1, "test_fraction": 0.1,
+                                  "dequantize": False, "drop_nan": False}  # fmt: skip
+TABLE_OPTIONS = tuple(TABLE_DEFAULTS)
 
 
 def from_table(

@@ -22,9 +22,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 from scipy.special import i0e, logsumexp
+
+from cnf.data.base import DatasetInfo, content_hash, register
 
 Sampler = Callable[[int, np.random.Generator], np.ndarray]
 LogProb = Callable[[np.ndarray], np.ndarray]
@@ -139,7 +142,6 @@ class ToyDensity:
     truth: LogProb | None = None
     support: float = 4.5
     exact_entropy: float | None = None
-    dim: int = 2
 
     def sample(self, n: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
         """``n`` samples as a float64 array of shape ``(n, 2)``."""
@@ -191,3 +193,56 @@ TOY: dict[str, ToyDensity] = {
         ),
     ]
 }
+
+
+class ToyData:
+    """A 2-D toy density as a dataset: fresh samples every iteration, seeded per iteration.
+
+    Arguments:
+        density: the :class:`~cnf.data.toy.ToyDensity`.
+        seed: the run's seed; batches, validation and test sets come from disjoint streams of it.
+        n_val: validation set size.
+    """
+
+    kind = "toy"
+    event_shape = (2,)
+
+    def __init__(self, density: ToyDensity, seed: int = 0, n_val: int = 2000) -> None:
+        self.density, self.seed, self.n_val = density, seed, n_val
+        self.name = density.name
+
+    def train_batch(self, batch_size: int, iteration: int) -> np.ndarray:
+        return self.density.sample(batch_size, np.random.default_rng([self.seed, 0, iteration]))
+
+    @cached_property
+    def _validation(self) -> np.ndarray:
+        return self.density.sample(self.n_val, np.random.default_rng([self.seed, 1]))
+
+    def validation(self) -> np.ndarray:
+        return self._validation
+
+    def test(self, n: int | None = None) -> np.ndarray:
+        """``n`` fresh samples (default 20,000) from a stream the training never sees."""
+        return self.density.sample(n or 20_000, np.random.default_rng([self.seed, 2]))
+
+    @property
+    def entropy(self) -> float | None:
+        return self.density.entropy
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        return self.density.log_prob(x)
+
+    def meta(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "event_shape": list(self.event_shape)}
+
+    def fingerprint(self) -> str:
+        """A hash of the validation samples: changes if the density's sampler does."""
+        return content_hash(self.name, self._validation)
+
+
+# name -> (factory(seed, **options) -> Dataset, info)
+for _name, _density in TOY.items():
+    register(
+        DatasetInfo(_name, "toy", 2, _density.has_truth, "FFJORD toy density", ("n_val",)),
+        lambda seed=0, _d=_density, **kw: ToyData(_d, seed, **kw),
+    )

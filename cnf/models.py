@@ -1,0 +1,168 @@
+"""The model's own arguments, apart from any training recipe: :class:`ModelConfig` and the one
+function that builds a flow from it and a dataset's description.
+
+A checkpoint stores ``ModelConfig.to_dict()`` as its ``model_args`` (as nanoGPT stores its
+model's arguments), so rebuilding a trained model (:func:`cnf.runs.load_run`) needs neither the
+trainer nor the recipe it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cnf import options
+from cnf.fields import ACTIVATIONS, CONV_LAYERS
+from cnf.flow import CNF, Flow
+from cnf.multiscale import MultiscaleCNF
+from cnf.solvers import FIXED_STEP, Solver
+from cnf.tabular import PREPROCESS, TabularCNF
+from cnf.trace import NOISES, TRACES
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class ModelConfig:
+    """A flow's architecture, its solvers and its dtype: everything needed to rebuild it.
+
+    The defaults are those of the 2-D toys; :data:`cnf.training.PRESETS` changes some of them per
+    kind of data. Which fields matter depends on the kind: ``preprocess`` is for tables
+    (:class:`~cnf.tabular.TabularCNF`); ``scales``, ``blocks``, ``alpha`` and ``conv_layer`` for
+    images (:class:`~cnf.multiscale.MultiscaleCNF`).
+    """
+
+    hidden: tuple[int, ...] = (64, 64, 64)
+    activation: str = "tanh"
+    trace: str = "auto"
+    noise: str = "rademacher"
+    T: float = 1.0
+    learn_T: bool = False
+    # training solver; a fixed-step method without step_size starts from Hairer's heuristic
+    method: str = "rk4"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    step_size: float | None = None
+    adjoint: bool = False
+    max_nfe: int = 10_000
+    # evaluation solver
+    eval_method: str = "dopri5"
+    eval_atol: float = 1e-7
+    eval_rtol: float = 1e-7
+    eval_step_size: float | None = None
+    dtype: str = "float32"
+    # tables
+    preprocess: str = "standardize"
+    # images
+    scales: int = 0
+    blocks: int = 2
+    alpha: float = 1e-6
+    conv_layer: str = "concatsquash"
+
+    def __post_init__(self) -> None:
+        self.hidden = options.widths("hidden", self.hidden)
+        options.finite_floats(self)
+        for name in ("T", "atol", "rtol", "eval_atol", "eval_rtol"):
+            options.number(name, getattr(self, name))
+        for name in ("step_size", "eval_step_size"):
+            if getattr(self, name) is not None:
+                options.number(name, getattr(self, name))
+        options.integer("max_nfe", self.max_nfe, 1, "a positive integer")
+        options.integer("blocks", self.blocks, 1, "a positive integer")
+        options.integer("scales", self.scales, 0, "an integer >= 0 (0: automatic)")
+        options.within("alpha", self.alpha, 0, 0.5, closed=True)
+        options.choice("activation", self.activation, sorted(ACTIVATIONS))
+        options.choice("trace", self.trace, TRACES)
+        options.choice("noise", self.noise, NOISES)
+        options.choice("dtype", self.dtype, tuple(DTYPES))
+        options.choice("preprocess", self.preprocess, PREPROCESS)
+        options.choice("conv_layer", self.conv_layer, tuple(CONV_LAYERS))
+        self.solver, self.eval_solver  # noqa: B018  validates methods, steps and tolerances
+
+    @property
+    def solver(self) -> Solver:
+        """The training solver; a fixed-step method without a step gets a placeholder of T/8
+        until the trainer measures Hairer's step on the first batch."""
+        step = self.step_size
+        if step is None and self.method in FIXED_STEP:
+            step = self.T / 8
+        return Solver(
+            self.method, self.atol, self.rtol, step, adjoint=self.adjoint, max_nfe=self.max_nfe
+        )
+
+    @property
+    def eval_solver(self) -> Solver:
+        return Solver(
+            self.eval_method,
+            self.eval_atol,
+            self.eval_rtol,
+            self.eval_step_size,
+            max_nfe=self.max_nfe,
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        return options.from_dict(cls, values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return options.to_dict(self)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _vector(cfg: ModelConfig, meta: dict[str, Any]) -> CNF:
+    (dim,) = meta["event_shape"]
+    return CNF(dim, **_common(cfg))
+
+
+def _tabular(cfg: ModelConfig, meta: dict[str, Any]) -> TabularCNF:
+    (dim,) = meta["event_shape"]
+    return TabularCNF(dim, preprocess=cfg.preprocess, **_common(cfg))
+
+
+def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
+    return MultiscaleCNF(
+        tuple(meta["event_shape"]),
+        levels=meta["levels"],
+        scales=cfg.scales or None,
+        blocks=cfg.blocks,
+        alpha=cfg.alpha,
+        layer=cfg.conv_layer,
+        **_common(cfg),
+    )
+
+
+def _common(cfg: ModelConfig) -> dict[str, Any]:
+    return dict(
+        hidden=cfg.hidden,
+        activation=cfg.activation,
+        trace=cfg.trace,
+        noise=cfg.noise,
+        T=cfg.T,
+        learn_T=cfg.learn_T,
+        solver=cfg.solver,
+        eval_solver=cfg.eval_solver,
+    )
+
+
+# the flow for each kind of dataset
+BUILDERS: dict[str, Callable[[ModelConfig, dict[str, Any]], Flow]] = {
+    "toy": _vector,
+    "tabular": _tabular,
+    "image": _image,
+}
+
+
+def build_model(cfg: ModelConfig, meta: dict[str, Any]) -> Flow:
+    """The flow ``cfg`` describes for the data ``meta`` describes (a dataset's ``meta()``: its
+    kind, event shape and, for images, levels), in ``cfg.dtype``."""
+    if meta.get("kind") not in BUILDERS:
+        raise ValueError(
+            f"no model for datasets of kind {meta.get('kind')!r}; known kinds: {list(BUILDERS)}"
+        )
+    return BUILDERS[meta["kind"]](cfg, meta).to(DTYPES[cfg.dtype])

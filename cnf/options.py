@@ -1,0 +1,92 @@
+"""Validated option records: the checks every config dataclass of the package shares.
+
+A config (:class:`cnf.models.ModelConfig`, :class:`cnf.training.TrainConfig`) is a dataclass of
+plain values (saved as JSON and inside checkpoints). Its ``__post_init__`` validates every field
+with the helpers here, which raise :class:`ConfigError` naming the field, so that the command
+line can name the flag the user typed (``--lr``) and Python users the argument (``lr``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; ``field`` names it (the CLI shows it as a flag)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite_floats(record: Any) -> None:
+    """Refuse NaN and infinite values in any float field."""
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f.name, f"must be a finite number, got {value}")
+
+
+def integer(name: str, value: object, low: int, what: str = "") -> None:
+    if not is_int(value) or value < low:
+        raise ConfigError(name, f"must be {what or f'an integer >= {low}'}, got {value!r}")
+
+
+def number(name: str, value: object, *, low: float = 0, strict: bool = True) -> None:
+    """A finite number above ``low`` (``strict``) or at least ``low``."""
+    if not is_number(value) or value < low or (strict and value == low):
+        what = "a positive number" if strict and low == 0 else f"a number >= {low:g}"
+        raise ConfigError(name, f"must be {what}, got {value!r}")
+
+
+def within(name: str, value: object, low: float, high: float, *, closed: bool = False) -> None:
+    """A finite number in ``(low, high)``, or ``[low, high)`` if ``closed``."""
+    if not is_number(value) or not low <= value < high or (not closed and value == low):
+        text = f"{'[' if closed else '('}{low:g}, {high:g})"
+        raise ConfigError(name, f"must be in {text}, got {value!r}")
+
+
+def choice(name: str, value: object, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ConfigError(name, f"{value!r} is unknown; valid choices: {list(valid)}")
+
+
+def widths(name: str, value: object) -> tuple[int, ...]:
+    """Hidden-layer widths: a non-empty sequence of positive integers, as a tuple."""
+    if not isinstance(value, tuple | list) or not value:
+        raise ConfigError(name, f"must be a list of layer widths, got {value!r}")
+    if any(not is_int(w) or w < 1 for w in value):
+        raise ConfigError(name, f"must hold positive widths, got {list(value)}")
+    return tuple(value)
+
+
+def from_dict(cls: Callable[..., C], values: dict[str, Any]) -> C:
+    """``cls(**values)``, refusing unknown keys with the list of valid ones."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+    return cls(**values)
+
+
+def to_dict(record: Any) -> dict[str, Any]:
+    """A config as JSON-ready plain data (tuples become lists)."""
+    out = dataclasses.asdict(record)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

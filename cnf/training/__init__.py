@@ -1,0 +1,35 @@
+"""Training: one recipe (:class:`TrainConfig`), one loop (:func:`fit`) for every caller, the
+objective as a strategy (:class:`MaximumLikelihood`), and runs on disk (:func:`train`).
+
+    from cnf.training import TrainConfig, train
+    train(TrainConfig.for_data("moons", iters=2000), "runs/moons")
+"""
+
+from cnf.options import ConfigError
+from cnf.training.config import PRESETS, TrainConfig
+from cnf.training.loop import Diverged, FitResult, Hooks, fit, step
+from cnf.training.objectives import MaximumLikelihood, Objective
+from cnf.training.run import RESUMABLE, Setup, TrainResult, final_report, setup, train
+from cnf.training.state import TrainState, lr_factor, stream_seed
+
+__all__ = [
+    "PRESETS",
+    "RESUMABLE",
+    "ConfigError",
+    "Diverged",
+    "FitResult",
+    "Hooks",
+    "MaximumLikelihood",
+    "Objective",
+    "Setup",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "final_report",
+    "fit",
+    "lr_factor",
+    "setup",
+    "step",
+    "stream_seed",
+    "train",
+]

@@ -1,0 +1,216 @@
+"""The training loop: one :func:`step`, one :func:`fit`, for ``cnf train``, ``cnf.CNFDensity`` and
+every benchmark.
+
+An iteration: draw the batch for ``(seed, iteration)``; every ``adapt_every`` iterations let the
+step adapter check the training solver on it (objectives that solve); the objective's loss,
+backward, gradient clipping, a check that loss and gradient are finite, the optimizer and
+schedule steps; every ``eval_every`` iterations the validation NLL with the evaluation solver.
+What the caller does with each iteration's log row and each evaluation (write a log and
+checkpoints, keep the best weights in memory) it says in :class:`Hooks`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from cnf.data import Dataset
+from cnf.evaluate import evaluate
+from cnf.runtime import to_tensor
+from cnf.solvers import SolverError
+from cnf.training.config import TrainConfig
+from cnf.training.objectives import Objective
+from cnf.training.state import ADAPT, PROBES, TrainState, generator, stream_seed
+
+
+class Diverged(SolverError):
+    """Training failed at ``iteration``: a solve diverged, or the loss or gradient was not
+    finite. ``what`` says what happened; the caller adds the ``advice`` that fits its
+    situation (:func:`cnf.training.run.train` knows about checkpoints, for one)."""
+
+    def __init__(self, iteration: int, what: str, advice: str = "") -> None:
+        super().__init__(f"training diverged at iteration {iteration}: {what}", advice)
+        self.iteration, self.what = iteration, what
+
+
+class Hooks:
+    """What the caller of :func:`fit` does along the way; the defaults do nothing."""
+
+    def row(self, state: TrainState, row: dict[str, Any]) -> None:
+        """After every iteration, with its log row (written before any checkpoint of it)."""
+
+    def evaluated(self, state: TrainState, improved: bool) -> None:
+        """After a validation evaluation; ``improved``: it is the best so far."""
+
+    def interrupted(self, state: TrainState, evaluated: bool, signum: int) -> None:
+        """Signal ``signum`` asked to stop, after this iteration (``evaluated``: it was an
+        evaluation)."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """How :func:`fit` ended: ``stopped`` is ``"done"``, ``"patience"`` (early stopping),
+    ``"signal"`` (then ``signal`` is its number) or ``"budget"`` (out of training time)."""
+
+    iteration: int
+    stopped: str
+    signal: int | None = None
+
+
+def step(state: TrainState, objective: Objective, x: torch.Tensor, cfg: TrainConfig) -> dict:
+    """One training iteration on the batch ``x``; returns its log row."""
+    model, it = state.model, state.iteration + 1
+    row: dict[str, Any] = {"iter": it}
+    t0 = time.perf_counter()
+    try:
+        if state.adapter is not None and objective.adapts and it % cfg.adapt_every == 0:
+            # Ott et al.: does a finer solver agree on this batch? If not, refine the step.
+            metric = objective.metric(model, x, stream_seed(cfg.seed, ADAPT, it))
+            solver, row["adapt"] = state.adapter.adapt(model.solver, metric)
+            model.set_solver(solver)
+        loss, logs = objective.loss(model, x, generator(x.device, cfg.seed, PROBES, it))
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    except SolverError as err:
+        raise Diverged(it, getattr(err, "problem", str(err))) from err
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise Diverged(it, f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
+    state.optimizer.step()
+    state.scheduler.step()
+    state.iteration = it
+    solver = model.solver
+    row.update(
+        loss=loss.item(),
+        **{k: float(v) for k, v in logs.items()},
+        **objective.counts(model),
+        grad_norm=grad_norm.item(),
+        lr=state.scheduler.get_last_lr()[0],
+        step_size=solver.step_size,
+        atol=solver.atol,
+        rtol=solver.rtol,
+        time=time.perf_counter() - t0,
+    )
+    return row
+
+
+def fit(
+    state: TrainState,
+    data: Dataset,
+    objective: Objective,
+    cfg: TrainConfig,
+    *,
+    hooks: Hooks | None = None,
+    progress: bool = True,
+    quiet: bool = False,
+    seconds: float | None = None,
+) -> FitResult:
+    """Train from ``state.iteration`` to ``cfg.iters`` (or until early stopping, a signal, or
+    ``seconds`` of training time). SIGINT and SIGTERM stop after the current iteration.
+
+    Arguments:
+        state: the model, optimizer and where training stands (changed in place).
+        data: the dataset (batches for ``(seed, iteration)``, a validation set).
+        objective: the loss (:class:`~cnf.training.objectives.MaximumLikelihood`, ...).
+        cfg: the recipe (iterations, batch size, clipping, evaluation, adaptation, patience).
+        hooks: what to do with each log row and evaluation (:class:`Hooks`).
+        progress: show a progress bar (loss, NFE, it/s, ETA); ``quiet``: no messages either.
+        seconds: a training-time budget (evaluations not counted), for benchmarks.
+    """
+    hooks = hooks or Hooks()
+    p = next(state.model.parameters())
+    x_val = to_tensor(data.validation(), p.device, p.dtype)
+    say = (lambda text: None) if quiet else (lambda text: tqdm.write(text, file=sys.stderr))
+    spent = 0.0
+    with (
+        _stop_on_signals() as stop,
+        tqdm(
+            total=cfg.iters,
+            initial=state.iteration,
+            disable=not progress,
+            dynamic_ncols=True,
+            desc=f"train {cfg.data}",
+            mininterval=0.5,
+            file=sys.stderr,
+        ) as bar,
+    ):
+        while state.iteration < cfg.iters:
+            x = to_tensor(data.train_batch(cfg.batch_size, state.iteration + 1), p.device, p.dtype)
+            row = step(state, objective, x, cfg)
+            spent += row["time"]
+            evaluated = len(x_val) > 0 and (
+                state.iteration % cfg.eval_every == 0 or state.iteration == cfg.iters
+            )
+            improved = evaluated and _validate(state, x_val, row, say)
+            hooks.row(state, row)
+            if evaluated:
+                hooks.evaluated(state, improved)
+            best = "-" if math.isinf(state.best) else f"{state.best:.3f}"
+            bar.set_postfix(
+                loss=f"{row['loss']:.3f}",
+                nfe=f"{row['nfe']}/{row['nfe_backward']}",
+                best=best,
+                refresh=False,
+            )
+            bar.update()
+            if cfg.patience and state.stale >= cfg.patience:
+                say(
+                    f"early stop at iteration {state.iteration}: no better validation NLL in "
+                    f"{state.stale} evaluations (--patience)"
+                )
+                return FitResult(state.iteration, "patience")
+            if stop.signal is not None:
+                hooks.interrupted(state, evaluated, stop.signal)
+                return FitResult(state.iteration, "signal", stop.signal)
+            if seconds is not None and spent >= seconds:
+                return FitResult(state.iteration, "budget")
+    return FitResult(state.iteration, "done")
+
+
+def _validate(state: TrainState, x_val: torch.Tensor, row: dict, say) -> bool:
+    """The validation NLL under the evaluation solver, into the row; whether it is the best."""
+    ev = evaluate(state.model, x_val)
+    row.update(val_nll=ev.nll, val_nll_se=ev.nll_se, val_nfe=ev.nfe)
+    bpd = ""
+    if ev.bits_per_dim is not None:
+        row["val_bits_per_dim"] = ev.bits_per_dim
+        bpd = f", {ev.bits_per_dim:.4f} bits/dim"
+    say(
+        f"iter {state.iteration}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f}{bpd} (NFE {ev.nfe}), "
+        f"training solver {state.model.solver.describe()}"
+    )
+    return state.record(ev.nll)
+
+
+class _StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current iteration."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        signal.signal(signum, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[_StopRequest]:
+    stop = _StopRequest()
+    try:
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no handlers, no clean stop
+        previous = {}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,375 @@
+"""A training run: :func:`setup` (data, model and state, every input checked) and :func:`train`
+(a run directory around :func:`~cnf.training.loop.fit`: the log, checkpoints, resume, the
+report). Figures are drawn by the caller (:func:`cnf.viz.plot_run`), so this layer never imports
+plotting.
+
+``train(TrainConfig.for_data("8gaussians"), "runs/8g")`` fits a flow by maximum likelihood,
+evaluates on held-out data every ``eval_every`` iterations, keeps ``best.pt`` and ``last.pt``,
+logs every iteration to ``log.jsonl`` and ends with ``report.json`` (test NLL, KL where the truth
+is known, the solver-validity verdict). A resumed run ends exactly where an uninterrupted one
+would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnf.adaptation import initial_step
+from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cnf.data import Dataset, held_warnings
+from cnf.flow import Flow
+from cnf.io import write_text
+from cnf.models import DTYPES, build_model
+from cnf.options import ConfigError
+from cnf.report import report
+from cnf.runs import load_run
+from cnf.runtime import configure_cuda, configure_threads, resolve_device, to_tensor
+from cnf.training import rundir
+from cnf.training.config import TrainConfig
+from cnf.training.loop import Diverged, FitResult, Hooks, fit
+from cnf.training.objectives import Objective
+from cnf.training.state import TrainState
+
+# options that a resumed run may change: they steer neither the model nor the data
+RESUMABLE = frozenset(
+    {
+        "iters",
+        "device",
+        "threads",
+        "lr",
+        "max_nfe",
+        "grad_clip",
+        "patience",
+        "eval_every",
+        "test_size",
+        "validity_size",
+        "eval_method",
+        "eval_atol",
+        "eval_rtol",
+        "eval_step_size",
+    }
+)
+
+
+@dataclass
+class Setup:
+    """What a run trains: the device and dtype, the dataset, the model, its training state and
+    the objective, all checked."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dtype: torch.dtype
+    data: Dataset
+    model: Flow
+    state: TrainState
+    objective: Objective
+    dataset: dict[str, Any] = field(init=False)  # how to reopen the data (DataSpec)
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        spec = self.cfg.dataset_spec()
+        # a file's absolute path, so that a checkpoint finds it from any directory
+        self.dataset = {**spec.to_dict(), "name": self.data.meta()["name"]}
+        self.fingerprint = self.data.fingerprint()
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The checkpoint of where training stands (the schema: :mod:`cnf.checkpoint`)."""
+        return {
+            "model_args": self.cfg.model.to_dict(),
+            "data": self.data.meta(),
+            "dataset": self.dataset,
+            "data_fingerprint": self.fingerprint,
+            "config": {k: v for k, v in self.cfg.to_dict().items() if k != "model"},
+            **self.state.to_checkpoint(),
+        }
+
+
+def setup(
+    cfg: TrainConfig,
+    *,
+    data: Dataset | None = None,
+    checkpoint: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+) -> Setup:
+    """Open the data (unless given), build the model and its training state, and either start
+    it (the training step from Hairer's heuristic where none is set) or bring it to where
+    ``checkpoint`` stands, refusing data that changed since. Nothing is written anywhere."""
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.model.dtype]
+    torch.manual_seed(cfg.seed)
+    if data is None:
+        with held_warnings():  # a refused run prints its error alone
+            data = cfg.dataset_spec().open(trust_pickle=trust_pickle)
+            if checkpoint is not None:
+                _check_same_data(checkpoint, data)
+    if hasattr(data, "check_range"):  # a table's values must fit the model's dtype
+        data.check_range(cfg.model.dtype)
+    if hasattr(data, "to"):  # image datasets keep their training images on the device
+        data = data.to(device)
+    dim = math.prod(data.event_shape)
+    configure_threads(cfg.threads, device, dim)
+    configure_cuda(device, cfg.tf32)
+    model = build_model(cfg.model, data.meta()).to(device)
+    if hasattr(model, "fit_preprocessing"):  # statistics of the training split only
+        model.fit_preprocessing(data.train_data())
+    settings = dict(
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        iters=cfg.iters,
+        schedule=cfg.schedule,
+        adapter=cfg.adapter(dim),
+    )
+    if checkpoint is None:
+        state = TrainState.create(model, **settings)
+        _start_step(model, data, cfg, device, dtype)
+    else:
+        try:
+            state = TrainState.from_checkpoint(checkpoint, model, **settings)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            detail = (str(err).strip().splitlines() or [repr(err)])[0][:200]
+            raise CheckpointError(f"the checkpoint does not fit its own config ({detail})") from err
+    return Setup(cfg, device, dtype, data, model, state, cfg.objective())
+
+
+def _start_step(model: Flow, data: Dataset, cfg: TrainConfig, device, dtype) -> None:
+    """A fixed-step solver without a step starts at Hairer's step for its order, measured on
+    the first batch (clamped to the adapter's bounds)."""
+    if cfg.model.step_size is not None or not model.solver.fixed_step:
+        return
+    x = to_tensor(data.train_batch(cfg.batch_size, 1), device, dtype)
+    solver = model.solver
+    h = initial_step(model, x, solver.order, rtol=cfg.model.rtol, atol=cfg.model.atol)
+    adapter = cfg.adapter(math.prod(data.event_shape))
+    solver = solver.replace(step_size=h)
+    model.set_solver(adapter.scaled(solver, 1.0) if adapter else solver)
+
+
+def _check_same_data(ckpt: dict[str, Any], data: Dataset) -> None:
+    meta = data.meta()
+    if any(meta.get(k) != v for k, v in ckpt["data"].items()):
+        raise CheckpointError(
+            f"the checkpoint was trained on {ckpt['data']} but the dataset now gives {meta}: "
+            "resume with the same data, or start a new run"
+        )
+    saved = ckpt.get("data_fingerprint")
+    if saved is not None and saved != data.fingerprint():
+        raise CheckpointError(
+            f"the training data changed since the checkpoint was written (content fingerprint "
+            f"{saved[:12]}, now {data.fingerprint()[:12]}): resume with the data the run was "
+            "trained on, or start a new run"
+        )
+
+
+# --- a run directory -------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the directory, the iteration reached, the signal that stopped it
+    (if one did), the report (``None`` when stopped early), and the dataset, for figures."""
+
+    out: Path
+    iteration: int
+    interrupted: int | None
+    report: dict[str, Any] | None
+    data: Dataset | None = None
+
+
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    changes: dict[str, Any] | None = None,
+    trust_pickle: bool = False,
+) -> TrainResult:
+    """Train a flow on ``cfg.data`` into the run directory ``out``.
+
+    Everything (config, data, model, a resumed checkpoint) is checked before the run directory
+    is touched, so a mistake never costs an existing run.
+
+    Arguments:
+        cfg: the run's configuration (ignored with ``resume``, which reads the saved one).
+        out: the run directory; an existing non-empty one needs ``resume`` or ``force``.
+        resume: continue from ``out/last.pt``.
+        force: replace an existing run in ``out`` (only a cnf run, and only if it holds nothing
+            else: see :mod:`cnf.training.rundir`).
+        progress: show a progress bar (loss, NFE, it/s, ETA).
+        changes: with ``resume``, new values for options in :data:`RESUMABLE` (more ``iters``,
+            a lower ``lr``, ...).
+        trust_pickle: allow reading data files that unpickle (the MAF GAS set); never taken from
+            a config or a checkpoint.
+    """
+    out = Path(out)
+    if resume and force:
+        raise ValueError(
+            "--resume and --force contradict each other: --resume continues the run, --force "
+            "replaces it; choose one"
+        )
+    ckpt = _resume_checkpoint(out) if resume else None
+    if ckpt is not None:
+        cfg = _resumed_config(ckpt, changes or {})
+    else:
+        rundir.check_new(out, force=force)
+    try:
+        run = setup(cfg, checkpoint=ckpt, trust_pickle=trust_pickle)
+    except CheckpointError as err:
+        raise CheckpointError(f"{out / 'last.pt'}: {err}") from err
+    if ckpt is not None and _finished(run):
+        return _finished_result(out, run)
+    _prepare_directory(out, cfg, ckpt)  # only now, with everything checked, does it change
+    recorder = _Recorder(out, run)
+    try:
+        with open(out / "log.jsonl", "a") as recorder.log:
+            result = fit(run.state, run.data, run.objective, cfg, hooks=recorder, progress=progress)
+    except Diverged as err:
+        raise _with_advice(err, out, recorder.saved, cfg) from err
+    if result.stopped == "signal":
+        return TrainResult(out, result.iteration, result.signal, None, run.data)
+    return TrainResult(out, result.iteration, None, final_report(out, run), run.data)
+
+
+class _Recorder(Hooks):
+    """The run directory's side of the loop: a log row per iteration, then the checkpoints."""
+
+    def __init__(self, out: Path, run: Setup) -> None:
+        self.out, self.run = out, run
+        self.saved: int | None = run.state.iteration if run.state.iteration else None
+        self.log: Any = None
+
+    def row(self, state: TrainState, row: dict[str, Any]) -> None:
+        # the log row goes first: a kill before the checkpoint leaves an extra row, which the
+        # resume drops, never a missing one
+        self.log.write(json.dumps(row) + "\n")
+        self.log.flush()
+
+    def evaluated(self, state: TrainState, improved: bool) -> None:
+        if improved:
+            self.checkpoint("best.pt")
+        self.checkpoint("last.pt")
+
+    def interrupted(self, state: TrainState, evaluated: bool, signum: int) -> None:
+        if not evaluated:
+            self.checkpoint("last.pt")
+        print(
+            f"{signal.Signals(signum).name}: saved iteration {state.iteration}; continue with "
+            f"cnf train --resume {self.out}",
+            file=sys.stderr,
+        )
+
+    def checkpoint(self, name: str) -> None:
+        save_checkpoint(self.out / name, self.run.checkpoint())
+        if name == "last.pt":
+            self.saved = self.run.state.iteration
+
+
+def _prepare_directory(out: Path, cfg: TrainConfig, ckpt: dict[str, Any] | None) -> None:
+    if ckpt is None:
+        rundir.create(out)
+    else:
+        _truncate_log(out / "log.jsonl", ckpt["iteration"])
+    write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def _resume_checkpoint(out: Path) -> dict[str, Any]:
+    if not (out / "last.pt").is_file():
+        hint = (
+            " (the run stopped before its first checkpoint: start it again with --force)"
+            if (out / "config.json").is_file()
+            else ""
+        )
+        raise CheckpointError(f"cannot resume: {out / 'last.pt'} does not exist{hint}")
+    return load_checkpoint(out / "last.pt")
+
+
+def _resumed_config(ckpt: dict[str, Any], changes: dict[str, Any]) -> TrainConfig:
+    clash = sorted(set(changes) - RESUMABLE)
+    if clash:
+        flags = ", ".join("--" + c.replace("_", "-") for c in clash)
+        allowed = ", ".join("--" + c.replace("_", "-") for c in sorted(RESUMABLE))
+        raise ValueError(
+            f"{flags} cannot change when resuming (the saved config is used; these options may: "
+            f"{allowed}): start a new run to change them"
+        )
+    cfg = TrainConfig.from_dict({**ckpt["config"], "model": ckpt["model_args"]}).replace(**changes)
+    if cfg.iters < ckpt["iteration"]:
+        raise ConfigError(
+            "iters",
+            f"{cfg.iters} is below the {ckpt['iteration']} iterations "
+            "this run has already trained: give a larger number to train further",
+        )
+    return cfg
+
+
+def _finished(run: Setup) -> bool:
+    cfg, state = run.cfg, run.state
+    return state.iteration >= cfg.iters or bool(cfg.patience and state.stale >= cfg.patience)
+
+
+def _finished_result(out: Path, run: Setup) -> TrainResult:
+    """A resume of a run with nothing left to train: its report, made if it is missing."""
+    path = out / "report.json"
+    if path.is_file():
+        print(
+            f"the run in {out} has finished (iteration {run.state.iteration}); its report is "
+            f"{path}",
+            file=sys.stderr,
+        )
+        return TrainResult(out, run.state.iteration, None, json.loads(path.read_text()), run.data)
+    return TrainResult(out, run.state.iteration, None, final_report(out, run), run.data)
+
+
+def final_report(out: Path, run: Setup) -> dict[str, Any]:
+    """Evaluate the best checkpoint on the test data, with the solver-validity verdict, as
+    ``cnf eval --validity`` does; write ``report.json``."""
+    best = load_run(out / "best.pt", run.device)
+    result = report(best.model, run.data, n=run.cfg.test_size, validity_n=run.cfg.validity_size)
+    print(result.validity.summary(), file=sys.stderr)
+    write_text(out / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    return result.to_dict()
+
+
+def _with_advice(err: Diverged, out: Path, saved: int | None, cfg: TrainConfig) -> Diverged:
+    """The divergence with advice that fits: resume from the last checkpoint with a lower
+    learning rate, or, with no checkpoint yet (or no step taken), what to change first."""
+    lower = f"{cfg.lr / 10:.3g}"
+    if err.iteration == 1:  # no optimizer step yet: the learning rate cannot be the cause
+        advice = (
+            "it failed before the first training step, so the initial model and the setup are "
+            "the cause, not the learning rate: check --T, the solver (--method, --step-size, "
+            "--max-nfe) and the scale of the data, then start again with --force"
+        )
+    elif saved is None:
+        advice = (
+            f"no checkpoint was saved yet (the first comes at iteration "
+            f"{min(cfg.eval_every, cfg.iters)}): start again with --force and a lower --lr "
+            f"(e.g. {lower}), a finer solver or --kinetic/--jacobian regularization"
+        )
+    else:
+        advice = (
+            f"the last good checkpoint is {out / 'last.pt'} (iteration {saved}): continue from "
+            f"it with a lower learning rate (cnf train --resume {out} --lr {lower}; --max-nfe "
+            "can change too), or start a new run with a finer solver or --kinetic/--jacobian "
+            "regularization"
+        )
+    return Diverged(err.iteration, err.what, advice)
+
+
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Drop log rows past the checkpoint (a hard kill can leave some) before a resume."""
+    if path.is_file():
+        rows = path.read_text().splitlines()
+        kept = [r for r in rows if r.strip() and json.loads(r)["iter"] <= iteration]
+        write_text(path, "".join(r + "\n" for r in kept))
+
+
+__all__ = ["RESUMABLE", "FitResult", "Setup", "TrainResult", "final_report", "setup", "train"]

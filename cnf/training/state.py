@@ -1,0 +1,126 @@
+"""The training state: model, optimizer, schedule, where training stands, and the step adapter;
+one seeding scheme; a checkpoint's training part in and out.
+
+Randomness is a function of ``(seed, stream, iteration)`` (:func:`stream_seed`): batches (drawn
+by the dataset), Hutchinson probes (:data:`PROBES`) and the adapter's probes (:data:`ADAPT`) do
+not depend on what ran before, so a resumed run repeats an uninterrupted one exactly and the
+state needs no RNG positions of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnf.adaptation import StepAdapter
+from cnf.flow import Flow
+
+PROBES, ADAPT = 1, 2  # random streams of a run (the datasets use their own)
+
+
+def stream_seed(seed: int, stream: int, iteration: int) -> int:
+    """A 32-bit seed for ``(seed, stream, iteration)``, by numpy's SeedSequence."""
+    return int(np.random.SeedSequence([seed, stream, iteration]).generate_state(1)[0])
+
+
+def generator(device: torch.device, seed: int, stream: int, iteration: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(stream_seed(seed, stream, iteration))
+
+
+def lr_factor(step: int, iters: int, schedule: str) -> float:
+    """The schedule in closed form: ``"cosine"`` from 1 down to 1% over ``iters`` steps (and 1%
+    after), or ``"constant"``. Closed form, so extending a resumed run keeps one curve."""
+    if schedule == "constant":
+        return 1.0
+    progress = min(step, iters) / iters
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training.
+
+    Attributes:
+        model: the flow (it owns the training solver the adapter changes).
+        optimizer: AdamW over the model's parameters.
+        scheduler: the learning-rate schedule (:func:`lr_factor`).
+        adapter: Ott et al.'s step adapter, or ``None`` when the step is fixed.
+        iteration: iterations done.
+        best: the lowest validation NLL so far; ``stale``: evaluations since it improved.
+    """
+
+    model: Flow
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    adapter: StepAdapter | None = None
+    iteration: int = 0
+    best: float = math.inf
+    stale: int = 0
+
+    @classmethod
+    def create(
+        cls,
+        model: Flow,
+        *,
+        lr: float,
+        weight_decay: float,
+        iters: int,
+        schedule: str,
+        adapter: StepAdapter | None = None,
+    ) -> TrainState:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, iters, schedule)
+        )
+        return cls(model, optimizer, scheduler, adapter)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], model: Flow, **settings: Any) -> TrainState:
+        """A state made as :meth:`create` makes it (``settings``: its keywords), then brought to
+        where the checkpoint stands (:meth:`load`)."""
+        state = cls.create(model, **settings)
+        state.load(ckpt, lr=settings["lr"])
+        return state
+
+    def record(self, nll: float) -> bool:
+        """Note a validation NLL; whether it is the best so far."""
+        improved = nll < self.best
+        self.stale = 0 if improved else self.stale + 1
+        self.best = min(self.best, nll)
+        return improved
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The training part of a checkpoint (:mod:`cnf.checkpoint` has the whole schema)."""
+        solver = self.model.solver
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "solver": {
+                "method": solver.method,
+                "step_size": solver.step_size,
+                "atol": solver.atol,
+                "rtol": solver.rtol,
+            },
+            "iteration": self.iteration,
+            "best_val_nll": self.best,
+            "stale_evals": self.stale,
+        }
+
+    def load(self, ckpt: dict[str, Any], *, lr: float) -> None:
+        """Continue from a checkpoint's training part; ``lr`` may differ from the saved one (a
+        resume with a lower learning rate keeps the schedule's shape and scales it)."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.model.set_solver(self.model.solver.replace(**ckpt["solver"]))
+        self.iteration = ckpt["iteration"]
+        self.best, self.stale = ckpt["best_val_nll"], ckpt.get("stale_evals", 0)
+        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["lr"] = lr, lr * factor
