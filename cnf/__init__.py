@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CNF": "cnf.flow",
     "CNFDensity": "cnf.estimator",
+    "CNFDensityWarning": "cnf.estimator",
     "ConcatSquashLinear": "cnf.fields",
     "ConcatSquashMLP": "cnf.fields",
     "ConvField": "cnf.fields",
@@ -23,6 +24,7 @@ _EXPORTS = {
     "FlowResult": "cnf.flow",
     "HutchinsonTrace": "cnf.trace",
     "METHODS": "cnf.solvers",
+    "ModelConfig": "cnf.models",
     "MultiscaleCNF": "cnf.multiscale",
     "NFE": "cnf.solvers",
     "ODEBlock": "cnf.ode",
@@ -30,6 +32,7 @@ _EXPORTS = {
     "SolverError": "cnf.solvers",
     "TabularCNF": "cnf.tabular",
     "ValidityReport": "cnf.validity",
+    "load_run": "cnf.runs",
     "make_trace": "cnf.trace",
     "solver_validity": "cnf.validity",
 }

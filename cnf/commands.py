@@ -5,6 +5,7 @@
     cnf sample runs/8g -n 1000 -o samples.npy     samples (.npy or .csv), --with-log-prob
     cnf sample runs/digits -n 64 -o grid.png      a PNG grid of samples (image models)
     cnf animate runs/8g -o flow.gif               watch a 2-D flow move mass (GIF or MP4)
+    cnf plot runs/8g                              redraw a run's figures (curves, density, ...)
     cnf datasets                                  the built-in datasets
 
 Every error is one line on stderr and a non-zero exit; set CNF_DEBUG=1 for tracebacks.
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_train_parser, _eval_parser, _sample_parser, _animate_parser):
+    for add in (_train_parser, _eval_parser, _sample_parser, _animate_parser, _plot_parser):
         add(sub)
     sub.add_parser("datasets", help="list the built-in datasets")
     return parser
@@ -203,6 +204,11 @@ def _train_parser(sub: Any) -> None:
                    + ", ".join("--" + o.replace("_", "-") for o in sorted(RESUMABLE)))  # fmt: skip
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as one JSON object instead of the summary")  # fmt: skip
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log to TensorBoard, in DIR/tensorboard (needs the tensorboard "
+                   'package: pip install "cnf[tensorboard]")')  # fmt: skip
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     _add_config_flags(p)
 
@@ -230,6 +236,17 @@ def _sample_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--device", default="auto")
+
+
+def _plot_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "plot",
+        help="redraw a run's figures",
+        description="Redraw a run's figures (training.png, solver.png, and density.png and "
+        "samples.png, marginals.png or samples.png by kind of data) from its directory.",
+    )
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
 
 
 def _animate_parser(sub: Any) -> None:
@@ -274,7 +291,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     given = {name: getattr(args, name) for name, _, _ in _config_fields()
              if getattr(args, name) is not None}  # fmt: skip
-    common = dict(progress=not args.no_progress, trust_pickle=args.trust_pickle)
+    common = dict(progress=not args.no_progress, trust_pickle=args.trust_pickle,
+                  tensorboard=args.tensorboard)  # fmt: skip
     if args.resume is not None:
         if args.out is not None and args.out != args.resume:
             raise ValueError("--resume DIR names the run directory: drop --out")
@@ -290,9 +308,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, out, force=args.force, **common)
     if result.interrupted:
         return 128 + result.interrupted  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-    viz.plot_run(result.out, data=result.data)
-    print(json.dumps(result.report, indent=2))
-    print(f"run saved in {result.out}")
+    if not args.no_progress:
+        print("drawing the figures", file=sys.stderr)
+    figures = viz.plot_run(result.out, data=result.data, trust_pickle=args.trust_pickle)
+    if args.json:
+        print(json.dumps(result.report))
+        return 0
+    print((result.out / "summary.txt").read_text().rstrip())
+    names = ", ".join(p.name for p in figures)
+    print(f"run saved in {result.out}: report.json (every number), best.pt, last.pt, log.jsonl; "
+          f"figures {names}")  # fmt: skip
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from cnf import viz  # matplotlib only when drawing
+
+    figures = viz.plot_run(args.run, trust_pickle=args.trust_pickle)
+    print(f"wrote {', '.join(str(p) for p in figures)}")
     return 0
 
 
@@ -330,7 +363,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if key != "validity":
             print(f"{key:>14}: {value:.5g}" if isinstance(value, float) else f"{key:>14}: {value}")
     if validity is not None:
-        print(f"{'validity':>14}: {validity.summary()}")
+        for line in validity.summary().splitlines():
+            print(f"{'validity':>14}: {line}")
     return 0
 
 
@@ -423,7 +457,7 @@ def _sample_grid(model: torch.nn.Module, args: argparse.Namespace) -> int:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     with torch.no_grad():
         images = model.sample(args.n, generator=gen)
-    viz.save_image_grid(images, model.levels, args.output)
+    viz.save_image_grid(images, model.levels, args.output, overwrite=args.force)
     print(f"wrote a grid of {args.n} samples to {args.output}")
     return 0
 
@@ -469,20 +503,35 @@ def cmd_animate(args: argparse.Namespace) -> int:
     tolerances = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
     solver = model.eval_solver.replace(**tolerances)
     kw = dict(direction=args.direction, lim=lim, data=samples, solver=solver)
-    # the bar shows from the start: the one solve comes first, then the frames
-    with tqdm(total=args.frames, desc="solve, then draw frames", disable=args.no_progress,
-              leave=False, unit="frame") as bar:  # fmt: skip
+    say = (lambda text: None) if args.no_progress else (lambda text: print(text, file=sys.stderr))
+    mesh = f"a mesh of {(args.grid + 1) ** 2:,} points and " if args.grid else ""
+    say(f"solving the flow once through all {args.frames} frame times ({mesh}"
+        f"{args.particles} particles, {solver.describe()})")  # fmt: skip
+    bars: list = []  # the frames' bar starts with the first frame, after the solve
+
+    def progress(i: int, n: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=n, desc="drawing frames", disable=args.no_progress,
+                             leave=False, unit="frame"))  # fmt: skip
+        bars[0].update(1)
+
+    try:
         viz.animate(
             model, args.output, frames=args.frames, fps=args.fps, grid=args.grid,
             particles=args.particles, trails=args.trails, field=args.field, seed=args.seed,
-            dpi=args.dpi, progress=lambda i, n: bar.update(1), **kw,
+            dpi=args.dpi, progress=progress, overwrite=args.force, **kw,
         )  # fmt: skip
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"wrote {args.frames} frames to {args.output} (one solve, NFE {model.nfe.forward})")
     if args.trajectories:
-        viz.plot_trajectories(model, args.trajectories, seed=args.seed, **kw)
+        say(f"solving the particles' trajectories for {args.trajectories}")
+        viz.plot_trajectories(model, args.trajectories, seed=args.seed, overwrite=args.force, **kw)
         print(f"wrote {args.trajectories}")
     if args.times:
-        viz.plot_density_times(model, args.times, grid=args.grid, **kw)
+        say(f"solving the density at 5 times for {args.times}")
+        viz.plot_density_times(model, args.times, grid=args.grid, overwrite=args.force, **kw)
         print(f"wrote {args.times}")
     return 0
 
@@ -500,9 +549,10 @@ COMMANDS = {
     "eval": cmd_eval,
     "sample": cmd_sample,
     "animate": cmd_animate,
+    "plot": cmd_plot,
     "datasets": cmd_datasets,
 }
-ERRORS = (ValueError, TypeError, OSError, CheckpointError, SolverError)
+ERRORS = (ValueError, TypeError, OSError, ImportError, CheckpointError, SolverError)
 
 
 def _one_line(err: BaseException) -> str:

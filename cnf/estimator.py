@@ -22,6 +22,7 @@ relative 1e-7) fails for that configuration.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import numpy as np
@@ -187,12 +188,13 @@ class CNFDensity(DensityMixin, BaseEstimator):
         n_val = int(self.validation_fraction * len(X)) if len(X) >= 10 else 0
         order = np.random.default_rng([seed, 7]).permutation(len(X))
         names = [str(c) for c in getattr(self, "feature_names_in_", range(X.shape[1]))]
-        self.columns_ = ColumnPlan.fit(X[order[n_val:]], names, "CNFDensity.fit")
+        self.columns_ = ColumnPlan.fit(X[order[n_val:]], names, "CNFDensity.fit", note=_warn)
         x = self.columns_.apply(X)
         splits = Splits(x[order[n_val:]], x[order[:n_val]], x[:0])
         cfg = self._config(seed, len(splits.train))
         kept = [names[j] for j in self.columns_.keep]
-        data = TabularData("X", splits, kept, seed=seed, dequantize=self.dequantize)
+        data = TabularData("X", splits, kept, seed=seed, dequantize=self.dequantize, note=_warn,
+                           dequantize_hint="dequantize=True")  # fmt: skip
         self.model_ = self._train(cfg, data)
         return self
 
@@ -260,6 +262,19 @@ class CNFDensity(DensityMixin, BaseEstimator):
         gen = torch.Generator(device=torch.device(self.device)).manual_seed(seed)
         x = self.model_.sample(int(n_samples), generator=gen)
         return self.columns_.restore(x.double().cpu().numpy())
+
+
+class CNFDensityWarning(UserWarning):
+    """What ``CNFDensity.fit`` noticed about the data (dropped or integer columns)."""
+
+
+_WARNED: set[str] = set()  # what this process has been told: a grid search is told once
+
+
+def _warn(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, CNFDensityWarning, stacklevel=4)
 
 
 class _KeepBest(Hooks):

@@ -62,10 +62,13 @@ def _is_disk_full(err: BaseException) -> bool:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix) for writers that need a file name; renamed
-    over ``path`` when the block succeeds, removed when it fails."""
+    over ``path`` when the block succeeds, removed when it fails. With ``overwrite=False`` an
+    existing ``path`` is refused first."""
     path = Path(path)
+    if not overwrite:
+        check_output(path, flag="path", force=False, hint="overwrite=True")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
                                dir=path.parent)  # fmt: skip
     os.close(fd)
@@ -83,9 +86,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
+def write_bytes(path: str | Path, data: bytes, *, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (see the module's docstring)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, overwrite=overwrite) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
         try:
             view = memoryview(data)
@@ -99,16 +102,20 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> None:
-    """``fig.savefig`` into memory, then an atomic write: no empty PNG on a full disk."""
+def save_figure(fig: Any, path: str | Path, *, overwrite: bool = True, **kwargs: Any) -> None:
+    """``fig.savefig`` into memory, then an atomic write: no empty PNG on a full disk. With
+    ``overwrite=False`` an existing file is refused before anything is drawn."""
+    if not overwrite:
+        check_output(path, flag="path", force=False, hint="overwrite=True")
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
     write_bytes(path, buffer.getvalue())
 
 
-def check_output(path: str | Path, *, flag: str, force: bool) -> Path:
+def check_output(path: str | Path, *, flag: str, force: bool, hint: str = "--force") -> Path:
     """Check, before any work, that ``path`` can be written: no part of its directory is a file,
-    it is not a directory, and an existing file is only replaced with ``force``."""
+    it is not a directory, and an existing file is only replaced with ``force`` (``hint`` names
+    the way to ask for that)."""
     path = Path(path)
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
@@ -118,5 +125,5 @@ def check_output(path: str | Path, *, flag: str, force: bool) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{flag} {path} is a directory: name a file inside it")
     if path.exists() and not force:
-        raise FileExistsError(f"{path} exists: pass --force to overwrite it")
+        raise FileExistsError(f"{path} exists: pass {hint} to overwrite it")
     return path

@@ -3,6 +3,7 @@ and the solver-validity verdict. One function for the end of ``cnf train`` and `
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,16 +28,37 @@ class Report:
             out["validity"] = self.validity.to_dict()
         return out
 
+    def summary(self, name: str) -> str:
+        """A few lines for people (``report.json`` has everything)."""
+        ev = self.evaluation
+        line = f"{name}: test NLL {ev.nll:.4f} ± {ev.nll_se:.4f} nats on {ev.n} samples"
+        if ev.kl is not None:
+            line += f", KL {ev.kl:.4f} nats to the true density (entropy {ev.entropy:.4f})"
+        if ev.bits_per_dim is not None:
+            line += f", {ev.bits_per_dim:.4f} bits/dim"
+        return line + ("" if self.validity is None else "\n" + self.validity.summary())
+
 
 def report(
-    model: Flow, data: Dataset, *, n: int | None = None, validity_n: int | None = 2000
+    model: Flow,
+    data: Dataset,
+    *,
+    n: int | None = None,
+    validity_n: int | None = 2000,
+    say: Callable[[str], None] | None = None,
 ) -> Report:
     """Evaluate ``model`` on ``n`` test samples of ``data`` (all, for a fixed test split, when
     ``None``) with its evaluation solver, and check the first ``validity_n`` of them for solver
-    validity (``None``: no check).
+    validity (``None``: no check). ``say`` is told what each phase does (they can take a while).
     """
+    say = say or (lambda text: None)
     p = like(model)
     x = to_tensor(data.test(n), p.device, p.dtype)
+    say(f"evaluating {len(x)} test samples with {model.eval_solver.describe()}")
     evaluation = evaluate(model, x, entropy=getattr(data, "entropy", None))
-    validity = None if validity_n is None else solver_validity(model, x[:validity_n])
+    validity = None
+    if validity_n is not None:
+        say(f"checking solver validity on {min(validity_n, len(x))} of them: the training solver "
+            f"{model.solver.describe()}, a finer one, and the float64 reference")  # fmt: skip
+        validity = solver_validity(model, x[:validity_n])
     return Report(evaluation, validity)

@@ -22,7 +22,7 @@ from matplotlib.collections import LineCollection, QuadMesh
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from cnf.io import atomic_path, save_figure, write_bytes
+from cnf.io import atomic_path, check_output, save_figure, write_bytes
 from cnf.runs import load_run
 from cnf.solvers import Solver
 from cnf.transport import LATENT_LIM, Transport, check_2d, like, transport
@@ -59,7 +59,9 @@ def _scatter(ax: Any, pts: np.ndarray, lim: float, title: str, color: str) -> No
 
 
 @torch.no_grad()
-def plot_density(model: nn.Module, data: Any, path: str | Path, n: int = 200) -> None:
+def plot_density(
+    model: nn.Module, data: Any, path: str | Path, n: int = 200, *, overwrite: bool = False
+) -> None:
     """Heat map of the model's density, beside the true density when it is known."""
     lim = data.density.support
     panels = [("model density", model_density(model, lim, n))]
@@ -71,12 +73,14 @@ def plot_density(model: nn.Module, data: Any, path: str | Path, n: int = 200) ->
         _heat(ax, dens, lim, title)
     fig.suptitle(data.name)
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110, overwrite=overwrite)
     plt.close(fig)
 
 
 @torch.no_grad()
-def plot_samples(model: nn.Module, data: Any, path: str | Path, n: int = 5000) -> None:
+def plot_samples(
+    model: nn.Module, data: Any, path: str | Path, n: int = 5000, *, overwrite: bool = False
+) -> None:
     """Model samples beside data samples."""
     check_2d(model)
     lim = data.density.support
@@ -88,47 +92,49 @@ def plot_samples(model: nn.Module, data: Any, path: str | Path, n: int = 5000) -
     _scatter(axes[1], samples, lim, "model samples", "C3")
     fig.suptitle(data.name)
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110, overwrite=overwrite)
     plt.close(fig)
 
 
 def plot_run(out: str | Path, *, data: Any = None, trust_pickle: bool = False) -> list[Path]:
-    """The figures of a run directory, from its best checkpoint and log: ``solver.png`` (the
-    training solver), and by kind of data ``density.png`` and ``samples.png`` (2-D),
-    ``marginals.png`` (tables) or ``samples.png`` (an image grid). ``data``: the run's dataset
-    if it is at hand (else it is reopened). Returns the paths written."""
+    """The figures of a run directory, from its best checkpoint and log: ``training.png`` (the
+    curves), ``solver.png`` (the training solver), and by kind of data ``density.png`` and
+    ``samples.png`` (2-D), ``marginals.png`` (tables) or ``samples.png`` (an image grid).
+    ``data``: the run's dataset if it is at hand (else it is reopened). Returns the paths."""
     out = Path(out)
     run = load_run(out)
     data = data if data is not None else run.dataset(trust_pickle=trust_pickle)
-    written = [out / "solver.png"]
-    plot_solver(out / "log.jsonl", written[0])
+    log = out / "log.jsonl"
+    written = [out / "training.png", out / "solver.png"]
+    plot_training(log, written[0], overwrite=True, bits_per_dim=data.kind == "image")
+    plot_solver(log, written[1], overwrite=True)
     if data.kind == "toy":
         written += [out / "density.png", out / "samples.png"]
-        plot_density(run.model, data, written[1])
-        plot_samples(run.model, data, written[2])
+        plot_density(run.model, data, written[2], overwrite=True)
+        plot_samples(run.model, data, written[3], overwrite=True)
     elif data.kind == "tabular":
         written.append(out / "marginals.png")
-        plot_marginals(run.model, data, written[1])
+        plot_marginals(run.model, data, written[2], overwrite=True)
     elif data.kind == "image":
         written.append(out / "samples.png")
-        save_sample_grid(run.model, written[1])
+        save_sample_grid(run.model, written[2], overwrite=True)
     return written
 
 
 @torch.no_grad()
 def plot_marginals(
-    model: nn.Module, data: Any, path: str | Path, n: int = 2000, max_columns: int = 16
+    model: nn.Module, data: Any, path: str | Path, n: int = 2000, *, overwrite: bool = False
 ) -> None:
-    """Histograms of each column (the first ``max_columns``): test rows against model samples,
-    in the data's original units, for tabular runs."""
+    """Histograms of every modelled column: test rows against model samples, in the data's
+    original units, for tabular runs (columns dropped as constant or duplicate have none)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     model.eval()
     samples = model.sample(n, generator=gen).double().cpu().numpy()
     test, names = data.test(), data.columns
-    k = min(len(names), max_columns)
-    cols = min(k, 4)
+    k = len(names)
+    cols = min(k, 8 if k > 16 else 4)
     rows = -(-k // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows), squeeze=False)
     for j, ax in enumerate(axes.flat):
         if j >= k:
             ax.axis("off")
@@ -142,11 +148,11 @@ def plot_marginals(
     axes.flat[0].legend(fontsize=6)
     fig.suptitle(f"{Path(data.name).name}: marginals, test data vs model samples", fontsize=9)
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110, overwrite=overwrite)
     plt.close(fig)
 
 
-def plot_solver(log_path: str | Path, path: str | Path) -> None:
+def plot_solver(log_path: str | Path, path: str | Path, *, overwrite: bool = False) -> None:
     """The training solver over a run: step size (or tolerance) and NFE per iteration, with the
     adaptation checks marked (read from the run's ``log.jsonl``)."""
     import json
@@ -168,7 +174,45 @@ def plot_solver(log_path: str | Path, path: str | Path) -> None:
     ax2.plot(it, [r["nfe"] for r in rows], color="C4", lw=0.8)
     ax2.set(xlabel="iteration", ylabel="NFE per solve")
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110, overwrite=overwrite)
+    plt.close(fig)
+
+
+def plot_training(
+    log_path: str | Path, path: str | Path, *, overwrite: bool = False, bits_per_dim: bool = False
+) -> None:
+    """The training curves of a run (from its ``log.jsonl``): the loss and the training NLL per
+    iteration with the validation NLL at each evaluation (bits/dim for images), and the NFE
+    forward and backward, against iterations (left) and against training time (right)."""
+    import json
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    it = np.array([r["iter"] for r in rows])
+    seconds = np.cumsum([r["time"] for r in rows])
+    val = [(i, r) for i, r in enumerate(rows) if "val_nll" in r]
+    key = "val_bits_per_dim" if bits_per_dim and val and "val_bits_per_dim" in val[0][1] else None
+    fig, axes = plt.subplots(2, 2, figsize=(9.6, 5.6), sharex="col")
+    for col, x, label in ((0, it, "iteration"), (1, seconds, "training time (s)")):
+        top, bottom = axes[0, col], axes[1, col]
+        top.plot(x, [r["loss"] for r in rows], color="C0", lw=0.6, alpha=0.7, label="loss")
+        if "nll" in rows[0]:
+            top.plot(x, [r["nll"] for r in rows], color="C1", lw=0.6, alpha=0.7, label="NLL")
+        if val:
+            vy = [r[key] if key else r["val_nll"] for _, r in val]
+            (top.twinx() if key else top).plot(
+                [x[i] for i, _ in val], vy, "o-", color="C3", ms=3,
+                label="validation " + ("bits/dim" if key else "NLL"),
+            )  # fmt: skip
+        top.set(ylabel="nats per sample")
+        top.legend(fontsize=7, loc="upper right")
+        bottom.plot(x, [r["nfe"] for r in rows], color="C4", lw=0.6, label="forward")
+        if any(r.get("nfe_backward") for r in rows):
+            bottom.plot(x, [r["nfe_backward"] for r in rows], color="C5", lw=0.6, label="backward")
+        bottom.set(xlabel=label, ylabel="NFE per iteration")
+        bottom.legend(fontsize=7)
+    fig.suptitle("training")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110, overwrite=overwrite)
     plt.close(fig)
 
 
@@ -332,6 +376,7 @@ def animate(
     solver: Solver | None = None,
     dpi: float = 72,
     progress: Callable[[int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> animation.FuncAnimation:
     """Animate a 2-D flow: particles beside the density ``p_t``, optionally the vector field.
 
@@ -354,6 +399,8 @@ def animate(
         solver: the ODE solver (default: the flow's evaluation solver).
         dpi: resolution of the saved frames.
         progress: called as ``progress(frame, total)`` while saving.
+        overwrite: replace an existing file at ``path`` (else ``FileExistsError``, before any
+            work).
 
     Returns:
         The ``matplotlib.animation.FuncAnimation`` (show it in a notebook with ``.to_jshtml()``).
@@ -365,6 +412,8 @@ def animate(
         ...     anim = animate(CNF(2, hidden=(8,)), os.path.join(tmp, "flow.gif"), frames=3,
         ...                    grid=10, particles=20)
     """
+    if path is not None:
+        check_output(path, flag="path", force=overwrite, hint="overwrite=True")
     writer = None if path is None else animation_writer(path, fps)
     if not isinstance(dpi, int | float) or not math.isfinite(dpi) or dpi <= 0:
         raise ValueError(f"dpi must be a positive number, got {dpi!r}")
@@ -378,7 +427,7 @@ def animate(
     anim = animation.FuncAnimation(fig, draw, frames=frames, interval=1000 / fps, repeat=True,
                                    cache_frame_data=False)  # fmt: skip
     if path is not None:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, overwrite=overwrite) as tmp:
             anim.save(tmp, writer=writer, dpi=dpi, progress_callback=progress)
         plt.close(fig)
     return anim
@@ -396,11 +445,13 @@ def plot_trajectories(
     data: Any = None,
     seed: int = 0,
     solver: Solver | None = None,
+    overwrite: bool = False,
 ) -> None:
     """The whole paths of ``n`` particles as lines coloured by time, from one solve (PNG).
 
     ``direction`` is as in :func:`animate`: base noise to data, or data (when given) to noise.
     """
+    check_output(path, flag="path", force=overwrite, hint="overwrite=True")
     tr, lim = _solve(flow, steps, direction=direction, grid_cells=None, particles=n, lim=lim,
                      data=data, seed=seed, solver=solver)  # fmt: skip
     fig, ax = plt.subplots(figsize=(4.6, 4.0), layout="constrained")
@@ -414,7 +465,7 @@ def plot_trajectories(
     ax.legend(loc="lower right", fontsize=7, markerscale=3)
     fig.colorbar(lines, ax=ax, fraction=0.04, pad=0.02, label="t")
     _window(ax, lim, f"trajectories ({_arrow(tr)})")
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110, overwrite=overwrite)
     plt.close(fig)
 
 
@@ -442,21 +493,25 @@ def image_grid(
     return canvas[0] if c == 1 else canvas.transpose(1, 2, 0)
 
 
-def save_image_grid(images: Tensor, levels: int, path: str | Path, **kwargs: Any) -> None:
+def save_image_grid(
+    images: Tensor, levels: int, path: str | Path, *, overwrite: bool = False, **kwargs: Any
+) -> None:
     """Write :func:`image_grid` as a PNG (pixels drawn at least 64 screen pixels per image)."""
     zoom = kwargs.pop("zoom", max(1, 64 // images.shape[-1]))
     grid_ = image_grid(images, levels, zoom=zoom, **kwargs)
     buffer = io.BytesIO()
     plt.imsave(buffer, grid_, cmap="gray", vmin=0.0, vmax=1.0, format="png")
-    write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue(), overwrite=overwrite)
 
 
 @torch.no_grad()
-def save_sample_grid(model: nn.Module, path: str | Path, n: int = 64, seed: int = 0) -> None:
+def save_sample_grid(
+    model: nn.Module, path: str | Path, n: int = 64, seed: int = 0, *, overwrite: bool = False
+) -> None:
     """Draw ``n`` images from an image flow (seeded) and write them as a PNG grid."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     model.eval()
-    save_image_grid(model.sample(n, generator=gen), model.levels, path)
+    save_image_grid(model.sample(n, generator=gen), model.levels, path, overwrite=overwrite)
 
 
 @torch.no_grad()
@@ -470,8 +525,10 @@ def plot_density_times(
     lim: float | None = None,
     data: Any = None,
     solver: Solver | None = None,
+    overwrite: bool = False,
 ) -> None:
     """The density ``p_t`` at ``times`` evenly spaced times, ends included, from one solve (PNG)."""
+    check_output(path, flag="path", force=overwrite, hint="overwrite=True")
     if not isinstance(times, int) or isinstance(times, bool) or times < 2:
         raise ValueError(f"times must be an integer >= 2 (the ends are included), got {times!r}")
     tr, lim = _solve(flow, times, direction=direction, grid_cells=grid, particles=256, lim=lim,
@@ -482,5 +539,5 @@ def plot_density_times(
         ax.set_facecolor(plt.get_cmap("magma")(0.0))
         _window(ax, lim, f"t = {tr.times[k]:.2f}")
     fig.suptitle(f"density $p_t$ ({_arrow(tr)})")
-    save_figure(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110, overwrite=overwrite)
     plt.close(fig)

@@ -48,10 +48,10 @@ for i, name in enumerate(args.datasets):
     kw = dict(lim=data.density.support, data=data.test(GIF["particles"]))
 
     # noise -> data: what sampling does
-    viz.animate(flow, args.out / f"flow_{name}.gif", **GIF, **kw)
-    viz.plot_trajectories(flow, args.out / f"trajectories_{name}.png", **kw)
-    viz.plot_density_times(flow, args.out / f"density_times_{name}.png", **kw)
+    viz.animate(flow, args.out / f"flow_{name}.gif", overwrite=True, **GIF, **kw)
+    viz.plot_trajectories(flow, args.out / f"trajectories_{name}.png", overwrite=True, **kw)
+    viz.plot_density_times(flow, args.out / f"density_times_{name}.png", overwrite=True, **kw)
     if i == 0:  # data -> noise with the velocity field: what density evaluation does
         path = args.out / f"flow_{name}_density.gif"
-        viz.animate(flow, path, direction="density", field=True, **GIF, **kw)
+        viz.animate(flow, path, direction="density", field=True, overwrite=True, **GIF, **kw)
     print(f"{name}: figures in {args.out} (NFE of the last solve {flow.nfe.forward})")

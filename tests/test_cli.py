@@ -1,9 +1,11 @@
 """The cnf command: thin layers over the API, one-line errors, nothing overwritten."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -22,12 +24,20 @@ def run(tmp_path_factory) -> Path:
 
 def test_train_command(tmp_path: Path, capsys) -> None:
     out = tmp_path / "r"
+    argv = ["train", "--data", "moons", "--out", str(out), "--no-progress", *cli_flags(**SMALL)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("moons: test NLL") and printed[1].startswith(("VALID", "INVALID"))
     assert (
-        main(["train", "--data", "moons", "--out", str(out), "--no-progress", *cli_flags(**SMALL)])
-        == 0
+        printed[-1].startswith(f"run saved in {out}: report.json") and "training.png" in printed[-1]
     )
-    report = json.loads(capsys.readouterr().out.split("\nrun saved")[0])
+    assert len(printed) <= 6  # a summary, not a dump
+    report = json.loads((out / "report.json").read_text())
     assert {"nll", "nll_se", "nfe"} <= report.keys() and "kl" not in report  # moons: no truth
+    assert main([*argv[:4], str(tmp_path / "r2"), *argv[5:], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(
+        (tmp_path / "r2" / "report.json").read_text()
+    )
     assert json.loads((out / "config.json").read_text())["model"]["hidden"] == [16, 16]
 
 
@@ -136,3 +146,55 @@ def test_corrupt_checkpoint_from_the_shell(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "corrupt or not a cnf checkpoint" in proc.stderr
+
+
+def test_plot_redraws_a_runs_figures(run: Path, tmp_path: Path, capsys) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for png in copy.glob("*.png"):
+        png.unlink()
+    assert main(["plot", str(copy)]) == 0
+    names = {"training.png", "solver.png", "density.png", "samples.png"}
+    assert {p.name for p in copy.glob("*.png")} == names
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in names)
+
+
+class _FakeWriter:
+    """Stands for TensorBoard's SummaryWriter: records what it is given."""
+
+    made: ClassVar[list] = []
+
+    def __init__(self, logdir: str) -> None:
+        self.logdir, self.scalars, self.closed = logdir, [], False
+        self.made.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_gets_every_row(tmp_path: Path, monkeypatch) -> None:
+    import cnf.training.run
+
+    monkeypatch.setattr(cnf.training.run, "_summary_writer", lambda: _FakeWriter)
+    out = tmp_path / "r"
+    assert main(["train", "--data", "moons", "--out", str(out), "--tensorboard",
+                 *cli_flags(**SMALL), "--no-progress"]) == 0  # fmt: skip
+    writer = _FakeWriter.made[-1]
+    assert writer.logdir == str(out / "tensorboard") and writer.closed
+    losses = [(step, value) for tag, value, step in writer.scalars if tag == "loss"]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert losses == [(r["iter"], r["loss"]) for r in rows]
+    assert {"val_nll", "nfe", "lr", "step_size"} <= {tag for tag, _, _ in writer.scalars}
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    assert main(["train", "--data", "moons", "--out", str(tmp_path / "r"), "--tensorboard",
+                 *cli_flags(**SMALL), "--no-progress"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs the tensorboard package" in err
+    assert not (tmp_path / "r").exists()  # refused before the run directory was made

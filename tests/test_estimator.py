@@ -88,6 +88,23 @@ def test_pipeline_and_grid_search() -> None:
     assert np.isfinite(search.best_estimator_.score(x))
 
 
+def test_a_grid_search_warns_about_integer_and_constant_columns_once() -> None:
+    import warnings
+
+    rng = np.random.default_rng(1)
+    x = np.column_stack([rng.integers(0, 5, 60), rng.normal(size=60), np.full(60, 2.0)])
+    base = cnf.CNFDensity(max_iter=2, eval_every=2, method="rk4", step_size=0.5, random_state=0)
+    from cnf.estimator import _WARNED
+
+    _WARNED.clear()  # what earlier tests were told
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        GridSearchCV(base, {"hidden": [(4,), (8,)]}, cv=2).fit(x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, cnf.CNFDensityWarning)]
+    assert len(messages) == 2, messages  # 5 fits: the constant column and the integer column
+    assert "dequantize=True" in messages[1] and "--dequantize" not in messages[1]
+
+
 def test_early_stopping_keeps_the_best_parameters() -> None:
     x = np.random.default_rng(2).normal(size=(100, 2))
     est = cnf.CNFDensity(hidden=(8,), max_iter=200, eval_every=5, patience=2, lr=1e-12,

@@ -189,8 +189,21 @@ def test_resume_may_lower_the_learning_rate(straight: Path, tmp_path: Path) -> N
     rows = _log(run)
     assert [r["iter"] for r in rows] == list(range(1, 71))
     assert json.loads((run / "config.json").read_text())["lr"] == 1e-3  # the config says so
-    factor = lr_factor(61, 70, "cosine")
-    assert rows[60]["lr"] == pytest.approx(1e-3 * factor)
+    # the cosine had reached 1%: the extension continues from there, at the new lr
+    assert rows[60]["lr"] == pytest.approx(1e-3 * 0.01)
+
+
+def test_more_iterations_continue_the_schedule_without_a_jump(tmp_path: Path, monkeypatch):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _kill_on(m, "loss", 31)  # iteration 31, after the checkpoint of iteration 30
+        with pytest.raises(Killed):
+            train(config(**{**CONFIG, "iters": 60, "eval_every": 10}), run, progress=False)
+    train(TrainConfig(), run, resume=True, progress=False, changes={"iters": 120})
+    lr = [r["lr"] for r in _log(run)]
+    assert lr[29] == pytest.approx(5e-3 * lr_factor(30, 60, "cosine"))  # halfway: 0.505
+    assert lr[30] == pytest.approx(lr[29], rel=0.01)  # no jump (1/120 of the cosine on)
+    assert lr[-1] == pytest.approx(5e-3 * 0.01)  # and down to 1% at the new end
 
 
 # --- full disks ---------------------------------------------------------------------------------

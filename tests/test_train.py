@@ -35,7 +35,12 @@ def test_training_run_writes_everything(tmp_path: Path) -> None:
         assert (run / name).is_file(), name
     assert not list(run.glob("*.png"))  # the training layer draws nothing: its caller does
     written = viz.plot_run(run, data=result.data)
-    assert sorted(p.name for p in written) == ["density.png", "samples.png", "solver.png"]
+    assert sorted(p.name for p in written) == [
+        "density.png",
+        "samples.png",
+        "solver.png",
+        "training.png",
+    ]
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == list(range(1, 13))
     assert {"loss", "nll", "nfe", "nfe_backward", "grad_norm", "lr", "time"} <= rows[0].keys()

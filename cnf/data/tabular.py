@@ -38,7 +38,7 @@ import math
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -148,8 +148,14 @@ class ColumnPlan:
     duplicate: tuple[tuple[int, int], ...] = ()
 
     @classmethod
-    def fit(cls, x: np.ndarray, columns: Sequence[str], source: str = "data") -> ColumnPlan:
-        """Find constant and duplicated columns of ``x`` and log a warning naming them."""
+    def fit(
+        cls,
+        x: np.ndarray,
+        columns: Sequence[str],
+        source: str = "data",
+        note: Callable[[str], None] = logger.warning,
+    ) -> ColumnPlan:
+        """Find constant and duplicated columns of ``x``; ``note`` a warning that names them."""
         constant = [(j, float(x[0, j])) for j in range(x.shape[1]) if (x[:, j] == x[0, j]).all()]
         seen: dict[bytes, int] = {}
         duplicate = []
@@ -168,18 +174,18 @@ class ColumnPlan:
                 f"to fit (got {x.shape[0]} training rows)"
             )
         plan = cls(x.shape[1], keep, tuple(constant), tuple(duplicate))
-        plan._log(columns, source)
+        plan._note(columns, source, note)
         return plan
 
-    def _log(self, columns: Sequence[str], source: str) -> None:
+    def _note(self, columns: Sequence[str], source: str, note: Callable[[str], None]) -> None:
         if self.constant:
             names = [columns[j] for j, _ in self.constant]
-            logger.warning("%s: dropped %d constant columns (no density): %s", source,
-                           len(names), ", ".join(names))  # fmt: skip
+            note(f"{source}: dropped {len(names)} constant columns (no density): "
+                 f"{', '.join(names)}")  # fmt: skip
         if self.duplicate:
             pairs = [f"{columns[j]}={columns[k]}" for j, k in self.duplicate]
-            logger.warning("%s: dropped %d columns that repeat another exactly: %s", source,
-                           len(pairs), ", ".join(pairs))  # fmt: skip
+            note(f"{source}: dropped {len(pairs)} columns that repeat another exactly: "
+                 f"{', '.join(pairs)}")  # fmt: skip
 
     def dropped(self, columns: Sequence[str]) -> list[str]:
         return [columns[j] for j in range(self.width) if j not in self.keep]
@@ -263,6 +269,8 @@ class TabularData:
         seed: the run's seed; batch order and dequantization noise are functions of it.
         dequantize: add ``U[0, 1)`` noise to the integer-valued columns (see the module doc).
         info: JSON-able facts stored in :meth:`meta` (source, dropped columns, ...).
+        note: where the warning about integer columns goes (the ``cnf`` logger by default),
+            and ``dequantize_hint`` how it tells to dequantize.
     """
 
     kind = "tabular"
@@ -276,6 +284,8 @@ class TabularData:
         seed: int = 0,
         dequantize: bool = False,
         info: dict[str, Any] | None = None,
+        note: Callable[[str], None] = logger.warning,
+        dequantize_hint: str = "--dequantize",
     ) -> None:
         self.name, self.splits, self.columns = name, splits, tuple(columns)
         self.seed, self.info = seed, dict(info or {})
@@ -285,9 +295,8 @@ class TabularData:
         self.integer = integer if dequantize else np.zeros_like(integer)
         if integer.any() and not dequantize:
             names = [c for c, i in zip(self.columns, integer, strict=True) if i][:10]
-            logger.warning("%s: columns %s take only integer values, on which a continuous "
-                           "density is degenerate; consider --dequantize (dequantize=True)",
-                           name, ", ".join(names))  # fmt: skip
+            note(f"{name}: columns {', '.join(names)} take only integer values, on which a "
+                 f"continuous density is degenerate; consider {dequantize_hint}")  # fmt: skip
 
     def _noisy(self, x: np.ndarray, *stream: int) -> np.ndarray:
         return dequantize(x, self.integer, np.random.default_rng([self.seed, *stream]))

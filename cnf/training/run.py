@@ -191,6 +191,7 @@ def train(
     progress: bool = True,
     changes: dict[str, Any] | None = None,
     trust_pickle: bool = False,
+    tensorboard: bool = False,
 ) -> TrainResult:
     """Train a flow on ``cfg.data`` into the run directory ``out``.
 
@@ -208,6 +209,7 @@ def train(
             a lower ``lr``, ...).
         trust_pickle: allow reading data files that unpickle (the MAF GAS set); never taken from
             a config or a checkpoint.
+        tensorboard: also log every row to TensorBoard event files in ``out/tensorboard``.
     """
     out = Path(out)
     if resume and force:
@@ -226,23 +228,27 @@ def train(
         raise CheckpointError(f"{out / 'last.pt'}: {err}") from err
     if ckpt is not None and _finished(run):
         return _finished_result(out, run)
+    writer = _summary_writer() if tensorboard else None  # a missing package fails here
     _prepare_directory(out, cfg, ckpt)  # only now, with everything checked, does it change
-    recorder = _Recorder(out, run)
+    recorder = _Recorder(out, run, None if writer is None else writer(str(out / "tensorboard")))
     try:
         with open(out / "log.jsonl", "a") as recorder.log:
             result = fit(run.state, run.data, run.objective, cfg, hooks=recorder, progress=progress)
     except Diverged as err:
         raise _with_advice(err, out, recorder.saved, cfg) from err
+    finally:
+        recorder.close()
     if result.stopped == "signal":
         return TrainResult(out, result.iteration, result.signal, None, run.data)
     return TrainResult(out, result.iteration, None, final_report(out, run), run.data)
 
 
 class _Recorder(Hooks):
-    """The run directory's side of the loop: a log row per iteration, then the checkpoints."""
+    """The run directory's side of the loop: a log row per iteration, then the checkpoints
+    (and, with ``--tensorboard``, the row's numbers as TensorBoard scalars)."""
 
-    def __init__(self, out: Path, run: Setup) -> None:
-        self.out, self.run = out, run
+    def __init__(self, out: Path, run: Setup, tensorboard: Any = None) -> None:
+        self.out, self.run, self.tensorboard = out, run, tensorboard
         self.saved: int | None = run.state.iteration if run.state.iteration else None
         self.log: Any = None
 
@@ -251,6 +257,14 @@ class _Recorder(Hooks):
         # resume drops, never a missing one
         self.log.write(json.dumps(row) + "\n")
         self.log.flush()
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "iter" and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(key, value, row["iter"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def evaluated(self, state: TrainState, improved: bool) -> None:
         if improved:
@@ -270,6 +284,18 @@ class _Recorder(Hooks):
         save_checkpoint(self.out / name, self.run.checkpoint())
         if name == "last.pt":
             self.saved = self.run.state.iteration
+
+
+def _summary_writer() -> Any:
+    """TensorBoard's writer class, or a one-line error saying how to get it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ImportError(
+            "--tensorboard needs the tensorboard package, which cnf does not install by "
+            'default: pip install tensorboard (or pip install "cnf[tensorboard]")'
+        ) from None
+    return SummaryWriter
 
 
 def _prepare_directory(out: Path, cfg: TrainConfig, ckpt: dict[str, Any] | None) -> None:
@@ -332,9 +358,11 @@ def final_report(out: Path, run: Setup) -> dict[str, Any]:
     """Evaluate the best checkpoint on the test data, with the solver-validity verdict, as
     ``cnf eval --validity`` does; write ``report.json``."""
     best = load_run(out / "best.pt", run.device)
-    result = report(best.model, run.data, n=run.cfg.test_size, validity_n=run.cfg.validity_size)
-    print(result.validity.summary(), file=sys.stderr)
+    say = lambda text: print(f"best.pt (iteration {best.iteration}): {text}", file=sys.stderr)  # noqa: E731
+    result = report(best.model, run.data, n=run.cfg.test_size, validity_n=run.cfg.validity_size,
+                    say=say)  # fmt: skip
     write_text(out / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    write_text(out / "summary.txt", result.summary(run.cfg.data) + "\n")
     return result.to_dict()
 
 

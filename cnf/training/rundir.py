@@ -23,12 +23,17 @@ from cnf.io import current_umask, write_text
 MARKER = ".cnf-run"
 CHECKPOINTS = ("last.pt", "best.pt")
 FIGURES = ("density.png", "samples.png", "solver.png", "marginals.png", "training.png")
-RUN_FILES = frozenset({MARKER, "config.json", "log.jsonl", "report.json", *CHECKPOINTS, *FIGURES})
+RUN_FILES = frozenset(
+    {MARKER, "config.json", "log.jsonl", "report.json", "summary.txt", *CHECKPOINTS, *FIGURES}
+)
+RUN_DIRECTORIES = frozenset({"tensorboard"})  # --tensorboard's event files
 # the temporaries of cnf.io's atomic writes, which a kill can leave behind
 _TEMPORARY = re.compile(r"^\.[\w.-]+\.tmp(\.\w+)?$")
 
 
-def _is_run_file(name: str) -> bool:
+def _is_run_file(name: str, directory: bool = False) -> bool:
+    if directory:
+        return name in RUN_DIRECTORIES
     return name in RUN_FILES or bool(_TEMPORARY.match(name))
 
 
@@ -68,7 +73,7 @@ def check_new(out: Path, *, force: bool) -> None:
             f"no cnf checkpoint), and --force would delete {_listing(entries)}; choose another "
             "--out"
         )
-    foreign = [e for e in entries if e.endswith("/") or not _is_run_file(e)]
+    foreign = [e for e in entries if not _is_run_file(e.rstrip("/"), e.endswith("/"))]
     if foreign:
         shown = _listing(foreign)
         raise FileExistsError(
@@ -104,7 +109,7 @@ def _mark(directory: Path) -> None:
 def _swap(out: Path) -> None:
     if out.is_symlink() or out.is_mount():  # keep the link or mount point: empty it instead
         for p in out.iterdir():
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
         _mark(out)
         return
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))

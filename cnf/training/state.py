@@ -10,7 +10,7 @@ state needs no RNG positions of its own.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,13 +31,15 @@ def generator(device: torch.device, seed: int, stream: int, iteration: int) -> t
     return torch.Generator(device=device).manual_seed(stream_seed(seed, stream, iteration))
 
 
-def lr_factor(step: int, iters: int, schedule: str) -> float:
-    """The schedule in closed form: ``"cosine"`` from 1 down to 1% over ``iters`` steps (and 1%
-    after), or ``"constant"``. Closed form, so extending a resumed run keeps one curve."""
+def lr_factor(step: int, iters: int, schedule: str, start: tuple[int, float] = (0, 1.0)) -> float:
+    """The schedule in closed form: ``"cosine"`` from ``start = (step, factor)`` (1 at step 0)
+    down to 1% at ``iters`` (and 1% after), or ``"constant"``. A resume that changes ``iters``
+    starts the cosine again from where it stood, so the learning rate never jumps."""
     if schedule == "constant":
         return 1.0
-    progress = min(step, iters) / iters
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+    t0, f0 = start
+    progress = 1.0 if iters <= t0 else (min(step, iters) - t0) / (iters - t0)
+    return 0.01 + (f0 - 0.01) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -60,6 +62,7 @@ class TrainState:
     iteration: int = 0
     best: float = math.inf
     stale: int = 0
+    schedule_start: list = field(default_factory=lambda: [0, 1.0])  # see lr_factor
 
     @classmethod
     def create(
@@ -73,17 +76,18 @@ class TrainState:
         adapter: StepAdapter | None = None,
     ) -> TrainState:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        start = [0, 1.0]  # shared with the schedule, which reads it at every step
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, iters, schedule)
+            optimizer, lambda step: lr_factor(step, iters, schedule, tuple(start))
         )
-        return cls(model, optimizer, scheduler, adapter)
+        return cls(model, optimizer, scheduler, adapter, schedule_start=start)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], model: Flow, **settings: Any) -> TrainState:
         """A state made as :meth:`create` makes it (``settings``: its keywords), then brought to
         where the checkpoint stands (:meth:`load`)."""
         state = cls.create(model, **settings)
-        state.load(ckpt, lr=settings["lr"])
+        state.load(ckpt, lr=settings["lr"], iters=settings["iters"], schedule=settings["schedule"])
         return state
 
     def record(self, nll: float) -> bool:
@@ -109,17 +113,24 @@ class TrainState:
             "iteration": self.iteration,
             "best_val_nll": self.best,
             "stale_evals": self.stale,
+            "schedule_start": list(self.schedule_start),
         }
 
-    def load(self, ckpt: dict[str, Any], *, lr: float) -> None:
-        """Continue from a checkpoint's training part; ``lr`` may differ from the saved one (a
-        resume with a lower learning rate keeps the schedule's shape and scales it)."""
+    def load(self, ckpt: dict[str, Any], *, lr: float, iters: int, schedule: str) -> None:
+        """Continue from a checkpoint's training part. ``lr`` may differ from the saved one (a
+        resume with a lower learning rate keeps the schedule's shape and scales it), and so may
+        ``iters`` (the cosine then restarts from the factor it had reached)."""
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.model.set_solver(self.model.solver.replace(**ckpt["solver"]))
         self.iteration = ckpt["iteration"]
         self.best, self.stale = ckpt["best_val_nll"], ckpt.get("stale_evals", 0)
+        self.schedule_start[:] = ckpt.get("schedule_start", [0, 1.0])
+        saved_iters = ckpt.get("config", {}).get("iters", iters)
+        if saved_iters != iters:
+            reached = lr_factor(self.iteration, saved_iters, schedule, tuple(self.schedule_start))
+            self.schedule_start[:] = [self.iteration, reached]
         self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
         for group in self.optimizer.param_groups:
