@@ -16,6 +16,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -155,6 +156,20 @@ class StepAdapter:
             return solver, {**record, "event": "revert", "trial_gap": trial_gap}
         return trial, {**record, "event": "grow", "trial_gap": trial_gap}
 
+    def largest_valid(self, solver: Solver, metric: Callable[[Solver], float]) -> Solver:
+        """The largest step (or loosest tolerance) in halvings from the largest allowed (one
+        step over ``T``, or ``max_tol``) at which ``solver`` agrees with its checking solver:
+        where training by maximum likelihood starts from a field trained otherwise (a few
+        forward solves, no gradients)."""
+        trial = self.scaled(solver, math.inf)
+        for _ in range(64):
+            gap = abs(metric(trial) - metric(checking_solver(trial, self.tight)))
+            smaller = self.scaled(trial, self.shrink)
+            if gap <= self.threshold or smaller == trial:
+                return trial
+            trial = smaller
+        return trial
+
 
 def batch_nll_metric(model: Flow, x: Tensor, generator_seed: int) -> Callable[[Solver], float]:
     """The metric of :class:`StepAdapter`: the batch NLL (nats) of ``x`` under a solver, in eval
@@ -166,3 +181,16 @@ def batch_nll_metric(model: Flow, x: Tensor, generator_seed: int) -> Callable[[S
             return -float(model.log_prob(x, generator=gen, solver=solver).double().mean())
 
     return metric
+
+
+def start_step(
+    model: Flow, x: Tensor, adapter: StepAdapter | None, *, rtol: float, atol: float
+) -> None:
+    """Start a fixed-step training solver at Hairer's step for its order, measured on the batch
+    ``x`` (clamped to the adapter's bounds); adaptive solvers are left as they are."""
+    solver = model.solver
+    if not solver.fixed_step:
+        return
+    h = initial_step(model, x, solver.order, rtol=rtol, atol=atol)
+    solver = solver.replace(step_size=h)
+    model.set_solver(adapter.scaled(solver, 1.0) if adapter else solver)

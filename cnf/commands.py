@@ -40,7 +40,7 @@ from cnf.options import ConfigError
 from cnf.report import report
 from cnf.runs import Run, load_run
 from cnf.runtime import configure_threads
-from cnf.solvers import METHODS, SolverError
+from cnf.solvers import FIXED_STEP, METHODS, Solver, SolverError
 from cnf.tabular import PREPROCESS
 from cnf.trace import NOISES, TRACES
 from cnf.training import PRESETS, RESUMABLE, TrainConfig, train
@@ -65,6 +65,21 @@ HELP = {
     "device": "auto (CUDA when present), cpu, cuda or cuda:N",
     "threads": "CPU threads (0: automatic, 1 for models of up to 16 dimensions)",
     "tf32": "allow TF32 matmuls and convolutions on CUDA (--no-tf32: full float32)",
+    "objective": "mle: maximum likelihood through the solver; fm: flow matching (simulation-"
+    "free regression of the field; see --coupling, --finetune-iters)",
+    "coupling": "flow matching: independent, or ot (minibatch optimal transport)",
+    "sigma_min": "flow matching: width of the linear path at the data (0: rectified flow)",
+    "time_sampling": "flow matching: path times, uniform or logit-normal",
+    "finetune_iters": "flow matching: then this many iterations of maximum likelihood (with the "
+    "adapted step), after --iters",
+    "finetune_lr": "flow matching: the peak learning rate of the --finetune-iters phase, whose "
+    "cosine starts again (default: --lr)",
+    "budget": "seconds of training to plan the run for, on this machine: times a few "
+    "iterations, then sets --iters (and --finetune-iters); unless --objective is given, trains "
+    "the recipe measured best for a budget (flow matching, then maximum likelihood for the toys) "
+    "(0: off)",
+    "finetune_share": "with --budget and --objective fm: the share of the budget for the "
+    "maximum-likelihood phase",
     "kinetic": "weight of RNODE's kinetic-energy penalty, int ||f||^2 dt",
     "jacobian": "weight of RNODE's Jacobian penalty, int ||df/dz||_F^2 dt",
     "adapt": "adapt the training step (or tolerance) so a finer solver agrees (Ott et al. 2021)",
@@ -219,11 +234,13 @@ def _eval_parser(sub: Any) -> None:
     p.add_argument("--n", type=int, help="test samples (default: the run's test_size)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--validity", action="store_true",
-                   help="also compare the training solver with a finer one and a float64 "
-                   "dopri5 reference (Ott et al. 2021)")  # fmt: skip
+                   help="also compare the solver (the training one, or the one given with "
+                   "--method) with a finer one and a float64 dopri5 reference (Ott et al. "
+                   "2021)")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", help="where the dataset's files are now (default: the run's)")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+    _solver_flags(p, "evaluate with")
 
 
 def _sample_parser(sub: Any) -> None:
@@ -236,6 +253,39 @@ def _sample_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--device", default="auto")
+    _solver_flags(p, "sample with")
+
+
+def _solver_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--method", choices=METHODS, metavar="METHOD",
+                   help=f"{verb} this ODE solver instead of the run's evaluation solver (e.g. "
+                   "rk4 in a few steps, as flow-matching users sample)")  # fmt: skip
+    p.add_argument("--steps", type=int, help="fixed-step methods: this many steps over [0, T]")
+    p.add_argument("--step-size", type=float, help="fixed-step methods: the step, in time units")
+    p.add_argument("--atol", type=float, help="adaptive methods: absolute tolerance")
+    p.add_argument("--rtol", type=float, help="adaptive methods: relative tolerance")
+
+
+def _solver(model: Any, args: argparse.Namespace) -> Solver | None:
+    """The solver the flags ask for, or ``None`` (the run's own evaluation solver)."""
+    given = {k: getattr(args, k) for k in ("method", "steps", "step_size", "atol", "rtol")}
+    if all(v is None for v in given.values()):
+        return None
+    _in_range("--steps", args.steps, integer=True, low=1)
+    for flag in ("step_size", "atol", "rtol"):
+        _in_range("--" + flag.replace("_", "-"), getattr(args, flag))
+    method = args.method or model.eval_solver.method
+    if method not in FIXED_STEP:
+        if args.steps is not None or args.step_size is not None:
+            raise ValueError(f"--method {method} chooses its own steps: give --atol/--rtol")
+        base = model.eval_solver if model.eval_solver.method == method else Solver(method)
+        return base.replace(atol=args.atol or base.atol, rtol=args.rtol or base.rtol)
+    if args.steps is not None and args.step_size is not None:
+        raise ValueError("--steps and --step-size say the same thing: give one")
+    step = args.step_size or (float(model.ode_blocks()[0].T) / args.steps if args.steps else None)
+    if step is None:
+        raise ValueError(f"--method {method} takes fixed steps: give --steps N or --step-size H")
+    return Solver(method, step_size=step, max_nfe=model.eval_solver.max_nfe)
 
 
 def _plot_parser(sub: Any) -> None:
@@ -353,8 +403,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = load_run(args.run, args.device)
     data = _dataset(run, args)
     validity_n = run.config.get("validity_size", 2000) if args.validity else None
+    solver = _solver(run.model, args)
     outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
-                     validity_n=validity_n)  # fmt: skip
+                     validity_n=validity_n, solver=solver)  # fmt: skip
     result, validity = outcome.to_dict(), outcome.validity
     if args.json:
         print(json.dumps(result))
@@ -399,7 +450,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     width = len(names) + args.with_log_prob
     _check_room(args.output, args.n * width * (8 if suffix == ".npy" else 25), "-n", args.n)
-    chunks = _sample_chunks(model, args.n, args.seed, args.with_log_prob, plan)
+    solver = _solver(model, args)
+    chunks = _sample_chunks(model, args.n, args.seed, args.with_log_prob, plan, solver)
     header = list(names) + (["log_prob"] if args.with_log_prob else [])
     with atomic_path(args.output) as tmp:
         if suffix == ".npy":  # the header, then the rows as they come (no memory map: a full
@@ -413,7 +465,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 f.write(",".join(header) + "\n")
                 for chunk in chunks:
                     np.savetxt(f, chunk, delimiter=",")
-    print(f"wrote {args.n} samples to {args.output}")
+    used = (solver or model.eval_solver).describe()
+    print(f"wrote {args.n} samples to {args.output}, solved with {used}"
+          + ("" if solver is None else " (not the run's evaluation solver)"))  # fmt: skip
     return 0
 
 
@@ -428,7 +482,12 @@ def _check_room(path: Path, size: int, flag: str, value: int) -> None:
 
 
 def _sample_chunks(
-    model: torch.nn.Module, n: int, seed: int, with_log_prob: bool, plan: ColumnPlan | None
+    model: torch.nn.Module,
+    n: int,
+    seed: int,
+    with_log_prob: bool,
+    plan: ColumnPlan | None,
+    solver: Solver | None = None,
 ) -> Iterator[np.ndarray]:
     """Samples in chunks of :data:`SAMPLE_CHUNK` rows (full table width: a table's dropped
     columns are put back), with the log-density as the last column if asked."""
@@ -437,9 +496,9 @@ def _sample_chunks(
         size = min(SAMPLE_CHUNK, n - start)
         with torch.no_grad():
             if with_log_prob:
-                x, logp = model.sample_and_log_prob(size, generator=gen)
+                x, logp = model.sample_and_log_prob(size, generator=gen, solver=solver)
             else:
-                x, logp = model.sample(size, generator=gen), None
+                x, logp = model.sample(size, generator=gen, solver=solver), None
         x = x.flatten(1).cpu().double().numpy()
         if plan is not None:
             x = plan.restore(x)

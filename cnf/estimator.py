@@ -54,7 +54,13 @@ class CNFDensity(DensityMixin, BaseEstimator):
         max_iter: training iterations (Adam steps), at most.
         batch_size: rows per step (at most the number of training rows).
         lr, weight_decay: AdamW's learning rate (cosine schedule to 1%) and weight decay.
-        kinetic, jacobian: RNODE regularization weights (arXiv:2002.02798).
+        kinetic, jacobian: RNODE regularization weights (arXiv:2002.02798), for maximum
+            likelihood.
+        objective: ``"mle"`` (maximum likelihood through the solver) or ``"fm"`` (flow
+            matching, :class:`cnf.training.FlowMatching`: ``max_iter`` regression steps, then
+            ``finetune_iter`` maximum-likelihood steps).
+        coupling: flow matching's pairing of data and noise, ``"independent"`` or ``"ot"``.
+        finetune_iter: maximum-likelihood iterations after flow matching.
         validation_fraction: part of ``X`` held out for early stopping (0, or fewer than 10
             rows: none, train ``max_iter`` steps).
         patience: stop after this many evaluations without a better validation NLL (0: never);
@@ -102,6 +108,9 @@ class CNFDensity(DensityMixin, BaseEstimator):
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         kinetic: float = 0.0,
+        objective: str = "mle",
+        coupling: str = "independent",
+        finetune_iter: int = 0,
         jacobian: float = 0.0,
         validation_fraction: float = 0.1,
         patience: int = 10,
@@ -125,6 +134,9 @@ class CNFDensity(DensityMixin, BaseEstimator):
         self.lr = lr
         self.weight_decay = weight_decay
         self.kinetic = kinetic
+        self.objective = objective
+        self.coupling = coupling
+        self.finetune_iter = finetune_iter
         self.jacobian = jacobian
         self.validation_fraction = validation_fraction
         self.patience = patience
@@ -168,6 +180,9 @@ class CNFDensity(DensityMixin, BaseEstimator):
             device=self.device,
             threads=torch.get_num_threads(),
             kinetic=self.kinetic,
+            objective=self.objective,
+            coupling=self.coupling,
+            finetune_iters=self.finetune_iter,
             jacobian=self.jacobian,
             patience=self.patience,
             model=model,

@@ -67,7 +67,9 @@ class ConcatSquashLinear(nn.Module):
         self.shift = nn.Linear(1, out_features, bias=False)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tt = t.reshape(1, 1).to(x)
+        """``t``: one time (a 0-d tensor) or one per row of ``x`` (shape ``(n,)``, as flow
+        matching evaluates the field)."""
+        tt = t.reshape(-1, 1).to(x)
         return self.linear(x) * torch.sigmoid(self.gate(tt)) + self.shift(tt)
 
 
@@ -136,7 +138,7 @@ class ConcatConv2d(nn.Module):
         self.conv = nn.Conv2d(in_channels + 1, out_channels, kernel_size, padding=kernel_size // 2)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tt = t.reshape(1, 1, 1, 1).to(x).expand(x.shape[0], 1, *x.shape[2:])
+        tt = t.reshape(-1, 1, 1, 1).to(x).expand(x.shape[0], 1, *x.shape[2:])
         return self.conv(torch.cat([tt, x], 1))
 
 
@@ -153,9 +155,9 @@ class ConcatSquashConv2d(nn.Module):
         self.shift = nn.Linear(1, out_channels, bias=False)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tt = t.reshape(1, 1).to(x)
-        gate = torch.sigmoid(self.gate(tt)).reshape(1, -1, 1, 1)
-        return self.conv(x) * gate + self.shift(tt).reshape(1, -1, 1, 1)
+        tt = t.reshape(-1, 1).to(x)  # one time, or one per image
+        gate = torch.sigmoid(self.gate(tt))[:, :, None, None]
+        return self.conv(x) * gate + self.shift(tt)[:, :, None, None]
 
 
 CONV_LAYERS: dict[str, type[nn.Module]] = {

@@ -255,6 +255,11 @@ class CNF(Flow, ODEBlock):
             raise ValueError(f"t must be a 1-D tensor of at least 2 times, got {t!r}")
         return self._joint(y, t, **kwargs)
 
+    def field_coordinates(self, x: Tensor) -> Tensor:
+        """Data in the coordinates the vector field sees at ``t = 0``: the data itself here (a
+        table's flow normalizes it first). Flow matching regresses the field in them."""
+        return self.check_input(x, "x")
+
     def _joint(
         self,
         y: Tensor,

@@ -11,6 +11,7 @@ from cnf.data import Dataset
 from cnf.evaluate import Evaluation, evaluate
 from cnf.flow import Flow
 from cnf.runtime import to_tensor
+from cnf.solvers import Solver
 from cnf.transport import like
 from cnf.validity import ValidityReport, solver_validity
 
@@ -46,19 +47,22 @@ def report(
     n: int | None = None,
     validity_n: int | None = 2000,
     say: Callable[[str], None] | None = None,
+    solver: Solver | None = None,
 ) -> Report:
     """Evaluate ``model`` on ``n`` test samples of ``data`` (all, for a fixed test split, when
-    ``None``) with its evaluation solver, and check the first ``validity_n`` of them for solver
-    validity (``None``: no check). ``say`` is told what each phase does (they can take a while).
+    ``None``) with its evaluation solver (or ``solver``), and check the first ``validity_n`` of
+    them for solver validity (``None``: no check) of its training solver (or ``solver``).
+    ``say`` is told what each phase does (they can take a while).
     """
     say = say or (lambda text: None)
     p = like(model)
     x = to_tensor(data.test(n), p.device, p.dtype)
-    say(f"evaluating {len(x)} test samples with {model.eval_solver.describe()}")
-    evaluation = evaluate(model, x, entropy=getattr(data, "entropy", None))
+    say(f"evaluating {len(x)} test samples with {(solver or model.eval_solver).describe()}")
+    evaluation = evaluate(model, x, entropy=getattr(data, "entropy", None), solver=solver)
     validity = None
     if validity_n is not None:
-        say(f"checking solver validity on {min(validity_n, len(x))} of them: the training solver "
-            f"{model.solver.describe()}, a finer one, and the float64 reference")  # fmt: skip
-        validity = solver_validity(model, x[:validity_n])
+        checked = solver or model.solver
+        say(f"checking solver validity on {min(validity_n, len(x))} of them: "
+            f"{checked.describe()}, a finer one, and the float64 reference")  # fmt: skip
+        validity = solver_validity(model, x[:validity_n], solver=checked)
     return Report(evaluation, validity)

@@ -157,6 +157,10 @@ class TabularCNF(CNF):
         """Fit the normalizer on the training rows (never on validation or test data)."""
         self.normalizer.fit(x)
 
+    def field_coordinates(self, x: Tensor) -> Tensor:
+        """The normalized coordinates ``u`` in which the field moves the data."""
+        return self.normalizer(self.check_input(x, "x"))
+
     def to_latent(self, x: Tensor, **kwargs: Any) -> FlowResult:
         """Data (original units) to latents; ``logdet`` includes the normalizer's."""
         u = self.normalizer(self.check_input(x, "x"))

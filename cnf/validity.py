@@ -95,15 +95,15 @@ class ValidityReport:
         """
         verdict = "VALID" if self.valid else "INVALID"
         return (
-            f"{verdict}: NLL {self.train.nll:.4f} under the training solver {self.train.solver}, "
+            f"{verdict}: NLL {self.train.nll:.4f} under {self.train.solver}, "
             f"{self.reference.nll:.4f} under the reference {self.reference.solver} in float64 "
             f"(delta {self.delta_nll:+.4f} nats, {self.delta_nats_per_dim:+.4f} nats/dim; valid "
             f"within {self.threshold:.4f})\n"
             f"x -> z -> x round trip: mean {self.train.recon_mean:.1e}, max "
-            f"{self.train.recon_max:.1e} under the training solver; mean "
+            f"{self.train.recon_max:.1e} under {self.train.solver}; mean "
             f"{self.reference.recon_mean:.1e}, max {self.reference.recon_max:.1e} under the "
-            "reference. Not part of the verdict, which is about densities: densities and samples "
-            "use the evaluation solver"
+            "reference. Not part of the verdict, which is about densities (the model's densities "
+            "and samples use its evaluation solver unless told otherwise)"
         )
 
 

@@ -19,7 +19,7 @@ import cnf.training.objectives
 import cnf.training.run
 from cnf.checkpoint import load_checkpoint
 from cnf.io import DiskFullError, save_figure, write_bytes
-from cnf.training import MaximumLikelihood, TrainConfig, lr_factor, train
+from cnf.training import FlowMatching, MaximumLikelihood, TrainConfig, lr_factor, train
 
 # 60 iterations with checkpoints at 20, 40, 60 and a step-size check at 50
 CONFIG = dict(data="8gaussians", iters=60, batch_size=64, eval_every=20, hidden=(16, 16),
@@ -45,7 +45,7 @@ def straight(tmp_path_factory) -> Path:
 def _log(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     for row in rows:
-        row.pop("time")  # wall-clock seconds: the one column that may differ
+        row.pop("time"), row.pop("cpu")  # seconds: the columns that may differ
     return rows
 
 
@@ -71,13 +71,14 @@ def _equal(a, b) -> bool:
 
 
 # where each fault strikes: the object whose attribute is replaced
-WHERE = {"loss": MaximumLikelihood, "save_checkpoint": cnf.training.run,
-         "batch_nll_metric": cnf.training.objectives}  # fmt: skip
+WHERE = {"loss": (MaximumLikelihood, "loss"), "fm_loss": (FlowMatching, "loss"),
+         "save_checkpoint": (cnf.training.run, "save_checkpoint"),
+         "batch_nll_metric": (cnf.training.objectives, "batch_nll_metric")}  # fmt: skip
 
 
 def _kill_on(monkeypatch, name: str, call: int, *, after: bool = False) -> None:
     """Make the ``call``-th call of ``name`` (see :data:`WHERE`) die, before it runs or after."""
-    owner = WHERE[name]
+    owner, name = WHERE[name]
     real = getattr(owner, name)
     calls = {"n": 0}
 
@@ -289,3 +290,31 @@ def test_figures_on_a_full_disk(tiny_disk: Path) -> None:
 def test_checkpoints_get_the_permissions_of_the_rest_of_the_run(straight: Path) -> None:
     modes = {p.name: p.stat().st_mode & 0o777 for p in straight.iterdir()}
     assert modes["last.pt"] == modes["config.json"] == modes["log.jsonl"], modes
+
+
+# --- flow matching, then maximum likelihood --------------------------------------------------
+
+FM_MLE = {**CONFIG, "objective": "fm", "iters": 40, "finetune_iters": 20, "eval_every": 10,
+          "finetune_lr": 2e-3}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def straight_fm(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults-fm") / "straight"
+    train(config(**FM_MLE), out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [("fm_loss", 25), ("loss", 1), ("loss", 12)],
+    ids=["in-flow-matching", "at-the-switch", "in-maximum-likelihood"],
+)
+def test_fm_then_mle_resumes_exactly(tmp_path: Path, monkeypatch, straight_fm, name, call):
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _kill_on(m, name, call)
+        with pytest.raises(Killed):
+            train(config(**FM_MLE), run, progress=False)
+    train(TrainConfig(), run, resume=True, progress=False)
+    assert_same_run(run, straight_fm)

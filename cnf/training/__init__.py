@@ -8,7 +8,7 @@ objective as a strategy (:class:`MaximumLikelihood`), and runs on disk (:func:`t
 from cnf.options import ConfigError
 from cnf.training.config import PRESETS, TrainConfig
 from cnf.training.loop import Diverged, FitResult, Hooks, fit, step
-from cnf.training.objectives import MaximumLikelihood, Objective
+from cnf.training.objectives import FlowMatching, MaximumLikelihood, Objective, Phases
 from cnf.training.run import RESUMABLE, Setup, TrainResult, final_report, setup, train
 from cnf.training.state import TrainState, lr_factor, stream_seed
 
@@ -18,9 +18,11 @@ __all__ = [
     "ConfigError",
     "Diverged",
     "FitResult",
+    "FlowMatching",
     "Hooks",
     "MaximumLikelihood",
     "Objective",
+    "Phases",
     "Setup",
     "TrainConfig",
     "TrainResult",

@@ -12,9 +12,17 @@ from cnf.adaptation import StepAdapter
 from cnf.data import DataSpec, dataset_kind
 from cnf.data.tabular import TABLE_DEFAULTS
 from cnf.models import ModelConfig
-from cnf.training.objectives import MaximumLikelihood, Objective
+from cnf.training.objectives import (
+    COUPLINGS,
+    TIME_SAMPLINGS,
+    FlowMatching,
+    MaximumLikelihood,
+    Objective,
+    Phases,
+)
 
 SCHEDULES = ("cosine", "constant")
+OBJECTIVES = ("mle", "fm")
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
 
@@ -43,9 +51,20 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     tf32: bool = True
-    # maximum likelihood with RNODE's penalties (cnf.training.objectives)
+    # the objective (cnf.training.objectives): "mle", maximum likelihood with RNODE's penalties,
+    # or "fm", flow matching (then finetune_iters iterations of maximum likelihood, if any)
+    objective: str = "mle"
     kinetic: float = 0.01
     jacobian: float = 0.01
+    coupling: str = "independent"
+    sigma_min: float = 0.0
+    time_sampling: str = "uniform"
+    finetune_iters: int = 0
+    finetune_lr: float | None = None  # the fine-tuning phase's peak lr (default: lr)
+    # a training-time budget in seconds, planned into iters (and finetune_iters, which get
+    # finetune_share of it) before training (cnf.training.budget); 0: iters as given
+    budget: float = 0.0
+    finetune_share: float = 0.5
     # keep the trained model an ODE flow (Ott et al. 2021): adapt the step/tolerance every
     # adapt_every iterations so the training and a finer solver agree within adapt_threshold
     # nats per dimension, with at most max_steps steps. Half the validity report's 0.01: the
@@ -95,12 +114,47 @@ class TrainConfig:
         for name in ("val_fraction", "test_fraction"):
             options.within(name, getattr(self, name), 0, 1)
         options.choice("schedule", self.schedule, SCHEDULES)
+        self._check_objective()
         if "trust_pickle" in self.extra:
             raise options.ConfigError(
                 "extra",
                 "cannot hold trust_pickle: trust is given by the "
                 "caller (--trust-pickle), never by a config or checkpoint",
             )
+
+    def _check_objective(self) -> None:
+        options.choice("objective", self.objective, OBJECTIVES)
+        options.choice("coupling", self.coupling, COUPLINGS)
+        options.choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
+        options.within("sigma_min", self.sigma_min, 0, 1, closed=True)
+        options.integer("finetune_iters", self.finetune_iters, 0, "an integer >= 0")
+        options.number("budget", self.budget, strict=False)
+        options.within("finetune_share", self.finetune_share, 0, 1, closed=True)
+        if self.objective == "fm" and self.model.learn_T:
+            raise options.ConfigError(
+                "learn_T", "has no meaning for flow matching (the path fixes the time): drop it"
+            )
+        if self.finetune_lr is not None:
+            options.number("finetune_lr", self.finetune_lr)
+        fm_only = {"coupling": "independent", "sigma_min": 0.0, "time_sampling": "uniform",
+                   "finetune_iters": 0, "finetune_lr": None}  # fmt: skip
+        changed = [k for k, v in fm_only.items() if getattr(self, k) != v]
+        if self.objective == "mle" and changed:
+            raise options.ConfigError(
+                changed[0], "is an option of flow matching: add --objective fm (--finetune-iters "
+                "N then fine-tunes by maximum likelihood for N more iterations)"
+            )  # fmt: skip
+
+    def restart(self) -> tuple[int, float] | None:
+        """Where the schedule starts again: after flow matching, at ``finetune_lr / lr``."""
+        if not self.finetune_iters:
+            return None
+        return (self.iters, (self.finetune_lr or self.lr) / self.lr)
+
+    @property
+    def total_iters(self) -> int:
+        """The run's last iteration: ``iters``, plus ``finetune_iters`` after flow matching."""
+        return self.iters + self.finetune_iters
 
     # --- building and saving ------------------------------------------------------------
 
@@ -109,7 +163,11 @@ class TrainConfig:
         """The config for ``data``: the dataset kind's :data:`PRESETS` over the field defaults
         (which suit the 2-D toys), and ``given`` over both; model fields (``hidden``,
         ``method``, ...) may be given flat. ``cnf train`` builds its config so."""
-        flat = {**PRESETS.get(dataset_kind(data), {}), **given}
+        kind = dataset_kind(data)
+        budget = BUDGET_PRESETS.get(kind, {}) if given.get("budget") else {}
+        if "objective" in given:  # a recipe the user chose: the budget only plans its length
+            budget = {}
+        flat = {**PRESETS.get(kind, {}), **budget, **given}
         return cls(data=data, **_split(flat, ModelConfig()))
 
     @classmethod
@@ -133,8 +191,16 @@ class TrainConfig:
             opts["data_dir"] = self.data_dir
         return DataSpec(self.data, self.seed, {**self.extra, **opts})
 
-    def objective(self) -> Objective:
-        return MaximumLikelihood(kinetic=self.kinetic, jacobian=self.jacobian)
+    def make_objective(self) -> Objective:
+        """The objective the recipe names (flow matching then maximum likelihood with
+        ``finetune_iters``)."""
+        mle = MaximumLikelihood(kinetic=self.kinetic, jacobian=self.jacobian)
+        if self.objective == "mle":
+            return mle
+        fm = FlowMatching(self.coupling, self.sigma_min, self.time_sampling)
+        if not self.finetune_iters:
+            return fm
+        return Phases(((fm, self.iters), (mle, self.total_iters)))
 
     def adapter(self, dim: int) -> StepAdapter | None:
         """Ott et al.'s adapter for ``dim``-dimensional data, or ``None`` with ``adapt`` off."""
@@ -188,4 +254,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_rtol=1e-6,
         test_size=1_000_000,
     ),
+}
+
+# What --budget trains, per kind of data, unless --objective is given: the recipes that gave the
+# lowest KL (toys) or test NLL (tables) for their time in bench/bench_objectives.py. Images
+# train by maximum likelihood (flow matching needs one block: their multiscale model has many).
+BUDGET_PRESETS: dict[str, dict[str, Any]] = {
+    "toy": dict(objective="fm", finetune_share=0.5, lr=2e-3, finetune_lr=1e-3, eval_every=1000),
+    "tabular": dict(objective="fm", finetune_share=0.0, eval_every=100, patience=8),
 }

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from cnf.adaptation import start_step
 from cnf.data import Dataset
 from cnf.evaluate import evaluate
 from cnf.runtime import to_tensor
@@ -69,15 +70,22 @@ class FitResult:
 def step(state: TrainState, objective: Objective, x: torch.Tensor, cfg: TrainConfig) -> dict:
     """One training iteration on the batch ``x``; returns its log row."""
     model, it = state.model, state.iteration + 1
+    active = objective.at(it)
     row: dict[str, Any] = {"iter": it}
-    t0 = time.perf_counter()
+    if active is not objective:  # a phase of several: say which
+        row["objective"] = active.name
+        if objective.at(it - 1) is not active:
+            state.stale = 0  # patience counts within a phase; the best so far stays
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
-        if state.adapter is not None and objective.adapts and it % cfg.adapt_every == 0:
+        if active.adapts and objective.at(it - 1) is not active:
+            row["adapt"] = _enter_solving_phase(state, active, x, cfg, it)
+        if state.adapter is not None and active.adapts and it % cfg.adapt_every == 0:
             # Ott et al.: does a finer solver agree on this batch? If not, refine the step.
-            metric = objective.metric(model, x, stream_seed(cfg.seed, ADAPT, it))
+            metric = active.metric(model, x, stream_seed(cfg.seed, ADAPT, it))
             solver, row["adapt"] = state.adapter.adapt(model.solver, metric)
             model.set_solver(solver)
-        loss, logs = objective.loss(model, x, generator(x.device, cfg.seed, PROBES, it))
+        loss, logs = active.loss(model, x, generator(x.device, cfg.seed, PROBES, it))
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
     except SolverError as err:
@@ -92,15 +100,31 @@ def step(state: TrainState, objective: Objective, x: torch.Tensor, cfg: TrainCon
     row.update(
         loss=loss.item(),
         **{k: float(v) for k, v in logs.items()},
-        **objective.counts(model),
+        **active.counts(model),
         grad_norm=grad_norm.item(),
         lr=state.scheduler.get_last_lr()[0],
         step_size=solver.step_size,
         atol=solver.atol,
         rtol=solver.rtol,
         time=time.perf_counter() - t0,
+        cpu=time.process_time() - c0,
     )
     return row
+
+
+def _enter_solving_phase(
+    state: TrainState, active: Objective, x: torch.Tensor, cfg: TrainConfig, it: int
+) -> dict[str, Any]:
+    """A phase that solves begins after one that did not (maximum likelihood after flow
+    matching): start at the largest step at which the field is valid on this batch (Hairer's
+    step without the adapter)."""
+    model = state.model
+    if state.adapter is not None:
+        metric = active.metric(model, x, stream_seed(cfg.seed, ADAPT, it))
+        model.set_solver(state.adapter.largest_valid(model.solver, metric))
+    elif cfg.model.step_size is None:
+        start_step(model, x, None, rtol=cfg.model.rtol, atol=cfg.model.atol)
+    return {"event": "start", "step_size": model.solver.step_size, "atol": model.solver.atol}
 
 
 def fit(
@@ -114,7 +138,7 @@ def fit(
     quiet: bool = False,
     seconds: float | None = None,
 ) -> FitResult:
-    """Train from ``state.iteration`` to ``cfg.iters`` (or until early stopping, a signal, or
+    """Train from ``state.iteration`` to ``cfg.total_iters`` (or until early stopping, a signal, or
     ``seconds`` of training time). SIGINT and SIGTERM stop after the current iteration.
 
     Arguments:
@@ -134,7 +158,7 @@ def fit(
     with (
         _stop_on_signals() as stop,
         tqdm(
-            total=cfg.iters,
+            total=cfg.total_iters,
             initial=state.iteration,
             disable=not progress,
             dynamic_ncols=True,
@@ -143,12 +167,12 @@ def fit(
             file=sys.stderr,
         ) as bar,
     ):
-        while state.iteration < cfg.iters:
+        while state.iteration < cfg.total_iters:
             x = to_tensor(data.train_batch(cfg.batch_size, state.iteration + 1), p.device, p.dtype)
             row = step(state, objective, x, cfg)
             spent += row["time"]
             evaluated = len(x_val) > 0 and (
-                state.iteration % cfg.eval_every == 0 or state.iteration == cfg.iters
+                state.iteration % cfg.eval_every == 0 or state.iteration == cfg.total_iters
             )
             improved = evaluated and _validate(state, x_val, row, say)
             hooks.row(state, row)
@@ -162,7 +186,8 @@ def fit(
                 refresh=False,
             )
             bar.update()
-            if cfg.patience and state.stale >= cfg.patience:
+            last_phase = objective.at(state.iteration) is objective.at(cfg.total_iters)
+            if cfg.patience and state.stale >= cfg.patience and last_phase:
                 say(
                     f"early stop at iteration {state.iteration}: no better validation NLL in "
                     f"{state.stale} evaluations (--patience)"

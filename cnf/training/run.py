@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from cnf.adaptation import initial_step
+from cnf.adaptation import start_step
 from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cnf.data import Dataset, held_warnings
 from cnf.flow import Flow
@@ -32,7 +32,7 @@ from cnf.options import ConfigError
 from cnf.report import report
 from cnf.runs import load_run
 from cnf.runtime import configure_cuda, configure_threads, resolve_device, to_tensor
-from cnf.training import rundir
+from cnf.training import budget, rundir
 from cnf.training.config import TrainConfig
 from cnf.training.loop import Diverged, FitResult, Hooks, fit
 from cnf.training.objectives import Objective
@@ -41,6 +41,7 @@ from cnf.training.state import TrainState
 # options that a resumed run may change: they steer neither the model nor the data
 RESUMABLE = frozenset(
     {
+        "finetune_iters",
         "iters",
         "device",
         "threads",
@@ -122,9 +123,10 @@ def setup(
     settings = dict(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        iters=cfg.iters,
+        iters=cfg.total_iters,
         schedule=cfg.schedule,
         adapter=cfg.adapter(dim),
+        restart=cfg.restart(),
     )
     if checkpoint is None:
         state = TrainState.create(model, **settings)
@@ -135,20 +137,17 @@ def setup(
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             detail = (str(err).strip().splitlines() or [repr(err)])[0][:200]
             raise CheckpointError(f"the checkpoint does not fit its own config ({detail})") from err
-    return Setup(cfg, device, dtype, data, model, state, cfg.objective())
+    objective = cfg.make_objective()
+    objective.check(model)
+    return Setup(cfg, device, dtype, data, model, state, objective)
 
 
 def _start_step(model: Flow, data: Dataset, cfg: TrainConfig, device, dtype) -> None:
-    """A fixed-step solver without a step starts at Hairer's step for its order, measured on
-    the first batch (clamped to the adapter's bounds)."""
-    if cfg.model.step_size is not None or not model.solver.fixed_step:
-        return
-    x = to_tensor(data.train_batch(cfg.batch_size, 1), device, dtype)
-    solver = model.solver
-    h = initial_step(model, x, solver.order, rtol=cfg.model.rtol, atol=cfg.model.atol)
-    adapter = cfg.adapter(math.prod(data.event_shape))
-    solver = solver.replace(step_size=h)
-    model.set_solver(adapter.scaled(solver, 1.0) if adapter else solver)
+    """A fixed-step solver without a step starts at Hairer's step, on the first batch."""
+    if cfg.model.step_size is None and model.solver.fixed_step:
+        x = to_tensor(data.train_batch(cfg.batch_size, 1), device, dtype)
+        adapter = cfg.adapter(math.prod(data.event_shape))
+        start_step(model, x, adapter, rtol=cfg.model.rtol, atol=cfg.model.atol)
 
 
 def _check_same_data(ckpt: dict[str, Any], data: Dataset) -> None:
@@ -228,6 +227,10 @@ def train(
         raise CheckpointError(f"{out / 'last.pt'}: {err}") from err
     if ckpt is not None and _finished(run):
         return _finished_result(out, run)
+    if ckpt is None and cfg.budget:  # plan the iterations on a copy, then start afresh
+        cfg, made = budget.plan(cfg, run)
+        print(made.describe(), file=sys.stderr)
+        run = setup(cfg, data=run.data)
     writer = _summary_writer() if tensorboard else None  # a missing package fails here
     _prepare_directory(out, cfg, ckpt)  # only now, with everything checked, does it change
     recorder = _Recorder(out, run, None if writer is None else writer(str(out / "tensorboard")))
@@ -319,6 +322,11 @@ def _resume_checkpoint(out: Path) -> dict[str, Any]:
 
 def _resumed_config(ckpt: dict[str, Any], changes: dict[str, Any]) -> TrainConfig:
     clash = sorted(set(changes) - RESUMABLE)
+    if ckpt["config"].get("finetune_iters") and "iters" in changes:
+        raise ConfigError(
+            "iters", "is the flow-matching phase of this run, which cannot change when resuming: "
+            "give --finetune-iters to change the maximum-likelihood phase after it"
+        )  # fmt: skip
     if clash:
         flags = ", ".join("--" + c.replace("_", "-") for c in clash)
         allowed = ", ".join("--" + c.replace("_", "-") for c in sorted(RESUMABLE))
@@ -327,18 +335,18 @@ def _resumed_config(ckpt: dict[str, Any], changes: dict[str, Any]) -> TrainConfi
             f"{allowed}): start a new run to change them"
         )
     cfg = TrainConfig.from_dict({**ckpt["config"], "model": ckpt["model_args"]}).replace(**changes)
-    if cfg.iters < ckpt["iteration"]:
+    if cfg.total_iters < ckpt["iteration"]:
         raise ConfigError(
             "iters",
-            f"{cfg.iters} is below the {ckpt['iteration']} iterations "
-            "this run has already trained: give a larger number to train further",
+            f"gives {cfg.total_iters} iterations in all, below the {ckpt['iteration']} this "
+            "run has already trained: give a larger number to train further",
         )
     return cfg
 
 
 def _finished(run: Setup) -> bool:
     cfg, state = run.cfg, run.state
-    return state.iteration >= cfg.iters or bool(cfg.patience and state.stale >= cfg.patience)
+    return state.iteration >= cfg.total_iters or bool(cfg.patience and state.stale >= cfg.patience)
 
 
 def _finished_result(out: Path, run: Setup) -> TrainResult:
@@ -379,7 +387,7 @@ def _with_advice(err: Diverged, out: Path, saved: int | None, cfg: TrainConfig) 
     elif saved is None:
         advice = (
             f"no checkpoint was saved yet (the first comes at iteration "
-            f"{min(cfg.eval_every, cfg.iters)}): start again with --force and a lower --lr "
+            f"{min(cfg.eval_every, cfg.total_iters)}): start again with --force and a lower --lr "
             f"(e.g. {lower}), a finer solver or --kinetic/--jacobian regularization"
         )
     else:

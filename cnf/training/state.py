@@ -31,15 +31,21 @@ def generator(device: torch.device, seed: int, stream: int, iteration: int) -> t
     return torch.Generator(device=device).manual_seed(stream_seed(seed, stream, iteration))
 
 
-def lr_factor(step: int, iters: int, schedule: str, start: tuple[int, float] = (0, 1.0)) -> float:
+def lr_factor(
+    step: int,
+    iters: int,
+    schedule: str,
+    start: tuple[int, float] = (0, 1.0),
+    floor: float = 0.01,
+) -> float:
     """The schedule in closed form: ``"cosine"`` from ``start = (step, factor)`` (1 at step 0)
-    down to 1% at ``iters`` (and 1% after), or ``"constant"``. A resume that changes ``iters``
-    starts the cosine again from where it stood, so the learning rate never jumps."""
+    down to ``floor`` at ``iters`` (and after), or ``"constant"``. A resume that changes
+    ``iters`` starts the cosine again from where it stood, so the learning rate never jumps."""
     if schedule == "constant":
         return 1.0
     t0, f0 = start
     progress = 1.0 if iters <= t0 else (min(step, iters) - t0) / (iters - t0)
-    return 0.01 + (f0 - 0.01) * 0.5 * (1 + math.cos(math.pi * progress))
+    return floor + (f0 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -74,12 +80,22 @@ class TrainState:
         iters: int,
         schedule: str,
         adapter: StepAdapter | None = None,
+        restart: tuple[int, float] | None = None,
     ) -> TrainState:
+        """A fresh state: AdamW at ``lr`` on the schedule over ``iters`` iterations; with
+        ``restart = (iteration, factor)`` the schedule starts again after that iteration, from
+        ``factor * lr`` down to 1% of that (the maximum-likelihood phase after flow matching)."""
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         start = [0, 1.0]  # shared with the schedule, which reads it at every step
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, iters, schedule, tuple(start))
-        )
+
+        def factor(step: int) -> float:
+            if restart is not None and step <= restart[0]:  # the first phase ends at the restart
+                return lr_factor(step, restart[0], schedule, tuple(start))
+            first = (0, 1.0) if restart is None else restart
+            begin = tuple(start) if start[0] > first[0] else first  # a resume moved it later
+            return lr_factor(step, iters, schedule, begin, floor=0.01 * first[1])
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return cls(model, optimizer, scheduler, adapter, schedule_start=start)
 
     @classmethod
@@ -127,9 +143,11 @@ class TrainState:
         self.iteration = ckpt["iteration"]
         self.best, self.stale = ckpt["best_val_nll"], ckpt.get("stale_evals", 0)
         self.schedule_start[:] = ckpt.get("schedule_start", [0, 1.0])
-        saved_iters = ckpt.get("config", {}).get("iters", iters)
-        if saved_iters != iters:
-            reached = lr_factor(self.iteration, saved_iters, schedule, tuple(self.schedule_start))
+        saved = ckpt.get("config", {})
+        saved_iters = saved.get("iters", iters) + saved.get("finetune_iters", 0)
+        if saved_iters != iters:  # go on from the factor the saved schedule had reached
+            group = ckpt["optimizer"]["param_groups"][0]
+            reached = group["lr"] / group.get("initial_lr", group["lr"])
             self.schedule_start[:] = [self.iteration, reached]
         self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
         factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)

@@ -1,0 +1,99 @@
+"""A training-time budget, planned into iterations: ``cnf train --budget SECONDS``.
+
+The plan times a few iterations of each phase of the recipe on a throwaway copy of the run
+(the same data and model, on this machine), then sets ``iters`` (and, after flow matching,
+``finetune_iters``) so that the phases fill their shares of the budget: ``finetune_share`` of
+it for the maximum-likelihood phase, the rest for flow matching. The plan is made once, before
+training, and saved in ``config.json``: the run itself, and its resume, are then as repeatable
+as any other (two budget runs on different machines plan different iteration counts).
+
+A maximum-likelihood iteration after flow matching costs more than one at initialization (the
+trained field needs more steps); :data:`MLE_COST_AFTER_FM` is that ratio, measured by
+``bench/bench_objectives.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+from cnf.runtime import to_tensor
+from cnf.training.config import TrainConfig
+from cnf.training.loop import _enter_solving_phase, step
+from cnf.training.objectives import FlowMatching, MaximumLikelihood, Objective
+from cnf.training.state import TrainState
+
+MLE_COST_AFTER_FM = 1.75  # measured on 8gaussians and checkerboard: 1.4 and 2.1
+_PROBES = {"fm": 100, "mle": 4}  # iterations timed per phase
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a budget became: the iterations of each phase and what one iteration costs."""
+
+    seconds: float
+    iters: int
+    finetune_iters: int
+    seconds_per_iter: float
+    seconds_per_finetune_iter: float
+
+    def describe(self) -> str:
+        text = (
+            f"{self.iters:,} {_kind(self)} iterations ({1e3 * self.seconds_per_iter:.1f} ms each)"
+        )
+        if self.finetune_iters:
+            text += (f" then {self.finetune_iters:,} maximum-likelihood iterations "
+                     f"({1e3 * self.seconds_per_finetune_iter:.0f} ms each)")  # fmt: skip
+        return f"planned {self.seconds:g} s of training on this machine: {text}"
+
+
+def _kind(plan: Plan) -> str:
+    return "flow-matching" if plan.finetune_iters or plan.seconds_per_iter < 0.02 else "training"
+
+
+def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
+    """The recipe ``cfg`` with its iterations set for ``cfg.budget`` seconds; ``setup_run`` is a
+    fresh :class:`~cnf.training.run.Setup` of it, which the timing leaves untouched."""
+    first = FlowMatching(cfg.coupling, cfg.sigma_min, cfg.time_sampling)
+    if cfg.objective == "mle":
+        first = MaximumLikelihood(kinetic=cfg.kinetic, jacobian=cfg.jacobian)
+    probe = _Probe(setup_run)
+    t_first = _time(probe, first, cfg, _PROBES[first.name])
+    share = cfg.finetune_share if cfg.objective == "fm" else 0.0
+    t_mle = 0.0
+    if share > 0:
+        mle = MaximumLikelihood(kinetic=cfg.kinetic, jacobian=cfg.jacobian)
+        probe.state.adapter = setup_run.state.adapter  # the phase starts at the largest valid step
+        _enter_solving_phase(probe.state, mle, probe.batch(), cfg, probe.state.iteration + 1)
+        probe.state.adapter = None
+        t_mle = _time(probe, mle, cfg, _PROBES["mle"]) * MLE_COST_AFTER_FM
+    iters = max(1, round((1 - share) * cfg.budget / t_first))
+    finetune = round(share * cfg.budget / t_mle) if share > 0 else 0
+    result = Plan(cfg.budget, iters, finetune, t_first, t_mle)
+    return cfg.replace(iters=iters, finetune_iters=finetune), result
+
+
+class _Probe:
+    """A copy of a run's model and optimizer for timing: what it trains is thrown away."""
+
+    def __init__(self, run) -> None:
+        self.run, cfg = run, run.cfg
+        model = copy.deepcopy(run.model)
+        self.state = TrainState.create(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                       iters=cfg.total_iters, schedule=cfg.schedule)  # fmt: skip
+
+    def batch(self):
+        p = next(self.state.model.parameters())
+        x = self.run.data.train_batch(self.run.cfg.batch_size, self.state.iteration + 1)
+        return to_tensor(x, p.device, p.dtype)
+
+
+def _time(probe: _Probe, objective: Objective, cfg: TrainConfig, n: int) -> float:
+    """Seconds (CPU) per iteration of ``objective``, over ``n`` iterations after one warm-up
+    (no step-size checks: the adapter's cost is amortized over ``adapt_every`` iterations)."""
+    step(probe.state, objective, probe.batch(), cfg)
+    start = time.process_time()
+    for _ in range(n):
+        step(probe.state, objective, probe.batch(), cfg)
+    return (time.process_time() - start) / n
