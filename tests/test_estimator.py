@@ -15,8 +15,8 @@ from cnf.flow import CNF
 # itself unless SCIPY_ARRAY_API is set). The instance is fixed-step float64: with an adaptive
 # solver a row's log-density depends on its batch-mates within the solver tolerance (see below),
 # which the subset-invariance check (rtol 1e-7) would flag.
-FIXED = cnf.CNFDensity(hidden=(4,), max_iter=2, batch_size=16, eval_every=2, method="rk4",
-                       step_size=0.5, dtype="float64", random_state=0)  # fmt: skip
+FIXED = cnf.CNFDensity(hidden=(4,), max_iter=2, finetune_iter=2, batch_size=16, eval_every=2,
+                       method="rk4", step_size=0.5, dtype="float64", random_state=0)  # fmt: skip
 
 
 @parametrize_with_checks([FIXED])
@@ -26,7 +26,8 @@ def test_sklearn_estimator_checks(estimator, check) -> None:
 
 def test_adaptive_solver_scores_a_subset_within_its_tolerance() -> None:
     x = np.random.default_rng(3).normal(size=(50, 3))
-    est = cnf.CNFDensity(hidden=(8,), max_iter=5, eval_tol=1e-7, random_state=0).fit(x)
+    est = cnf.CNFDensity(hidden=(8,), max_iter=5, finetune_iter=3, eval_tol=1e-7,
+                         random_state=0).fit(x)  # fmt: skip
     full, part = est.score_samples(x), est.score_samples(x[:7])
     np.testing.assert_allclose(part, full[:7], rtol=1e-5)
 
@@ -37,7 +38,8 @@ def fitted() -> tuple[cnf.CNFDensity, np.ndarray]:
     x = rng.normal(size=(120, 3)) * [1.0, 50.0, 0.1] + [0.0, 1000.0, -5.0]
     x = np.column_stack([x, np.full(120, 2.5), x[:, 0]])  # a constant and a duplicate column
     est = cnf.CNFDensity(hidden=(16,), max_iter=10, eval_every=5, method="rk4", step_size=0.25,
-                         dtype="float64", random_state=0)  # fmt: skip
+                         dtype="float64", preprocess="standardize", objective="mle",
+                         random_state=0)  # fmt: skip
     return est.fit(x), x
 
 
@@ -80,7 +82,8 @@ def test_samples_restore_dropped_columns(fitted) -> None:
 def test_pipeline_and_grid_search() -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(60, 2))
-    base = cnf.CNFDensity(max_iter=4, eval_every=2, method="rk4", step_size=0.5, random_state=0)
+    base = cnf.CNFDensity(max_iter=4, finetune_iter=2, eval_every=2, method="rk4", step_size=0.5,
+                          random_state=0)  # fmt: skip
     pipe = Pipeline([("identity", FunctionTransformer()), ("cnf", base)]).fit(x)
     assert pipe.score_samples(x).shape == (60,)
     search = GridSearchCV(base, {"hidden": [(4,), (8,)]}, cv=2).fit(x)
@@ -93,7 +96,8 @@ def test_a_grid_search_warns_about_integer_and_constant_columns_once() -> None:
 
     rng = np.random.default_rng(1)
     x = np.column_stack([rng.integers(0, 5, 60), rng.normal(size=60), np.full(60, 2.0)])
-    base = cnf.CNFDensity(max_iter=2, eval_every=2, method="rk4", step_size=0.5, random_state=0)
+    base = cnf.CNFDensity(max_iter=2, finetune_iter=2, eval_every=2, method="rk4", step_size=0.5,
+                          random_state=0)  # fmt: skip
     from cnf.estimator import _WARNED
 
     _WARNED.clear()  # what earlier tests were told
@@ -108,7 +112,8 @@ def test_a_grid_search_warns_about_integer_and_constant_columns_once() -> None:
 def test_early_stopping_keeps_the_best_parameters() -> None:
     x = np.random.default_rng(2).normal(size=(100, 2))
     est = cnf.CNFDensity(hidden=(8,), max_iter=200, eval_every=5, patience=2, lr=1e-12,
-                         method="rk4", step_size=0.5, random_state=0).fit(x)  # fmt: skip
+                         method="rk4", step_size=0.5, objective="mle",
+                         random_state=0).fit(x)  # fmt: skip
     # a learning rate too small to change float32 weights: no evaluation improves on the first
     assert est.n_iter_ == 15 and len(est.validation_scores_) == 3
     assert est.best_validation_score_ == est.validation_scores_[0]
@@ -127,3 +132,14 @@ def test_bad_parameters_fail_at_fit(params: dict, error: str) -> None:
     est = cnf.CNFDensity(**params)  # scikit-learn: no validation in __init__
     with pytest.raises(ValueError, match=error):
         est.fit(np.random.default_rng(0).normal(size=(20, 2)))
+
+
+def test_the_default_trains_by_flow_matching_then_maximum_likelihood() -> None:
+    x = np.random.default_rng(4).normal(size=(200, 3)) @ np.array([[1, 0.5, 0], [0, 1, 0.3],
+                                                                   [0, 0, 1.0]])  # fmt: skip
+    est = cnf.CNFDensity(hidden=(16,), max_iter=60, finetune_iter=40, eval_every=20,
+                         random_state=0).fit(x)  # fmt: skip
+    assert 60 < est.n_iter_ <= 100 and len(est.validation_scores_) == est.n_iter_ // 20
+    gaussian = cnf.CNFDensity(hidden=(16,), max_iter=1, finetune_iter=0, random_state=0).fit(x)
+    # whitening starts the flow at the Gaussian fit; training must not make the density worse
+    assert est.score(x) >= gaussian.score(x) - 1.0

@@ -22,6 +22,9 @@ from cnf.training.objectives import (
 )
 
 SCHEDULES = ("cosine", "constant")
+# the options of flow matching, at their defaults (a maximum-likelihood run refuses others)
+FM_ONLY = {"coupling": "independent", "sigma_min": 0.0, "time_sampling": "uniform",
+           "finetune_iters": 0, "finetune_lr": None}  # fmt: skip
 OBJECTIVES = ("mle", "fm")
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
@@ -136,9 +139,7 @@ class TrainConfig:
             )
         if self.finetune_lr is not None:
             options.number("finetune_lr", self.finetune_lr)
-        fm_only = {"coupling": "independent", "sigma_min": 0.0, "time_sampling": "uniform",
-                   "finetune_iters": 0, "finetune_lr": None}  # fmt: skip
-        changed = [k for k, v in fm_only.items() if getattr(self, k) != v]
+        changed = [k for k, v in FM_ONLY.items() if getattr(self, k) != v]
         if self.objective == "mle" and changed:
             raise options.ConfigError(
                 changed[0], "is an option of flow matching: add --objective fm (--finetune-iters "
@@ -168,6 +169,8 @@ class TrainConfig:
         if "objective" in given:  # a recipe the user chose: the budget only plans its length
             budget = {}
         flat = {**PRESETS.get(kind, {}), **budget, **given}
+        if flat.get("objective") == "mle":  # a preset's flow-matching options do not apply
+            flat = {k: v for k, v in flat.items() if k not in FM_ONLY or k in given}
         return cls(data=data, **_split(flat, ModelConfig()))
 
     @classmethod
@@ -239,8 +242,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # small tables (a few hundred rows): whitening makes the untrained flow the Gaussian fit; a
     # small field with weight decay and early stopping keeps it from memorizing the rows
+    # flow matching for 1500 iterations (about 5 ms each), then maximum likelihood from that
+    # field until the validation NLL stops improving (bench/bench_tabular.py: lower test NLL
+    # than maximum likelihood alone on every bundled table, in a fraction of its time)
     "tabular": dict(
-        iters=2000,
+        objective="fm",
+        iters=1500,
+        finetune_iters=2000,
+        finetune_lr=1e-3,
         batch_size=256,
         lr=2e-3,
         weight_decay=1e-2,
@@ -248,8 +257,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         preprocess="whiten",
         kinetic=0.0,
         jacobian=0.0,
-        eval_every=25,
-        patience=8,
+        eval_every=50,
+        patience=4,
         eval_atol=1e-6,
         eval_rtol=1e-6,
         test_size=1_000_000,
@@ -261,5 +270,5 @@ PRESETS: dict[str, dict[str, Any]] = {
 # train by maximum likelihood (flow matching needs one block: their multiscale model has many).
 BUDGET_PRESETS: dict[str, dict[str, Any]] = {
     "toy": dict(objective="fm", finetune_share=0.5, lr=2e-3, finetune_lr=1e-3, eval_every=1000),
-    "tabular": dict(objective="fm", finetune_share=0.0, eval_every=100, patience=8),
+    "tabular": dict(finetune_share=0.3),
 }
