@@ -171,14 +171,27 @@ class StepAdapter:
         return trial
 
 
-def batch_nll_metric(model: Flow, x: Tensor, generator_seed: int) -> Callable[[Solver], float]:
+def batch_nll_metric(
+    model: Flow,
+    x: Tensor,
+    generator_seed: int,
+    shard: tuple[int, int] | None = None,
+    reduce: Callable[[float], float] | None = None,
+) -> Callable[[Solver], float]:
     """The metric of :class:`StepAdapter`: the batch NLL (nats) of ``x`` under a solver, in eval
-    mode, with the same Hutchinson probes for every solver."""
+    mode, with the same Hutchinson probes for every solver. In distributed training each
+    process scores its ``shard = (start, stop)`` of the batch and ``reduce`` averages them, so
+    every process takes the same decision."""
 
     def metric(solver: Solver) -> float:
         gen = torch.Generator(device=x.device).manual_seed(generator_seed)
+        rows, xs = None, x
+        if shard is not None:
+            rows, xs = (shard[0], len(x)), x[shard[0] : shard[1]]
         with torch.no_grad(), evaluating(model):
-            return -float(model.log_prob(x, generator=gen, solver=solver).double().mean())
+            logp = model.log_prob(xs, generator=gen, solver=solver, rows=rows)
+        value = -float(logp.double().mean())
+        return value if reduce is None else reduce(value)
 
     return metric
 

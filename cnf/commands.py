@@ -45,6 +45,7 @@ from cnf.tabular import PREPROCESS
 from cnf.trace import NOISES, TRACES
 from cnf.training import PRESETS, RESUMABLE, TrainConfig, train
 from cnf.training.config import SCHEDULES
+from cnf.training.distributed import is_main_process, shutdown
 
 
 def _choices(values) -> str:
@@ -358,6 +359,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, out, force=args.force, **common)
     if result.interrupted:
         return 128 + result.interrupted  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    if not is_main_process():  # rank 0 draws and prints
+        return 0
     if not args.no_progress:
         print("drawing the figures", file=sys.stderr)
     figures = viz.plot_run(result.out, data=result.data, trust_pickle=args.trust_pickle)
@@ -624,14 +627,16 @@ def _one_line(err: BaseException) -> str:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; errors become one line and exit status 1."""
+    """Parse ``argv`` and run the command; errors become one line and exit status 1 (under
+    torchrun, printed by rank 0 alone: every process meets the same error)."""
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except ERRORS as err:
         if os.environ.get("CNF_DEBUG"):
             raise
-        print(f"cnf {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        if is_main_process():
+            print(f"cnf {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except Exception as err:  # a bug: still one line, with the way to see more
         if os.environ.get("CNF_DEBUG"):
@@ -643,3 +648,5 @@ def run(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        shutdown()

@@ -186,7 +186,7 @@ class CNFDensity(DensityMixin, BaseEstimator):
             eval_every=self.eval_every,
             seed=seed,
             device=self.device,
-            threads=torch.get_num_threads(),
+            threads=0,  # cnf train's rule: one thread for small tables (restored after fit)
             kinetic=self.kinetic,
             objective=self.objective,
             coupling=self.coupling,
@@ -223,6 +223,13 @@ class CNFDensity(DensityMixin, BaseEstimator):
         return self
 
     def _train(self, cfg: TrainConfig, data: TabularData) -> TabularCNF:
+        threads = torch.get_num_threads()
+        try:
+            return self._fit_model(cfg, data)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit_model(self, cfg: TrainConfig, data: TabularData) -> TabularCNF:
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the global RNG
             run = setup(cfg, data=data)
             best = _KeepBest()

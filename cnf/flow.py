@@ -234,8 +234,10 @@ class CNF(Flow, ODEBlock):
         """Map data to latents (``t: 0 -> T``); ``logdet = log|det dz/dx|``.
 
         Keyword arguments: ``solver`` (a :class:`Solver`, default the active one), ``trace``
-        (a trace name overriding the flow's), ``generator`` (for the Hutchinson probe) and
-        ``regularize`` (also integrate the kinetic energy and Jacobian norm).
+        (a trace name overriding the flow's), ``generator`` (for the Hutchinson probe),
+        ``regularize`` (also integrate the kinetic energy and Jacobian norm) and ``rows``
+        (``(start, total)``: ``x`` is rows ``start ...`` of a batch of ``total``, and draws
+        those rows of that batch's probe: distributed training's shares).
         """
         x = self.check_input(x, "x")
         return self._last(self._joint(x, self.times(x), **kwargs))
@@ -269,13 +271,14 @@ class CNF(Flow, ODEBlock):
         trace: str | None = None,
         generator: torch.Generator | None = None,
         regularize: bool = False,
+        rows: tuple[int, int] | None = None,
     ) -> FlowResult:
         estimator = self.estimator if trace is None else make_trace(trace, self.dim, self.noise)
         if len(y) == 0:  # nothing to integrate: empty results of the right shapes
             empty = y.new_zeros((len(t), 0))
             parts = (empty, empty) if regularize else (None, None)
             return FlowResult(y.expand(len(t), *y.shape), empty, *parts)
-        probe = estimator.probe(y, generator)
+        probe = _probe(estimator, y, generator, rows)
         zeros = y.new_zeros(y.shape[0])
         y0 = (y, zeros, zeros, zeros) if regularize else (y, zeros)
         dynamics = _JointDynamics(self, estimator, probe, regularize)
@@ -326,6 +329,18 @@ class CNF(Flow, ODEBlock):
                 "impute them before calling the flow"
             )
         return x
+
+
+def _probe(estimator, y: Tensor, generator: torch.Generator | None, rows: tuple[int, int] | None):
+    """The Hutchinson probe of the batch ``y``; with ``rows = (start, total)``, ``y`` is rows
+    ``start ...`` of a batch of ``total`` (one process's share of a distributed batch), and
+    its probe is those rows of the whole batch's, so that every share sees what one process
+    would."""
+    if rows is None:
+        return estimator.probe(y, generator)
+    start, total = rows
+    whole = estimator.probe(y.new_empty((total, *y.shape[1:])), generator)
+    return None if whole is None else whole[start : start + len(y)]
 
 
 def _event_shape(dim: int | Sequence[int]) -> tuple[int, ...]:

@@ -192,6 +192,7 @@ class MultiscaleCNF(Flow, nn.Module):
         trace: str | None = None,
         generator: torch.Generator | None = None,
         regularize: bool = False,
+        rows: tuple[int, int] | None = None,
     ) -> FlowResult:
         """Map images to latents of the same shape; ``logdet = log|det dz/dx|`` summed over every
         step, ``kinetic`` and ``jacobian`` over every block (with ``regularize``).
@@ -203,7 +204,7 @@ class MultiscaleCNF(Flow, nn.Module):
         self._check_domain(y)
         y, ld = self.squash(y)
         acc = _Sum(logdet + ld)
-        kw = dict(solver=solver, trace=trace, generator=generator, regularize=regularize)
+        kw = dict(solver=solver, trace=trace, generator=generator, regularize=regularize, rows=rows)
         factored = []
         for scale in self.scales:
             for block in scale.pre:

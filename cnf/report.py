@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from torch import Tensor
+
 from cnf.data import Dataset
 from cnf.evaluate import Evaluation, evaluate
 from cnf.flow import Flow
@@ -48,21 +50,28 @@ def report(
     validity_n: int | None = 2000,
     say: Callable[[str], None] | None = None,
     solver: Solver | None = None,
+    share: Callable[[int], slice] | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> Report:
     """Evaluate ``model`` on ``n`` test samples of ``data`` (all, for a fixed test split, when
     ``None``) with its evaluation solver (or ``solver``), and check the first ``validity_n`` of
     them for solver validity (``None``: no check) of its training solver (or ``solver``).
-    ``say`` is told what each phase does (they can take a while).
+    ``say`` is told what each phase does (they can take a while). In distributed evaluation,
+    ``share(n)`` is this process's rows of ``n`` and ``gather`` joins every process's results.
     """
     say = say or (lambda text: None)
     p = like(model)
     x = to_tensor(data.test(n), p.device, p.dtype)
     say(f"evaluating {len(x)} test samples with {(solver or model.eval_solver).describe()}")
-    evaluation = evaluate(model, x, entropy=getattr(data, "entropy", None), solver=solver)
+    mine = x if share is None else x[share(len(x))]
+    evaluation = evaluate(model, mine, entropy=getattr(data, "entropy", None), solver=solver,
+                          gather=gather)  # fmt: skip
     validity = None
     if validity_n is not None:
         checked = solver or model.solver
         say(f"checking solver validity on {min(validity_n, len(x))} of them: "
             f"{checked.describe()}, a finer one, and the float64 reference")  # fmt: skip
-        validity = solver_validity(model, x[:validity_n], solver=checked)
+        part = x[:validity_n]
+        part = part if share is None else part[share(len(part))]
+        validity = solver_validity(model, part, solver=checked, gather=gather)
     return Report(evaluation, validity)

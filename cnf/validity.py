@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -116,22 +117,25 @@ def _log_probs(model: Flow, x: Tensor, solver: Solver, seed: int, batch: int):
     return torch.cat(logps), round(sum(nfes) / len(nfes))
 
 
-def _recon(model: Flow, x: Tensor, solver: Solver, batch: int) -> tuple[float, float]:
-    errors = []
+def _recon(model: Flow, x: Tensor, solver: Solver, batch: int) -> Tensor:
+    errors = [x.new_zeros(0, dtype=torch.float64)]
     for chunk in x.split(batch):
         z = model.to_latent(chunk, solver=solver).value
         back = model.to_data(z, solver=solver).value
         errors.append((back - chunk).flatten(1).double().norm(dim=1))
-    err = torch.cat(errors)
-    return float(err.mean()), float(err.max())
+    return torch.cat(errors)
 
 
 @torch.no_grad()
 def _check(
-    model: Flow, x: Tensor, solver: Solver, seed: int, batch: int, recon: bool
+    model: Flow, x: Tensor, solver: Solver, seed: int, batch: int, recon: bool, gather
 ) -> tuple[Tensor, SolverCheck]:
     logp, nfe = _log_probs(model, x, solver, seed, batch)
-    errors = _recon(model, x, solver, batch) if recon else (None, None)
+    logp = gather(logp)
+    errors = (None, None)
+    if recon:
+        err = gather(_recon(model, x, solver, batch))
+        errors = (float(err.mean()), float(err.max()))
     return logp, SolverCheck(solver.describe(), -float(logp.mean()), nfe, *errors)
 
 
@@ -144,6 +148,7 @@ def solver_validity(
     nats_per_dim: float = NATS_PER_DIM,
     seed: int = 0,
     batch_size: int = 1000,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> ValidityReport:
     """Check that ``flow`` is a flow: its likelihood must not depend on the solver.
 
@@ -155,23 +160,26 @@ def solver_validity(
         nats_per_dim: the tolerated NLL difference per dimension.
         seed: seeds the Hutchinson probes, the same for every solver.
         batch_size: rows per solve.
+        gather: in distributed evaluation, ``x`` is this process's share and ``gather`` joins
+            every process's per-sample tensor (in rank order): the report is the whole set's.
 
     Returns:
         A :class:`ValidityReport`.
     """
     solver = solver or flow.solver
+    gather = gather or (lambda t: t)
     with evaluating(flow):
-        lp_train, train = _check(flow, x, solver, seed, batch_size, recon=True)
-        lp_finer, finer = _check(flow, x, solver.finer(), seed, batch_size, recon=False)
+        lp_train, train = _check(flow, x, solver, seed, batch_size, True, gather)
+        lp_finer, finer = _check(flow, x, solver.finer(), seed, batch_size, False, gather)
         exact = copy.deepcopy(flow).double()
-        lp_ref, ref = _check(exact, x.double(), reference, seed, batch_size, recon=True)
+        lp_ref, ref = _check(exact, x.double(), reference, seed, batch_size, True, gather)
     dim = math.prod(x.shape[1:])
     diff = lp_ref - lp_train  # per-sample NLL(train) - NLL(ref)
     se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
     delta = float(diff.mean())
     threshold = max(nats_per_dim * dim, 2 * se)
     return ValidityReport(
-        train=train, finer=finer, reference=ref, dim=dim, n=len(x), delta_nll=delta,
+        train=train, finer=finer, reference=ref, dim=dim, n=len(diff), delta_nll=delta,
         delta_nll_finer=float((lp_finer - lp_train).mean()), delta_nats_per_dim=delta / dim,
         delta_bits_per_dim=delta / dim / math.log(2), se=se, threshold=threshold,
         valid=abs(delta) <= threshold,

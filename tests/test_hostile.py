@@ -861,10 +861,10 @@ def test_data_changed_under_a_run(tmp_path: Path, monkeypatch, capsys, caplog, h
     if how == "values-changed":  # same shape, same header, some values edited
         x[5:9, 1] += 10.0
         write_csv(csv, x, "a,b,c,k")
-        argv, keywords = f"train --resume {run} --iters 20", ("changed",)
+        argv, keywords = f"train --resume {run} --finetune-iters 3000", ("changed",)
     elif how == "rows-added":
         write_csv(csv, np.vstack([x, x[:20] + 0.5]), "a,b,c,k")
-        argv, keywords = f"train --resume {run} --iters 20", ("changed",)
+        argv, keywords = f"train --resume {run} --finetune-iters 3000", ("changed",)
     else:
         csv.unlink()
         argv, keywords = f"eval {run}", ("data.csv",)

@@ -10,16 +10,19 @@ What is changed on the way, and only this (the README's own words and flags are 
 their order; see ``test_shrinking_keeps_the_readme_flags``):
 
 * ``cnf train`` gets small settings appended (``TRAIN_SMALL``: 6 iterations, a small field, small
-  test and validity sets; argparse lets the last flag win, and only ``--iters`` is appended where
-  the README gives one too); ``--resume RUN --iters N`` gets an ``--iters`` past the run's last
-  iteration; ``cnf animate`` gets a few small frames (``ANIMATE_SMALL``). Every test runs torch
-  on one thread (``_one_thread``).
+  test and validity sets; argparse lets the last flag win, and only the iteration counts are
+  appended where the README gives them too); ``--resume RUN --iters N`` gets an ``--iters`` past
+  the run's last iteration; a run that flow-matches (the tables' preset) also gets
+  ``--finetune-iters 3``; ``cnf animate`` gets a few small frames (``ANIMATE_SMALL``). Every
+  test runs torch on one thread (``_one_thread``).
 * Scripts get their smallest options (``SCRIPT_SMALL``: ``--quick``, ``--iters``, ``--minutes``)
   and run in a subprocess (``OMP_NUM_THREADS=1``, headless matplotlib), each once per session;
   those tests are ``slow`` (``python -m pytest -m slow``).
-* Python blocks get the substitutions of ``PY_SHRINK`` (``iters=N`` -> 6 iterations and small
-  test sets, ``max_iter=N`` -> 5, ``frames=N`` -> 4, ``grid=N`` -> 20); a block that trains must
-  match at least one of them.
+* Python blocks get the keyword arguments of ``PY_SMALL`` set on the calls it names, in their
+  syntax tree (``cnf.CNFDensity(...)``: ``max_iter=5, finetune_iter=5``;
+  ``TrainConfig.for_data(...)``: ``iters=6`` and small test sets, ``finetune_iters=3`` where it
+  flow-matches; ``cfg.replace(iters=...)``: ``iters=6``; ``viz.animate``: ``frames=4, grid=20``);
+  a block that trains must have at least one of them applied.
 * Placeholders of the prose (``PLACEHOLDERS``: ``--data NAME``, ``--seed S``) get a value.
 
 Each block (and each inline command) runs in its own empty directory, its commands in the
@@ -32,6 +35,7 @@ with the README's own ``cnf train ... --out RUN`` command (small), or ``--data B
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import io
 import json
@@ -41,6 +45,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +84,18 @@ EXEMPT = {
     ),
     FASHION_GPU: "needs a CUDA device and the Fashion-MNIST files, which this machine lacks",
     "cnf eval --validity": "a fragment of prose, no run named: `cnf eval runs/cb --validity` runs",
+    "torchrun --standalone --nproc_per_node=2 -m cnf train --data 8gaussians --out runs/8g-ddp": (
+        "several processes: tests/test_distributed.py runs torchrun on tiny runs"
+    ),
+    "torchrun --standalone --nproc_per_node=2 -m cnf train --resume runs/8g-ddp --iters 4000": (
+        "several processes: tests/test_distributed.py resumes a torchrun job"
+    ),
+    "torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 "
+    "--rdzv-id=job1 -m cnf train --data fashion-mnist --device cuda --out runs/fmnist": (
+        "two machines with 8 GPUs each"
+    ),
+    "torchrun ... .venv/bin/cnf train ...": "a pattern in prose, not a command",
+    "python bench/bench_distributed.py": "torchrun jobs of about a minute each: run by hand",
 }
 
 # Placeholders of the prose, by the whole word: `cnf train --data NAME`, `--seed S`.
@@ -96,6 +113,7 @@ TRAIN_SMALL = {
     "--blocks": "1",  # images
     "--no-progress": None,
 }
+FM_SMALL = {"--finetune-iters": "3"}  # a run that flow-matches (the tables' preset), then this
 RESUME_EXTRA = 6  # `--resume RUN --iters N`: N becomes the run's last iteration + this
 ANIMATE_SMALL = {"--frames": "4", "--grid": "20", "--particles": "50", "--no-progress": None}
 
@@ -108,6 +126,7 @@ SCRIPT_SMALL: dict[str, dict[str, str | None]] = {
     "bench/bench_tabular.py": {"--quick": None},
     "bench/bench_images.py": {"--minutes": "0.02", "--eval-n": "10"},
     "bench/bench_animate.py": {"--quick": None},
+    "bench/bench_objectives.py": {"--quick": None, "--data": "8gaussians"},
     "examples/validity_experiment.py": {"--iters": "6"},
     "examples/toy_figures.py": {"--grid": "20"},
     # its figures go to the repository's figures/ by default: keep them in the test's directory
@@ -122,17 +141,21 @@ PREREQUISITES = {
     "examples/animate_flows.py": "python bench/bench_toy.py",
 }
 
-# Python blocks: substitutions that make a block that trains take seconds.
-PY_SHRINK = [
-    (r"\biters=\d+", "iters=6, test_size=100, validity_size=20"),  # TrainConfig, cfg.replace
-    (r"\bmax_iter=\d+", "max_iter=5"),  # cnf.CNFDensity
-    (r"\bframes=\d+", "frames=4"),  # viz.animate
-    (r"\bgrid=\d+", "grid=20"),  # viz.animate
-]
+# Python blocks: keyword arguments set on these calls (added, or replacing the README's value),
+# so that a block that trains takes seconds; a recipe that runs flow matching (the tables'
+# preset) also gets FM_FINETUNE.
+PY_SMALL = {
+    "CNFDensity": {"max_iter": 5, "finetune_iter": 5},  # cnf.CNFDensity(...)
+    "for_data": {"iters": 6, "test_size": 100, "validity_size": 20},  # TrainConfig.for_data(...)
+    "TrainConfig": {"iters": 6, "test_size": 100, "validity_size": 20},
+    "animate": {"frames": 4, "grid": 20},  # viz.animate(...)
+}
+PY_SMALL_GIVEN = {"replace": {"iters": 6, "finetune_iters": 3}}  # only where given: cfg.replace
+FM_FINETUNE = {"finetune_iters": 3}
 PY_TRAINS = re.compile(r"\b(?:TrainConfig|CNFDensity)\b|\b(?:train|fit|animate)\(")
 
 COMMAND_WORDS = {"cnf", "python", "python3", "pip", "pip3", "bash", "sh", "ruff", "sudo",
-                 "apt-get", "git", "make", "uv", "conda", "."}  # fmt: skip
+                 "torchrun", "apt-get", "git", "make", "uv", "conda", "."}  # fmt: skip
 SHELL_OPERATORS = {";", "|", "||", "&", ">", ">>", "<", "2>", "2>&1"}
 RAW_RST = re.compile(r"``|:(?:mod|func|class|meth|attr|data|ref|obj):`")
 
@@ -413,6 +436,18 @@ def _last_iteration(run: Path) -> int:
     return int(json.loads(rows[-1])["iter"])
 
 
+def _flow_matching(words) -> bool:
+    """Whether a `cnf train` runs flow matching: its --objective, else its data's preset."""
+    from cnf.training import TrainConfig
+
+    if _value(words, "--objective") is not None:
+        return _value(words, "--objective") == "fm"
+    try:
+        return TrainConfig.for_data(_value(words, "--data") or TrainConfig().data).objective == "fm"
+    except ValueError:  # an unknown dataset: the command itself says so
+        return False
+
+
 def cnf_argv(words: list[str], cwd: Path) -> list[str]:
     """The README's `cnf ...` arguments (after `cnf`), with small settings appended."""
     words = [PLACEHOLDERS.get(w, w) for w in words]
@@ -425,7 +460,10 @@ def cnf_argv(words: list[str], cwd: Path) -> list[str]:
             extra = {"--iters": str(done + RESUME_EXTRA), **extra}
         return _append(words, extra, always=("--iters",))
     if words[0] == "train":
-        return _append(words, TRAIN_SMALL, always=("--iters",))
+        small = {**TRAIN_SMALL, **(FM_SMALL if _flow_matching(words) else {})}
+        if "--budget" in words:  # a budget plans its own iterations: one second of them
+            small = {**small, "--budget": "1"}
+        return _append(words, small, always=("--iters", "--finetune-iters", "--budget"))
     if words[0] == "animate":
         return _append(words, ANIMATE_SMALL)
     return words
@@ -437,7 +475,7 @@ def script_argv(words: list[str]) -> list[str]:
     if script == "bench/bench_toy.py":  # what follows `--` goes to each `cnf train`
         cut = args.index("--") + 1 if "--" in args else len(args)
         head, tail = args[:cut] + ([] if "--" in args else ["--"]), args[cut:]
-        args = head + _append(tail, TRAIN_SMALL, always=("--iters",))
+        args = head + _append(tail, TRAIN_SMALL, always=("--iters",))  # the 2-D toys: no FM
     else:
         args = _append(args, SCRIPT_SMALL[script])
     return [sys.executable, str(ROOT / script), *args]
@@ -502,8 +540,7 @@ class Session:
         """Run a script command once per session (in its own directory); exit status, output,
         directory."""
         if cmd.text not in self.scripts:
-            cwd = self.root / f"script-{len(self.scripts):02d}"
-            cwd.mkdir()
+            cwd = Path(tempfile.mkdtemp(prefix="script-", dir=self.root))
             self.scripts[cmd.text] = run_script(cmd, cwd, self)
         return self.scripts[cmd.text]
 
@@ -660,31 +697,67 @@ def test_shell(unit: Unit, tmp_path: Path, session: Session) -> None:
         run_command(cmd, tmp_path, session, made)
 
 
-def shrink_python(source: str) -> tuple[str, list[str]]:
-    applied = []
-    for pattern, repl in PY_SHRINK:
-        source, n = re.subn(pattern, repl, source)
-        if n:
-            applied.append(pattern)
-    return source, applied
+class _Shrink(ast.NodeTransformer):
+    """Sets PY_SMALL's keywords on the calls it names (and PY_SMALL_GIVEN's where given)."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+
+    def visit_Call(self, node: ast.Call) -> ast.Call:
+        self.generic_visit(node)
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        given = {k.arg: k for k in node.keywords if k.arg is not None}
+        small = dict(PY_SMALL.get(name, {}))
+        if name in ("for_data", "TrainConfig") and self._flow_matching(node, given):
+            small.update(FM_FINETUNE)
+        small.update({k: v for k, v in PY_SMALL_GIVEN.get(name, {}).items() if k in given})
+        for key, value in small.items():
+            if key in given:
+                given[key].value = ast.copy_location(ast.Constant(value), given[key].value)
+            else:
+                node.keywords.append(ast.copy_location(ast.keyword(key, ast.Constant(value)), node))
+            self.applied.append(f"{name}({key}={value})")
+        return node
+
+    @staticmethod
+    def _flow_matching(node: ast.Call, given: dict[str, ast.keyword]) -> bool:
+        from cnf.training import TrainConfig
+
+        if "objective" in given:
+            return isinstance(given["objective"].value, ast.Constant) and (
+                given["objective"].value.value == "fm"
+            )
+        data = node.args[0] if node.args else getattr(given.get("data"), "value", None)
+        if not (isinstance(data, ast.Constant) and isinstance(data.value, str)):
+            return False
+        return TrainConfig.for_data(data.value).objective == "fm"
+
+
+def shrink_python(source: str, first_line: int = 0) -> tuple[ast.Module, list[str]]:
+    """The block's syntax tree with PY_SMALL applied, its lines numbered as in the README."""
+    tree = ast.parse(source)
+    ast.increment_lineno(tree, first_line)
+    shrink = _Shrink()
+    tree = ast.fix_missing_locations(shrink.visit(tree))
+    return tree, shrink.applied
 
 
 @pytest.mark.parametrize("block", PY_BLOCKS, ids=[f"L{b.line}" for b in PY_BLOCKS])
 def test_python_block(block: Block, tmp_path: Path, session: Session) -> None:
     """A ```python block runs as copied (in a fresh namespace and an empty directory, with the
-    runs it loads), training shrunk by PY_SHRINK."""
-    source, applied = shrink_python(block.body)
+    runs it loads), training shrunk by PY_SMALL."""
+    tree, applied = shrink_python(block.body, block.line)
     if PY_TRAINS.search(block.body):
         assert applied, (
-            f"README line {block.line}: this block trains, and no PY_SHRINK substitution "
-            "applies to it: add one so that it takes seconds"
+            f"README line {block.line}: this block trains, and no PY_SMALL keyword applies to "
+            "it: add its call to PY_SMALL so that it takes seconds"
         )
-    write_inputs(source, tmp_path)
-    for run in sorted(set(re.findall(r"""["'](runs/[^"']+)["']""", source))):
+    write_inputs(block.body, tmp_path)
+    for run in sorted(set(re.findall(r"""["'](runs/[^"']+)["']""", block.body))):
         if session.can_make(run):  # loaded; one the block trains itself is not makeable
             session.provide(run, tmp_path)
-    # blank lines first, so that a traceback names the README's own line numbers
-    code = compile("\n" * block.line + source, str(README), "exec")
+    code = compile(tree, str(README), "exec")  # a traceback names the README's lines
     with inside(tmp_path):
         exec(code, {"__name__": "__readme__"})
 

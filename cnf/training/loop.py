@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from cnf.adaptation import start_step
@@ -29,6 +30,7 @@ from cnf.evaluate import evaluate
 from cnf.runtime import to_tensor
 from cnf.solvers import SolverError
 from cnf.training.config import TrainConfig
+from cnf.training.distributed import SINGLE, Distributed
 from cnf.training.objectives import Objective
 from cnf.training.state import ADAPT, PROBES, TrainState, generator, stream_seed
 
@@ -67,9 +69,32 @@ class FitResult:
     signal: int | None = None
 
 
-def step(state: TrainState, objective: Objective, x: torch.Tensor, cfg: TrainConfig) -> dict:
-    """One training iteration on the batch ``x``; returns its log row."""
+class Engine(nn.Module):
+    """The objective's loss as a module's forward, so that DistributedDataParallel can wrap it
+    (it averages the gradients over processes during the backward pass)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, objective: Objective, x: Tensor, generator, shard=None):
+        return objective.loss(self.model, x, generator, shard)
+
+
+def step(
+    state: TrainState,
+    objective: Objective,
+    x: Tensor,
+    cfg: TrainConfig,
+    dist: Distributed = SINGLE,
+    engine: nn.Module | None = None,
+) -> dict:
+    """One training iteration on the (global) batch ``x``; returns its log row. With several
+    processes (``dist``), this one trains on its share of ``x`` through ``engine`` (the model's
+    :class:`Engine` in DistributedDataParallel)."""
     model, it = state.model, state.iteration + 1
+    engine = engine or Engine(model)
+    shard = dist.shard(len(x)) if dist.active else None
     active = objective.at(it)
     row: dict[str, Any] = {"iter": it}
     if active is not objective:  # a phase of several: say which
@@ -77,19 +102,23 @@ def step(state: TrainState, objective: Objective, x: torch.Tensor, cfg: TrainCon
         if objective.at(it - 1) is not active:
             state.stale = 0  # patience counts within a phase; the best so far stays
     t0, c0 = time.perf_counter(), time.process_time()
+    error = None
     try:
         if active.adapts and objective.at(it - 1) is not active:
-            row["adapt"] = _enter_solving_phase(state, active, x, cfg, it)
+            row["adapt"] = _enter_solving_phase(state, active, x, cfg, it, dist)
         if state.adapter is not None and active.adapts and it % cfg.adapt_every == 0:
             # Ott et al.: does a finer solver agree on this batch? If not, refine the step.
-            metric = active.metric(model, x, stream_seed(cfg.seed, ADAPT, it))
+            metric = _metric(active, model, x, stream_seed(cfg.seed, ADAPT, it), dist)
             solver, row["adapt"] = state.adapter.adapt(model.solver, metric)
             model.set_solver(solver)
-        loss, logs = active.loss(model, x, generator(x.device, cfg.seed, PROBES, it))
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logs = engine(active, x, generator(x.device, cfg.seed, PROBES, it), shard)
     except SolverError as err:
-        raise Diverged(it, getattr(err, "problem", str(err))) from err
+        error = getattr(err, "problem", str(err))
+    error = dist.first_error(error)  # every process stops, with the first failure's message
+    if error is not None:
+        raise Diverged(it, error)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DistributedDataParallel: the gradients averaged over processes
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         raise Diverged(it, f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
@@ -97,10 +126,11 @@ def step(state: TrainState, objective: Objective, x: torch.Tensor, cfg: TrainCon
     state.scheduler.step()
     state.iteration = it
     solver = model.solver
+    values = dist.mean([loss.item(), *(float(v) for v in logs.values())])  # the batch's means
     row.update(
-        loss=loss.item(),
-        **{k: float(v) for k, v in logs.items()},
-        **active.counts(model),
+        loss=values[0],
+        **dict(zip(logs, values[1:], strict=True)),
+        **active.counts(model),  # this process's
         grad_norm=grad_norm.item(),
         lr=state.scheduler.get_last_lr()[0],
         step_size=solver.step_size,
@@ -112,15 +142,40 @@ def step(state: TrainState, objective: Objective, x: torch.Tensor, cfg: TrainCon
     return row
 
 
+def _metric(active: Objective, model, x: Tensor, seed: int, dist: Distributed):
+    """The adapter's metric; with several processes each scores its share and every process
+    gets the mean, or every process a SolverError when any one's solve failed."""
+    if not dist.active:
+        return active.metric(model, x, seed)
+    local = active.metric(model, x, seed, shard=dist.shard(len(x)))
+
+    def agreed(solver) -> float:
+        try:
+            value = local(solver)
+        except SolverError:
+            value = math.nan
+        value = dist.mean([value])[0]
+        if not math.isfinite(value):
+            raise SolverError(f"{solver.describe()} failed on one of the processes")
+        return value
+
+    return agreed
+
+
 def _enter_solving_phase(
-    state: TrainState, active: Objective, x: torch.Tensor, cfg: TrainConfig, it: int
+    state: TrainState,
+    active: Objective,
+    x: Tensor,
+    cfg: TrainConfig,
+    it: int,
+    dist: Distributed = SINGLE,
 ) -> dict[str, Any]:
     """A phase that solves begins after one that did not (maximum likelihood after flow
     matching): start at the largest step at which the field is valid on this batch (Hairer's
     step without the adapter)."""
     model = state.model
     if state.adapter is not None:
-        metric = active.metric(model, x, stream_seed(cfg.seed, ADAPT, it))
+        metric = _metric(active, model, x, stream_seed(cfg.seed, ADAPT, it), dist)
         model.set_solver(state.adapter.largest_valid(model.solver, metric))
     elif cfg.model.step_size is None:
         start_step(model, x, None, rtol=cfg.model.rtol, atol=cfg.model.atol)
@@ -137,9 +192,10 @@ def fit(
     progress: bool = True,
     quiet: bool = False,
     seconds: float | None = None,
+    dist: Distributed = SINGLE,
 ) -> FitResult:
-    """Train from ``state.iteration`` to ``cfg.total_iters`` (or until early stopping, a signal, or
-    ``seconds`` of training time). SIGINT and SIGTERM stop after the current iteration.
+    """Train from ``state.iteration`` to ``cfg.total_iters`` (or until early stopping, a signal,
+    or ``seconds`` of training time). SIGINT and SIGTERM stop after the current iteration.
 
     Arguments:
         state: the model, optimizer and where training stands (changed in place).
@@ -149,61 +205,62 @@ def fit(
         hooks: what to do with each log row and evaluation (:class:`Hooks`).
         progress: show a progress bar (loss, NFE, it/s, ETA); ``quiet``: no messages either.
         seconds: a training-time budget (evaluations not counted), for benchmarks.
+        dist: this process's place in a distributed job (:mod:`cnf.training.distributed`):
+            each trains on its share of every batch and evaluates its share of the validation
+            set; every decision (stop, early stop, divergence) is taken by all together.
     """
+    dist.check_batch(cfg.batch_size)
     hooks = hooks or Hooks()
     p = next(state.model.parameters())
     x_val = to_tensor(data.validation(), p.device, p.dtype)
-    say = (lambda text: None) if quiet else (lambda text: tqdm.write(text, file=sys.stderr))
+    x_val = x_val[dist.share(len(x_val))] if dist.active else x_val
+    say = (lambda text: None) if quiet or not dist.main else _say
+    engine = dist.wrap(Engine(state.model))
+    has_validation = bool(dist.maximum([len(x_val)])[0])  # some process has a share of it
     spent = 0.0
     with (
         _stop_on_signals() as stop,
-        tqdm(
-            total=cfg.total_iters,
-            initial=state.iteration,
-            disable=not progress,
-            dynamic_ncols=True,
-            desc=f"train {cfg.data}",
-            mininterval=0.5,
-            file=sys.stderr,
-        ) as bar,
-    ):
+        tqdm(total=cfg.total_iters, initial=state.iteration, disable=not progress or not dist.main,
+             dynamic_ncols=True, desc=f"train {cfg.data}", mininterval=0.5,
+             file=sys.stderr) as bar,
+    ):  # fmt: skip
         while state.iteration < cfg.total_iters:
             x = to_tensor(data.train_batch(cfg.batch_size, state.iteration + 1), p.device, p.dtype)
-            row = step(state, objective, x, cfg)
+            row = step(state, objective, x, cfg, dist, engine)
             spent += row["time"]
-            evaluated = len(x_val) > 0 and (
+            evaluated = has_validation and (
                 state.iteration % cfg.eval_every == 0 or state.iteration == cfg.total_iters
             )
-            improved = evaluated and _validate(state, x_val, row, say)
+            improved = evaluated and _validate(state, x_val, row, say, dist)
             hooks.row(state, row)
             if evaluated:
                 hooks.evaluated(state, improved)
             best = "-" if math.isinf(state.best) else f"{state.best:.3f}"
-            bar.set_postfix(
-                loss=f"{row['loss']:.3f}",
-                nfe=f"{row['nfe']}/{row['nfe_backward']}",
-                best=best,
-                refresh=False,
-            )
+            bar.set_postfix(loss=f"{row['loss']:.3f}", nfe=f"{row['nfe']}/{row['nfe_backward']}",
+                            best=best, refresh=False)  # fmt: skip
             bar.update()
             last_phase = objective.at(state.iteration) is objective.at(cfg.total_iters)
             if cfg.patience and state.stale >= cfg.patience and last_phase:
-                say(
-                    f"early stop at iteration {state.iteration}: no better validation NLL in "
-                    f"{state.stale} evaluations (--patience)"
-                )
+                say(f"early stop at iteration {state.iteration}: no better validation NLL in "
+                    f"{state.stale} evaluations (--patience)")  # fmt: skip
                 return FitResult(state.iteration, "patience")
-            if stop.signal is not None:
-                hooks.interrupted(state, evaluated, stop.signal)
-                return FitResult(state.iteration, "signal", stop.signal)
+            signum = int(dist.maximum([stop.signal or 0])[0])  # all stop after the same one
+            if signum:
+                hooks.interrupted(state, evaluated, signum)
+                return FitResult(state.iteration, "signal", signum)
             if seconds is not None and spent >= seconds:
                 return FitResult(state.iteration, "budget")
     return FitResult(state.iteration, "done")
 
 
-def _validate(state: TrainState, x_val: torch.Tensor, row: dict, say) -> bool:
-    """The validation NLL under the evaluation solver, into the row; whether it is the best."""
-    ev = evaluate(state.model, x_val)
+def _say(text: str) -> None:
+    tqdm.write(text, file=sys.stderr)
+
+
+def _validate(state: TrainState, x_val: Tensor, row: dict, say, dist: Distributed) -> bool:
+    """The validation NLL under the evaluation solver (each process its share, joined), into
+    the row; whether it is the best."""
+    ev = evaluate(state.model, x_val, gather=dist.gather if dist.active else None)
     row.update(val_nll=ev.nll, val_nll_se=ev.nll_se, val_nfe=ev.nfe)
     bpd = ""
     if ev.bits_per_dim is not None:

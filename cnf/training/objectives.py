@@ -17,6 +17,8 @@ from cnf.adaptation import batch_nll_metric
 from cnf.flow import Flow
 from cnf.solvers import Solver
 
+Shard = tuple[int, int] | None  # rows (start, stop) of the batch that one process trains on
+
 
 class Objective:
     """The interface of an objective.
@@ -29,18 +31,25 @@ class Objective:
     name: ClassVar[str]
     adapts: ClassVar[bool]
 
-    def loss(self, model: Flow, x: Tensor, generator: torch.Generator) -> tuple[Tensor, dict]:
+    def loss(
+        self, model: Flow, x: Tensor, generator: torch.Generator, shard: Shard = None
+    ) -> tuple[Tensor, dict]:
         """The scalar loss to minimize on the batch ``x``, and what to log of it (tensors or
-        numbers). ``generator`` draws whatever the objective needs at random."""
+        numbers). ``generator`` draws whatever the objective needs at random. With ``shard =
+        (start, stop)`` (distributed training) the loss is the mean over those rows of ``x``,
+        the whole batch, with the randomness those rows get when the whole batch is drawn."""
         raise NotImplementedError
 
     def counts(self, model: Flow) -> dict[str, Any]:
         """What to log after the backward pass; by default the NFE forward and backward."""
         return {"nfe": model.nfe.forward, "nfe_backward": model.nfe.backward}
 
-    def metric(self, model: Flow, x: Tensor, seed: int) -> Callable[[Solver], float]:
-        """The adapter's measure of a solver on the batch ``x`` (for ``adapts`` objectives)."""
-        return batch_nll_metric(model, x, seed)
+    def metric(
+        self, model: Flow, x: Tensor, seed: int, shard: Shard = None, reduce=None
+    ) -> Callable[[Solver], float]:
+        """The adapter's measure of a solver on the batch ``x`` (for ``adapts`` objectives);
+        ``shard`` and ``reduce`` as in :func:`~cnf.adaptation.batch_nll_metric`."""
+        return batch_nll_metric(model, x, seed, shard, reduce)
 
     def at(self, iteration: int) -> Objective:
         """The objective that trains ``iteration`` (itself; :class:`Phases` has several)."""
@@ -69,9 +78,13 @@ class MaximumLikelihood(Objective):
     name: ClassVar[str] = "mle"
     adapts: ClassVar[bool] = True
 
-    def loss(self, model: Flow, x: Tensor, generator: torch.Generator) -> tuple[Tensor, dict]:
+    def loss(
+        self, model: Flow, x: Tensor, generator: torch.Generator, shard: Shard = None
+    ) -> tuple[Tensor, dict]:
         regularize = self.kinetic > 0 or self.jacobian > 0
-        out = model.to_latent(x, generator=generator, regularize=regularize)
+        rows = None if shard is None else (shard[0], len(x))
+        x = x if shard is None else x[shard[0] : shard[1]]
+        out = model.to_latent(x, generator=generator, regularize=regularize, rows=rows)
         nll = -(model.base_log_prob(out.value) + out.logdet).mean()
         loss = nll
         if regularize:
@@ -131,14 +144,18 @@ class FlowMatching(Objective):
         if not 0 <= self.sigma_min < 1:
             raise ValueError(f"sigma_min must be in [0, 1), got {self.sigma_min!r}")
 
-    def loss(self, model: Flow, x: Tensor, generator: torch.Generator) -> tuple[Tensor, dict]:
+    def loss(
+        self, model: Flow, x: Tensor, generator: torch.Generator, shard: Shard = None
+    ) -> tuple[Tensor, dict]:
         block = _single_block(model)
-        x0 = model.field_coordinates(x)
+        x0 = model.field_coordinates(x)  # the whole batch: its noise, pairing and times
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         if self.coupling == "ot":
             chunks = zip(x0.split(self.ot_chunk), z.split(self.ot_chunk), strict=True)
             z = torch.cat([zc[ot_pairing(xc, zc)] for xc, zc in chunks])
         s = self.times(len(x0), generator, x0)
+        if shard is not None:  # this process's rows of it
+            x0, z, s = (v[shard[0] : shard[1]] for v in (x0, z, s))
         shape = (-1,) + (1,) * (x0.ndim - 1)
         a, b = (self.sigma_min + (1 - self.sigma_min) * s).reshape(shape), (1 - s).reshape(shape)
         T = block.T.detach()

@@ -12,6 +12,7 @@ would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -34,6 +35,7 @@ from cnf.runs import load_run
 from cnf.runtime import configure_cuda, configure_threads, resolve_device, to_tensor
 from cnf.training import budget, rundir
 from cnf.training.config import TrainConfig
+from cnf.training.distributed import SINGLE, Distributed, from_environment
 from cnf.training.loop import Diverged, FitResult, Hooks, fit
 from cnf.training.objectives import Objective
 from cnf.training.state import TrainState
@@ -99,11 +101,15 @@ def setup(
     data: Dataset | None = None,
     checkpoint: dict[str, Any] | None = None,
     trust_pickle: bool = False,
+    dist: Distributed = SINGLE,
 ) -> Setup:
     """Open the data (unless given), build the model and its training state, and either start
     it (the training step from Hairer's heuristic where none is set) or bring it to where
-    ``checkpoint`` stands, refusing data that changed since. Nothing is written anywhere."""
+    ``checkpoint`` stands, refusing data that changed since. Nothing is written anywhere.
+    With several processes (``dist``), each uses its own GPU (``LOCAL_RANK``) on CUDA."""
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.model.dtype]
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     torch.manual_seed(cfg.seed)
     if data is None:
         with held_warnings():  # a refused run prints its error alone
@@ -219,43 +225,59 @@ def train(
     ckpt = _resume_checkpoint(out) if resume else None
     if ckpt is not None:
         cfg = _resumed_config(ckpt, changes or {})
-    else:
+    dist = from_environment(cfg.device)
+    dist.check_batch(cfg.batch_size)
+    if ckpt is None:
         rundir.check_new(out, force=force)
+    dist.barrier()  # every process has looked at the directory before rank 0 changes it
     try:
-        run = setup(cfg, checkpoint=ckpt, trust_pickle=trust_pickle)
+        run = setup(cfg, checkpoint=ckpt, trust_pickle=trust_pickle, dist=dist)
     except CheckpointError as err:
         raise CheckpointError(f"{out / 'last.pt'}: {err}") from err
     if ckpt is not None and _finished(run):
-        return _finished_result(out, run)
+        return _finished_result(out, run, dist)
     if ckpt is None and cfg.budget:  # plan the iterations on a copy, then start afresh
-        cfg, made = budget.plan(cfg, run)
-        print(made.describe(), file=sys.stderr)
-        run = setup(cfg, data=run.data)
+        cfg, made = dist.broadcast(budget.plan(cfg, run))  # rank 0's plan, for every process
+        if dist.main:
+            print(made.describe(), file=sys.stderr)
+        run = setup(cfg, data=run.data, dist=dist)
     writer = _summary_writer() if tensorboard else None  # a missing package fails here
-    _prepare_directory(out, cfg, ckpt)  # only now, with everything checked, does it change
-    recorder = _Recorder(out, run, None if writer is None else writer(str(out / "tensorboard")))
-    try:
-        with open(out / "log.jsonl", "a") as recorder.log:
-            result = fit(run.state, run.data, run.objective, cfg, hooks=recorder, progress=progress)
-    except Diverged as err:
-        raise _with_advice(err, out, recorder.saved, cfg) from err
-    finally:
-        recorder.close()
+    if dist.main:  # only now, with everything checked, does the directory change
+        _prepare_directory(out, cfg, ckpt)
+    dist.barrier()
+    result = _fit_into(out, run, dist, progress, writer)
     if result.stopped == "signal":
         return TrainResult(out, result.iteration, result.signal, None, run.data)
-    return TrainResult(out, result.iteration, None, final_report(out, run), run.data)
+    return TrainResult(out, result.iteration, None, final_report(out, run, dist), run.data)
+
+
+def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: Any):
+    """Train ``run`` with its log and checkpoints in ``out`` (written by rank 0 alone)."""
+    tensorboard = None if writer is None or not dist.main else writer(str(out / "tensorboard"))
+    recorder = _Recorder(out, run, tensorboard, write=dist.main)
+    try:
+        with open(out / "log.jsonl", "a") if dist.main else contextlib.nullcontext() as log:
+            recorder.log = log
+            return fit(run.state, run.data, run.objective, run.cfg, hooks=recorder,
+                       progress=progress, dist=dist)  # fmt: skip
+    except Diverged as err:
+        raise _with_advice(err, out, recorder.saved, run.cfg) from err
+    finally:
+        recorder.close()
 
 
 class _Recorder(Hooks):
     """The run directory's side of the loop: a log row per iteration, then the checkpoints
     (and, with ``--tensorboard``, the row's numbers as TensorBoard scalars)."""
 
-    def __init__(self, out: Path, run: Setup, tensorboard: Any = None) -> None:
-        self.out, self.run, self.tensorboard = out, run, tensorboard
+    def __init__(self, out: Path, run: Setup, tensorboard: Any = None, write: bool = True):
+        self.out, self.run, self.tensorboard, self.write = out, run, tensorboard, write
         self.saved: int | None = run.state.iteration if run.state.iteration else None
         self.log: Any = None
 
     def row(self, state: TrainState, row: dict[str, Any]) -> None:
+        if not self.write:  # a process other than rank 0 writes nothing
+            return
         # the log row goes first: a kill before the checkpoint leaves an extra row, which the
         # resume drops, never a missing one
         self.log.write(json.dumps(row) + "\n")
@@ -277,14 +299,13 @@ class _Recorder(Hooks):
     def interrupted(self, state: TrainState, evaluated: bool, signum: int) -> None:
         if not evaluated:
             self.checkpoint("last.pt")
-        print(
-            f"{signal.Signals(signum).name}: saved iteration {state.iteration}; continue with "
-            f"cnf train --resume {self.out}",
-            file=sys.stderr,
-        )
+        if self.write:
+            print(f"{signal.Signals(signum).name}: saved iteration {state.iteration}; continue "
+                  f"with cnf train --resume {self.out}", file=sys.stderr)  # fmt: skip
 
     def checkpoint(self, name: str) -> None:
-        save_checkpoint(self.out / name, self.run.checkpoint())
+        if self.write:
+            save_checkpoint(self.out / name, self.run.checkpoint())
         if name == "last.pt":
             self.saved = self.run.state.iteration
 
@@ -349,28 +370,34 @@ def _finished(run: Setup) -> bool:
     return state.iteration >= cfg.total_iters or bool(cfg.patience and state.stale >= cfg.patience)
 
 
-def _finished_result(out: Path, run: Setup) -> TrainResult:
+def _finished_result(out: Path, run: Setup, dist: Distributed = SINGLE) -> TrainResult:
     """A resume of a run with nothing left to train: its report, made if it is missing."""
     path = out / "report.json"
     if path.is_file():
-        print(
-            f"the run in {out} has finished (iteration {run.state.iteration}); its report is "
-            f"{path}",
-            file=sys.stderr,
-        )
+        if dist.main:
+            print(f"the run in {out} has finished (iteration {run.state.iteration}); its "
+                  f"report is {path}", file=sys.stderr)  # fmt: skip
         return TrainResult(out, run.state.iteration, None, json.loads(path.read_text()), run.data)
-    return TrainResult(out, run.state.iteration, None, final_report(out, run), run.data)
+    return TrainResult(out, run.state.iteration, None, final_report(out, run, dist), run.data)
 
 
-def final_report(out: Path, run: Setup) -> dict[str, Any]:
+def final_report(out: Path, run: Setup, dist: Distributed = SINGLE) -> dict[str, Any]:
     """Evaluate the best checkpoint on the test data, with the solver-validity verdict, as
-    ``cnf eval --validity`` does; write ``report.json``."""
+    ``cnf eval --validity`` does (each process its share); write ``report.json``."""
+    dist.barrier()  # rank 0 has written best.pt
     best = load_run(out / "best.pt", run.device)
-    say = lambda text: print(f"best.pt (iteration {best.iteration}): {text}", file=sys.stderr)  # noqa: E731
+
+    def say(text: str) -> None:
+        if dist.main:
+            print(f"best.pt (iteration {best.iteration}): {text}", file=sys.stderr)
+
+    shares = dict(share=dist.share, gather=dist.gather) if dist.active else {}
     result = report(best.model, run.data, n=run.cfg.test_size, validity_n=run.cfg.validity_size,
-                    say=say)  # fmt: skip
-    write_text(out / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")
-    write_text(out / "summary.txt", result.summary(run.cfg.data) + "\n")
+                    say=say, **shares)  # fmt: skip
+    if dist.main:
+        write_text(out / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text(out / "summary.txt", result.summary(run.cfg.data) + "\n")
+    dist.barrier()  # every process returns once the report is on disk
     return result.to_dict()
 
 

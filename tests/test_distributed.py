@@ -1,0 +1,185 @@
+"""Distributed training on the CPU (gloo, two processes): one DDP step equals one process's step
+on the same global batch, a two-process run equals a one-process run, and a job stops, resumes
+and fails as one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import config
+
+from cnf.checkpoint import load_checkpoint
+from cnf.training import setup
+from cnf.training.distributed import SINGLE, Distributed
+from cnf.training.loop import Engine, step
+
+TINY = dict(iters=4, batch_size=8, hidden=(8, 8), method="rk4", step_size=0.25,
+            eval_method="rk4", eval_step_size=0.25, seed=3, threads=1, device="cpu")  # fmt: skip
+CASES = {
+    "mle": config(data="8gaussians", **TINY),
+    "mle-adjoint": config(data="8gaussians", **TINY, adjoint=True),
+    "mle-hutchinson": config(data="8gaussians", **TINY, trace="hutchinson"),
+    "fm-ot": config(data="8gaussians", **TINY, objective="fm", coupling="ot"),
+    "table-fm": config(data="iris", **TINY, objective="fm"),
+    "image-mle": config(data="digits", **{**TINY, "hidden": (4,)}, blocks=1, trace="hutchinson"),
+}
+
+
+def _one_step(cfg, dist):
+    run = setup(cfg, dist=dist)
+    x = run.data.train_batch(cfg.batch_size, 1)
+    x = torch.as_tensor(x).to(next(run.model.parameters()))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    row = step(run.state, run.objective, x, cfg, dist, dist.wrap(Engine(run.model)))
+    grads = {n: p.grad.clone() for n, p in run.model.named_parameters()}
+    return before, grads, run.model.state_dict(), row["loss"]
+
+
+def _worker(rank: int, world: int, address: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=address)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {name: _one_step(cfg, Distributed(rank, world)) for name, cfg in CASES.items()}
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def test_one_ddp_step_equals_one_process_step_on_the_same_global_batch(tmp_path: Path) -> None:
+    out = tmp_path / "ddp.pt"
+    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn")
+    ddp = torch.load(out, weights_only=True)
+    for name, cfg in CASES.items():
+        before, grads, after, loss = _one_step(cfg, SINGLE)
+        d_before, d_grads, d_after, d_loss = ddp[name]
+        for k in before:
+            torch.testing.assert_close(d_before[k], before[k], rtol=0, atol=0, msg=name)
+        for k in grads:  # the gradient of the global mean, to float32 precision
+            torch.testing.assert_close(d_grads[k], grads[k], rtol=1e-4, atol=1e-6, msg=name)
+        for k in after:
+            torch.testing.assert_close(d_after[k], after[k], rtol=1e-5, atol=1e-6, msg=name)
+        assert d_loss == pytest.approx(loss, rel=1e-5), name
+
+
+# --- the command line under torchrun --------------------------------------------------------
+
+FLAGS = ["--data", "8gaussians", "--iters", "40", "--eval-every", "10", "--batch-size", "64",
+         "--hidden", "16,16", "--test-size", "300", "--validity-size", "100", "--threads", "1",
+         "--no-progress"]  # fmt: skip
+
+
+def _torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "cnf", *args]  # fmt: skip
+
+
+def _files(run: Path) -> set[str]:
+    return {p.name for p in run.iterdir()}
+
+
+def _same_run(a: Path, b: Path) -> None:
+    sa, sb = load_checkpoint(a / "last.pt")["model"], load_checkpoint(b / "last.pt")["model"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-5, msg=k)
+    la, lb = ([json.loads(r) for r in (d / "log.jsonl").read_text().splitlines()] for d in (a, b))
+    assert [r["iter"] for r in la] == [r["iter"] for r in lb]
+    for ra, rb in zip(la, lb, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "one"
+    subprocess.run([sys.executable, "-m", "cnf", "train", *FLAGS, "--out", str(out)], check=True,
+                   capture_output=True)  # fmt: skip
+    return out
+
+
+@pytest.mark.slow  # torchrun and whole runs: about a minute each on 2 cores
+def test_two_processes_train_the_run_one_process_trains(tmp_path: Path, one_process: Path):
+    out = tmp_path / "two"
+    done = subprocess.run(_torchrun("train", *FLAGS, "--out", str(out)), capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    _same_run(out, one_process)
+    assert _files(out) == _files(one_process)  # rank 0's files, and nothing else
+    reports = [json.loads((d / "report.json").read_text()) for d in (out, one_process)]
+    assert reports[0]["nll"] == pytest.approx(reports[1]["nll"], abs=1e-5)
+    assert done.stdout.count("run saved in") == 1  # one summary, from rank 0
+
+
+@pytest.mark.slow  # torchrun and whole runs: about a minute each on 2 cores
+def test_a_sigterm_stops_every_process_and_resume_finishes_the_run(
+    tmp_path: Path, one_process: Path
+) -> None:
+    out = tmp_path / "job"
+    job = subprocess.Popen(_torchrun("train", *FLAGS, "--out", str(out)), text=True,
+                           stderr=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 12):
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0
+    stopped = load_checkpoint(out / "last.pt")["iteration"]
+    assert 12 <= stopped < 40, err[-2000:]
+    # resume with ONE process: the global batch is the same, so the run is too
+    done = subprocess.run([sys.executable, "-m", "cnf", "train", "--resume", str(out),
+                           "--no-progress"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    _same_run(out, one_process)
+
+
+@pytest.mark.slow  # torchrun and whole runs: about a minute each on 2 cores
+def test_a_killed_process_ends_the_job_within_bounded_time(tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    flags = [*FLAGS[:3], "400", *FLAGS[4:]]  # long enough to be killed in the middle
+    job = subprocess.Popen(_torchrun("train", *flags, "--out", str(out)), text=True,
+                           stderr=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "last.pt").exists():
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert len(pids) == 2, workers
+    os.kill(pids[-1], signal.SIGKILL)
+    start = time.time()
+    job.communicate(timeout=150)
+    assert job.returncode != 0 and time.time() - start < 120
+    assert load_checkpoint(out / "last.pt")["iteration"] >= 10  # intact
+
+
+@pytest.mark.parametrize(
+    ("extra", "word"),
+    [
+        (["--batch-size", "63"], "--batch-size 63 does not divide among 2 processes"),
+        (["--device", "cuda"], "CUDA is not available"),
+    ],
+)
+def test_bad_setups_are_one_line_not_a_hang(tmp_path: Path, extra: list, word: str) -> None:
+    if "cuda" in extra and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = subprocess.run(_torchrun("train", *FLAGS, *extra, "--out", str(tmp_path / "x")),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("cnf train:")]
+    assert len(ours) == 1 and word in ours[0], done.stderr[-2000:]
+    assert "/cnf/" not in done.stderr  # no traceback of ours (torchrun prints its own summary)
+    assert not (tmp_path / "x").exists()
