@@ -43,9 +43,10 @@ from pathlib import Path
 
 import torch
 
-from cnf.evaluate import evaluate
+from cnf.evaluate import dequantized_bound, evaluate
 from cnf.runtime import to_tensor
-from cnf.training import Hooks, TrainConfig, fit, setup
+from cnf.training import Hooks, TrainConfig, budget, fit, setup
+from cnf.training.config import PRESETS
 from cnf.viz import save_sample_grid
 
 FFJORD = dict(
@@ -53,6 +54,10 @@ FFJORD = dict(
     atol=1e-5, rtol=1e-5, eval_method="dopri5", eval_atol=1e-5, eval_rtol=1e-5, learn_T=True,
     trace="hutchinson", noise="rademacher", alpha=1e-6, batch_size=200, lr=1e-3, adjoint=True,
 )  # fmt: skip
+
+# cnf train's image preset for flow matching (PRESETS["image-fm"]), evaluated as the others are
+FM_UNET = {**PRESETS["image-fm"], "eval_method": "dopri5", "eval_step_size": None,
+           "eval_atol": 1e-5, "eval_rtol": 1e-5}  # fmt: skip
 
 CONFIGS: dict[str, dict[str, dict]] = {
     "cpu": {
@@ -62,11 +67,15 @@ CONFIGS: dict[str, dict[str, dict]] = {
             eval_atol=1e-5, eval_rtol=1e-5, trace="hutchinson", batch_size=64, lr=3e-3,
         ),
         "ffjord": dict(data="digits", **FFJORD),
+        "fm-unet": dict(data="digits", **FM_UNET),
+        "fm+mle": dict(data="digits", **FM_UNET, finetune_iters=1, finetune_lr=1e-3),
     },
     "gpu": {
         "cnf": dict(data="fashion-mnist", **{**FFJORD, "conv_layer": "concatsquash"},
                     kinetic=0.01, jacobian=0.01),
         "ffjord": dict(data="fashion-mnist", **FFJORD),
+        "fm-unet": dict(data="fashion-mnist", **FM_UNET),
+        "fm+mle": dict(data="fashion-mnist", **FM_UNET, finetune_iters=1, finetune_lr=1e-3),
     },
 }  # fmt: skip
 
@@ -91,6 +100,10 @@ def train_for(cfg: TrainConfig, seconds: float, tag: str) -> dict:
     """Train ``cfg`` from scratch through ``cnf.training.fit`` for ``seconds`` of training time
     (``fit``'s budget: the iterations' own time); return the setup and counts."""
     run = setup(cfg)
+    if cfg.objective == "fm" and cfg.finetune_iters:  # split the budget as cnf train --budget
+        cfg, plan = budget.plan(cfg.replace(budget=seconds), run)
+        print(f"  {tag}: {plan.describe()}", file=sys.stderr, flush=True)
+        run = setup(cfg, data=run.data)
     dim = math.prod(run.data.event_shape)
     report = _Report(tag, dim)
     start = time.perf_counter()
@@ -119,8 +132,14 @@ def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.
     ev = evaluate(run.model, x, batch_size=args.eval_batch)
     print(f"  {name}: evaluated {ev.n} test images in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr, flush=True)  # fmt: skip
+    iw = math.nan
+    if args.dequant_samples > 1:
+        pixels = run.data.test_pixels(args.eval_n).to(device)
+        gen = torch.Generator(device=device).manual_seed(0)
+        iw = dequantized_bound(run.model, pixels, args.dequant_samples, generator=gen,
+                               batch_size=args.eval_batch).bits_per_dim  # fmt: skip
     return dict(name=name, data=cfg.data, iters=out["iters"], rate=out["iters"] / out["seconds"],
-                nfe=out["nfe"], bpd=ev.bits_per_dim, bpd_se=ev.nll_se /
+                iw=iw, nfe=out["nfe"], bpd=ev.bits_per_dim, bpd_se=ev.nll_se /
                 (math.prod(x.shape[1:]) * math.log(2)), levels=run.data.levels)  # fmt: skip
 
 
@@ -135,7 +154,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="Fashion-MNIST on CUDA")
     parser.add_argument("--minutes", type=float, help="budget per model (CPU 5, GPU 10)")
-    parser.add_argument("--only", choices=["cnf", "ffjord"], help="run one row")
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS["cpu"]), help="rows to run")
+    parser.add_argument(
+        "--dequant-samples",
+        type=int,
+        default=1,
+        metavar="K",
+        help="also the importance-weighted bits/dim over K dequantizations",
+    )
     parser.add_argument("--data-dir", help="Fashion-MNIST IDX files (default: Debian's path)")
     parser.add_argument("--eval-n", type=int, help="test images to evaluate (default: all)")
     parser.add_argument("--eval-batch", type=int, default=1000, help="test images per solve")
@@ -148,15 +174,17 @@ def main() -> None:
     device = torch.device("cuda" if args.gpu else "cpu")
     configs = CONFIGS["gpu" if args.gpu else "cpu"]
     rows = [run_row(name, configs[name], args, device)
-            for name in configs if args.only in (None, name)]  # fmt: skip
+            for name in configs if args.only is None or name in args.only]  # fmt: skip
     print(f"\n{rows[0]['data']}, {args.minutes:g} min of training per model on "
           f"{device_name(device)}, torch {torch.__version__}\n")  # fmt: skip
-    print("| model | iterations | it/s | NFE/iter (fwd) | test bits/dim |")
-    print("|---|---:|---:|---:|---:|")
+    k = args.dequant_samples
+    print(f"| model | iterations | it/s | NFE/iter (fwd) | test bits/dim (K=1) | K={k} |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
+        iw = f"{r['iw']:.3f}" if k > 1 else ""
         print(f"| {r['name']} | {r['iters']} | {r['rate']:.2f} | {r['nfe']:.0f} | "
-              f"{r['bpd']:.3f} ± {r['bpd_se']:.3f} |")  # fmt: skip
-    print(f"| uniform (learned nothing) | | | | {math.log2(rows[0]['levels']):.3f} |")
+              f"{r['bpd']:.3f} ± {r['bpd_se']:.3f} | {iw} |")  # fmt: skip
+    print(f"| uniform (learned nothing) | | | | {math.log2(rows[0]['levels']):.3f} | |")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ import torch
 from cnf.checkpoint import CheckpointError
 from cnf.data import list_datasets
 from cnf.data.tabular import ColumnPlan
+from cnf.evaluate import dequantized_bound
 from cnf.fields import ACTIVATIONS, CONV_LAYERS
+from cnf.flow import evaluating
 from cnf.io import atomic_path, check_output
 from cnf.models import DTYPES, ModelConfig
 from cnf.options import ConfigError
@@ -46,6 +48,7 @@ from cnf.trace import NOISES, TRACES
 from cnf.training import PRESETS, RESUMABLE, TrainConfig, train
 from cnf.training.config import SCHEDULES
 from cnf.training.distributed import is_main_process, shutdown
+from cnf.validity import REFERENCE
 
 
 def _choices(values) -> str:
@@ -71,6 +74,8 @@ HELP = {
     "coupling": "flow matching: independent, or ot (minibatch optimal transport)",
     "sigma_min": "flow matching: width of the linear path at the data (0: rectified flow)",
     "time_sampling": "flow matching: path times, uniform or logit-normal",
+    "autocast": "flow matching on a GPU: bf16 runs the regression's field under bfloat16 "
+    "autocast (likelihoods and samples stay float32)",
     "finetune_iters": "flow matching: then this many iterations of maximum likelihood (with the "
     "adapted step), after --iters",
     "finetune_lr": "flow matching: the peak learning rate of the --finetune-iters phase, whose "
@@ -89,6 +94,7 @@ HELP = {
     "max_steps": "the adapted step never falls below T / max_steps",
     "test_size": "test samples in the final report (a table's test split has its own size)",
     "validity_size": "test samples in the final solver-validity check",
+    "validity_tol": "tolerance of the validity check's reference solver (dopri5, float64)",
     "patience": "stop after this many validation NLLs without a better one (0: off)",
     "columns": "tables: the columns to model, a comma list of names or 0-based indices",
     "val_fraction": "tables: fraction of rows held out for validation (seeded split)",
@@ -119,6 +125,11 @@ HELP = {
     "blocks": "images: CNF blocks per stage, before and after each squeeze (FFJORD's num_blocks)",
     "alpha": "images: logit transform's alpha (0: no logit, x - 1/2)",
     "conv_layer": f"images: convolution of the vector field: {_choices(CONV_LAYERS)}",
+    "field": "images: the vector field, conv (FFJORD's stack of convolutions) or unet (a "
+    "time-conditioned U-Net, for the single-scale flow-matching model)",
+    "unet_width": "images, --field unet: channels at full resolution (doubled per level)",
+    "unet_resolutions": "images, --field unet: levels of the U (the image halves one less time)",
+    "unet_depth": "images, --field unet: residual blocks per level and direction",
 }
 
 
@@ -241,6 +252,9 @@ def _eval_parser(sub: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", help="where the dataset's files are now (default: the run's)")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+    p.add_argument("--dequant-samples", type=int, metavar="K",
+                   help="images: also the importance-weighted bits/dim over K dequantization "
+                   "draws per image (tighter as K grows; K=1 is the usual bound)")  # fmt: skip
     _solver_flags(p, "evaluate with")
 
 
@@ -407,9 +421,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = _dataset(run, args)
     validity_n = run.config.get("validity_size", 2000) if args.validity else None
     solver = _solver(run.model, args)
+    tol = run.config.get("validity_tol", REFERENCE.atol)
     outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
-                     validity_n=validity_n, solver=solver)  # fmt: skip
+                     validity_n=validity_n, solver=solver,
+                     reference=REFERENCE.replace(atol=tol, rtol=tol))  # fmt: skip
     result, validity = outcome.to_dict(), outcome.validity
+    if args.dequant_samples is not None:
+        result.update(_importance_weighted(run, data, args, solver))
     if args.json:
         print(json.dumps(result))
         return 0
@@ -420,6 +438,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for line in validity.summary().splitlines():
             print(f"{'validity':>14}: {line}")
     return 0
+
+
+def _importance_weighted(run: Run, data: Any, args: argparse.Namespace, solver) -> dict:
+    _in_range("--dequant-samples", args.dequant_samples, integer=True, low=1)
+    if not hasattr(data, "test_pixels"):
+        raise ValueError("--dequant-samples is for image models (discrete pixels); this run "
+                         f"models {run.meta.get('kind')} data")  # fmt: skip
+    pixels = data.test_pixels(args.n or run.config.get("test_size"))
+    gen = torch.Generator().manual_seed(0)
+    bound = dequantized_bound(run.model, pixels, args.dequant_samples, generator=gen,
+                              solver=solver)  # fmt: skip
+    return {"nll_iw": bound.nll, "nll_iw_se": bound.nll_se, "bits_per_dim_iw": bound.bits_per_dim,
+            "dequant_samples_iw": bound.samples}  # fmt: skip
 
 
 GRID_MAX = 1024  # images in one .png grid
@@ -516,11 +547,13 @@ def _sample_grid(model: torch.nn.Module, args: argparse.Namespace) -> int:
             f"a .png grid is for image models; {args.run} holds a model of event shape "
             f"{tuple(model.event_shape)}: use a .npy or .csv output"
         )
+    solver = _solver(model, args)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-    with torch.no_grad():
-        images = model.sample(args.n, generator=gen)
+    with torch.no_grad(), evaluating(model):
+        images = model.sample(args.n, generator=gen, solver=solver)
     viz.save_image_grid(images, model.levels, args.output, overwrite=args.force)
-    print(f"wrote a grid of {args.n} samples to {args.output}")
+    used = (solver or model.eval_solver).describe()
+    print(f"wrote a grid of {args.n} samples to {args.output}, solved with {used}")
     return 0
 
 

@@ -8,6 +8,7 @@ interact (no batch norm): the CNF's density of one sample may not depend on the 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -205,6 +206,121 @@ class ConvField(nn.Module):
         for layer, act in zip(self.layers[:-1], self.activations, strict=True):
             z = act(layer(t, z))
         return self.layers[-1](t, z)
+
+
+class _TimeEmbedding(nn.Module):
+    """Sinusoidal features of ``t`` (frequencies from 1 to 1000, as in transformers' positions),
+    then a small MLP: one vector per sample."""
+
+    def __init__(self, features: int, out: int) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000), features // 2)))
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * (features // 2), out), nn.SiLU(), nn.Linear(out, out)
+        )
+
+    def forward(self, t: Tensor, n: int) -> Tensor:
+        angles = t.reshape(-1, 1).to(self.freqs) * self.freqs
+        features = torch.cat([angles.sin(), angles.cos()], 1).expand(n, -1)
+        return self.mlp(features)
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    # GroupNorm normalizes each image on its own: rows never interact, as a CNF needs
+    return nn.GroupNorm(math.gcd(8, channels), channels)
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, plus the time embedding as a per-channel shift, twice; with a
+    1x1 skip where the width changes."""
+
+    def __init__(self, inputs: int, outputs: int, embedding: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = _norm(inputs), nn.Conv2d(inputs, outputs, 3, padding=1)
+        self.time = nn.Linear(embedding, outputs)
+        self.norm2, self.conv2 = _norm(outputs), nn.Conv2d(outputs, outputs, 3, padding=1)
+        self.skip = nn.Identity() if inputs == outputs else nn.Conv2d(inputs, outputs, 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(self.act(self.norm1(x))) + self.time(emb)[:, :, None, None]
+        return self.conv2(self.act(self.norm2(h))) + self.skip(x)
+
+
+class UNet(nn.Module):
+    """A small time-conditioned U-Net: the vector field over a whole image for flow matching
+    (Lipman et al. 2023 use a larger one of the same kind).
+
+    ``resolutions`` levels (the image, then halved ``resolutions - 1`` times by average pooling),
+    ``depth`` residual blocks at each on the way down and up, with skip connections across, and
+    ``width * 2**level`` channels; the time enters every block through a sinusoidal embedding.
+    The last convolution starts at zero: the untrained flow is the identity.
+
+    Arguments:
+        channels: the image channels (input and output).
+        width: channels at full resolution.
+        resolutions: levels of the U (the image's height and width must halve that many times
+            less one).
+        depth: residual blocks per level and direction.
+
+    Example:
+        >>> f = UNet(1, width=8, resolutions=2)
+        >>> f(torch.tensor(0.5), torch.zeros(3, 1, 8, 8)).shape
+        torch.Size([3, 1, 8, 8])
+    """
+
+    def __init__(self, channels: int, *, width: int = 32, resolutions: int = 2, depth: int = 1):
+        super().__init__()
+        for name, value in (("width", width), ("resolutions", resolutions), ("depth", depth)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"U-Net {name} must be a positive integer, got {value!r}")
+        self.resolutions = resolutions
+        emb = 4 * width
+        self.embed = _TimeEmbedding(width, emb)
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        widths = [width * 2**level for level in range(resolutions)]
+        self.down, self.up = nn.ModuleList(), nn.ModuleList()
+        previous = width
+        for w in widths:
+            self.down.append(nn.ModuleList(_ResBlock(previous if i == 0 else w, w, emb)
+                                           for i in range(depth)))  # fmt: skip
+            previous = w
+        self.middle = _ResBlock(previous, previous, emb)
+        for w in reversed(widths):
+            self.up.append(nn.ModuleList(_ResBlock(previous + w if i == 0 else w, w, emb)
+                                         for i in range(depth)))  # fmt: skip
+            previous = w
+        self.out = nn.Sequential(_norm(previous), nn.SiLU(), nn.Conv2d(previous, channels, 3,
+                                                                        padding=1))  # fmt: skip
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def check_size(self, height: int, width: int) -> None:
+        factor = 2 ** (self.resolutions - 1)
+        if height % factor or width % factor:
+            raise ValueError(
+                f"a U-Net of {self.resolutions} resolutions halves the image "
+                f"{self.resolutions - 1} times: {height}x{width} must be a multiple of {factor}; "
+                "use fewer resolutions"
+            )
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        emb = self.embed(t, len(x))
+        h, skips = self.inp(x), []
+        for level, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, emb)
+            skips.append(h)
+            if level < self.resolutions - 1:
+                h = nn.functional.avg_pool2d(h, 2)
+        h = self.middle(h, emb)
+        for level, blocks in enumerate(self.up):
+            if level > 0:
+                h = nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = torch.cat([h, skips.pop()], 1)
+            for block in blocks:
+                h = block(h, emb)
+        return self.out(h)
 
 
 def check_field(field: object) -> nn.Module:

@@ -37,6 +37,8 @@ from cnf.ode import ODEBlock
 from cnf.solvers import Solver
 from cnf.trace import TraceEstimator, make_trace
 
+_matmul = torch.backends.cuda.matmul  # its allow_tf32 is process-wide (cnf.runtime)
+
 
 @dataclass(frozen=True)
 class FlowResult:
@@ -82,13 +84,17 @@ class _JointDynamics:
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode for the block, then back in the mode it was in."""
-    was = model.training
+    """``model`` in eval mode for the block, then back in the mode it was in; on CUDA also with
+    full float32 matrix products and convolutions (TF32, which training may allow, off):
+    likelihoods, samples and the validity check are float32 or float64 as written."""
+    was, tf32 = model.training, (_matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     model.eval()
+    _matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         yield model
     finally:
         model.train(was)
+        _matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 class Flow:
@@ -235,9 +241,10 @@ class CNF(Flow, ODEBlock):
 
         Keyword arguments: ``solver`` (a :class:`Solver`, default the active one), ``trace``
         (a trace name overriding the flow's), ``generator`` (for the Hutchinson probe),
-        ``regularize`` (also integrate the kinetic energy and Jacobian norm) and ``rows``
+        ``regularize`` (also integrate the kinetic energy and Jacobian norm), ``rows``
         (``(start, total)``: ``x`` is rows ``start ...`` of a batch of ``total``, and draws
-        those rows of that batch's probe: distributed training's shares).
+        those rows of that batch's probe: distributed training's shares) and ``logdet``
+        (``False``: the map alone, no trace integrated, ``logdet`` zero; for round trips).
         """
         x = self.check_input(x, "x")
         return self._last(self._joint(x, self.times(x), **kwargs))
@@ -272,7 +279,11 @@ class CNF(Flow, ODEBlock):
         generator: torch.Generator | None = None,
         regularize: bool = False,
         rows: tuple[int, int] | None = None,
+        logdet: bool = True,
     ) -> FlowResult:
+        if not logdet and not regularize and len(y):  # the map alone: no trace to integrate
+            values = self.integrate(self.dynamics, (y,), t, solver)[0]
+            return FlowResult(values, y.new_zeros((len(t), y.shape[0])))
         estimator = self.estimator if trace is None else make_trace(trace, self.dim, self.noise)
         if len(y) == 0:  # nothing to integrate: empty results of the right shapes
             empty = y.new_zeros((len(t), 0))

@@ -62,6 +62,10 @@ class ModelConfig:
     blocks: int = 2
     alpha: float = 1e-6
     conv_layer: str = "concatsquash"
+    field: str = "conv"  # images: "conv" (FFJORD's) or "unet" (cnf.fields.UNet)
+    unet_width: int = 32
+    unet_resolutions: int = 2
+    unet_depth: int = 1
 
     def __post_init__(self) -> None:
         self.hidden = options.widths("hidden", self.hidden)
@@ -81,6 +85,9 @@ class ModelConfig:
         options.choice("dtype", self.dtype, tuple(DTYPES))
         options.choice("preprocess", self.preprocess, PREPROCESS)
         options.choice("conv_layer", self.conv_layer, tuple(CONV_LAYERS))
+        options.choice("field", self.field, ("conv", "unet"))
+        for name in ("unet_width", "unet_resolutions", "unet_depth"):
+            options.integer(name, getattr(self, name), 1, "a positive integer")
         self.solver, self.eval_solver  # noqa: B018  validates methods, steps and tolerances
 
     @property
@@ -133,6 +140,10 @@ def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
         blocks=cfg.blocks,
         alpha=cfg.alpha,
         layer=cfg.conv_layer,
+        field=cfg.field,
+        unet_width=cfg.unet_width,
+        unet_resolutions=cfg.unet_resolutions,
+        unet_depth=cfg.unet_depth,
         **_common(cfg),
     )
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnf.fields import ConvField
+from cnf.fields import ConvField, UNet
 from cnf.flow import CNF, Flow, FlowResult
 from cnf.solvers import NFE, Solver
 from cnf.transforms import Center, Dequantization, Logit, squeeze, unsqueeze
@@ -89,7 +89,11 @@ class MultiscaleCNF(Flow, nn.Module):
         alpha: the logit transform's ``alpha`` (FFJORD: ``1e-6``); 0 replaces the logit by
             ``y - 1/2``, as FFJORD does.
         hidden, layer, activation: the convolutional field of every block
-            (:class:`~cnf.fields.ConvField`).
+            (:class:`~cnf.fields.ConvField`), with ``field="conv"``.
+        field: ``"conv"`` (FFJORD's stack of convolutions) or ``"unet"``
+            (:class:`~cnf.fields.UNet` of ``unet_width`` channels, ``unet_resolutions`` levels
+            and ``unet_depth`` residual blocks per level: the field of a single-scale model,
+            ``scales=1, blocks=1``, trained by flow matching over the whole image).
         trace, noise: the trace estimator (Hutchinson with Rademacher probes by default).
         T, learn_T, solver, eval_solver: every block's integration time and solvers, as in
             :class:`~cnf.flow.CNF`.
@@ -119,8 +123,14 @@ class MultiscaleCNF(Flow, nn.Module):
         learn_T: bool = False,
         solver: Solver | Mapping[str, Any] | None = None,
         eval_solver: Solver | Mapping[str, Any] | None = None,
+        field: str = "conv",
+        unet_width: int = 32,
+        unet_resolutions: int = 2,
+        unet_depth: int = 1,
     ) -> None:
         super().__init__()
+        if field not in ("conv", "unet"):
+            raise ValueError(f"unknown field {field!r}; valid choices: ['conv', 'unet']")
         self.event_shape = _image_shape(event_shape)
         channels, height, width = self.event_shape
         self.dim = math.prod(self.event_shape)
@@ -131,11 +141,17 @@ class MultiscaleCNF(Flow, nn.Module):
         self.dequantization = Dequantization(levels)
         self.squash = Logit(alpha) if alpha else Center()
 
+        def make_field(c: int, h: int, w: int) -> nn.Module:
+            if field == "conv":
+                return ConvField(c, hidden=hidden, layer=layer, activation=activation)
+            unet = UNet(c, width=unet_width, resolutions=unet_resolutions, depth=unet_depth)
+            unet.check_size(h, w)
+            return unet
+
         def cnfs(c: int, h: int, w: int) -> list[CNF]:
-            field = dict(hidden=hidden, layer=layer, activation=activation)
             block = dict(trace=trace, noise=noise, T=T, learn_T=learn_T, solver=solver,
                          eval_solver=eval_solver)  # fmt: skip
-            return [CNF((c, h, w), ConvField(c, **field), **block) for _ in range(blocks)]
+            return [CNF((c, h, w), make_field(c, h, w), **block) for _ in range(blocks)]
 
         stages = []
         c, h, w = channels, height, width
@@ -193,18 +209,21 @@ class MultiscaleCNF(Flow, nn.Module):
         generator: torch.Generator | None = None,
         regularize: bool = False,
         rows: tuple[int, int] | None = None,
+        logdet: bool = True,
     ) -> FlowResult:
         """Map images to latents of the same shape; ``logdet = log|det dz/dx|`` summed over every
-        step, ``kinetic`` and ``jacobian`` over every block (with ``regularize``).
+        step (without the blocks' traces with ``logdet=False``), ``kinetic`` and ``jacobian``
+        over every block (with ``regularize``).
 
         Keywords as in :meth:`cnf.CNF.to_latent`; ``generator`` draws every block's probe.
         """
         x = self.check_input(x, "x")
-        y, logdet = self.dequantization(x)
+        y, ld_dequant = self.dequantization(x)
         self._check_domain(y)
         y, ld = self.squash(y)
-        acc = _Sum(logdet + ld)
-        kw = dict(solver=solver, trace=trace, generator=generator, regularize=regularize, rows=rows)
+        acc = _Sum(ld_dequant + ld)
+        kw = dict(solver=solver, trace=trace, generator=generator, regularize=regularize, rows=rows,
+                  logdet=logdet)  # fmt: skip
         factored = []
         for scale in self.scales:
             for block in scale.pre:
@@ -219,6 +238,16 @@ class MultiscaleCNF(Flow, nn.Module):
             y = unsqueeze(torch.cat([y, out], 1))
         return FlowResult(y, acc.logdet, acc.kinetic, acc.jacobian)
 
+    def field_coordinates(self, x: Tensor) -> Tensor:
+        """Images in the coordinates the field sees (``x / L``, then the logit): where flow
+        matching regresses, for a single-scale model (one block)."""
+        if len(self.ode_blocks()) != 1:
+            raise ValueError("a multiscale model's blocks see different coordinates: flow "
+                             "matching needs one block (scales=1, blocks=1)")  # fmt: skip
+        y, _ = self.dequantization(self.check_input(x, "x"))
+        self._check_domain(y)
+        return self.squash(y)[0]
+
     def to_data(
         self,
         z: Tensor,
@@ -226,10 +255,11 @@ class MultiscaleCNF(Flow, nn.Module):
         solver: Solver | None = None,
         trace: str | None = None,
         generator: torch.Generator | None = None,
+        logdet: bool = True,
     ) -> FlowResult:
         """Map latents to images; ``logdet = log|det dx/dz|``. Keywords as in :meth:`to_latent`."""
         z = self.check_input(z, "z")
-        return self._decode(z, solver=solver, trace=trace, generator=generator)
+        return self._decode(z, solver=solver, trace=trace, generator=generator, logdet=logdet)
 
     def _decode(
         self,

@@ -15,7 +15,7 @@ from cnf.flow import Flow
 from cnf.runtime import to_tensor
 from cnf.solvers import Solver
 from cnf.transport import like
-from cnf.validity import ValidityReport, solver_validity
+from cnf.validity import REFERENCE, ValidityReport, solver_validity
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ def report(
     solver: Solver | None = None,
     share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
+    reference: Solver = REFERENCE,
 ) -> Report:
     """Evaluate ``model`` on ``n`` test samples of ``data`` (all, for a fixed test split, when
     ``None``) with its evaluation solver (or ``solver``), and check the first ``validity_n`` of
@@ -70,8 +71,9 @@ def report(
     if validity_n is not None:
         checked = solver or model.solver
         say(f"checking solver validity on {min(validity_n, len(x))} of them: "
-            f"{checked.describe()}, a finer one, and the float64 reference")  # fmt: skip
+            f"{checked.describe()}, a finer one, and the float64 reference "
+            f"{reference.describe()}")  # fmt: skip
         part = x[:validity_n]
         part = part if share is None else part[share(len(part))]
-        validity = solver_validity(model, part, solver=checked, gather=gather)
+        validity = solver_validity(model, part, solver=checked, gather=gather, reference=reference)
     return Report(evaluation, validity)

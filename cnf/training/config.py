@@ -13,6 +13,7 @@ from cnf.data import DataSpec, dataset_kind
 from cnf.data.tabular import TABLE_DEFAULTS
 from cnf.models import ModelConfig
 from cnf.training.objectives import (
+    AUTOCASTS,
     COUPLINGS,
     TIME_SAMPLINGS,
     FlowMatching,
@@ -24,7 +25,7 @@ from cnf.training.objectives import (
 SCHEDULES = ("cosine", "constant")
 # the options of flow matching, at their defaults (a maximum-likelihood run refuses others)
 FM_ONLY = {"coupling": "independent", "sigma_min": 0.0, "time_sampling": "uniform",
-           "finetune_iters": 0, "finetune_lr": None}  # fmt: skip
+           "autocast": "off", "finetune_iters": 0, "finetune_lr": None}  # fmt: skip
 OBJECTIVES = ("mle", "fm")
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 
@@ -62,6 +63,7 @@ class TrainConfig:
     coupling: str = "independent"
     sigma_min: float = 0.0
     time_sampling: str = "uniform"
+    autocast: str = "off"  # "bf16": the regression's forward pass under bfloat16 autocast
     finetune_iters: int = 0
     finetune_lr: float | None = None  # the fine-tuning phase's peak lr (default: lr)
     # a training-time budget in seconds, planned into iters (and finetune_iters, which get
@@ -80,6 +82,7 @@ class TrainConfig:
     # evaluation: validation every eval_every iterations, the report at the end
     test_size: int = 20_000
     validity_size: int = 2000
+    validity_tol: float = 1e-8  # the reference solver's tolerance (dopri5, float64)
     patience: int = 0  # early stopping: evaluations without a better validation NLL (0: off)
     # data options: tables (cnf.data.tabular), files of image sets (cnf.data.images)
     columns: str = ""
@@ -112,6 +115,7 @@ class TrainConfig:
                 "seed", f"must be an integer in 0..2**63-1, got {self.seed!r}"
             )
         options.number("lr", self.lr)
+        options.number("validity_tol", self.validity_tol)
         for name in ("weight_decay", "grad_clip", "kinetic", "jacobian", "adapt_threshold"):
             options.number(name, getattr(self, name), strict=False)
         for name in ("val_fraction", "test_fraction"):
@@ -129,6 +133,7 @@ class TrainConfig:
         options.choice("objective", self.objective, OBJECTIVES)
         options.choice("coupling", self.coupling, COUPLINGS)
         options.choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
+        options.choice("autocast", self.autocast, AUTOCASTS)
         options.within("sigma_min", self.sigma_min, 0, 1, closed=True)
         options.integer("finetune_iters", self.finetune_iters, 0, "an integer >= 0")
         options.number("budget", self.budget, strict=False)
@@ -165,6 +170,8 @@ class TrainConfig:
         (which suit the 2-D toys), and ``given`` over both; model fields (``hidden``,
         ``method``, ...) may be given flat. ``cnf train`` builds its config so."""
         kind = dataset_kind(data)
+        if kind == "image" and given.get("objective") == "fm":  # the single-scale U-Net model
+            kind = "image-fm"
         budget = BUDGET_PRESETS.get(kind, {}) if given.get("budget") else {}
         if "objective" in given:  # a recipe the user chose: the budget only plans its length
             budget = {}
@@ -200,7 +207,7 @@ class TrainConfig:
         mle = MaximumLikelihood(kinetic=self.kinetic, jacobian=self.jacobian)
         if self.objective == "mle":
             return mle
-        fm = FlowMatching(self.coupling, self.sigma_min, self.time_sampling)
+        fm = FlowMatching(self.coupling, self.sigma_min, self.time_sampling, autocast=self.autocast)
         if not self.finetune_iters:
             return fm
         return Phases(((fm, self.iters), (mle, self.total_iters)))
@@ -240,6 +247,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         kinetic=0.0,
         jacobian=0.0,
     ),
+    # flow matching on whole images: one block with a U-Net field in the logit space, rk4 for
+    # the likelihood (the adapted step, from the largest valid one if a fine-tuning follows)
+    "image-fm": dict(
+        objective="fm",
+        scales=1,
+        blocks=1,
+        field="unet",
+        unet_width=32,
+        unet_resolutions=2,
+        batch_size=128,
+        lr=2e-3,
+        method="rk4",
+        eval_method="rk4",
+        eval_step_size=1 / 16,
+        eval_every=1000,
+        validity_size=16,
+        validity_tol=1e-5,
+        kinetic=0.0,
+        jacobian=0.0,
+    ),
     # small tables (a few hundred rows): whitening makes the untrained flow the Gaussian fit; a
     # small field with weight decay and early stopping keeps it from memorizing the rows
     # flow matching for 1500 iterations (about 5 ms each), then maximum likelihood from that
@@ -248,7 +275,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tabular": dict(
         objective="fm",
         iters=1500,
-        finetune_iters=2000,
+        finetune_iters=3000,
         finetune_lr=1e-3,
         batch_size=256,
         lr=2e-3,
@@ -258,7 +285,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         kinetic=0.0,
         jacobian=0.0,
         eval_every=50,
-        patience=4,
+        patience=8,
         eval_atol=1e-6,
         eval_rtol=1e-6,
         test_size=1_000_000,

@@ -39,6 +39,7 @@ from cnf.training.distributed import SINGLE, Distributed, from_environment
 from cnf.training.loop import Diverged, FitResult, Hooks, fit
 from cnf.training.objectives import Objective
 from cnf.training.state import TrainState
+from cnf.validity import REFERENCE
 
 # options that a resumed run may change: they steer neither the model nor the data
 RESUMABLE = frozenset(
@@ -392,8 +393,9 @@ def final_report(out: Path, run: Setup, dist: Distributed = SINGLE) -> dict[str,
             print(f"best.pt (iteration {best.iteration}): {text}", file=sys.stderr)
 
     shares = dict(share=dist.share, gather=dist.gather) if dist.active else {}
+    reference = REFERENCE.replace(atol=run.cfg.validity_tol, rtol=run.cfg.validity_tol)
     result = report(best.model, run.data, n=run.cfg.test_size, validity_n=run.cfg.validity_size,
-                    say=say, **shares)  # fmt: skip
+                    say=say, reference=reference, **shares)  # fmt: skip
     if dist.main:
         write_text(out / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")
         write_text(out / "summary.txt", result.summary(run.cfg.data) + "\n")

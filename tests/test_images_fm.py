@@ -1,0 +1,148 @@
+"""Images trained by flow matching: the U-Net field, the single-scale model's exact likelihood,
+the importance-weighted bound on the discrete likelihood, the bfloat16 option."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+from cnf import Solver
+from cnf.evaluate import dequantized_bound
+from cnf.fields import UNet
+from cnf.multiscale import MultiscaleCNF
+from cnf.training import FlowMatching
+
+TIGHT = Solver("dopri5", atol=1e-9, rtol=1e-9)
+
+
+def _perturbed(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
+    """Give every parameter (the zero-initialized output too) random values."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return module
+
+
+def test_the_unet_keeps_shapes_starts_at_zero_and_takes_time() -> None:
+    unet = UNet(2, width=8, resolutions=3, depth=2)
+    x = torch.randn(5, 2, 8, 8)
+    assert unet(torch.tensor(0.3), x).shape == x.shape
+    assert unet(torch.tensor(0.3), x).abs().max() == 0  # the untrained flow is the identity
+    _perturbed(unet)
+    t = torch.tensor([0.1, 0.4, 0.4, 0.9, 0.2])
+    per_sample = unet(t, x)
+    for i in range(5):  # one time per row is the same as each row at its own time
+        torch.testing.assert_close(per_sample[i], unet(t[i], x[i : i + 1])[0])
+    assert (unet(torch.tensor(0.1), x) - unet(torch.tensor(0.9), x)).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="must be a multiple of 4"):
+        MultiscaleCNF((1, 6, 6), levels=4, scales=1, blocks=1, field="unet", unet_resolutions=3)
+
+
+def test_the_single_scale_model_log_prob_is_log_det_of_its_map(float64) -> None:
+    model = MultiscaleCNF((1, 4, 4), levels=4, scales=1, blocks=1, field="unet", unet_width=4,
+                          trace="exact", solver=TIGHT)  # fmt: skip
+    _perturbed(model.ode_blocks()[0].field, 0.2)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.rand(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    x = torch.randint(0, 4, (2, 1, 4, 4), generator=g) + noise
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        # the latent does not depend on the trace estimator; one probe is cheaper than 16
+        return model.to_latent(v.reshape(-1, 1, 4, 4), trace="hutchinson").value.flatten(1)
+
+    with torch.no_grad():
+        logp = model.log_prob(x)
+        z = f(x)
+    jac = torch.stack([jacobian(f, xi.flatten()[None])[0, :, 0] for xi in x])
+    brute = model.base_log_prob(z) + torch.linalg.slogdet(jac)[1]
+    torch.testing.assert_close(logp, brute, rtol=0, atol=1e-6)
+    block = model.ode_blocks()[0]
+    with torch.no_grad():  # the field's share is far above the tolerance
+        share = block.to_latent(model.field_coordinates(x)).logdet
+    assert share.abs().min() > 1e-2
+
+
+def test_flow_matching_trains_the_single_scale_model_in_its_logit_space() -> None:
+    model = MultiscaleCNF((1, 4, 4), levels=4, scales=1, blocks=1, field="unet", unet_width=4)
+    x = torch.randint(0, 4, (8, 1, 4, 4)).float() + torch.rand(8, 1, 4, 4)
+    y = model.field_coordinates(x)
+    assert y.shape == x.shape and float(y.abs().max()) > 1.0  # the logit, not [0, L)
+    loss, _ = FlowMatching().loss(model, x, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.ode_blocks()[0].field.out[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="flow matching needs one block"):
+        MultiscaleCNF((1, 4, 4), levels=4, scales=2, blocks=1).field_coordinates(x)
+
+
+def test_the_importance_weighted_bound_is_tighter_and_converges(float64) -> None:
+    # a 2x2 image of 2 levels: P(k) is the integral of p over the unit cube at k, computable
+    rk4 = Solver("rk4", step_size=0.125)
+    model = MultiscaleCNF((1, 2, 2), levels=2, scales=1, blocks=1, field="conv", hidden=(8,),
+                          alpha=0.05, trace="exact", solver=rk4)  # fmt: skip
+    _perturbed(model.ode_blocks()[0].field, 0.5)
+    model.eval()
+    pixels = torch.tensor([[[[0, 1], [1, 1]]], [[[1, 0], [0, 0]]]], dtype=torch.uint8)
+    nodes, weights = (torch.from_numpy(a) / 2 for a in np.polynomial.legendre.leggauss(6))
+    grid = torch.cartesian_prod(*[nodes + 0.5] * 4).reshape(-1, 1, 2, 2)  # Gauss-Legendre, 6^4
+    weight = torch.cartesian_prod(*[weights] * 4).prod(1)
+    with torch.no_grad():
+        exact = [-math.log(float(model.log_prob(p + grid).exp() @ weight)) for p in pixels]
+    exact_nll = sum(exact) / len(exact)
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731  the same draws for every K
+    one = dequantized_bound(model, pixels, 1, generator=gen())
+    sixteen = dequantized_bound(model, pixels, 16, generator=gen())
+    many = dequantized_bound(model, pixels, 2048, generator=gen())
+    # on the same 16 draws, log-mean-exp is never worse than the mean of the single-draw bounds
+    with torch.no_grad():
+        u = torch.rand((16, *pixels.shape), generator=gen()).double()
+        draws = model.log_prob((pixels.double() + u).flatten(0, 1)).reshape(16, 2)
+    single = -float(draws.mean())
+    assert sixteen.nll <= single + 1e-12
+    # a bound in expectation, closing in on P(k); its spread at K = 2048 is about 0.015 nats
+    assert exact_nll - 0.08 <= many.nll <= sixteen.nll + 0.05
+    assert abs(many.nll - exact_nll) < abs(one.nll - exact_nll) + 1e-9
+    assert many.samples == 2048 and many.bits_per_dim == pytest.approx(many.nll / (4 * math.log(2)))
+
+
+def _bf16_losses(device: str) -> tuple[torch.Tensor, torch.Tensor, set]:
+    torch.manual_seed(0)
+    model = _perturbed(MultiscaleCNF((1, 8, 8), levels=17, scales=1, blocks=1, field="unet",
+                                     unet_width=8), 0.1).to(device)  # fmt: skip
+    x = (torch.randint(0, 17, (16, 1, 8, 8)).float() + torch.rand(16, 1, 8, 8)).to(device)
+    seen = set()
+    model.ode_blocks()[0].field.out[-1].register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    gen = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731
+    low, _ = FlowMatching(autocast="bf16").loss(model, x, gen())
+    full, _ = FlowMatching().loss(model, x, gen())
+    return low, full, seen
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bfloat16_autocast_runs_the_regression_field_in_bfloat16(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: bfloat16 autocast is meant for the GPU")
+    low, full, seen = _bf16_losses(device)
+    assert seen == {torch.bfloat16, torch.float32}  # the field ran in both precisions
+    assert low.dtype == torch.float32
+    assert float(low.detach()) == pytest.approx(float(full.detach()), rel=0.05)
+    assert float(low.detach()) != float(full.detach())
+    with pytest.raises(ValueError, match="unknown autocast"):
+        FlowMatching(autocast="fp16")
+
+
+def test_evaluation_turns_tf32_off_and_restores_it() -> None:
+    from cnf.flow import evaluating
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = True
+    model = torch.nn.Linear(2, 2)
+    try:
+        with evaluating(model):
+            assert not matmul.allow_tf32 and not cudnn.allow_tf32 and not model.training
+        assert matmul.allow_tf32 and cudnn.allow_tf32 and model.training
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
