@@ -91,9 +91,10 @@ class _Report(Hooks):
         self.nfe += row["nfe"]
         if self.spent - self.last > 30:
             self.last = self.spent
-            bpd = row["nll"] / (self.dim * math.log(2))
-            print(f"  {self.tag}: {self.spent:5.0f} s, iteration {row['iter']}, train "
-                  f"{bpd:.3f} bits/dim, NFE {row['nfe']}", file=sys.stderr, flush=True)  # fmt: skip
+            loss = (f"train {row['nll'] / (self.dim * math.log(2)):.3f} bits/dim" if "nll" in row
+                    else f"flow-matching loss {row['fm_loss']:.4f}")  # fmt: skip
+            print(f"  {self.tag}: {self.spent:5.0f} s, iteration {row['iter']}, {loss}, "
+                  f"NFE {row['nfe']}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def train_for(cfg: TrainConfig, seconds: float, tag: str) -> dict:
@@ -126,11 +127,12 @@ def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.
     run = out["run"]
     if args.grids:
         args.grids.mkdir(parents=True, exist_ok=True)
-        save_sample_grid(run.model, args.grids / f"{cfg.data}_{name}_samples.png")
+        save_sample_grid(run.model, args.grids / f"{cfg.data}_{name}_samples.png", overwrite=True)
     x = to_tensor(run.data.test(args.eval_n), device, run.dtype)
     t0 = time.perf_counter()
     ev = evaluate(run.model, x, batch_size=args.eval_batch)
-    print(f"  {name}: evaluated {ev.n} test images in {time.perf_counter() - t0:.0f} s",
+    print(f"  {name}: evaluated {ev.n} test images in {time.perf_counter() - t0:.0f} s: "
+          f"{ev.bits_per_dim:.3f} bits/dim after {out['iters']} iterations",
           file=sys.stderr, flush=True)  # fmt: skip
     iw = math.nan
     if args.dequant_samples > 1:
@@ -166,7 +168,8 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, help="test images to evaluate (default: all)")
     parser.add_argument("--eval-batch", type=int, default=1000, help="test images per solve")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    parser.add_argument("--grids", type=Path, help="write each model's 64 samples as a PNG here")
+    parser.add_argument("--grids", type=Path, help="write (or replace) each model's 64 samples "
+                        "as a PNG in this directory")  # fmt: skip
     args = parser.parse_args()
     args.minutes = args.minutes or (10.0 if args.gpu else 5.0)
     if args.gpu and not torch.cuda.is_available():

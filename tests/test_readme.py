@@ -12,8 +12,9 @@ their order; see ``test_shrinking_keeps_the_readme_flags``):
 * ``cnf train`` gets small settings appended (``TRAIN_SMALL``: 6 iterations, a small field, small
   test and validity sets; argparse lets the last flag win, and only the iteration counts are
   appended where the README gives them too); ``--resume RUN --iters N`` gets an ``--iters`` past
-  the run's last iteration; a run that flow-matches (the tables' preset) also gets
-  ``--finetune-iters 3``; ``cnf animate`` gets a few small frames (``ANIMATE_SMALL``). Every
+  the run's last iteration; a run that flow-matches and then fine-tunes (the tables' preset)
+  also gets ``--finetune-iters 3``, one that trains a U-Net (images by flow matching)
+  ``--unet-width 8``; ``cnf animate`` gets a few small frames (``ANIMATE_SMALL``). Every
   test runs torch on one thread (``_one_thread``).
 * Scripts get their smallest options (``SCRIPT_SMALL``: ``--quick``, ``--iters``, ``--minutes``)
   and run in a subprocess (``OMP_NUM_THREADS=1``, headless matplotlib), each once per session;
@@ -98,6 +99,10 @@ EXEMPT = {
     ),
     "torchrun ... .venv/bin/cnf train ...": "a pattern in prose, not a command",
     "python bench/bench_distributed.py": "torchrun jobs of about a minute each: run by hand",
+    "python bench/bench_distributed.py --gpu --procs 1 2 4 8": "needs eight CUDA devices",
+    "python bench/bench_memory.py --gpu --data fashion-mnist --batches 64 128 256 512": (
+        "needs a CUDA device and the Fashion-MNIST files"
+    ),
 }
 
 # Placeholders of the prose, by the whole word: `cnf train --data NAME`, `--seed S`.
@@ -115,7 +120,8 @@ TRAIN_SMALL = {
     "--blocks": "1",  # images
     "--no-progress": None,
 }
-FM_SMALL = {"--finetune-iters": "3"}  # a run that flow-matches (the tables' preset), then this
+FM_SMALL = {"--finetune-iters": "3"}  # a run that flow-matches, then fine-tunes (tables' preset)
+UNET_SMALL = {"--unet-width": "8"}  # images by flow matching
 RESUME_EXTRA = 6  # `--resume RUN --iters N`: N becomes the run's last iteration + this
 ANIMATE_SMALL = {"--frames": "4", "--grid": "20", "--particles": "50", "--no-progress": None}
 
@@ -439,16 +445,32 @@ def _last_iteration(run: Path) -> int:
     return int(json.loads(rows[-1])["iter"])
 
 
-def _flow_matching(words) -> bool:
-    """Whether a `cnf train` runs flow matching: its --objective, else its data's preset."""
+def _recipe(words):
+    """The recipe a `cnf train` gets from its data and --objective, before its other flags
+    (``None`` for an unknown dataset: the command itself says so)."""
     from cnf.training import TrainConfig
 
-    if _value(words, "--objective") is not None:
-        return _value(words, "--objective") == "fm"
+    given = {"objective": _value(words, "--objective")} if "--objective" in words else {}
     try:
-        return TrainConfig.for_data(_value(words, "--data") or TrainConfig().data).objective == "fm"
-    except ValueError:  # an unknown dataset: the command itself says so
-        return False
+        return TrainConfig.for_data(_value(words, "--data") or TrainConfig().data, **given)
+    except ValueError:
+        return None
+
+
+def _small_extras(words) -> dict[str, str | None]:
+    """What a run gets beyond TRAIN_SMALL: a short fine-tuning where it has one (the tables'
+    preset), a narrow U-Net where it trains one (images by flow matching)."""
+    cfg = _recipe(words)
+    extra: dict[str, str | None] = {}
+    if (
+        cfg is not None
+        and cfg.objective == "fm"
+        and (cfg.finetune_iters or "--finetune-iters" in words)
+    ):
+        extra.update(FM_SMALL)
+    if cfg is not None and cfg.model.field == "unet":
+        extra.update(UNET_SMALL)
+    return extra
 
 
 def cnf_argv(words: list[str], cwd: Path) -> list[str]:
@@ -463,7 +485,7 @@ def cnf_argv(words: list[str], cwd: Path) -> list[str]:
             extra = {"--iters": str(done + RESUME_EXTRA), **extra}
         return _append(words, extra, always=("--iters",))
     if words[0] == "train":
-        small = {**TRAIN_SMALL, **(FM_SMALL if _flow_matching(words) else {})}
+        small = {**TRAIN_SMALL, **_small_extras(words)}
         if "--budget" in words:  # a budget plans its own iterations: one second of them
             small = {**small, "--budget": "1"}
         return _append(words, small, always=("--iters", "--finetune-iters", "--budget"))
