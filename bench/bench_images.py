@@ -181,13 +181,18 @@ def main() -> None:
     print(f"\n{rows[0]['data']}, {args.minutes:g} min of training per model on "
           f"{device_name(device)}, torch {torch.__version__}\n")  # fmt: skip
     k = args.dequant_samples
-    print(f"| model | iterations | it/s | NFE/iter (fwd) | test bits/dim (K=1) | K={k} |")
-    print("|---|---:|---:|---:|---:|---:|")
+    iw = f" K={k} |" if k > 1 else ""
+    print(f"| model | iterations | it/s | NFE/iter (fwd) | test bits/dim (K=1) |{iw}")
+    print("|---|---:|---:|---:|---:|" + ("---:|" if k > 1 else ""))
     for r in rows:
-        iw = f"{r['iw']:.3f}" if k > 1 else ""
-        print(f"| {r['name']} | {r['iters']} | {r['rate']:.2f} | {r['nfe']:.0f} | "
-              f"{r['bpd']:.3f} ± {r['bpd_se']:.3f} | {iw} |")  # fmt: skip
-    print(f"| uniform (learned nothing) | | | | {math.log2(rows[0]['levels']):.3f} | |")
+        print(
+            f"| {r['name']} | {r['iters']} | {r['rate']:.2f} | {r['nfe']:.0f} | "
+            f"{r['bpd']:.3f} ± {r['bpd_se']:.3f} |" + (f" {r['iw']:.3f} |" if k > 1 else "")
+        )
+    print(
+        f"| uniform (learned nothing) | | | | {math.log2(rows[0]['levels']):.3f} |"
+        + (" |" if k > 1 else "")
+    )
 
 
 if __name__ == "__main__":
