@@ -421,6 +421,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = _dataset(run, args)
     validity_n = run.config.get("validity_size", 2000) if args.validity else None
     solver = _solver(run.model, args)
+    if args.dequant_samples is not None:  # checked before the evaluation, not after it
+        _check_dequant_samples(run, data, args)
     tol = run.config.get("validity_tol", REFERENCE.atol)
     outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
                      validity_n=validity_n, solver=solver,
@@ -440,11 +442,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _importance_weighted(run: Run, data: Any, args: argparse.Namespace, solver) -> dict:
+def _check_dequant_samples(run: Run, data: Any, args: argparse.Namespace) -> None:
     _in_range("--dequant-samples", args.dequant_samples, integer=True, low=1)
     if not hasattr(data, "test_pixels"):
         raise ValueError("--dequant-samples is for image models (discrete pixels); this run "
                          f"models {run.meta.get('kind')} data")  # fmt: skip
+
+
+def _importance_weighted(run: Run, data: Any, args: argparse.Namespace, solver) -> dict:
     pixels = data.test_pixels(args.n or run.config.get("test_size"))
     gen = torch.Generator().manual_seed(0)
     bound = dequantized_bound(run.model, pixels, args.dequant_samples, generator=gen,

@@ -50,6 +50,15 @@ def test_eval_reports_bits_per_dim(run: Path, capsys) -> None:
     assert "bits_per_dim" in capsys.readouterr().out
 
 
+def test_eval_gives_the_importance_weighted_bound(run: Path, capsys) -> None:
+    assert main(["eval", str(run), "--n", "20", "--json", "--dequant-samples", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["dequant_samples"] == 1 and result["dequant_samples_iw"] == 4
+    assert result["bits_per_dim_iw"] == pytest.approx(result["nll_iw"] / (64 * math.log(2)))
+    # fresh draws, so not below the K = 1 bound on the fixed ones by construction; but close
+    assert abs(result["bits_per_dim_iw"] - result["bits_per_dim"]) < 0.5
+
+
 def test_sample_png_grid_and_raw_npy(run: Path, tmp_path: Path, capsys) -> None:
     grid = tmp_path / "grid.png"
     assert main(["sample", str(run), "-n", "9", "-o", str(grid)]) == 0
@@ -89,6 +98,8 @@ def test_sample_png_grid_and_raw_npy(run: Path, tmp_path: Path, capsys) -> None:
          "mnist: no train-images-idx3-ubyte[.gz] and"),
         (["train", "--data", "moons", "--out", "{tmp}/m", "--data-dir", "{tmp}"],
          "'moons' (toy data) takes no option data_dir (--data-dir)"),
+        (["eval", "{run}", "--dequant-samples", "0"], "--dequant-samples must be an integer >= 1"),
+        (["eval", "{toy}", "--dequant-samples", "2"], "--dequant-samples is for image models"),
         (["train", "--data", "digits", "--out", "{tmp}/m", "--scales", "5"],
          "squeeze 4 times, so the image's height and width must be multiples of 16"),
     ],

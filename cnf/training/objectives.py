@@ -123,8 +123,8 @@ class FlowMatching(Objective):
         time: ``"uniform"`` :math:`s \sim U(0, 1)`, or ``"logit-normal"``
             (:math:`s = \sigma(n)`, :math:`n \sim \mathcal{N}(0, 1)`; Esser et al. 2024).
         autocast: ``"bf16"`` runs the field's forward pass of the regression under bfloat16
-            autocast (on a GPU, about twice the throughput of the convolutions of a U-Net);
-            the loss, the target and the optimizer stay float32. Training only: likelihoods,
+            autocast (meant for GPUs; its speed-up is not measured yet); the loss, the target
+            and the optimizer stay float32. Training only: likelihoods,
             samples and the validity check never autocast.
 
     References:
