@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -230,21 +231,67 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(8, channels), channels)
 
 
-class _ResBlock(nn.Module):
-    """GroupNorm, SiLU, 3x3 conv, plus the time embedding as a per-channel shift, twice; with a
-    1x1 skip where the width changes."""
+class SeededDropout(nn.Module):
+    """Dropout whose masks a training step can draw from its own generator, as one draw for
+    the whole batch of which this call sees rows ``start:start + n`` (:func:`seeded_dropout`):
+    so a run's masks follow from ``(seed, iteration)`` like the rest of its noise, a resumed run
+    repeats them, and a process of a distributed run drops what one process would for those
+    rows. Outside such a step it is ``nn.functional.dropout`` (the global generator); in eval
+    mode it is the identity."""
 
-    def __init__(self, inputs: int, outputs: int, embedding: int) -> None:
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = float(p)
+        self.draw: tuple[torch.Generator, int, int] | None = None  # generator, start, total
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.draw is None:
+            return nn.functional.dropout(x, self.p, training=True)
+        gen, start, total = self.draw
+        u = torch.rand((total, *x.shape[1:]), generator=gen, device=x.device)
+        keep = (u[start : start + len(x)] >= self.p).to(x.dtype)
+        return x * keep / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+@contextmanager
+def seeded_dropout(
+    module: nn.Module, generator: torch.Generator, rows: tuple[int, int] | None, total: int
+) -> Iterator[None]:
+    """Within the block, every :class:`SeededDropout` of ``module`` draws its masks from
+    ``generator``, for a batch of ``total`` rows of which the calls see ``rows = (start,
+    stop)`` (``None``: all of them)."""
+    layers = [m for m in module.modules() if isinstance(m, SeededDropout)]
+    for m in layers:
+        m.draw = (generator, 0 if rows is None else rows[0], total)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.draw = None
+
+
+class _ResBlock(nn.Module):
+    """GroupNorm, SiLU, 3x3 conv, plus the time embedding as a per-channel shift, then GroupNorm,
+    SiLU, dropout (in training only, as in Ho et al.'s DDPM), 3x3 conv; with a 1x1 skip where
+    the width changes."""
+
+    def __init__(self, inputs: int, outputs: int, embedding: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.norm1, self.conv1 = _norm(inputs), nn.Conv2d(inputs, outputs, 3, padding=1)
         self.time = nn.Linear(embedding, outputs)
         self.norm2, self.conv2 = _norm(outputs), nn.Conv2d(outputs, outputs, 3, padding=1)
         self.skip = nn.Identity() if inputs == outputs else nn.Conv2d(inputs, outputs, 1)
         self.act = nn.SiLU()
+        self.dropout = SeededDropout(dropout)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(self.act(self.norm1(x))) + self.time(emb)[:, :, None, None]
-        return self.conv2(self.act(self.norm2(h))) + self.skip(x)
+        return self.conv2(self.dropout(self.act(self.norm2(h)))) + self.skip(x)
 
 
 class UNet(nn.Module):
@@ -262,6 +309,10 @@ class UNet(nn.Module):
         resolutions: levels of the U (the image's height and width must halve that many times
             less one).
         depth: residual blocks per level and direction.
+        dropout: the dropout rate inside every residual block while training (0: none); a
+            regularizer for small datasets (flow matching's regression). Evaluation (``eval()``:
+            every likelihood, sample and validity check) and every ODE solve, a
+            maximum-likelihood step's included, never drop: the field is deterministic.
 
     Example:
         >>> f = UNet(1, width=8, resolutions=2)
@@ -269,11 +320,22 @@ class UNet(nn.Module):
         torch.Size([3, 1, 8, 8])
     """
 
-    def __init__(self, channels: int, *, width: int = 32, resolutions: int = 2, depth: int = 1):
+    def __init__(
+        self,
+        channels: int,
+        *,
+        width: int = 32,
+        resolutions: int = 2,
+        depth: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         for name, value in (("width", width), ("resolutions", resolutions), ("depth", depth)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"U-Net {name} must be a positive integer, got {value!r}")
+        numeric = isinstance(dropout, int | float) and not isinstance(dropout, bool)
+        if not numeric or not 0 <= dropout < 1:
+            raise ValueError(f"U-Net dropout must be in [0, 1), got {dropout!r}")
         self.resolutions = resolutions
         emb = 4 * width
         self.embed = _TimeEmbedding(width, emb)
@@ -282,12 +344,12 @@ class UNet(nn.Module):
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         previous = width
         for w in widths:
-            self.down.append(nn.ModuleList(_ResBlock(previous if i == 0 else w, w, emb)
+            self.down.append(nn.ModuleList(_ResBlock(previous if i == 0 else w, w, emb, dropout)
                                            for i in range(depth)))  # fmt: skip
             previous = w
-        self.middle = _ResBlock(previous, previous, emb)
+        self.middle = _ResBlock(previous, previous, emb, dropout)
         for w in reversed(widths):
-            self.up.append(nn.ModuleList(_ResBlock(previous + w if i == 0 else w, w, emb)
+            self.up.append(nn.ModuleList(_ResBlock(previous + w if i == 0 else w, w, emb, dropout)
                                          for i in range(depth)))  # fmt: skip
             previous = w
         self.out = nn.Sequential(_norm(previous), nn.SiLU(), nn.Conv2d(previous, channels, 3,

@@ -66,6 +66,7 @@ class ModelConfig:
     unet_width: int = 32
     unet_resolutions: int = 2
     unet_depth: int = 1
+    unet_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         self.hidden = options.widths("hidden", self.hidden)
@@ -88,6 +89,10 @@ class ModelConfig:
         options.choice("field", self.field, ("conv", "unet"))
         for name in ("unet_width", "unet_resolutions", "unet_depth"):
             options.integer(name, getattr(self, name), 1, "a positive integer")
+        if not 0 <= self.unet_dropout < 1:
+            raise options.ConfigError(
+                "unet_dropout", f"must be in [0, 1), got {self.unet_dropout!r}"
+            )
         self.solver, self.eval_solver  # noqa: B018  validates methods, steps and tolerances
 
     @property
@@ -144,6 +149,7 @@ def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
         unet_width=cfg.unet_width,
         unet_resolutions=cfg.unet_resolutions,
         unet_depth=cfg.unet_depth,
+        unet_dropout=cfg.unet_dropout,
         **_common(cfg),
     )
 

@@ -92,7 +92,8 @@ class MultiscaleCNF(Flow, nn.Module):
             (:class:`~cnf.fields.ConvField`), with ``field="conv"``.
         field: ``"conv"`` (FFJORD's stack of convolutions) or ``"unet"``
             (:class:`~cnf.fields.UNet` of ``unet_width`` channels, ``unet_resolutions`` levels
-            and ``unet_depth`` residual blocks per level: the field of a single-scale model,
+            and ``unet_depth`` residual blocks per level, dropout ``unet_dropout`` in training:
+            the field of a single-scale model,
             ``scales=1, blocks=1``, trained by flow matching over the whole image).
         trace, noise: the trace estimator (Hutchinson with Rademacher probes by default).
         T, learn_T, solver, eval_solver: every block's integration time and solvers, as in
@@ -127,6 +128,7 @@ class MultiscaleCNF(Flow, nn.Module):
         unet_width: int = 32,
         unet_resolutions: int = 2,
         unet_depth: int = 1,
+        unet_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if field not in ("conv", "unet"):
@@ -144,7 +146,8 @@ class MultiscaleCNF(Flow, nn.Module):
         def make_field(c: int, h: int, w: int) -> nn.Module:
             if field == "conv":
                 return ConvField(c, hidden=hidden, layer=layer, activation=activation)
-            unet = UNet(c, width=unet_width, resolutions=unet_resolutions, depth=unet_depth)
+            unet = UNet(c, width=unet_width, resolutions=unet_resolutions, depth=unet_depth,
+                        dropout=unet_dropout)  # fmt: skip
             unet.check_size(h, w)
             return unet
 

@@ -29,6 +29,16 @@ CASES = {
     "fm-ot": config(data="8gaussians", **TINY, objective="fm", coupling="ot"),
     "table-fm": config(data="iris", **TINY, objective="fm"),
     "image-mle": config(data="digits", **{**TINY, "hidden": (4,)}, blocks=1, trace="hutchinson"),
+    "image-fm-dropout": config(
+        data="digits",
+        **TINY,
+        objective="fm",
+        scales=1,
+        blocks=1,
+        field="unet",
+        unet_width=8,
+        unet_dropout=0.3,
+    ),
 }
 
 

@@ -12,7 +12,7 @@ from cnf import Solver
 from cnf.evaluate import dequantized_bound
 from cnf.fields import UNet
 from cnf.multiscale import MultiscaleCNF
-from cnf.training import FlowMatching
+from cnf.training import FlowMatching, MaximumLikelihood
 
 TIGHT = Solver("dopri5", atol=1e-9, rtol=1e-9)
 
@@ -77,6 +77,34 @@ def test_flow_matching_trains_the_single_scale_model_in_its_logit_space() -> Non
         MultiscaleCNF((1, 4, 4), levels=4, scales=2, blocks=1).field_coordinates(x)
 
 
+def test_unet_dropout_regularizes_the_regression_but_never_a_solve() -> None:
+    model = MultiscaleCNF((1, 4, 4), levels=4, scales=1, blocks=1, field="unet", unet_width=8,
+                          unet_dropout=0.5, solver=Solver("rk4", step_size=0.5))  # fmt: skip
+    field = _perturbed(model.ode_blocks()[0].field, 0.3)
+    x = torch.randint(0, 4, (8, 1, 4, 4)).float() + torch.rand(8, 1, 4, 4)
+    z, t = torch.randn(8, 1, 4, 4), torch.tensor(0.5)
+    assert not torch.equal(field(t, z), field(t, z))  # training mode: a fresh mask per call
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    fm = [FlowMatching().loss(model, x, gen())[0] for _ in range(2)]
+    assert fm[0] == fm[1]  # a step's masks follow from its generator: (seed, iteration) ...
+    halves = [FlowMatching().loss(model, x, gen(), shard=r)[0] for r in ((0, 4), (4, 8))]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, fm[0])  # ... whatever the shard
+    layers = [m for m in field.modules() if hasattr(m, "draw")]
+    assert len(layers) == 5 and all(m.draw is None for m in layers)  # given back after it
+    for m in layers:
+        m.p = 0.0
+    assert FlowMatching().loss(model, x, gen())[0] != fm[0]  # the regression sees the dropout
+    for m in layers:
+        m.p = 0.5
+    mle = [MaximumLikelihood().loss(model, x, gen())[0] for _ in range(2)]
+    assert mle[0] == mle[1]  # ... a likelihood solve does not ...
+    assert field.training  # ... and the mode is given back
+    model.eval()
+    torch.testing.assert_close(field(t, z), field(t, z), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        UNet(1, dropout=1.0)
+
+
 def test_the_importance_weighted_bound_is_tighter_and_converges(float64) -> None:
     # a 2x2 image of 2 levels: P(k) is the integral of p over the unit cube at k, computable
     rk4 = Solver("rk4", step_size=0.125)
@@ -105,6 +133,33 @@ def test_the_importance_weighted_bound_is_tighter_and_converges(float64) -> None
     assert exact_nll - 0.08 <= many.nll <= sixteen.nll + 0.05
     assert abs(many.nll - exact_nll) < abs(one.nll - exact_nll) + 1e-9
     assert many.samples == 2048 and many.bits_per_dim == pytest.approx(many.nll / (4 * math.log(2)))
+
+
+def test_the_importance_weighted_bound_takes_the_exact_trace_not_hutchinsons(float64) -> None:
+    # Hutchinson's log p + eps is unbiased, but log-mean-exp over K draws of it is biased low
+    # (towards log E exp(eps) > 0 nats); the bound must be computed from exact log-densities
+    rk4 = Solver("rk4", step_size=0.25)
+    model = MultiscaleCNF((1, 2, 2), levels=4, scales=1, blocks=1, field="conv", hidden=(16,),
+                          alpha=0.05, trace="hutchinson", solver=rk4)  # fmt: skip
+    _perturbed(model.ode_blocks()[0].field, 0.5)
+    model.eval()
+    pixels = torch.randint(0, 4, (6, 1, 2, 2), generator=torch.Generator().manual_seed(1))
+    K = 64
+    bound = dequantized_bound(
+        model, pixels, K, generator=torch.Generator().manual_seed(2), batch_size=K * 4 * 6
+    )  # one solve: the draws below
+    u = torch.rand((K, *pixels.shape), generator=torch.Generator().manual_seed(2)).double()
+    x = (pixels.double() + u).flatten(0, 1)
+    with torch.no_grad():
+        exact = model.log_prob(x, trace="exact").reshape(K, -1)
+        noisy = model.log_prob(x, generator=torch.Generator().manual_seed(3)).reshape(K, -1)
+    iw = lambda lp: -float((torch.logsumexp(lp, 0) - math.log(K)).mean())  # noqa: E731
+    assert bound.trace == "exact" and bound.nll == pytest.approx(iw(exact), abs=1e-9)
+    assert bound.single_nll == pytest.approx(-float(exact.mean()), abs=1e-9)
+    assert (noisy - exact).std() > 0.5  # the probe's noise is real here (about 1 nat) ...
+    assert iw(noisy) < iw(exact) - 0.1  # ... and a Hutchinson "bound" would claim too much
+    # K = 1 keeps the model's own (unbiased) estimator and its cost
+    assert dequantized_bound(model, pixels, 1).trace == "hutchinson"
 
 
 def _bf16_losses(device: str) -> tuple[torch.Tensor, torch.Tensor, set]:

@@ -6,7 +6,8 @@ solving, such as flow matching, does not need it) and what it logs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cnf.adaptation import batch_nll_metric
+from cnf.fields import SeededDropout, seeded_dropout
 from cnf.flow import Flow
 from cnf.solvers import Solver
 
@@ -84,12 +86,28 @@ class MaximumLikelihood(Objective):
         regularize = self.kinetic > 0 or self.jacobian > 0
         rows = None if shard is None else (shard[0], len(x))
         x = x if shard is None else x[shard[0] : shard[1]]
-        out = model.to_latent(x, generator=generator, regularize=regularize, rows=rows)
+        with _without_dropout(model):  # a solve needs a deterministic field
+            out = model.to_latent(x, generator=generator, regularize=regularize, rows=rows)
         nll = -(model.base_log_prob(out.value) + out.logdet).mean()
         loss = nll
         if regularize:
             loss = loss + self.kinetic * out.kinetic.mean() + self.jacobian * out.jacobian.mean()
         return loss, {"nll": nll.detach()}
+
+
+@contextmanager
+def _without_dropout(model: Flow) -> Iterator[None]:
+    """The model's dropout layers (a U-Net field's, for flow matching) in eval mode for the
+    block: an ODE solve, and its adjoint, need the same field at every evaluation."""
+    kinds = (torch.nn.Dropout, SeededDropout)
+    dropouts = [m for m in model.modules() if isinstance(m, kinds) and m.training]
+    for m in dropouts:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in dropouts:
+            m.train()
 
 
 COUPLINGS = ("independent", "ot")
@@ -162,13 +180,17 @@ class FlowMatching(Objective):
             chunks = zip(x0.split(self.ot_chunk), z.split(self.ot_chunk), strict=True)
             z = torch.cat([zc[ot_pairing(xc, zc)] for xc, zc in chunks])
         s = self.times(len(x0), generator, x0)
+        total = len(x0)
         if shard is not None:  # this process's rows of it
             x0, z, s = (v[shard[0] : shard[1]] for v in (x0, z, s))
         shape = (-1,) + (1,) * (x0.ndim - 1)
         a, b = (self.sigma_min + (1 - self.sigma_min) * s).reshape(shape), (1 - s).reshape(shape)
         T = block.T.detach()
         target = ((1 - self.sigma_min) * z - x0) / T
-        with torch.autocast(x0.device.type, torch.bfloat16, enabled=self.autocast == "bf16"):
+        with (
+            torch.autocast(x0.device.type, torch.bfloat16, enabled=self.autocast == "bf16"),
+            seeded_dropout(block.field, generator, shard, total),  # masks of (seed, iteration)
+        ):
             velocity = block.field(s * T, a * z + b * x0)
         loss = (velocity.to(target.dtype) - target).square().mean()
         return loss, {"fm_loss": loss.detach()}
