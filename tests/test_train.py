@@ -210,8 +210,14 @@ def test_bad_config(kwargs: dict, match: str) -> None:
 
 def test_presets_per_kind_of_data() -> None:
     assert TrainConfig.for_data("8gaussians") == config(data="8gaussians")
-    image = TrainConfig.for_data("digits")
-    assert (image.batch_size, image.model.hidden, image.validity_size) == (64, (32, 32), 64)
+    image = TrainConfig.for_data("digits")  # flow matching on one U-Net field
+    assert (image.objective, image.model.field, image.model.scales) == ("fm", "unet", 1)
+    assert (image.time_sampling, image.model.unet_dropout, image.finetune_share) == (
+        "logit-normal", 0.1, 0.0)  # fmt: skip
+    multiscale = TrainConfig.for_data("digits", objective="mle")
+    assert (multiscale.batch_size, multiscale.model.hidden, multiscale.validity_size) == (
+        64, (32, 32), 64)  # fmt: skip
+    assert multiscale.model.field == "conv" and multiscale.time_sampling == "uniform"
     assert TrainConfig.for_data("digits", batch_size=8).batch_size == 8  # given flags win
     with pytest.raises(ValueError, match="unknown dataset 'digitz'"):
         TrainConfig.for_data("digitz")

@@ -37,6 +37,7 @@ class Plan:
     finetune_iters: int
     seconds_per_iter: float
     seconds_per_finetune_iter: float
+    first: str = "fm"  # the first phase's objective: "fm" or "mle"
 
     def describe(self) -> str:
         text = (
@@ -49,7 +50,7 @@ class Plan:
 
 
 def _kind(plan: Plan) -> str:
-    return "flow-matching" if plan.finetune_iters or plan.seconds_per_iter < 0.02 else "training"
+    return "flow-matching" if plan.first == "fm" else "maximum-likelihood"
 
 
 def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
@@ -70,7 +71,7 @@ def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
         t_mle = _time(probe, mle, cfg, _PROBES["mle"]) * MLE_COST_AFTER_FM
     iters = max(1, round((1 - share) * cfg.budget / t_first))
     finetune = round(share * cfg.budget / t_mle) if share > 0 else 0
-    result = Plan(cfg.budget, iters, finetune, t_first, t_mle)
+    result = Plan(cfg.budget, iters, finetune, t_first, t_mle, first.name)
     return cfg.replace(iters=iters, finetune_iters=finetune), result
 
 
