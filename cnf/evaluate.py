@@ -112,7 +112,8 @@ def bits_per_dim(nll: float, dim: int) -> float:
 class DiscreteBound:
     """The importance-weighted bound on the discrete images' NLL, in nats and bits/dim, over
     ``samples`` dequantization draws per image (``samples = 1`` is the usual bound), with the
-    K = 1 bound on the same draws (``single_nll``: the mean of their log-densities) beside it."""
+    K = 1 bound on the same draws (``single_nll``: the mean of their log-densities) beside it
+    and the draws' log-densities themselves."""
 
     nll: float
     nll_se: float
@@ -122,6 +123,7 @@ class DiscreteBound:
     single_nll: float
     single_bits_per_dim: float
     trace: str
+    draws: Tensor  # (samples, n) float64: log p(k + u_j) of every draw of every image
 
 
 @torch.no_grad()
@@ -184,7 +186,7 @@ def dequantized_bound(
     se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
     used = trace or _trace_name(model)
     return DiscreteBound(nll, se, bits_per_dim(nll, dim), samples, len(logp), single,
-                         bits_per_dim(single, dim), used)  # fmt: skip
+                         bits_per_dim(single, dim), used, draws)  # fmt: skip
 
 
 def _trace_name(model: nn.Module) -> str:

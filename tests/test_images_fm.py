@@ -156,6 +156,7 @@ def test_the_importance_weighted_bound_takes_the_exact_trace_not_hutchinsons(flo
     iw = lambda lp: -float((torch.logsumexp(lp, 0) - math.log(K)).mean())  # noqa: E731
     assert bound.trace == "exact" and bound.nll == pytest.approx(iw(exact), abs=1e-9)
     assert bound.single_nll == pytest.approx(-float(exact.mean()), abs=1e-9)
+    torch.testing.assert_close(bound.draws, exact, rtol=0, atol=1e-9)
     assert (noisy - exact).std() > 0.5  # the probe's noise is real here (about 1 nat) ...
     assert iw(noisy) < iw(exact) - 0.1  # ... and a Hutchinson "bound" would claim too much
     # K = 1 keeps the model's own (unbiased) estimator and its cost
