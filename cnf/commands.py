@@ -90,7 +90,8 @@ HELP = {
     "kinetic": "weight of RNODE's kinetic-energy penalty, int ||f||^2 dt",
     "jacobian": "weight of RNODE's Jacobian penalty, int ||df/dz||_F^2 dt",
     "adapt": "adapt the training step (or tolerance) so a finer solver agrees (Ott et al. 2021)",
-    "adapt_every": "iterations between step-size checks",
+    "adapt_every": "iterations between step-size checks (and 1, 2, 4, ... after a switch from "
+    "flow matching to maximum likelihood)",
     "adapt_threshold": "tolerated NLL difference from the finer solver, nats per dimension",
     "max_steps": "the adapted step never falls below T / max_steps",
     "test_size": "test samples in the final report (a table's test split has its own size)",

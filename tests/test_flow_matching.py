@@ -200,3 +200,7 @@ def test_fm_then_mle_starts_the_mle_phase_at_the_largest_valid_step(tmp_path: Pa
     assert start["event"] == "start" and rows[300]["nfe"] > 1
     assert rows[300]["lr"] == pytest.approx(1e-3, rel=1e-3)  # the schedule starts again
     assert rows[-1]["lr"] == pytest.approx(1e-5)
+    # the adapter checks 1, 2, 4, 8 and 16 iterations into the phase, then every 25
+    checked = [r["iter"] for r in rows[300:] if "adapt" in r]
+    assert checked == [301, 302, 303, 305, 309, 317, 325, 350]
+    assert (objective.begins(300), objective.begins(301), objective.begins(360)) == (1, 301, 301)

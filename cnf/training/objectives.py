@@ -57,6 +57,10 @@ class Objective:
         """The objective that trains ``iteration`` (itself; :class:`Phases` has several)."""
         return self
 
+    def begins(self, iteration: int) -> int:
+        """The first iteration of the phase that trains ``iteration`` (1: there is one)."""
+        return 1
+
     def check(self, model: Flow) -> None:
         """Refuse, before training starts, a model this objective cannot train."""
 
@@ -251,6 +255,14 @@ class Phases(Objective):
             if iteration <= last:
                 return objective
         return self.phases[-1][0]
+
+    def begins(self, iteration: int) -> int:
+        first = 1
+        for _, last in self.phases[:-1]:
+            if iteration <= last:
+                break
+            first = last + 1
+        return first
 
     def check(self, model: Flow) -> None:
         for objective, _ in self.phases:
