@@ -5,7 +5,6 @@
     python bench/bench_images.py --gpu            # one GPU: Fashion-MNIST, 10 minutes per model
     python bench/bench_images.py --grids figures  # also a PNG of each model's samples
     python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 200 --only cnf fm-unet
-    python bench/bench_images.py --only fm-unet --eval-n 32 --dequant-samples 4  # and K = 4
     python bench/bench_images.py --only fm-unet --eval-n 64 --dequant-samples 8 --iw-steps 16
 
 Each row trains one configuration from scratch, in this process, on the same device, for the same

