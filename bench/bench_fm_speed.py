@@ -1,17 +1,20 @@
-"""``torch.compile`` of the U-Net field for the flow-matching regression: CPU (or GPU) time per
-training step, eager against compiled, with and without the preset's dropout.
+"""The flow-matching regression step of the U-Net field: CPU (or GPU) time per training step in
+float32, under bfloat16 autocast (``--autocast bf16``) and with the field compiled by
+``torch.compile``, with and without the preset's dropout.
 
-    python bench/bench_compile.py                 # digits-sized: batch 128 of 1x8x8
-    python bench/bench_compile.py --size 28 --batch 64 --steps 10
+    python bench/bench_fm_speed.py                 # digits-sized: batch 128 of 1x8x8
+    python bench/bench_fm_speed.py --size 28 --batch 64 --steps 10
 
 Each row times ``--steps`` steps of the regression's forward, backward and AdamW update on one
-U-Net (the image preset's: width 32, 2 levels) after a warm-up of 5, in this process; "first
-step" is the first call, which for a compiled field includes compiling it (inductor caches
-compiled code on disk: a second run of the script compiles faster). The rows: the U-Net without
-dropout called as a plain module (what compiling can gain at best), then as ``cnf``'s
-flow-matching loss calls it, inside ``cnf.fields.seeded_dropout`` (which hands every dropout
-layer the step's generator, even at p = 0), without and with the preset's dropout 0.1. ``cnf``
-has no ``--compile`` flag while this table says it does not pay for the preset.
+U-Net (the image preset's: width 32, 2 levels) after a warm-up of 5, in this process, three
+ways: float32; under bfloat16 autocast, the field's forward pass under ``torch.autocast(...,
+torch.bfloat16)`` and the loss in float32, as ``cnf.training.FlowMatching`` runs it; and with
+the field compiled by ``torch.compile`` ("first step": the first call, compiling included;
+inductor caches compiled code on disk, so a second run of the script compiles faster). The
+rows: the U-Net without dropout called as a plain module (what compiling can gain at best), then
+as ``cnf``'s flow-matching loss calls it, inside ``cnf.fields.seeded_dropout`` (which hands
+every dropout layer the step's generator, even at p = 0), without and with the preset's dropout
+0.1. ``cnf`` has no ``--compile`` flag while this table says it does not pay for the preset.
 """
 
 from __future__ import annotations
@@ -32,18 +35,23 @@ def clock(device: torch.device) -> float:
     return time.process_time()  # CPU seconds: the machine is shared
 
 
-def time_steps(dropout: float, seeded: bool, compiled: bool, args, device) -> tuple:
+def time_steps(dropout: float, seeded: bool, mode: str, args, device) -> tuple:
     torch.manual_seed(0)
     net = UNet(1, width=32, resolutions=2, dropout=dropout).to(device)
-    field = torch.compile(net) if compiled else net
+    field = torch.compile(net) if mode == "compiled" else net
+    bf16 = mode == "bf16"
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
     x = torch.randn(args.batch, 1, args.size, args.size, device=device)
     t = torch.rand(args.batch, device=device)
 
     def one(i: int) -> None:
         gen = torch.Generator(device=device).manual_seed(i)
-        with seeded_dropout(net, gen, None, args.batch) if seeded else contextlib.nullcontext():
-            loss = (field(t, x) - x).square().mean()
+        with (
+            seeded_dropout(net, gen, None, args.batch) if seeded else contextlib.nullcontext(),
+            torch.autocast(device.type, torch.bfloat16, enabled=bf16),
+        ):
+            out = field(t, x)
+        loss = (out.float() - x).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -74,15 +82,16 @@ def main() -> None:
     what = torch.cuda.get_device_name(device) if args.gpu else f"CPU, {args.threads} thread(s)"
     print(f"U-Net regression step, batch {args.batch} of 1x{args.size}x{args.size}, {what}, "
           f"torch {torch.__version__}\n")  # fmt: skip
-    print("| dropout | masks | eager ms/step | compiled ms/step | speed-up | compiled first "
+    print("| dropout | masks | float32 ms/step | bf16 autocast | compiled | compiled first "
           "step, s |")  # fmt: skip
     print("|---:|---|---:|---:|---:|---:|")
     for dropout, seeded in ((0.0, False), (0.0, True), (0.1, True)):
-        _, eager = time_steps(dropout, seeded, False, args, device)
-        first, comp = time_steps(dropout, seeded, True, args, device)
+        _, eager = time_steps(dropout, seeded, "float32", args, device)
+        _, bf16 = time_steps(dropout, seeded, "bf16", args, device)
+        first, comp = time_steps(dropout, seeded, "compiled", args, device)
         masks = "seeded per step (as cnf trains)" if seeded else "none (a plain module call)"
-        print(f"| {dropout} | {masks} | {eager * 1e3:.1f} | {comp * 1e3:.1f} | "
-              f"{eager / comp:.2f}x | {first:.1f} |", flush=True)  # fmt: skip
+        print(f"| {dropout} | {masks} | {eager * 1e3:.1f} | {bf16 * 1e3:.1f} ({eager / bf16:.2f}x) "
+              f"| {comp * 1e3:.1f} ({eager / comp:.2f}x) | {first:.1f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
