@@ -33,6 +33,8 @@ VARIANTS: dict[str, dict] = {
     "dropout-0.2": dict(unet_dropout=0.2),
     "resolutions-3": dict(unet_resolutions=3),
     "bf16": dict(autocast="bf16"),
+    "bf16+coupling-ot": dict(autocast="bf16", coupling="ot"),
+    "bf16+lr-1e-3": dict(autocast="bf16", lr=1e-3),
     "no-dropout": dict(unet_dropout=0.0),
     "no-dropout+uniform-time": dict(unet_dropout=0.0, time_sampling="uniform"),
     "no-dropout+weight-decay-0.3": dict(unet_dropout=0.0, weight_decay=0.3),
