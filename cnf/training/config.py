@@ -254,7 +254,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (the README's table): logit-normal times 1.763 test bits/dim against 1.798 for uniform ones
     # (1,500 iterations), dropout 1.733 against 1.740 (2,900), with a train-test gap of 0.12
     # instead of 0.18; width 64 (3 times the cost), weight decay, sigma_min, no logit, a higher
-    # learning rate did no better
+    # learning rate did no better. --autocast bf16 trains as well and, on a CPU with bfloat16
+    # instructions, 1.4 times as fast (bench/bench_fm_speed.py); not the default, being measured
+    # on one CPU only
     "image-fm": dict(
         objective="fm",
         time_sampling="logit-normal",
