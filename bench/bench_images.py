@@ -9,7 +9,10 @@
 
 Each row trains one configuration from scratch, in this process, on the same device, for the same
 training-time budget, through ``cnf.training.fit`` (the loop of ``cnf train``: its seeding, step
-adaptation and clipping), with AdamW at a constant learning rate; then evaluates the
+adaptation and clipping), with AdamW; FFJORD's row at its constant learning rate, the others on
+the cosine schedule over the iterations that ``cnf train --budget`` plans for the budget (a row
+whose plan overruns stops at the budget all the same; ``--constant-lr``: every row at its
+constant learning rate, as this benchmark trained before). Then it evaluates the
 whole test set (digits: 360 images; Fashion-MNIST: 10,000, ``--eval-n`` to cut) with the row's
 evaluation solver and reports bits/dim (see cnf/evaluate.py), the iterations done, iterations per
 second and the mean forward NFE per training iteration.
@@ -34,7 +37,9 @@ Rows:
   forward pass; the likelihood is evaluated in float32 as for every row).
 * ``fm+mle``: the same, by flow matching for half the budget and by maximum likelihood (from the
   largest valid rk4 step) for the other half, as ``--budget`` plans it with ``--finetune-share
-  0.5``.
+  0.5``, its cosine schedule restarting at ``--finetune-lr`` (default 1e-4: at 1e-3 Adam's first
+  steps undid the annealed flow-matching model, see the README). The test bits/dim at the end of
+  the flow-matching half is printed too (evaluated outside the budget).
 
 ``--dequant-samples K`` also reports the importance-weighted bound over K dequantizations
 (:func:`cnf.evaluate.dequantized_bound`, exact trace) on the ``--eval-n`` first test images, the
@@ -73,6 +78,7 @@ FFJORD = dict(
     hidden=(64, 64, 64), blocks=2, conv_layer="concat", activation="softplus", method="dopri5",
     atol=1e-5, rtol=1e-5, eval_method="dopri5", eval_atol=1e-5, eval_rtol=1e-5, learn_T=True,
     trace="hutchinson", noise="rademacher", alpha=1e-6, batch_size=200, lr=1e-3, adjoint=True,
+    schedule="constant",
 )  # fmt: skip
 
 # cnf train's image preset for flow matching (PRESETS["image-fm"]), evaluated as the others are
@@ -89,8 +95,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
         "ffjord": dict(data="digits", **FFJORD),
         "fm-unet": dict(data="digits", **FM_UNET),
         "fm-unet-bf16": dict(data="digits", **FM_UNET, autocast="bf16"),
-        "fm+mle": dict(data="digits", **{**FM_UNET, "finetune_share": 0.5}, finetune_iters=1,
-                       finetune_lr=1e-3),
+        "fm+mle": dict(data="digits", **{**FM_UNET, "finetune_share": 0.5}, finetune_iters=1),
     },
     "gpu": {
         "cnf": dict(data="fashion-mnist", **{**FFJORD, "conv_layer": "concatsquash"},
@@ -98,19 +103,26 @@ CONFIGS: dict[str, dict[str, dict]] = {
         "ffjord": dict(data="fashion-mnist", **FFJORD),
         "fm-unet": dict(data="fashion-mnist", **FM_UNET),
         "fm-unet-bf16": dict(data="fashion-mnist", **FM_UNET, autocast="bf16"),
-        "fm+mle": dict(data="fashion-mnist", **{**FM_UNET, "finetune_share": 0.5}, finetune_iters=1,
-                       finetune_lr=1e-3),
+        "fm+mle": dict(data="fashion-mnist", **{**FM_UNET, "finetune_share": 0.5},
+                       finetune_iters=1),
     },
 }  # fmt: skip
 
 
 class _Report(Hooks):
-    """Prints the training bits/dim every 30 seconds of training."""
+    """Prints the training bits/dim every 30 seconds of training, and the test bits/dim at the
+    end of a flow-matching phase that maximum likelihood follows (``switch``: its last iteration
+    and the test images; evaluated outside the budget)."""
 
-    def __init__(self, tag: str, dim: int) -> None:
+    def __init__(self, tag: str, dim: int, switch: tuple[int, torch.Tensor] | None = None) -> None:
         self.tag, self.dim, self.spent, self.last, self.nfe = tag, dim, 0.0, 0.0, 0
+        self.switch = switch
 
     def row(self, state, row) -> None:
+        if self.switch and state.iteration == self.switch[0]:
+            ev = evaluate(state.model, self.switch[1], batch_size=1000)
+            print(f"  {self.tag}: {ev.bits_per_dim:.3f} test bits/dim after the {state.iteration} "
+                  f"flow-matching iterations", file=sys.stderr, flush=True)  # fmt: skip
         self.spent += row["time"]
         self.nfe += row["nfe"]
         if self.spent - self.last > 30:
@@ -121,16 +133,23 @@ class _Report(Hooks):
                   f"NFE {row['nfe']}", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def train_for(cfg: TrainConfig, seconds: float, tag: str) -> dict:
+def train_for(cfg: TrainConfig, seconds: float, tag: str, eval_n: int | None = None) -> dict:
     """Train ``cfg`` from scratch through ``cnf.training.fit`` for ``seconds`` of training time
-    (``fit``'s budget: the iterations' own time); return the setup and counts."""
+    (``fit``'s budget: the iterations' own time); return the setup and counts. A flow-matching
+    phase that maximum likelihood follows is scored at its end on ``eval_n`` test images."""
     run = setup(cfg)
-    if cfg.objective == "fm" and cfg.finetune_iters:  # split the budget as cnf train --budget
+    if cfg.schedule == "constant" and not cfg.finetune_iters:  # train until the budget ends
+        run = setup(cfg.replace(iters=10**7), data=run.data)
+    else:  # plan the iterations, and the schedule over them, as cnf train --budget does; the
+        # budget still stops a row whose plan overruns (a busier machine, more solver steps)
         cfg, plan = budget.plan(cfg.replace(budget=seconds), run)
         print(f"  {tag}: {plan.describe()}", file=sys.stderr, flush=True)
         run = setup(cfg, data=run.data)
     dim = math.prod(run.data.event_shape)
-    report = _Report(tag, dim)
+    switch = None
+    if cfg.objective == "fm" and cfg.finetune_iters:
+        switch = (cfg.iters, to_tensor(run.data.test(eval_n), run.device, run.dtype))
+    report = _Report(tag, dim, switch)
     start = time.perf_counter()
     result = fit(run.state, run.data, run.objective, cfg, hooks=report, progress=False,
                  quiet=True, seconds=seconds)  # fmt: skip
@@ -141,15 +160,19 @@ def train_for(cfg: TrainConfig, seconds: float, tag: str) -> dict:
 
 
 def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.device) -> dict:
-    # no evaluations during training (eval_every past any budget), a constant learning rate
-    flat = {**overrides, "device": str(device), "schedule": "constant", "iters": 10**7,
-            "eval_every": 10**7, "threads": args.threads}  # fmt: skip
+    # no evaluations during training (eval_every past any budget)
+    flat = {**overrides, "device": str(device), "eval_every": 10**7,
+            "threads": args.threads}  # fmt: skip
+    if args.constant_lr:
+        flat["schedule"] = "constant"
+    if flat.get("finetune_iters"):
+        flat["finetune_lr"] = args.finetune_lr
     if args.data:
         flat["data"] = args.data
     if args.data_dir:
         flat["data_dir"] = args.data_dir
     cfg = TrainConfig().replace(**flat)
-    out = train_for(cfg, args.minutes * 60, name)
+    out = train_for(cfg, args.minutes * 60, name, args.eval_n)
     run = out["run"]
     if args.grids:
         args.grids.mkdir(parents=True, exist_ok=True)
@@ -225,6 +248,11 @@ def main() -> None:
     parser.add_argument("--eval-n", type=int, help="test images to evaluate (default: all)")
     parser.add_argument("--eval-batch", type=int, default=1000, help="test images per solve")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--finetune-lr", type=float, default=1e-4, help="fm+mle: the maximum-"
+                        "likelihood phase's peak learning rate (default 1e-4)")  # fmt: skip
+    parser.add_argument("--constant-lr", action="store_true", help="every row at a constant "
+                        "learning rate until its budget ends (the benchmark before it planned "
+                        "cosine schedules)")  # fmt: skip
     parser.add_argument("--grids", type=Path, help="write (or replace) each model's 64 samples "
                         "as a PNG in this directory")  # fmt: skip
     args = parser.parse_args()
