@@ -92,6 +92,8 @@ HELP = {
     "adapt": "adapt the training step (or tolerance) so a finer solver agrees (Ott et al. 2021)",
     "adapt_every": "iterations between step-size checks (and 1, 2, 4, ... after a switch from "
     "flow matching to maximum likelihood)",
+    "adapt_size": "training rows each step-size check scores, the first of the batch (0: all; "
+    "each check solves them with a fine reference solver)",
     "adapt_threshold": "tolerated NLL difference from the finer solver, nats per dimension",
     "max_steps": "the adapted step never falls below T / max_steps",
     "test_size": "test samples in the final report (a table's test split has its own size)",

@@ -204,3 +204,32 @@ def test_fm_then_mle_starts_the_mle_phase_at_the_largest_valid_step(tmp_path: Pa
     checked = [r["iter"] for r in rows[300:] if "adapt" in r]
     assert checked == [301, 302, 303, 305, 309, 317, 325, 350]
     assert (objective.begins(300), objective.begins(301), objective.begins(360)) == (1, 301, 301)
+
+
+@pytest.mark.parametrize("adapt_size", [0, 16])
+def test_adapt_size_limits_the_rows_each_step_check_scores(tmp_path: Path, monkeypatch,
+                                                           adapt_size: int) -> None:  # fmt: skip
+    import cnf.training.objectives as objectives
+
+    scored = []
+    real = objectives.batch_nll_metric
+
+    def spy(model, x, *args, **kwargs):
+        scored.append(len(x))
+        return real(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(objectives, "batch_nll_metric", spy)
+    cfg = config(data="8gaussians", objective="fm", iters=20, finetune_iters=6, batch_size=64,
+                 eval_every=100, test_size=100, validity_size=50, hidden=(8,), adapt_every=3,
+                 adapt_size=adapt_size)  # fmt: skip
+    train(cfg, tmp_path / "run", progress=False)
+    # the switch's search and the checks 1, 2 and 4 iterations into the phase, then at 24, 27
+    assert len(scored) >= 5
+    assert set(scored) == {adapt_size or 64}
+
+
+def test_adapt_size_must_be_a_count() -> None:
+    from cnf.options import ConfigError
+
+    with pytest.raises(ConfigError, match="adapt_size"):
+        config(data="8gaussians", adapt_size=-1)

@@ -109,7 +109,9 @@ def step(
             row["adapt"] = _enter_solving_phase(state, active, x, cfg, it, dist)
         if state.adapter is not None and active.adapts and _checks(objective, it, cfg):
             # Ott et al.: does a finer solver agree on this batch? If not, refine the step.
-            metric = _metric(active, model, x, stream_seed(cfg.seed, ADAPT, it), dist)
+            metric = _metric(
+                active, model, _adapt_rows(x, cfg), stream_seed(cfg.seed, ADAPT, it), dist
+            )
             solver, row["adapt"] = state.adapter.adapt(model.solver, metric)
             model.set_solver(solver)
         loss, logs = engine(active, x, generator(x.device, cfg.seed, PROBES, it), shard)
@@ -158,6 +160,11 @@ def _checks(objective: Objective, it: int, cfg: TrainConfig) -> bool:
     return entered and 0 < since < cfg.adapt_every and since & (since - 1) == 0
 
 
+def _adapt_rows(x: Tensor, cfg: TrainConfig) -> Tensor:
+    """The rows of the batch that the adapter's checks score: the first ``adapt_size``."""
+    return x[: cfg.adapt_size] if cfg.adapt_size else x
+
+
 def _metric(active: Objective, model, x: Tensor, seed: int, dist: Distributed):
     """The adapter's metric; with several processes each scores its share and every process
     gets the mean, or every process a SolverError when any one's solve failed."""
@@ -191,7 +198,7 @@ def _enter_solving_phase(
     step without the adapter)."""
     model = state.model
     if state.adapter is not None:
-        metric = _metric(active, model, x, stream_seed(cfg.seed, ADAPT, it), dist)
+        metric = _metric(active, model, _adapt_rows(x, cfg), stream_seed(cfg.seed, ADAPT, it), dist)
         model.set_solver(state.adapter.largest_valid(model.solver, metric))
     elif cfg.model.step_size is None:
         start_step(model, x, None, rtol=cfg.model.rtol, atol=cfg.model.atol)
