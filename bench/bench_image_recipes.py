@@ -8,8 +8,9 @@ after the same number of iterations, a change or two at a time from ``cnf train`
 Each row trains ``PRESETS["image-fm"]`` with the options its name says changed, from scratch,
 in this process, on one thread, through ``cnf.training.fit`` (the loop of ``cnf train``) with
 its cosine schedule over ``--iters`` iterations (2,900: what 5 minutes bought on the
-development machine beside other work; about 4,400 on a quieter one), then scores the model with its evaluation solver (rk4 in 16 steps; it
-agrees with dopri5 at 1e-5 to 1e-4 bits/dim here) on the test images and on as many training
+development machine beside other work; about 4,400 on a quieter one), then scores the model
+with its evaluation solver (rk4 in 16 steps; it agrees with dopri5 at 1e-5 to 1e-4 bits/dim
+here) on the test images and on as many training
 images: the gap between the two is the overfitting that the 1,257 digits allow. The Hutchinson
 probes are seeded and the same for every row.
 
