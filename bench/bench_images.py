@@ -138,10 +138,9 @@ def train_for(cfg: TrainConfig, seconds: float, tag: str, eval_n: int | None = N
     (``fit``'s budget: the iterations' own time); return the setup and counts. A flow-matching
     phase that maximum likelihood follows is scored at its end on ``eval_n`` test images."""
     run = setup(cfg)
-    if cfg.schedule == "constant" and not cfg.finetune_iters:  # train until the budget ends
-        run = setup(cfg.replace(iters=10**7), data=run.data)
-    else:  # plan the iterations, and the schedule over them, as cnf train --budget does; the
-        # budget still stops a row whose plan overruns (a busier machine, more solver steps)
+    if cfg.schedule != "constant" or cfg.finetune_iters:  # plan the iterations, and the
+        # schedule over them, as cnf train --budget does; the budget still stops a row whose
+        # plan overruns (a busier machine, more solver steps)
         cfg, plan = budget.plan(cfg.replace(budget=seconds), run)
         print(f"  {tag}: {plan.describe()}", file=sys.stderr, flush=True)
         run = setup(cfg, data=run.data)
@@ -165,6 +164,8 @@ def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.
             "threads": args.threads}  # fmt: skip
     if args.constant_lr:
         flat["schedule"] = "constant"
+    if flat.get("schedule") == "constant" and not flat.get("finetune_iters"):
+        flat["iters"] = 10**7  # train until the budget ends
     if flat.get("finetune_iters"):
         flat["finetune_lr"] = args.finetune_lr
     if args.data:

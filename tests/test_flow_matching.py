@@ -223,7 +223,7 @@ def test_adapt_size_limits_the_rows_each_step_check_scores(tmp_path: Path, monke
                  eval_every=100, test_size=100, validity_size=50, hidden=(8,), adapt_every=3,
                  adapt_size=adapt_size)  # fmt: skip
     train(cfg, tmp_path / "run", progress=False)
-    # the switch's search and the checks 1, 2 and 4 iterations into the phase, then at 24, 27
+    # the switch's search at 21, then checks at 21 and 24 (every 3) and 22, 23, 25 (1, 2, 4 in)
     assert len(scored) >= 5
     assert set(scored) == {adapt_size or 64}
 
