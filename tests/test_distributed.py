@@ -26,6 +26,12 @@ CASES = {
     "mle": config(data="8gaussians", **TINY),
     "mle-adjoint": config(data="8gaussians", **TINY, adjoint=True),
     "mle-hutchinson": config(data="8gaussians", **TINY, trace="hutchinson"),
+    # the step adapter checks at the first step, on fewer rows than the batch: 3 (shares of 2
+    # and 1) and 1 (one process scores none)
+    "mle-adapt-3": config(
+        data="8gaussians", **TINY, trace="hutchinson", adapt_every=1, adapt_size=3
+    ),
+    "mle-adapt-1": config(data="8gaussians", **TINY, adapt_every=1, adapt_size=1),
     "fm-ot": config(data="8gaussians", **TINY, objective="fm", coupling="ot"),
     "table-fm": config(data="iris", **TINY, objective="fm"),
     "image-mle": config(data="digits", **{**TINY, "hidden": (4,)}, blocks=1, trace="hutchinson"),
@@ -49,7 +55,8 @@ def _one_step(cfg, dist):
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
     row = step(run.state, run.objective, x, cfg, dist, dist.wrap(Engine(run.model)))
     grads = {n: p.grad.clone() for n, p in run.model.named_parameters()}
-    return before, grads, run.model.state_dict(), row["loss"]
+    check = row.get("adapt", {})
+    return before, grads, run.model.state_dict(), row["loss"], (check.get("gap"), row["step_size"])
 
 
 def _worker(rank: int, world: int, address: str, out: str) -> None:
@@ -76,8 +83,8 @@ def test_one_ddp_step_equals_one_process_step_on_the_same_global_batch(tmp_path:
     mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn")
     ddp = torch.load(out, weights_only=True)
     for name, cfg in CASES.items():
-        before, grads, after, loss = _one_step(cfg, SINGLE)
-        d_before, d_grads, d_after, d_loss = ddp[name]
+        before, grads, after, loss, (gap, step) = _one_step(cfg, SINGLE)
+        d_before, d_grads, d_after, d_loss, (d_gap, d_step) = ddp[name]
         for k in before:
             torch.testing.assert_close(d_before[k], before[k], rtol=0, atol=0, msg=name)
         for k in grads:  # the gradient of the global mean, to float32 precision
@@ -85,6 +92,10 @@ def test_one_ddp_step_equals_one_process_step_on_the_same_global_batch(tmp_path:
         for k in after:
             torch.testing.assert_close(d_after[k], after[k], rtol=1e-5, atol=1e-6, msg=name)
         assert d_loss == pytest.approx(loss, rel=1e-5), name
+        assert (d_gap is None) == (gap is None) and d_step == step, name  # the same check
+        if gap is not None:  # of the same rows, whatever their shares; the reference (dopri5
+            # at 1e-6) picks its steps for the rows it solves, so agreement is to its tolerance
+            assert d_gap == pytest.approx(gap, abs=1e-5), name
 
 
 # --- the command line under torchrun --------------------------------------------------------

@@ -166,17 +166,25 @@ def _adapt_rows(x: Tensor, cfg: TrainConfig) -> Tensor:
 
 
 def _metric(active: Objective, model, x: Tensor, seed: int, dist: Distributed):
-    """The adapter's metric; with several processes each scores its share and every process
-    gets the mean, or every process a SolverError when any one's solve failed."""
+    """The adapter's metric; with several processes each scores its share of the rows (shares
+    differ by at most one row, and a process may have none when there are fewer rows than
+    processes) and every process gets the mean over all of them, the number one process would
+    compute, or every process a SolverError when any one's solve failed."""
     if not dist.active:
         return active.metric(model, x, seed)
-    local = active.metric(model, x, seed, shard=dist.shard(len(x)))
+    share = dist.share(len(x))
+    local = None
+    if share.stop > share.start:
+        local = active.metric(model, x, seed, shard=(share.start, share.stop))
+    weight = (share.stop - share.start) * dist.world / len(x)  # dist.mean divides by world
 
     def agreed(solver) -> float:
-        try:
-            value = local(solver)
-        except SolverError:
-            value = math.nan
+        value = 0.0
+        if local is not None:
+            try:
+                value = local(solver) * weight
+            except SolverError:
+                value = math.nan
         value = dist.mean([value])[0]
         if not math.isfinite(value):
             raise SolverError(f"{solver.describe()} failed on one of the processes")
