@@ -184,7 +184,7 @@ def test_mnist_5k_reads_mlxtends_csv_without_importing_it(tmp_path: Path, monkey
     assert (len(data.pixels), len(data.validation()), len(data.test())) == (100, 500, 1000)
     assert data.levels == 256 and data.test().shape[1:] == (1, 28, 28)
     # every image of the file lands in exactly one split, pixel for pixel
-    splits = [data.pixels, data._val_pixels, data.test_pixels()]
+    splits = [data.pixels, data.validation_pixels(), data.test_pixels()]
     seen = np.concatenate([s.reshape(len(s), -1).numpy() for s in splits])
     assert sorted(map(bytes, seen)) == sorted(map(bytes, table[:, :784].astype(np.uint8)))
     table[7, 3] = 256  # not a pixel

@@ -144,6 +144,7 @@ SCRIPT_SMALL: dict[str, dict[str, str | None]] = {
     "bench/bench_tabular.py": {"--quick": None},
     "bench/bench_images.py": {"--minutes": "0.02", "--eval-n": "10"},
     "bench/bench_image_recipes.py": {"--iters": "2", "--eval-n": "4", "--only": "preset"},
+    "bench/bench_image_references.py": {"--minutes": "0.05"},
     "bench/bench_animate.py": {"--quick": None},
     "bench/bench_memory.py": {"--batches": "4"},
     "bench/bench_objectives.py": {"--quick": None, "--data": "8gaussians"},

@@ -144,6 +144,10 @@ class ImageData:
         """The held-out training images, dequantized once (float32, CPU)."""
         return self._validation
 
+    def validation_pixels(self) -> Tensor:
+        """The held-out training images as the integers they are (uint8, CPU)."""
+        return self._val_pixels
+
     @cached_property
     def _test(self) -> Tensor:
         return _dequantize(self._test_pixels, _generator("cpu", self.seed, 13, 0))
