@@ -69,6 +69,7 @@ def atomic_path(path: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     path = Path(path)
     if not overwrite:
         check_output(path, flag="path", force=False, hint="overwrite=True")
+    _check_directory(path, "path")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
                                dir=path.parent)  # fmt: skip
     os.close(fd)
@@ -122,8 +123,18 @@ def check_output(path: str | Path, *, flag: str, force: bool, hint: str = "--for
             raise NotADirectoryError(
                 f"cannot write {flag} {path}: {parent} is a file, not a directory"
             )
+    _check_directory(path, flag)
     if path.is_dir():
         raise IsADirectoryError(f"{flag} {path} is a directory: name a file inside it")
     if path.exists() and not force:
         raise FileExistsError(f"{path} exists: pass {hint} to overwrite it")
     return path
+
+
+def _check_directory(path: Path, flag: str) -> None:
+    """A missing directory is named as such (the temporary file's name would be in the error)."""
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {flag} {path}: the directory {path.parent} does not exist (create it "
+            "first, or name a file in an existing directory)"
+        )

@@ -131,9 +131,16 @@ def test_killed_before_the_first_checkpoint_says_to_start_again(tmp_path: Path, 
     assert load_checkpoint(run / "last.pt")["iteration"] == 60
 
 
+def _interruptible() -> None:
+    """Ctrl-C's default in the child: a shell's background job (``pytest &``) starts with SIGINT
+    ignored, which its children inherit, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(run: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cnf", "train", *FLAGS, "--out", str(run)],
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)  # fmt: skip
 
 
 def _wait_for_rows(run: Path, rows: int, proc: subprocess.Popen) -> None:
@@ -166,7 +173,8 @@ def test_signals_from_outside(tmp_path: Path, straight: Path, sig: int, rows: in
 
 def test_ctrl_c_while_starting_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "cnf", "train", *FLAGS, "--out",
-                             str(tmp_path / "run")], stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             str(tmp_path / "run")], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)  # fmt: skip
     time.sleep(0.3)  # still importing torch
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

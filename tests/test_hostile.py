@@ -526,6 +526,13 @@ CASES = [
         "d.npy",
         setup=directory("d.npy"),
     ),
+    case(
+        "sample-into-a-missing-directory",
+        "sample {toy} -n 5 -o {tmp}/nodir/x.npy",
+        1,
+        "nodir",
+        "does not exist",
+    ),
     case("sample-png-on-toy", "sample {toy} -n 4 -o {tmp}/x.png", 1, "image"),
     case(
         "sample-log-prob-png",
@@ -1069,6 +1076,12 @@ def _cnf(*args, **kwargs):
     return CNF(*args, **kwargs)
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    from cnf.io import write_bytes
+
+    write_bytes(path, data)
+
+
 def _config(**kwargs):
     from cnf.training import TrainConfig
 
@@ -1124,6 +1137,13 @@ API_CASES = [
         id="config-weight-decay-inf",
     ),
     _api(lambda: _config(method="rk5"), ValueError, "rk5", id="config-method-rk5"),
+    _api(
+        lambda: _write_bytes("/nonexistent-cnf-dir/x.bin", b"data"),
+        FileNotFoundError,
+        "directory /nonexistent-cnf-dir does not exist",
+        ".tmp",
+        id="write-into-a-missing-directory",
+    ),
 ]
 
 
