@@ -71,6 +71,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.hidden = options.widths("hidden", self.hidden)
         options.finite_floats(self)
+        options.booleans(self)
         for name in ("T", "atol", "rtol", "eval_atol", "eval_rtol"):
             options.number(name, getattr(self, name))
         for name in ("step_size", "eval_step_size"):

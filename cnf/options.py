@@ -44,6 +44,16 @@ def finite_floats(record: Any) -> None:
             raise ConfigError(f.name, f"must be a finite number, got {value}")
 
 
+def booleans(record: Any) -> None:
+    """Refuse anything but ``True`` or ``False`` in a field whose default is a bool: a config
+    from JSON or Python saying ``"no"`` or ``0`` would otherwise read as true (or false) without
+    a word."""
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if isinstance(f.default, bool) and not isinstance(value, bool):
+            raise ConfigError(f.name, f"must be true or false, got {value!r}")
+
+
 def integer(name: str, value: object, low: int, what: str = "") -> None:
     if not is_int(value) or value < low:
         raise ConfigError(name, f"must be {what or f'an integer >= {low}'}, got {value!r}")

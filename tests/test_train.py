@@ -201,6 +201,8 @@ def test_schedule_is_cosine_to_one_percent() -> None:
         (dict(dtype="float16"), "dtype 'float16' is unknown"),
         (dict(activation="gelu"), "activation 'gelu' is unknown"),
         (dict(extra={"trust_pickle": True}), "extra cannot hold trust_pickle"),
+        (dict(adjoint="no"), "adjoint must be true or false, got 'no'"),
+        (dict(dequantize="false"), "dequantize must be true or false, got 'false'"),
     ],
 )
 def test_bad_config(kwargs: dict, match: str) -> None:

@@ -99,6 +99,7 @@ class TrainConfig:
         if isinstance(self.model, dict):
             self.model = ModelConfig.from_dict(self.model)
         options.finite_floats(self)
+        options.booleans(self)
         for name in (
             "iters",
             "batch_size",
