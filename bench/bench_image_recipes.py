@@ -3,6 +3,7 @@ after the same number of iterations, a change or two at a time from ``cnf train`
 
     python bench/bench_image_recipes.py                         # digits, 2,900 iterations each
     python bench/bench_image_recipes.py --iters 1500 --only no-dropout no-dropout+width-64
+    python bench/bench_image_recipes.py --only preset scale-shift --seed 1  # another seed
     python bench/bench_image_recipes.py --iters 20 --eval-n 20  # a smoke run
 
 Each row trains ``PRESETS["image-fm"]`` with the options its name says changed, from scratch,
@@ -46,11 +47,13 @@ VARIANTS: dict[str, dict] = {
     "no-dropout+width-64": dict(unet_dropout=0.0, unet_width=64),
     "no-dropout+lr-5e-3": dict(unet_dropout=0.0, lr=5e-3),
     "no-dropout+no-logit": dict(unet_dropout=0.0, alpha=0.0),
+    "scale-shift": dict(unet_scale_shift=True),
 }
 
 
 def run_row(name: str, args: argparse.Namespace) -> dict:
     flat = {**PRESETS["image-fm"], **VARIANTS[name], "data": args.data, "iters": args.iters,
+            "seed": args.seed,
             "eval_every": 10**7, "threads": 1, "device": "cpu"}  # fmt: skip
     cfg = TrainConfig().replace(**flat)
     run = setup(cfg)
@@ -72,6 +75,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", default="digits", help="an image dataset (default digits)")
     parser.add_argument("--iters", type=int, default=2900, help="iterations per row")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the training seed (initialization, batches, times; default 0)",
+    )
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="rows to run")
     parser.add_argument("--eval-n", type=int, help="test images to score (default: all)")
     args = parser.parse_args()

@@ -33,7 +33,10 @@ Rows:
 * ``fm-unet``: ``cnf train``'s image preset (``PRESETS["image-fm"]``): one CNF block over the
   whole image, a U-Net field (width 32, 2 levels, dropout 0.1) trained by flow matching with
   logit-normal times, batch 128, lr 2e-3.
-* ``fm-unet-bf16``: the same under bfloat16 autocast (``--autocast bf16``: the regression's
+* ``fm-unet-scale-shift``: the same with ``--unet-scale-shift`` (the time scales and shifts each
+  residual block's normalized features, as in ADM's U-Net, instead of shifting them before the
+  norm; bench_image_recipes.py measured it 0.016 bits/dim better at 2,900 iterations, two seeds).
+* ``fm-unet-bf16``: ``fm-unet`` under bfloat16 autocast (``--autocast bf16``: the regression's
   forward pass; the likelihood is evaluated in float32 as for every row).
 * ``fm+mle``: the same, by flow matching for half the budget and by maximum likelihood (from the
   largest valid rk4 step) for the other half, as ``--budget`` plans it with ``--finetune-share
@@ -94,6 +97,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
         ),
         "ffjord": dict(data="digits", **FFJORD),
         "fm-unet": dict(data="digits", **FM_UNET),
+        "fm-unet-scale-shift": dict(data="digits", **FM_UNET, unet_scale_shift=True),
         "fm-unet-bf16": dict(data="digits", **FM_UNET, autocast="bf16"),
         "fm+mle": dict(data="digits", **{**FM_UNET, "finetune_share": 0.5}, finetune_iters=1),
     },
@@ -102,6 +106,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
                     kinetic=0.01, jacobian=0.01),
         "ffjord": dict(data="fashion-mnist", **FFJORD),
         "fm-unet": dict(data="fashion-mnist", **FM_UNET),
+        "fm-unet-scale-shift": dict(data="fashion-mnist", **FM_UNET, unet_scale_shift=True),
         "fm-unet-bf16": dict(data="fashion-mnist", **FM_UNET, autocast="bf16"),
         "fm+mle": dict(data="fashion-mnist", **{**FM_UNET, "finetune_share": 0.5},
                        finetune_iters=1),

@@ -136,6 +136,8 @@ HELP = {
     "unet_depth": "images, --field unet: residual blocks per level and direction",
     "unet_dropout": "images, --field unet: dropout rate in the residual blocks while training "
     "(a regularizer for small datasets; never in evaluation)",
+    "unet_scale_shift": "images, --field unet: the time scales and shifts each block's normalized "
+    "features (ADM's conditioning) instead of only shifting them",
 }
 
 

@@ -278,20 +278,35 @@ def seeded_dropout(
 class _ResBlock(nn.Module):
     """GroupNorm, SiLU, 3x3 conv, plus the time embedding as a per-channel shift, then GroupNorm,
     SiLU, dropout (in training only, as in Ho et al.'s DDPM), 3x3 conv; with a 1x1 skip where
-    the width changes."""
+    the width changes. With ``scale_shift`` the embedding instead scales and shifts the second
+    GroupNorm's output, ``norm(h) * (1 + s) + b`` (Dhariwal and Nichol's adaptive GroupNorm)."""
 
-    def __init__(self, inputs: int, outputs: int, embedding: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        inputs: int,
+        outputs: int,
+        embedding: int,
+        dropout: float = 0.0,
+        scale_shift: bool = False,
+    ) -> None:
         super().__init__()
         self.norm1, self.conv1 = _norm(inputs), nn.Conv2d(inputs, outputs, 3, padding=1)
-        self.time = nn.Linear(embedding, outputs)
+        self.scale_shift = scale_shift
+        self.time = nn.Linear(embedding, 2 * outputs if scale_shift else outputs)
         self.norm2, self.conv2 = _norm(outputs), nn.Conv2d(outputs, outputs, 3, padding=1)
         self.skip = nn.Identity() if inputs == outputs else nn.Conv2d(inputs, outputs, 1)
         self.act = nn.SiLU()
         self.dropout = SeededDropout(dropout)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(self.act(self.norm1(x))) + self.time(emb)[:, :, None, None]
-        return self.conv2(self.dropout(self.act(self.norm2(h)))) + self.skip(x)
+        h = self.conv1(self.act(self.norm1(x)))
+        time = self.time(emb)[:, :, None, None]
+        if self.scale_shift:
+            scale, shift = time.chunk(2, 1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + time)
+        return self.conv2(self.dropout(self.act(h))) + self.skip(x)
 
 
 class UNet(nn.Module):
@@ -313,6 +328,9 @@ class UNet(nn.Module):
             regularizer for small datasets (flow matching's regression). Evaluation (``eval()``:
             every likelihood, sample and validity check) and every ODE solve, a
             maximum-likelihood step's included, never drop: the field is deterministic.
+        scale_shift: condition every block on the time by a per-channel scale and shift of its
+            normalized features (adaptive GroupNorm, as in Dhariwal and Nichol's ADM U-Net and
+            TorchCFM's ``use_scale_shift_norm``) instead of the default shift before the norm.
 
     Example:
         >>> f = UNet(1, width=8, resolutions=2)
@@ -328,6 +346,7 @@ class UNet(nn.Module):
         resolutions: int = 2,
         depth: int = 1,
         dropout: float = 0.0,
+        scale_shift: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("width", width), ("resolutions", resolutions), ("depth", depth)):
@@ -336,6 +355,8 @@ class UNet(nn.Module):
         numeric = isinstance(dropout, int | float) and not isinstance(dropout, bool)
         if not numeric or not 0 <= dropout < 1:
             raise ValueError(f"U-Net dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(scale_shift, bool):
+            raise ValueError(f"U-Net scale_shift must be True or False, got {scale_shift!r}")
         self.resolutions = resolutions
         emb = 4 * width
         self.embed = _TimeEmbedding(width, emb)
@@ -343,13 +364,17 @@ class UNet(nn.Module):
         widths = [width * 2**level for level in range(resolutions)]
         self.down, self.up = nn.ModuleList(), nn.ModuleList()
         previous = width
+
+        def block(inputs: int, outputs: int) -> _ResBlock:
+            return _ResBlock(inputs, outputs, emb, dropout, scale_shift)
+
         for w in widths:
-            self.down.append(nn.ModuleList(_ResBlock(previous if i == 0 else w, w, emb, dropout)
+            self.down.append(nn.ModuleList(block(previous if i == 0 else w, w)
                                            for i in range(depth)))  # fmt: skip
             previous = w
-        self.middle = _ResBlock(previous, previous, emb, dropout)
+        self.middle = block(previous, previous)
         for w in reversed(widths):
-            self.up.append(nn.ModuleList(_ResBlock(previous + w if i == 0 else w, w, emb, dropout)
+            self.up.append(nn.ModuleList(block(previous + w if i == 0 else w, w)
                                          for i in range(depth)))  # fmt: skip
             previous = w
         self.out = nn.Sequential(_norm(previous), nn.SiLU(), nn.Conv2d(previous, channels, 3,

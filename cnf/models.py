@@ -67,6 +67,7 @@ class ModelConfig:
     unet_resolutions: int = 2
     unet_depth: int = 1
     unet_dropout: float = 0.0
+    unet_scale_shift: bool = False
 
     def __post_init__(self) -> None:
         self.hidden = options.widths("hidden", self.hidden)
@@ -151,6 +152,7 @@ def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
         unet_resolutions=cfg.unet_resolutions,
         unet_depth=cfg.unet_depth,
         unet_dropout=cfg.unet_dropout,
+        unet_scale_shift=cfg.unet_scale_shift,
         **_common(cfg),
     )
 

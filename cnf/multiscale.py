@@ -92,7 +92,8 @@ class MultiscaleCNF(Flow, nn.Module):
             (:class:`~cnf.fields.ConvField`), with ``field="conv"``.
         field: ``"conv"`` (FFJORD's stack of convolutions) or ``"unet"``
             (:class:`~cnf.fields.UNet` of ``unet_width`` channels, ``unet_resolutions`` levels
-            and ``unet_depth`` residual blocks per level, dropout ``unet_dropout`` in training:
+            and ``unet_depth`` residual blocks per level, dropout ``unet_dropout`` in training,
+            the time's adaptive GroupNorm with ``unet_scale_shift``:
             the field of a single-scale model,
             ``scales=1, blocks=1``, trained by flow matching over the whole image).
         trace, noise: the trace estimator (Hutchinson with Rademacher probes by default).
@@ -129,6 +130,7 @@ class MultiscaleCNF(Flow, nn.Module):
         unet_resolutions: int = 2,
         unet_depth: int = 1,
         unet_dropout: float = 0.0,
+        unet_scale_shift: bool = False,
     ) -> None:
         super().__init__()
         if field not in ("conv", "unet"):
@@ -147,7 +149,7 @@ class MultiscaleCNF(Flow, nn.Module):
             if field == "conv":
                 return ConvField(c, hidden=hidden, layer=layer, activation=activation)
             unet = UNet(c, width=unet_width, resolutions=unet_resolutions, depth=unet_depth,
-                        dropout=unet_dropout)  # fmt: skip
+                        dropout=unet_dropout, scale_shift=unet_scale_shift)  # fmt: skip
             unet.check_size(h, w)
             return unet
 

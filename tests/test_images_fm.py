@@ -10,7 +10,7 @@ from torch.autograd.functional import jacobian
 
 from cnf import Solver
 from cnf.evaluate import dequantized_bound
-from cnf.fields import UNet
+from cnf.fields import UNet, _ResBlock
 from cnf.multiscale import MultiscaleCNF
 from cnf.training import FlowMatching, MaximumLikelihood
 
@@ -26,8 +26,9 @@ def _perturbed(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
     return module
 
 
-def test_the_unet_keeps_shapes_starts_at_zero_and_takes_time() -> None:
-    unet = UNet(2, width=8, resolutions=3, depth=2)
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_the_unet_keeps_shapes_starts_at_zero_and_takes_time(scale_shift: bool) -> None:
+    unet = UNet(2, width=8, resolutions=3, depth=2, scale_shift=scale_shift)
     x = torch.randn(5, 2, 8, 8)
     assert unet(torch.tensor(0.3), x).shape == x.shape
     assert unet(torch.tensor(0.3), x).abs().max() == 0  # the untrained flow is the identity
@@ -39,6 +40,18 @@ def test_the_unet_keeps_shapes_starts_at_zero_and_takes_time() -> None:
     assert (unet(torch.tensor(0.1), x) - unet(torch.tensor(0.9), x)).abs().mean() > 1e-3
     with pytest.raises(ValueError, match="must be a multiple of 4"):
         MultiscaleCNF((1, 6, 6), levels=4, scales=1, blocks=1, field="unet", unet_resolutions=3)
+
+
+def test_scale_shift_conditions_the_normalized_features_on_time() -> None:
+    block = _perturbed(_ResBlock(4, 6, embedding=5, scale_shift=True))
+    x, emb = torch.randn(3, 4, 8, 8), torch.randn(3, 5)
+    scale, shift = block.time(emb).chunk(2, 1)  # (3, 6) each
+    h = block.norm2(block.conv1(torch.nn.functional.silu(block.norm1(x))))
+    h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    expected = block.conv2(torch.nn.functional.silu(h)) + block.skip(x)
+    torch.testing.assert_close(block(x, emb), expected)
+    with pytest.raises(ValueError, match="scale_shift must be True or False, got 'yes'"):
+        UNet(1, scale_shift="yes")
 
 
 def test_the_single_scale_model_log_prob_is_log_det_of_its_map(float64) -> None:

@@ -202,6 +202,7 @@ def test_schedule_is_cosine_to_one_percent() -> None:
         (dict(activation="gelu"), "activation 'gelu' is unknown"),
         (dict(extra={"trust_pickle": True}), "extra cannot hold trust_pickle"),
         (dict(adjoint="no"), "adjoint must be true or false, got 'no'"),
+        (dict(unet_scale_shift=1), "unet_scale_shift must be true or false, got 1"),
         (dict(dequantize="false"), "dequantize must be true or false, got 'false'"),
     ],
 )

@@ -258,7 +258,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # instead of 0.18; width 64 (3 times the cost), weight decay, sigma_min, no logit, a higher
     # learning rate did no better. --autocast bf16 trains as well and, on a CPU with bfloat16
     # instructions, 1.4 times as fast (bench/bench_fm_speed.py); not the default, being measured
-    # on one CPU only
+    # on one CPU only. --unet-scale-shift tested 0.016 bits/dim lower on two seeds at 2,900
+    # iterations; not yet the preset, whose measured rows in the README would all change
     "image-fm": dict(
         objective="fm",
         time_sampling="logit-normal",
