@@ -6,15 +6,16 @@ float32, under bfloat16 autocast (``--autocast bf16``) and with the field compil
     python bench/bench_fm_speed.py --size 28 --batch 64 --steps 10
 
 Each row times ``--steps`` steps of the regression's forward, backward and AdamW update on one
-U-Net (the image preset's: width 32, 2 levels) after a warm-up of 5, in this process, three
-ways: float32; under bfloat16 autocast, the field's forward pass under ``torch.autocast(...,
-torch.bfloat16)`` and the loss in float32, as ``cnf.training.FlowMatching`` runs it; and with
-the field compiled by ``torch.compile`` ("first step": the first call, compiling included;
-inductor caches compiled code on disk, so a second run of the script compiles faster). The
-rows: the U-Net without dropout called as a plain module (what compiling can gain at best), then
-as ``cnf``'s flow-matching loss calls it, inside ``cnf.fields.seeded_dropout`` (which hands
-every dropout layer the step's generator, even at p = 0), without and with the preset's dropout
-0.1. ``cnf`` has no ``--compile`` flag while this table says it does not pay for the preset.
+U-Net (the image preset's: width 32, 2 levels, the time's scale and shift) after a warm-up of 5,
+in this process, three ways: float32; under bfloat16 autocast, the field's forward pass under
+``torch.autocast(..., torch.bfloat16)`` and the loss in float32, as
+``cnf.training.FlowMatching`` runs it; and with the field compiled by ``torch.compile`` ("first
+step": the first call, compiling included; inductor caches compiled code on disk, so a second
+run of the script compiles faster). The rows: the U-Net without dropout called as a plain module
+(what compiling can gain at best), then as ``cnf``'s flow-matching loss calls it, inside
+``cnf.fields.seeded_dropout`` (which hands every dropout layer the step's generator, even at p =
+0), without and with the preset's dropout 0.1. ``cnf`` has no ``--compile`` flag while this
+table says it does not pay for the preset.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def clock(device: torch.device) -> float:
 
 def time_steps(dropout: float, seeded: bool, mode: str, args, device) -> tuple:
     torch.manual_seed(0)
-    net = UNet(1, width=32, resolutions=2, dropout=dropout).to(device)
+    net = UNet(1, width=32, resolutions=2, dropout=dropout, scale_shift=True).to(device)
     field = torch.compile(net) if mode == "compiled" else net
     bf16 = mode == "bf16"
     opt = torch.optim.AdamW(net.parameters(), 1e-3)

@@ -137,7 +137,8 @@ HELP = {
     "unet_dropout": "images, --field unet: dropout rate in the residual blocks while training "
     "(a regularizer for small datasets; never in evaluation)",
     "unet_scale_shift": "images, --field unet: the time scales and shifts each block's normalized "
-    "features (ADM's conditioning) instead of only shifting them",
+    "features (ADM's conditioning; the image preset's) instead of only shifting them before the "
+    "norm (--no-unet-scale-shift)",
 }
 
 
@@ -194,8 +195,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         shown = "none" if default is None else _flag_text(default)
         help_text = f"{HELP[name]} (default: {shown})"
         if kind is bool:
-            action = argparse.BooleanOptionalAction if default else "store_true"
-            parser.add_argument(flag, action=action, default=None, help=help_text)
+            # --no-FLAG too: a preset may have turned an option on (--no-unet-scale-shift)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)  # fmt: skip
         elif name == "hidden":
             parser.add_argument(flag, type=_hidden, default=None, metavar="W,W,...", help=help_text)
         else:

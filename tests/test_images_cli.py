@@ -125,16 +125,19 @@ def test_tf32_flag_can_be_turned_off(tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["tf32"] is False
 
 
-def test_scale_shift_flag_reaches_the_unet_and_its_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flag", [None, "--no-unet-scale-shift"])
+def test_scale_shift_is_the_preset_and_can_be_turned_off(tmp_path: Path, flag) -> None:
     out = tmp_path / "r"
     argv = ["train", "--data", "digits", "--out", str(out), "--iters", "2", "--batch-size", "16",
             "--unet-width", "8", "--eval-method", "rk4", "--eval-step-size", "0.5",
             "--test-size", "20", "--validity-size", "2", "--threads", "1", "--no-progress",
-            "--unet-scale-shift"]  # fmt: skip
+            *([flag] if flag else [])]  # fmt: skip
     assert main(argv) == 0
-    assert json.loads((out / "config.json").read_text())["model"]["unet_scale_shift"] is True
-    field = load_run(out).model.ode_blocks()[0].field
-    assert field.middle.scale_shift and field.middle.time.out_features == 2 * 16
+    on = flag is None
+    assert json.loads((out / "config.json").read_text())["model"]["unet_scale_shift"] is on
+    field = load_run(out).model.ode_blocks()[0].field  # the checkpoint rebuilds the same U-Net
+    assert field.middle.scale_shift is on
+    assert field.middle.time.out_features == (2 if on else 1) * 16
 
 
 @pytest.mark.gpu

@@ -258,8 +258,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # instead of 0.18; width 64 (3 times the cost), weight decay, sigma_min, no logit, a higher
     # learning rate did no better. --autocast bf16 trains as well and, on a CPU with bfloat16
     # instructions, 1.4 times as fast (bench/bench_fm_speed.py); not the default, being measured
-    # on one CPU only. --unet-scale-shift tested 0.016 bits/dim lower on two seeds at 2,900
-    # iterations; not yet the preset, whose measured rows in the README would all change
+    # on one CPU only. The time scales and shifts each block's normalized features
+    # (unet_scale_shift, ADM's conditioning): 1.722 and 1.718 test bits/dim on two seeds at 2,900
+    # iterations against 1.738 and 1.735 for the shift before the norm (the recipes above were
+    # measured with that one, --no-unet-scale-shift)
     "image-fm": dict(
         objective="fm",
         time_sampling="logit-normal",
@@ -269,6 +271,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         unet_width=32,
         unet_resolutions=2,
         unet_dropout=0.1,
+        unet_scale_shift=True,
         finetune_share=0.0,  # --budget: flow matching only (bench_images: fm+mle did worse)
         batch_size=128,
         lr=2e-3,
