@@ -257,7 +257,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (1,500 iterations), dropout 1.733 against 1.740 (2,900), with a train-test gap of 0.12
     # instead of 0.18; width 64 (3 times the cost), weight decay, sigma_min, no logit, a higher
     # learning rate did no better. --autocast bf16 trains as well and, on a CPU with bfloat16
-    # instructions, 1.4 times as fast (bench/bench_fm_speed.py); not the default, being measured
+    # instructions, 1.3 to 1.4 times as fast (bench/bench_fm_speed.py); not the default, measured
     # on one CPU only. The time scales and shifts each block's normalized features
     # (unet_scale_shift, ADM's conditioning): 1.722 and 1.718 test bits/dim on two seeds at 2,900
     # iterations against 1.738 and 1.735 for the shift before the norm (the recipes above were
