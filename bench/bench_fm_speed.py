@@ -27,6 +27,9 @@ import time
 import torch
 
 from cnf.fields import UNet, seeded_dropout
+from cnf.training.config import PRESETS
+
+PRESET = PRESETS["image-fm"]  # its U-Net: width, levels, time conditioning
 
 
 def clock(device: torch.device) -> float:
@@ -38,7 +41,8 @@ def clock(device: torch.device) -> float:
 
 def time_steps(dropout: float, seeded: bool, mode: str, args, device) -> tuple:
     torch.manual_seed(0)
-    net = UNet(1, width=32, resolutions=2, dropout=dropout, scale_shift=True).to(device)
+    net = UNet(1, width=PRESET["unet_width"], resolutions=PRESET["unet_resolutions"],
+               dropout=dropout, scale_shift=PRESET["unet_scale_shift"]).to(device)  # fmt: skip
     field = torch.compile(net) if mode == "compiled" else net
     bf16 = mode == "bf16"
     opt = torch.optim.AdamW(net.parameters(), 1e-3)
