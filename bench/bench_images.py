@@ -51,7 +51,14 @@ K = 1 bound on the same draws, and what a log-mean-exp of Hutchinson estimates o
 log-densities would claim instead, with the probe's noise (why the bound takes the exact trace).
 The exact trace makes it ``D`` times the cost of the Hutchinson evaluation; ``--iw-steps N``
 computes it with rk4 in N steps (the image preset's evaluation solver has 16) instead of
-dopri5.
+dopri5. ``--iw-probes P`` adds the bound on P averaged Hutchinson probes per draw (``P`` times
+the cost of a Hutchinson evaluation) on the same draws, with the estimate of the bias that their
+noise leaves; ``--no-iw-exact`` leaves the exact trace out (a 28x28 U-Net's takes hours on a
+CPU):
+
+    python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 20 --only fm-unet \
+        --constant-lr --dequant-samples 4 --iw-steps 16 --no-iw-exact --iw-probes 64 \
+        --eval-batch 256
 
 Every row is evaluated with dopri5 at atol = rtol = 1e-5, whatever it trained with: the density
 of the continuous flow its field defines, not of a coarse discretization of it.
@@ -70,7 +77,7 @@ from pathlib import Path
 
 import torch
 
-from cnf.evaluate import bits_per_dim, dequantized_bound, evaluate
+from cnf.evaluate import bits_per_dim, dequantization_draws, dequantized_bound, evaluate
 from cnf.flow import evaluating
 from cnf.runtime import to_tensor
 from cnf.solvers import Solver
@@ -195,7 +202,8 @@ def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.
         pixels = run.data.test_pixels(args.eval_n).to(device)
         t0 = time.perf_counter()
         solver = Solver("rk4", step_size=1 / args.iw_steps) if args.iw_steps else None
-        iw = importance_weighted(run.model, pixels, args.dequant_samples, args.eval_batch, solver)
+        iw = importance_weighted(run.model, pixels, args.dequant_samples, args.eval_batch, solver,
+                                 exact=args.iw_exact, probes=args.iw_probes)  # fmt: skip
         print(f"  {name}: importance-weighted bound, K={args.dequant_samples}, in "
               f"{time.perf_counter() - t0:.0f} s: {iw}", file=sys.stderr, flush=True)  # fmt: skip
     return dict(name=name, data=cfg.data, iters=out["iters"], rate=out["iters"] / out["seconds"],
@@ -203,28 +211,43 @@ def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.
                 (math.prod(x.shape[1:]) * math.log(2)), levels=run.data.levels)  # fmt: skip
 
 
-def importance_weighted(model, pixels, samples: int, batch_size: int, solver=None) -> dict:
-    """``dequantized_bound`` (exact trace), and beside it what a log-mean-exp of Hutchinson
-    estimates on the same draws would claim, with the probe's noise per image (nats); under
-    ``solver`` (default: the model's evaluation solver)."""
+def importance_weighted(
+    model,
+    pixels,
+    samples: int,
+    batch_size: int,
+    solver=None,
+    *,
+    exact: bool = True,
+    probes: int | None = None,
+) -> dict:
+    """On the same draws under ``solver`` (default: the model's evaluation solver):
+    ``dequantized_bound`` with the exact trace and beside it what a log-mean-exp of single
+    Hutchinson estimates would claim, with the probe's noise per image (nats); with ``probes``,
+    the bound on ``probes`` averaged Hutchinson estimates per draw and its estimated bias."""
     gen = lambda: torch.Generator(device=pixels.device).manual_seed(0)  # noqa: E731
-    bound = dequantized_bound(model, pixels, samples, generator=gen(), batch_size=batch_size,
-                              solver=solver)  # fmt: skip
-    dim = math.prod(pixels.shape[1:])
-    rows = max(1, batch_size // (samples * dim))
-    u = torch.cat([torch.rand((samples, *chunk.shape), generator=generator, device=pixels.device)
-                   for generator in [gen()] for chunk in pixels.split(rows)], 1)  # fmt: skip
-    x = (pixels.double() + u.double()).flatten(0, 1).to(next(model.parameters()))
-    with torch.no_grad(), evaluating(model):
-        noisy = model.log_prob(x, generator=gen(), solver=solver).double().reshape(samples, -1)
-    exact = bound.draws.to(noisy.device)  # the bound's exact log-densities of the same draws
-    hutch = -float((torch.logsumexp(noisy, 0) - math.log(samples)).mean())
-    return dict(
-        exact=bound.bits_per_dim,
-        exact_k1=bound.single_bits_per_dim,
-        hutchinson=bits_per_dim(hutch, dim),
-        probe_noise=float((noisy - exact).std()),
-    )
+    dim, out = math.prod(pixels.shape[1:]), {}
+    if exact:
+        bound = dequantized_bound(model, pixels, samples, generator=gen(),
+                                  batch_size=batch_size, solver=solver)  # fmt: skip
+        u = torch.cat([u for _, u in dequantization_draws(pixels, samples, gen())], 1)
+        x = (pixels.double() + u.double()).flatten(0, 1).to(next(model.parameters()))
+        with torch.no_grad(), evaluating(model):
+            noisy = [model.log_prob(part, generator=gen(), solver=solver, trace="hutchinson")
+                     for part in x.split(batch_size)]  # fmt: skip
+        noisy = torch.cat(noisy).double().reshape(samples, -1)
+        exact_draws = bound.draws.to(noisy.device)  # the exact log-densities of the same draws
+        hutch = -float((torch.logsumexp(noisy, 0) - math.log(samples)).mean())
+        out.update(exact=bound.bits_per_dim, exact_k1=bound.single_bits_per_dim,
+                   hutchinson=bits_per_dim(hutch, dim),
+                   probe_noise=float((noisy - exact_draws).std()))  # fmt: skip
+    if probes:
+        est = dequantized_bound(model, pixels, samples, probes=probes, generator=gen(),
+                                batch_size=batch_size, solver=solver)  # fmt: skip
+        out.update(probed=est.bits_per_dim, probed_k1=est.single_bits_per_dim,
+                   probed_bias=est.probe_bias_bits_per_dim, probed_se=est.nll_se / (dim *
+                   math.log(2)))  # fmt: skip
+    return out
 
 
 def device_name(device: torch.device) -> str:
@@ -251,6 +274,12 @@ def main() -> None:
     parser.add_argument("--iw-steps", type=int, metavar="N", help="the importance-weighted "
                         "bound with rk4 at step 1/N (N steps over flow matching's T = 1; "
                         "default: the row's evaluation solver, dopri5 at 1e-5)")  # fmt: skip
+    parser.add_argument("--iw-exact", action=argparse.BooleanOptionalAction, default=True,
+                        help="the importance-weighted bound with the exact trace (default; "
+                        "--no-iw-exact: only --iw-probes's, for 28x28 U-Nets)")  # fmt: skip
+    parser.add_argument("--iw-probes", type=int, metavar="P", help="also the importance-"
+                        "weighted bound on P averaged Hutchinson probes per draw, with its "
+                        "estimated bias (P >= 2)")  # fmt: skip
     parser.add_argument("--data-dir", help="Fashion-MNIST IDX files (default: Debian's path)")
     parser.add_argument("--eval-n", type=int, help="test images to evaluate (default: all)")
     parser.add_argument("--eval-batch", type=int, default=1000, help="test images per solve")
@@ -266,6 +295,10 @@ def main() -> None:
     args.minutes = args.minutes or (10.0 if args.gpu else 5.0)
     if args.iw_steps is not None and args.iw_steps < 1:
         parser.error(f"--iw-steps must be a positive integer, got {args.iw_steps}")
+    if args.iw_probes is not None and args.iw_probes < 2:
+        parser.error(f"--iw-probes must be an integer >= 2, got {args.iw_probes}")
+    if args.dequant_samples > 1 and not (args.iw_exact or args.iw_probes):
+        parser.error("--no-iw-exact needs --iw-probes P: the bound needs one trace or the other")
     if args.gpu and args.data:
         parser.error("--data is for the CPU rows; --gpu trains on Fashion-MNIST")
     if args.gpu and not torch.cuda.is_available():
@@ -288,13 +321,24 @@ def main() -> None:
         how = f"rk4 at step 1/{args.iw_steps}" if args.iw_steps else "each row's evaluation solver"
         print(f"\nImportance-weighted bound on {n} test images, K={k} (the same draws per row; "
               f"{how}):\n")  # fmt: skip
-        print(f"| model | K=1, exact trace | K={k}, exact trace | K={k} on Hutchinson estimates "
-              "(biased) | probe noise, nats/image |")  # fmt: skip
-        print("|---|---:|---:|---:|---:|")
+        head = ["model"]
+        if args.iw_exact:
+            head += ["K=1, exact trace", f"K={k}, exact trace", f"K={k} on Hutchinson "
+                     "estimates (biased)", "probe noise, nats/image"]  # fmt: skip
+        if args.iw_probes:
+            p = args.iw_probes
+            head += [f"K=1, {p} probes", f"K={k}, {p} probes", "its bias (estimated)"]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
         for r in rows:
-            iw = r["iw"]
-            print(f"| {r['name']} | {iw['exact_k1']:.3f} | {iw['exact']:.3f} | "
-                  f"{iw['hutchinson']:.3f} | {iw['probe_noise']:.2f} |")  # fmt: skip
+            iw, cells = r["iw"], [r["name"]]
+            if args.iw_exact:
+                cells += [f"{iw['exact_k1']:.3f}", f"{iw['exact']:.3f}",
+                          f"{iw['hutchinson']:.3f}", f"{iw['probe_noise']:.2f}"]  # fmt: skip
+            if args.iw_probes:
+                cells += [f"{iw['probed_k1']:.3f}", f"{iw['probed']:.3f} ± {iw['probed_se']:.3f}",
+                          f"{iw['probed_bias']:.4f}"]  # fmt: skip
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -266,6 +266,10 @@ def _eval_parser(sub: Any) -> None:
                    help="images: also the importance-weighted bits/dim over K dequantization "
                    "draws per image (tighter as K grows; K=1 is the usual bound), with the exact "
                    "trace for K > 1: D times the cost of a Hutchinson solve")  # fmt: skip
+    p.add_argument("--iw-probes", type=int, metavar="P",
+                   help="with --dequant-samples: P averaged Hutchinson probes per draw instead "
+                   "of the exact trace (P times a Hutchinson solve; for large images), and the "
+                   "estimate of the bias they leave (probe_bias_bits_per_dim_iw)")  # fmt: skip
     _solver_flags(p, "evaluate with")
 
 
@@ -428,6 +432,9 @@ def _in_range(flag: str, value: float | None, *, integer: bool = False, low: flo
 
 def cmd_eval(args: argparse.Namespace) -> int:
     _in_range("--n", args.n, integer=True, low=1)
+    _in_range("--iw-probes", args.iw_probes, integer=True, low=2)
+    if args.iw_probes is not None and args.dequant_samples is None:
+        raise ValueError("--iw-probes is for the importance-weighted bound: add --dequant-samples")
     run = load_run(args.run, args.device)
     data = _dataset(run, args)
     validity_n = run.config.get("validity_size", 2000) if args.validity else None
@@ -463,11 +470,14 @@ def _check_dequant_samples(run: Run, data: Any, args: argparse.Namespace) -> Non
 def _importance_weighted(run: Run, data: Any, args: argparse.Namespace, solver) -> dict:
     pixels = data.test_pixels(args.n or run.config.get("test_size"))
     gen = torch.Generator().manual_seed(0)
-    bound = dequantized_bound(run.model, pixels, args.dequant_samples, generator=gen,
-                              solver=solver, progress=not args.json)  # fmt: skip
-    return {"nll_iw": bound.nll, "nll_iw_se": bound.nll_se, "bits_per_dim_iw": bound.bits_per_dim,
-            "dequant_samples_iw": bound.samples, "bits_per_dim_iw_k1": bound.single_bits_per_dim,
-            "trace_iw": bound.trace}  # fmt: skip
+    bound = dequantized_bound(run.model, pixels, args.dequant_samples, probes=args.iw_probes,
+                              generator=gen, solver=solver, progress=not args.json)  # fmt: skip
+    out = {"nll_iw": bound.nll, "nll_iw_se": bound.nll_se, "bits_per_dim_iw": bound.bits_per_dim,
+           "dequant_samples_iw": bound.samples, "bits_per_dim_iw_k1": bound.single_bits_per_dim,
+           "trace_iw": bound.trace}  # fmt: skip
+    if bound.probes is not None:
+        out.update(probes_iw=bound.probes, probe_bias_bits_per_dim_iw=bound.probe_bias_bits_per_dim)
+    return out
 
 
 GRID_MAX = 1024  # images in one .png grid

@@ -62,6 +62,14 @@ def test_eval_gives_the_importance_weighted_bound(run: Path, capsys) -> None:
     assert result["bits_per_dim_iw"] <= result["bits_per_dim_iw_k1"] + 1e-9
     # fresh draws, so not below the K = 1 bound on the fixed ones by construction; but close
     assert abs(result["bits_per_dim_iw"] - result["bits_per_dim"]) < 0.5
+    # averaged Hutchinson probes instead of the exact trace: the same draws, and the estimate of
+    # the bias their noise leaves in the log-mean-exp
+    argv = ["eval", str(run), "--n", "20", "--json", "--dequant-samples", "4", "--iw-probes", "8"]
+    assert main(argv) == 0
+    probed = json.loads(capsys.readouterr().out)
+    assert probed["trace_iw"] == "hutchinson" and probed["probes_iw"] == 8
+    assert 0 <= probed["probe_bias_bits_per_dim_iw"] < 0.05
+    assert probed["bits_per_dim_iw_k1"] == pytest.approx(result["bits_per_dim_iw_k1"], abs=0.05)
 
 
 def test_sample_png_grid_and_raw_npy(run: Path, tmp_path: Path, capsys) -> None:
@@ -105,6 +113,9 @@ def test_sample_png_grid_and_raw_npy(run: Path, tmp_path: Path, capsys) -> None:
          "'moons' (toy data) takes no option data_dir (--data-dir)"),
         (["eval", "{run}", "--dequant-samples", "0"], "--dequant-samples must be an integer >= 1"),
         (["eval", "{toy}", "--dequant-samples", "2"], "--dequant-samples is for image models"),
+        (["eval", "{run}", "--iw-probes", "8"], "add --dequant-samples"),
+        (["eval", "{run}", "--dequant-samples", "2", "--iw-probes", "1"],
+         "--iw-probes must be an integer >= 2"),
         (["train", "--data", "digits", "--out", "{tmp}/m", "--scales", "5", "--objective", "mle"],
          "squeeze 4 times, so the image's height and width must be multiples of 16"),
     ],

@@ -9,7 +9,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 from cnf import Solver
-from cnf.evaluate import dequantized_bound
+from cnf.evaluate import dequantized_bound, logmeanexp_noise_bias
 from cnf.fields import UNet, _ResBlock
 from cnf.multiscale import MultiscaleCNF
 from cnf.training import FlowMatching, MaximumLikelihood
@@ -174,6 +174,59 @@ def test_the_importance_weighted_bound_takes_the_exact_trace_not_hutchinsons(flo
     assert iw(noisy) < iw(exact) - 0.1  # ... and a Hutchinson "bound" would claim too much
     # K = 1 keeps the model's own (unbiased) estimator and its cost
     assert dequantized_bound(model, pixels, 1).trace == "hutchinson"
+
+
+def test_the_noise_bias_of_a_log_mean_exp_is_its_second_order_term(float64) -> None:
+    # E log mean exp(l + e) - log mean exp(l) for independent e_j ~ N(0, v_j), by Monte Carlo
+    g = torch.Generator().manual_seed(0)
+    ell = torch.randn(8, 5, generator=g) * torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0])  # K = 8
+    v = 0.02 + 0.08 * torch.rand(8, 5, generator=g)
+    noise = torch.randn(100_000, 8, 5, generator=g) * v.sqrt()
+    lme = lambda x: torch.logsumexp(x, -2) - math.log(8)  # noqa: E731
+    realized = (lme(ell + noise).mean(0) - lme(ell)).tolist()
+    se = ((lme(ell + noise) - lme(ell)).std(0) / math.sqrt(100_000)).tolist()
+    predicted = logmeanexp_noise_bias(ell + noise[0], v).tolist()  # weights from noisy terms
+    for r, s, p, vmax in zip(realized, se, predicted, v.max(0).values.tolist(), strict=True):
+        assert 0 < r <= 0.5 * (1 - 1 / 8) * vmax + 4 * s  # positive, and at most its bound
+        assert p == pytest.approx(r, rel=0.25, abs=4 * s)
+    assert float(logmeanexp_noise_bias(ell[:1], v[:1]).abs().max()) == 0  # K = 1: none
+
+
+def test_probe_averaged_bound_estimates_its_own_bias(float64) -> None:
+    # averaging P Hutchinson probes per draw leaves a bias of about var/(2P) inside the
+    # log-mean-exp; the bound reports an estimate of it from the probes' spread, checked here
+    # against the exact-trace bound on the same draws, over several sets of probes
+    rk4 = Solver("rk4", step_size=0.25)
+    model = MultiscaleCNF((1, 2, 2), levels=4, scales=1, blocks=1, field="conv", hidden=(16,),
+                          alpha=0.05, trace="hutchinson", solver=rk4)  # fmt: skip
+    _perturbed(model.ode_blocks()[0].field, 0.5)
+    model.eval()
+    pixels = torch.randint(0, 4, (70, 1, 2, 2), generator=torch.Generator().manual_seed(1))
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    exact = dequantized_bound(model, pixels, 16, generator=gen(2), batch_size=10**6)
+    chunked = dequantized_bound(model, pixels, 16, generator=gen(2), batch_size=200)
+    assert chunked.nll == pytest.approx(exact.nll, abs=1e-9)  # the draws whatever the solves
+    pixels = pixels[:40]
+    exact = dequantized_bound(model, pixels, 16, generator=gen(2), batch_size=10**6)
+    biases = {}
+    for probes in (2, 16):
+        runs = [dequantized_bound(model, pixels, 16, probes=probes, generator=gen(2),
+                                  probe_generator=gen(100 + i), batch_size=10**6)
+                for i in range(8)]  # fmt: skip
+        realized = torch.tensor([exact.nll - b.nll for b in runs])  # how optimistic each is
+        estimated = sum(b.probe_bias for b in runs) / len(runs)
+        se = float(realized.std()) / math.sqrt(len(runs))
+        assert estimated == pytest.approx(float(realized.mean()), rel=0.2, abs=3 * se)
+        b = runs[0]
+        assert b.trace == "hutchinson" and b.probes == probes and b.samples == 16
+        assert b.probe_bias_bits_per_dim == pytest.approx(b.probe_bias / (4 * math.log(2)))
+        spread = float((b.draws - exact.draws).std())  # the same draws, up to the probes' noise
+        assert 0.2 < spread < 2
+        assert b.single_nll == pytest.approx(exact.single_nll, abs=4 * spread / math.sqrt(640))
+        biases[probes] = estimated
+    assert 4 < biases[2] / biases[16] < 16  # it falls as 1/P
+    with pytest.raises(ValueError, match="probes must be an integer >= 2"):
+        dequantized_bound(model, pixels, 4, probes=1)
 
 
 def _bf16_losses(device: str) -> tuple[torch.Tensor, torch.Tensor, set]:

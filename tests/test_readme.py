@@ -66,7 +66,8 @@ FASHION_GPU = (
     "--method dopri5 --atol 1e-5 --rtol 1e-5 --eval-atol 1e-5 --eval-rtol 1e-5"
 )
 IW_DIGITS = (
-    "python bench/bench_images.py --only fm-unet --eval-n 64 --dequant-samples 8 --iw-steps 16"
+    "python bench/bench_images.py --only fm-unet --eval-n 64 --dequant-samples 8 --iw-steps 16 "
+    "--iw-probes 16"
 )
 EXEMPT = {
     "python3 -m venv .venv": "creates a virtual environment: the suite already runs in one",
