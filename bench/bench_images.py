@@ -305,8 +305,10 @@ def main() -> None:
         parser.error("--gpu needs a CUDA device; run without it for the CPU benchmark")
     device = torch.device("cuda" if args.gpu else "cpu")
     configs = CONFIGS["gpu" if args.gpu else "cpu"]
-    rows = [run_row(name, configs[name], args, device)
-            for name in configs if args.only is None or name in args.only]  # fmt: skip
+    names = list(dict.fromkeys(args.only)) if args.only else list(configs)  # in the order given
+    if missing := [n for n in names if n not in configs]:
+        parser.error(f"no {'GPU' if args.gpu else 'CPU'} row {missing[0]!r}; rows: {list(configs)}")
+    rows = [run_row(name, configs[name], args, device) for name in names]
     print(f"\n{rows[0]['data']}, {args.minutes:g} min of training per model on "
           f"{device_name(device)}, torch {torch.__version__}\n")  # fmt: skip
     k = args.dequant_samples
