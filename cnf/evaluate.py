@@ -209,7 +209,7 @@ def dequantized_bound(
         per_draw, probe_gen = (dim if trace else 1), generator
     rows = max(1, batch_size // (samples * per_draw))
     parts, variances = [], []
-    solves = math.ceil(len(pixels) / DRAW_BLOCK) * math.ceil(min(DRAW_BLOCK, len(pixels)) / rows)
+    solves = sum(math.ceil(len(block) / rows) for block in pixels.split(DRAW_BLOCK))
     bar = tqdm(total=solves, disable=not progress, desc=f"bound, K={samples}", file=sys.stderr,
                dynamic_ncols=True)  # fmt: skip
     with evaluating(model), bar:
