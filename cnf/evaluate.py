@@ -173,7 +173,10 @@ def dequantized_bound(
     ``P`` Hutchinson estimates (independent Rademacher probes) per draw instead: the noise's
     variance falls as :math:`1/P` and with it the bias, which is estimated from the probes'
     own spread and reported as ``probe_bias`` (:func:`logmeanexp_noise_bias`; the estimate is
-    optimistic by about that much). A solve then takes ``batch_size // (K P)`` images.
+    optimistic by about that much). The estimate is second order: good while a draw's probe
+    mean has well under a nat of noise, short of the bias beyond (on an MNIST model with 1.9
+    nats, 0.0001 bits/dim estimated against 0.003 measured). A solve then takes
+    ``batch_size // (K P)`` images.
 
     Arguments:
         model: an image flow with ``log_prob``.

