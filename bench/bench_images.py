@@ -245,8 +245,8 @@ def importance_weighted(
         est = dequantized_bound(model, pixels, samples, probes=probes, generator=gen(),
                                 batch_size=batch_size, solver=solver)  # fmt: skip
         out.update(probed=est.bits_per_dim, probed_k1=est.single_bits_per_dim,
-                   probed_bias=est.probe_bias_bits_per_dim, probed_se=est.nll_se / (dim *
-                   math.log(2)))  # fmt: skip
+                   probed_bias=est.probe_bias_bits_per_dim, probed_noise=est.probe_noise,
+                   probed_se=est.nll_se / (dim * math.log(2)))  # fmt: skip
     return out
 
 

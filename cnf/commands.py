@@ -476,7 +476,8 @@ def _importance_weighted(run: Run, data: Any, args: argparse.Namespace, solver) 
            "dequant_samples_iw": bound.samples, "bits_per_dim_iw_k1": bound.single_bits_per_dim,
            "trace_iw": bound.trace}  # fmt: skip
     if bound.probes is not None:
-        out.update(probes_iw=bound.probes, probe_bias_bits_per_dim_iw=bound.probe_bias_bits_per_dim)
+        out.update(probes_iw=bound.probes, probe_bias_bits_per_dim_iw=bound.probe_bias_bits_per_dim,
+                   probe_noise_iw=bound.probe_noise)  # fmt: skip
     return out
 
 

@@ -118,7 +118,8 @@ class DiscreteBound:
     With ``probes`` (Hutchinson estimates averaged over that many probes per draw instead of
     the exact trace), ``probe_bias`` is the second-order estimate, in nats per image, of how
     much lower than the exact-trace bound on the same draws ``nll`` is (see
-    :func:`logmeanexp_noise_bias`); 0 with the exact trace."""
+    :func:`logmeanexp_noise_bias`), good while ``probe_noise`` (the noise of a draw's probe
+    mean, in nats) is well under 1; both 0 with the exact trace."""
 
     nll: float
     nll_se: float
@@ -132,6 +133,7 @@ class DiscreteBound:
     probes: int | None = None
     probe_bias: float = 0.0
     probe_bias_bits_per_dim: float = 0.0
+    probe_noise: float = 0.0  # nats: the standard deviation of a draw's probe mean (RMS)
 
 
 DRAW_BLOCK = 64  # images whose dequantizations are drawn at once, whatever the solves' size
@@ -231,13 +233,14 @@ def dequantized_bound(
     logp = torch.logsumexp(draws, 0) - math.log(samples)
     nll, single = -float(logp.mean()), -float(draws.mean())
     se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
-    bias = 0.0
-    if probes is not None and samples > 1:
-        bias = float(logmeanexp_noise_bias(draws, torch.cat(variances, 1)).mean())
+    bias = noise = 0.0
+    if probes is not None:
+        variance = torch.cat(variances, 1)
+        bias, noise = float(logmeanexp_noise_bias(draws, variance).mean()), variance.mean() ** 0.5
     used = trace or _trace_name(model)
     return DiscreteBound(nll, se, bits_per_dim(nll, dim), samples, len(logp), single,
                          bits_per_dim(single, dim), used, draws, probes, bias,
-                         bits_per_dim(bias, dim))  # fmt: skip
+                         bits_per_dim(bias, dim), float(noise))  # fmt: skip
 
 
 def dequantization_draws(
