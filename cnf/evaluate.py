@@ -208,7 +208,10 @@ def dequantized_bound(
         probe_gen = probe_generator
         if probe_gen is None:
             probe_gen = torch.Generator(device=device)
-            probe_gen.manual_seed(generator.initial_seed() + 1) if generator else probe_gen.seed()
+            if generator is not None:
+                probe_gen.manual_seed(generator.initial_seed() + 1)
+            else:
+                probe_gen.seed()
     else:
         trace = "exact" if samples > 1 else None
         per_draw, probe_gen = (dim if trace else 1), generator

@@ -148,14 +148,19 @@ def test_the_importance_weighted_bound_is_tighter_and_converges(float64) -> None
     assert many.samples == 2048 and many.bits_per_dim == pytest.approx(many.nll / (4 * math.log(2)))
 
 
-def test_the_importance_weighted_bound_takes_the_exact_trace_not_hutchinsons(float64) -> None:
-    # Hutchinson's log p + eps is unbiased, but log-mean-exp over K draws of it is biased low
-    # (towards log E exp(eps) > 0 nats); the bound must be computed from exact log-densities
+def _tiny_hutchinson_model() -> MultiscaleCNF:
+    """A 2x2 image model of 4 levels with random weights and Hutchinson's trace, in eval mode."""
     rk4 = Solver("rk4", step_size=0.25)
     model = MultiscaleCNF((1, 2, 2), levels=4, scales=1, blocks=1, field="conv", hidden=(16,),
                           alpha=0.05, trace="hutchinson", solver=rk4)  # fmt: skip
     _perturbed(model.ode_blocks()[0].field, 0.5)
-    model.eval()
+    return model.eval()
+
+
+def test_the_importance_weighted_bound_takes_the_exact_trace_not_hutchinsons(float64) -> None:
+    # Hutchinson's log p + eps is unbiased, but log-mean-exp over K draws of it is biased low
+    # (towards log E exp(eps) > 0 nats); the bound must be computed from exact log-densities
+    model = _tiny_hutchinson_model()
     pixels = torch.randint(0, 4, (6, 1, 2, 2), generator=torch.Generator().manual_seed(1))
     K = 64
     bound = dequantized_bound(
@@ -196,11 +201,7 @@ def test_probe_averaged_bound_estimates_its_own_bias(float64) -> None:
     # averaging P Hutchinson probes per draw leaves a bias of about var/(2P) inside the
     # log-mean-exp; the bound reports an estimate of it from the probes' spread, checked here
     # against the exact-trace bound on the same draws, over several sets of probes
-    rk4 = Solver("rk4", step_size=0.25)
-    model = MultiscaleCNF((1, 2, 2), levels=4, scales=1, blocks=1, field="conv", hidden=(16,),
-                          alpha=0.05, trace="hutchinson", solver=rk4)  # fmt: skip
-    _perturbed(model.ode_blocks()[0].field, 0.5)
-    model.eval()
+    model = _tiny_hutchinson_model()
     pixels = torch.randint(0, 4, (70, 1, 2, 2), generator=torch.Generator().manual_seed(1))
     gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
     exact = dequantized_bound(model, pixels, 16, generator=gen(2), batch_size=10**6)
