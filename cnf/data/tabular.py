@@ -18,6 +18,12 @@ baselines of ``bench/bench_tabular.py`` alike:
    Jensen's inequality :math:`\mathbb{E}_u[\log p(x + u)] \le \log P(x)`: it is an upper bound on
    the discrete negative log-likelihood (Theis et al., arXiv:1511.01844; Uria et al.,
    arXiv:1306.0186).
+6. **Refusals**: a training split with no more rows than (kept) columns, whose fitted density
+   would be degenerate (:func:`check_rows`); before training, values too large or training
+   spreads too small for the model's dtype (:meth:`TabularData.check_range`: magnitudes above
+   1e30, standard deviations below 1e-30 in float32, 1e150 and 1e-150 in float64, or a spread
+   that rounding to the dtype would erase beside large values). Each error names the columns and
+   the fix.
 
 Standardization is not done here: the model holds it as a fixed affine layer
 (:class:`cnf.tabular.Normalizer`) so that densities stay in the original units of the data.
@@ -35,8 +41,10 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import pickle
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +59,9 @@ from cnf.data.base import DatasetInfo, content_hash, register
 logger = logging.getLogger("cnf")
 
 FILE_SUFFIXES = (".csv", ".npy", ".npz")
+# what numpy raises on a .npy/.npz file that is truncated, corrupt, pickled or absurdly large
+LOAD_ERRORS = (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, MemoryError)
+MAF_FIX = "download the MAF/FFJORD data again and extract it"
 _MISSING = {"", "na", "nan", "null", "none", "?"}
 
 
@@ -287,6 +298,7 @@ class TabularData:
         note: Callable[[str], None] = logger.warning,
         dequantize_hint: str = "--dequantize",
     ) -> None:
+        check_rows(name, splits.train)
         self.name, self.splits, self.columns = name, splits, tuple(columns)
         self.seed, self.info = seed, dict(info or {})
         self.event_shape = (splits.train.shape[1],)
@@ -349,20 +361,54 @@ class TabularData:
                             self.splits.validation, self.integer)  # fmt: skip
 
     def check_range(self, dtype: str) -> None:
-        """Refuse values too large for training in ``dtype``: their squares (the covariance of
-        the standardization) or the cast to float32 would overflow."""
-        limit = RANGE_LIMIT[dtype]
+        """Refuse values that training in ``dtype`` cannot represent: magnitudes so large that
+        their squares (the covariance of the standardization) or the cast to float32 would
+        overflow, and training spreads so small that standardizing divides by an underflowed
+        standard deviation, or that the cast to ``dtype`` rounds the column to a few values."""
         parts = [p for p in vars(self.splits).values() if len(p)]
         peak = np.max([np.abs(p).max(0) for p in parts], axis=0)
+        self._check_peak(peak, dtype)
+        self._check_spread(column_spread(self.splits.train), peak, dtype)
+
+    def _check_peak(self, peak: np.ndarray, dtype: str) -> None:
+        limit = RANGE_LIMIT[dtype]
         if (peak <= limit).all():
             return
         j = int(np.argmax(peak))
-        hint = " or train with --dtype float64" if dtype == "float32" and peak[j] < 1e150 else ""
+        hint = " or train in dtype float64" if dtype == "float32" and peak[j] < 1e150 else ""
         raise ValueError(
             f"{self.name}: column {self.columns[j]!r} has values up to {peak[j]:.3g} in "
             f"magnitude, too large for {dtype} densities (at most {limit:.0e}): rescale the "
             f"column (divide it by a power of ten, or take its log){hint}"
         )
+
+    def _check_spread(self, std: np.ndarray, peak: np.ndarray, dtype: str) -> None:
+        tiny, coarse = _too_narrow(std, peak, dtype)
+        bad = tiny if tiny.any() else coarse
+        if not bad.any():
+            return
+        wide64 = not any(m[bad].any() for m in _too_narrow(std, peak, "float64"))
+        hint = " or train in dtype float64" if dtype == "float32" and wide64 else ""
+        if tiny.any():
+            raise ValueError(
+                f"{self.name}: {self._listed(tiny, std)} on the training rows, below the "
+                f"{SPREAD_FLOOR[dtype]:.0e} that {dtype} densities need (standardizing divides "
+                f"by it): rescale (multiply by a power of ten){hint}, or drop the column"
+            )
+        raise ValueError(
+            f"{self.name}: {self._listed(coarse, std)} on the training rows, too small beside "
+            f"values up to {peak[coarse].max():.3g} in magnitude: {dtype} would round them to "
+            f"a few values; subtract an offset (such as the mean){hint}, or drop the column"
+        )
+
+    def _listed(self, mask: np.ndarray, std: np.ndarray) -> str:
+        picked = np.flatnonzero(mask)[:10]
+        names = ", ".join(repr(self.columns[j]) for j in picked)
+        values = ", ".join(f"{std[j]:.3g}" for j in picked)
+        if mask.sum() == 1:
+            return f"column {names} has a standard deviation of {values}"
+        more = ", ..." if mask.sum() > 10 else ""
+        return f"columns {names}{more} have standard deviations of {values}{more}"
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -377,6 +423,40 @@ class TabularData:
 # the largest magnitude a value may have, per training dtype: float32 leaves room for the
 # normalizer's arithmetic, float64 for squaring in the covariance
 RANGE_LIMIT = {"float32": 1e30, "float64": 1e150}
+# the smallest training standard deviation a column may have, the mirror image: standardizing
+# multiplies by its inverse (at most RANGE_LIMIT), whitening squares it (no underflow)
+SPREAD_FLOOR = {"float32": 1e-30, "float64": 1e-150}
+# a column's standard deviation must span this many steps of the dtype's resolution at its
+# largest value, or the cast to the dtype leaves only a few distinct values
+RESOLUTION = 16
+
+
+def column_spread(x: np.ndarray) -> np.ndarray:
+    """Standard deviations of the columns of ``x``, computed on the columns divided by their
+    largest magnitude: the squares of values near 1e-300 would underflow to zero."""
+    scale = np.abs(x).max(0)
+    scale = np.where(scale > 0, scale, 1.0)
+    return (x / scale).std(0) * scale
+
+
+def _too_narrow(std: np.ndarray, peak: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of the columns whose spread is below ``dtype``'s floor, and of those whose spread
+    is too fine for its resolution at the column's largest value."""
+    return std < SPREAD_FLOOR[dtype], std < RESOLUTION * np.finfo(dtype).eps * peak
+
+
+def check_rows(name: str, train: np.ndarray) -> None:
+    """Refuse a training split with no more rows than columns: ``n <= d`` rows lie on a
+    hyperplane, their covariance is singular, and the fitted log-density grows without bound."""
+    n, dim = train.shape
+    if n <= dim:
+        raise ValueError(
+            f"{name}: the training split has {n} rows for {dim} columns, so the fitted density "
+            f"would be degenerate (rows on a hyperplane, a singular covariance): give at least "
+            f"{dim + 1} training rows, or fewer columns (--columns on the command line, a "
+            "narrower X in Python)"
+        )
+
 
 # the options of every table, with their defaults (a config records only the changed ones)
 TABLE_DEFAULTS: dict[str, Any] = {"columns": "", "val_fraction": 0.1, "test_fraction": 0.1,
@@ -447,24 +527,34 @@ def read_table(path: Path, key: str | None = None) -> Table:
         raise FileNotFoundError(f"no data file at {path}")
     if suffix == ".csv":
         return _read_csv(path)
+    return _named(load_array(path, key, "save it with np.save of a float array, or as .csv"), path)
+
+
+def load_array(path: Path, key: str | None = None, fix: str = "save it again") -> np.ndarray:
+    """The array of a ``.npy`` file, or one of a ``.npz`` file (``key``, needed when it holds
+    several), never unpickled; whatever fails, a ``ValueError`` that names the file and ``fix``."""
     try:  # never with allow_pickle: an object array would unpickle, and so could run code
-        if suffix == ".npy":
-            return _named(np.load(path, allow_pickle=False), path)
+        if path.suffix.lower() == ".npy":
+            return np.load(path, allow_pickle=False)
         with np.load(path, allow_pickle=False) as archive:
-            keys = list(archive.keys())
-            if key is None and len(keys) != 1:
-                raise ValueError(f"{path} holds arrays {keys}: choose one with --data {path}:NAME")
-            if key is not None and key not in keys:
-                raise ValueError(f"{path} has no array {key!r}; it holds {keys}")
-            return _named(archive[key or keys[0]], path)
-    except (ValueError, EOFError, OSError, zipfile.BadZipFile) as err:
+            return _member(archive, key, path)
+    except LOAD_ERRORS as err:
         if str(err).startswith(str(path)):
             raise
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(
-            f"{path} is not a numeric {suffix} array numpy can read without unpickling "
-            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): save it with "
-            f"np.save of a float array, or as .csv"
+            f"{path} is not a numeric {path.suffix} array numpy can read without unpickling, "
+            f"or is truncated or corrupt ({detail}): {fix}"
         ) from err
+
+
+def _member(archive: Any, key: str | None, path: Path) -> np.ndarray:
+    keys = list(archive.keys())
+    if key is None and len(keys) != 1:
+        raise ValueError(f"{path} holds arrays {keys}: choose one with --data {path}:NAME")
+    if key is not None and key not in keys:
+        raise ValueError(f"{path} has no array {key!r}; it holds {keys}")
+    return archive[key or keys[0]]
 
 
 def _named(array: np.ndarray, path: Path) -> Table:
@@ -485,6 +575,19 @@ def _is_number(text: str) -> bool:
 
 
 def _read_csv(path: Path) -> Table:
+    """A CSV file as a :class:`Table`; text that is not CSV (binary, a field beyond the csv
+    module's limit) is a ``ValueError`` naming the file."""
+    try:
+        return _parse_csv(path)
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(
+            f"{path} is not a CSV text file, or is corrupt ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}): save it as UTF-8 text of "
+            "comma-separated numbers, or as .npy"
+        ) from err
+
+
+def _parse_csv(path: Path) -> Table:
     with open(path, newline="") as f:
         first = next((r for r in csv.reader(f) if any(c.strip() for c in r)), None)
     if first is None:
@@ -560,7 +663,7 @@ def _last_tenth(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _power(root: Path) -> Splits:
-    data = np.load(_need(root / "data.npy", "power/data.npy"), allow_pickle=False)
+    data = load_array(_need(root / "data.npy", "power/data.npy"), fix=MAF_FIX)
     rng = np.random.RandomState(42)  # MAF's fixed shuffle and noise
     rng.shuffle(data)
     n = data.shape[0]
@@ -579,7 +682,7 @@ def _normalize_train_val(train: np.ndarray, val: np.ndarray, test: np.ndarray) -
 
 
 def _miniboone(root: Path) -> Splits:
-    data = np.load(_need(root / "data.npy", "miniboone/data.npy"), allow_pickle=False)
+    data = load_array(_need(root / "data.npy", "miniboone/data.npy"), fix=MAF_FIX)
     rest, test = _last_tenth(data)
     train, val = _last_tenth(rest)
     return _normalize_train_val(train, val, test)
@@ -610,7 +713,11 @@ def _hepmass_csv(path: Path) -> np.ndarray:
 def _gas(root: Path) -> Splits:
     path = _need(root / "ethylene_CO.pickle", "gas/ethylene_CO.pickle")
     pd = _optional("pandas", "GAS")
-    data = pd.read_pickle(path).drop(columns=["Meth", "Eth", "Time"])
+    try:
+        data = pd.read_pickle(path).drop(columns=["Meth", "Eth", "Time"])
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+            OSError, zlib.error) as err:  # fmt: skip
+        raise ValueError(_unreadable(path, err)) from err
 
     def correlated(frame: Any) -> np.ndarray:
         return (frame.corr() > 0.98).to_numpy().sum(1)
@@ -628,9 +735,17 @@ def _gas(root: Path) -> Splits:
 def _bsds300(root: Path) -> Splits:
     path = _need(root / "BSDS300.hdf5", "BSDS300/BSDS300.hdf5")
     h5py = _optional("h5py", "BSDS300")
-    with h5py.File(path, "r") as f:
-        parts = [np.asarray(f[k], dtype=np.float64) for k in ("train", "validation", "test")]
+    try:
+        with h5py.File(path, "r") as f:
+            parts = [np.asarray(f[k], dtype=np.float64) for k in ("train", "validation", "test")]
+    except (OSError, KeyError, ValueError, TypeError) as err:  # h5py's errors for a bad file
+        raise ValueError(_unreadable(path, err)) from err
     return Splits(*parts)
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    detail = (str(err).strip().splitlines() or [""])[0]
+    return f"{path} is truncated or corrupt ({type(err).__name__}: {detail}): {MAF_FIX}"
 
 
 def _optional(module: str, dataset: str) -> Any:
