@@ -511,7 +511,8 @@ def cnf_argv(words: list[str], cwd: Path) -> list[str]:
     if words[0] == "train":
         small = {**TRAIN_SMALL, **_small_extras(words)}
         if "--budget" in words:  # a budget plans its own iterations: one second of them
-            small = {**small, "--budget": "1"}
+            small = {k: v for k, v in small.items() if k not in ("--iters", "--finetune-iters")}
+            small["--budget"] = "1"
         return _append(words, small, always=("--iters", "--finetune-iters", "--budget"))
     if words[0] == "animate":
         return _append(words, ANIMATE_SMALL)

@@ -61,7 +61,7 @@ def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
         first = MaximumLikelihood(kinetic=cfg.kinetic, jacobian=cfg.jacobian)
     probe = _Probe(setup_run)
     t_first = _time(probe, first, cfg, _PROBES[first.name])
-    share = cfg.finetune_share if cfg.objective == "fm" else 0.0
+    share = cfg.budget_share
     t_mle = 0.0
     if share > 0:
         mle = MaximumLikelihood(kinetic=cfg.kinetic, jacobian=cfg.jacobian)

@@ -12,6 +12,7 @@ from cnf.adaptation import StepAdapter
 from cnf.data import DataSpec, dataset_kind
 from cnf.data.tabular import TABLE_DEFAULTS
 from cnf.models import ModelConfig
+from cnf.solvers import ADAPTIVE, FIXED_STEP
 from cnf.training.objectives import (
     AUTOCASTS,
     COUPLINGS,
@@ -28,6 +29,22 @@ FM_ONLY = {"coupling": "independent", "sigma_min": 0.0, "time_sampling": "unifor
            "autocast": "off", "finetune_iters": 0, "finetune_lr": None}  # fmt: skip
 OBJECTIVES = ("mle", "fm")
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+# the step of a fixed-step method, by the field that names the method
+STEPS = {"step_size": "method", "eval_step_size": "eval_method"}
+# fixed-step methods that ignore atol/rtol once they have a step (the implicit Adams methods
+# iterate their corrector to the tolerances)
+TOLERANCE_FREE = frozenset(FIXED_STEP) - {"implicit_adams", "fixed_adams"}
+# what the options that only maximum likelihood uses do, for the refusal under flow matching
+ML_ONLY = {
+    "finetune_lr": "is the learning rate of maximum likelihood after flow matching",
+    "kinetic": "weighs a penalty of maximum-likelihood training",
+    "jacobian": "weighs a penalty of maximum-likelihood training",
+    "adjoint": "is how maximum likelihood backpropagates through the solver",
+    "adapt_every": "steers the step adaptation of maximum-likelihood training",
+    "adapt_size": "steers the step adaptation of maximum-likelihood training",
+    "adapt_threshold": "steers the step adaptation of maximum-likelihood training",
+}
+ADAPTER = ("adapt_every", "adapt_size", "adapt_threshold", "max_steps")
 
 
 @dataclass
@@ -40,7 +57,8 @@ class TrainConfig:
     adapted step, lr 5e-3 on a cosine schedule, and RNODE's kinetic and Jacobian penalties at
     0.01, which keep the field smooth, so the adapted step stays large (few NFE) and the sharp
     densities (checkerboard) train to a lower KL in less time than without them. Other kinds of
-    data start from :data:`PRESETS` (:meth:`for_data`).
+    data start from :data:`PRESETS` (:meth:`for_data`, which also refuses a given option that
+    would have no effect).
     """
 
     data: str = "8gaussians"
@@ -164,23 +182,30 @@ class TrainConfig:
         """The run's last iteration: ``iters``, plus ``finetune_iters`` after flow matching."""
         return self.iters + self.finetune_iters
 
+    @property
+    def budget_share(self) -> float:
+        """The share of ``budget`` planned for maximum likelihood after flow matching (0:
+        none; :func:`cnf.training.budget.plan`)."""
+        return self.finetune_share if self.budget and self.objective == "fm" else 0.0
+
     # --- building and saving ------------------------------------------------------------
 
     @classmethod
     def for_data(cls, data: str, **given: Any) -> TrainConfig:
         """The config for ``data``: the dataset kind's :data:`PRESETS` over the field defaults
         (which suit the 2-D toys), and ``given`` over both; model fields (``hidden``,
-        ``method``, ...) may be given flat. ``cnf train`` builds its config so."""
-        kind = dataset_kind(data)
-        if kind == "image" and given.get("objective", "fm") == "fm":  # the single-scale U-Net
-            kind = "image-fm"  # model (the default); --objective mle: the multiscale one
-        budget = BUDGET_PRESETS.get(kind, {}) if given.get("budget") else {}
-        if "objective" in given:  # a recipe the user chose: the budget only plans its length
-            budget = {}
-        flat = {**PRESETS.get(kind, {}), **budget, **given}
-        if flat.get("objective") == "mle":  # a preset's flow-matching options do not apply
-            flat = {k: v for k, v in flat.items() if k not in FM_ONLY or k in given}
-        return cls(data=data, **_split(flat, ModelConfig()))
+        ``method``, ...) may be given flat. ``cnf train`` builds its config so. Given options
+        win: a preset's option that does not apply to them is dropped, and a given option that
+        would have no effect in the recipe is refused with the reason (:func:`_idle_options`)."""
+        flat = _recipe(data, given)
+        given = {k: v for k, v in given.items() if v is not None}  # None: the default
+        _check_steps(flat, given)  # before the solvers refuse them with less to say
+        cfg = cls(data=data, **_split(flat, ModelConfig()))
+        idle = _idle_options(cfg)
+        for name in given:
+            if name in idle:
+                raise options.ConfigError(name, idle[name])
+        return cfg
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -219,6 +244,112 @@ class TrainConfig:
         if not self.adapt:
             return None
         return StepAdapter(self.adapt_threshold * dim, T=self.model.T, max_steps=self.max_steps)
+
+
+def _recipe(data: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The flat options of ``data``'s presets (and budget presets) under ``given``, less the
+    presets' options that do not apply to what is given."""
+    kind = dataset_kind(data)
+    if kind == "image" and given.get("objective", "fm") == "fm":  # the single-scale U-Net
+        kind = "image-fm"  # model (the default); --objective mle: the multiscale one
+    budget = BUDGET_PRESETS.get(kind, {}) if given.get("budget") else {}
+    if "objective" in given:  # a recipe the user chose: the budget only plans its length
+        budget = {}
+    flat = {**PRESETS.get(kind, {}), **budget, **given}
+    return {k: v for k, v in flat.items() if k in given or not _overruled(k, flat)}
+
+
+def _overruled(name: str, flat: dict[str, Any]) -> bool:
+    """Whether a preset's ``name`` does not apply to the options ``flat``: its flow-matching
+    options under maximum likelihood, its step under an adaptive method."""
+    if name in FM_ONLY:
+        return flat.get("objective") == "mle"
+    return name in STEPS and _method(STEPS[name], flat) in ADAPTIVE
+
+
+def _method(field_name: str, flat: dict[str, Any]) -> Any:
+    return flat.get(field_name, getattr(ModelConfig, field_name))
+
+
+def _check_steps(flat: dict[str, Any], given: dict[str, Any]) -> None:
+    """Refuse a step given for an adaptive method."""
+    for name, method_field in STEPS.items():
+        method = _method(method_field, flat)
+        if name in given and method in ADAPTIVE:
+            raise options.ConfigError(
+                name, f"is for fixed-step methods, and {method_field} {method!r} chooses its own "
+                f"steps from its tolerances: drop it, or choose a fixed-step {method_field} such "
+                "as rk4"
+            )  # fmt: skip
+
+
+def _idle_options(cfg: TrainConfig) -> dict[str, str]:
+    """The options that have no effect in ``cfg``, each with why and the fix (a sentence that
+    follows the option's name)."""
+    return {**_idle_solvers(cfg.model), **_idle_adapter(cfg), **_idle_objective(cfg),
+            **_idle_budget(cfg)}  # fmt: skip
+
+
+def _idle_solvers(model: ModelConfig) -> dict[str, str]:
+    """Tolerances of a fixed-step solver that has its step (a training step is otherwise
+    Hairer's, which the tolerances choose)."""
+    idle = {}
+    if model.method in TOLERANCE_FREE and model.step_size is not None:
+        why = (f"has no effect: method {model.method!r} takes fixed steps from step_size "
+               f"{model.step_size:g} (the tolerances only choose a first step when no step_size "
+               "is given): drop it, or choose an adaptive method such as dopri5")  # fmt: skip
+        idle.update(atol=why, rtol=why)
+    if model.eval_method in TOLERANCE_FREE:
+        why = (f"has no effect: eval_method {model.eval_method!r} takes fixed steps of "
+               f"eval_step_size {model.eval_step_size:g}: drop it, or choose an adaptive "
+               "eval_method such as dopri5")  # fmt: skip
+        idle.update(eval_atol=why, eval_rtol=why)
+    return idle
+
+
+def _idle_adapter(cfg: TrainConfig) -> dict[str, str]:
+    if cfg.adapt:
+        return {}
+    why = "has no effect with adapt off (it steers the step adaptation): drop it, or turn adapt on"
+    return dict.fromkeys(ADAPTER, why)
+
+
+def _idle_objective(cfg: TrainConfig) -> dict[str, str]:
+    """Under flow matching: the options of maximum likelihood when no phase of it follows, and
+    bfloat16 autocast in float64 (the options of flow matching under maximum likelihood are
+    refused by the config itself, whatever set them)."""
+    if cfg.objective != "fm":
+        return {}
+    idle = {}
+    if cfg.autocast == "bf16" and cfg.model.dtype == "float64":
+        idle["autocast"] = ("has no effect with dtype float64: bfloat16 autocast lowers only "
+                            "float32 operations: drop it, or train in float32")  # fmt: skip
+    fine_tunes = cfg.budget_share > 0 if cfg.budget else cfg.finetune_iters > 0
+    if fine_tunes:
+        return idle
+    phase = "finetune_share above 0" if cfg.budget else "finetune_iters"
+    for name, what in ML_ONLY.items():
+        idle[name] = (f"has no effect: it {what}, and this run trains by flow matching alone: "
+                      f"drop it, or give {phase} for a maximum-likelihood phase after flow "
+                      "matching")  # fmt: skip
+    return idle
+
+
+def _idle_budget(cfg: TrainConfig) -> dict[str, str]:
+    """The options that a budget plans over, or that only a budget reads."""
+    if not cfg.budget:
+        return {"finetune_share": "has no effect without a budget, of which it is the share "
+                "for maximum likelihood after flow matching: give budget too, or drop it "
+                "(finetune_iters sets that phase's length without a budget)"}  # fmt: skip
+    why = "has no effect with a budget, which plans the number of iterations to fill it: give "
+    idle = {"iters": why + "one or the other",
+            "finetune_iters": why + "one or the other (finetune_share splits a budget between "
+            "flow matching and maximum likelihood)"}  # fmt: skip
+    if cfg.objective == "mle":
+        idle["finetune_share"] = ("has no effect under objective mle, for which a budget plans "
+                                  "maximum likelihood alone: drop it, or set objective to fm "
+                                  "(flow matching, then maximum likelihood)")  # fmt: skip
+    return idle
 
 
 def _split(flat: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
