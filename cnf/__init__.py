@@ -50,4 +50,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    """The public names, once each (a name is also a global once it has been looked up)."""
+    return sorted({*__all__, "__version__"})

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses code; any failure means "not ours"
-        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        code = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if code:
+            raise CheckpointError(
+                f"{path} is not a cnf checkpoint: it holds code (it asks to call {code[1]}), "
+                "which cnf never runs; loading it by other means can run arbitrary code, so "
+                "do that only if you trust its source"
+            ) from err
+        detail = re.sub(r"\x1b\[[0-9;]*m", "", (str(err).strip().splitlines() or [""])[0])[:200]
         raise CheckpointError(
             f"{path} is corrupt or not a cnf checkpoint ({type(err).__name__}"
             f"{': ' + detail if detail else ''}); use another checkpoint or retrain"
