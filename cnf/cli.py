@@ -1,7 +1,8 @@
 """The ``cnf`` command's entry point: every failure is one line on stderr and a non-zero exit.
 
 This module imports nothing heavy at the top, so that a Ctrl-C while torch is still loading is
-the same one line as a Ctrl-C later (``cnf: interrupted``, exit 130), not a traceback. The
+the same one line as a Ctrl-C later (``cnf: interrupted``, exit 130), not a traceback; SIGTERM
+is the same with ``cnf: terminated`` (exit 143), and both remove a half-written output. The
 commands themselves are in :mod:`cnf.commands`. Set ``CNF_DEBUG=1`` for tracebacks.
 """
 
@@ -15,41 +16,63 @@ import types
 from collections.abc import Sequence
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler, ``timeout``, ``kill``): raised like Ctrl-C's KeyboardInterrupt, so
+    that a half-written output is removed on the way out instead of left behind."""
+
+
+def _terminate(signum: int, frame: types.FrameType | None) -> None:
+    raise Terminated
+
+
 def _load_commands() -> types.ModuleType:
-    """Import :mod:`cnf.commands` (and torch with it) with Ctrl-C held until the import is done.
+    """Import :mod:`cnf.commands` (and torch with it) with Ctrl-C and SIGTERM held until the
+    import is done.
 
     A KeyboardInterrupt raised while torch's C++ extension is calling back into Python escapes
     through pybind11: the process aborts (``terminate called after throwing ...``, SIGABRT), or
     CPython marks the interrupt unhandled and kills itself with SIGINT after printing our line.
-    So the import runs under a handler that only notes the signal, and the interrupt is raised
-    once it is over (about a second at most)."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):  # only the main thread may set handlers; a caller's own handler (or SIG_IGN) stays
-        from cnf import commands
+    So the import runs under handlers that only note the signal, which is raised once it is
+    over (about a second at most)."""
+    ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate}
+    if threading.current_thread() is not threading.main_thread():
+        from cnf import commands  # only the main thread may set handlers
 
         return commands
+    # a caller's own handler (or SIG_IGN) stays
+    holding = [s for s, handler in ours.items() if signal.getsignal(s) is handler]
     held: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    for s in holding:
+        signal.signal(s, lambda signum, frame: held.append(signum))
     try:
         from cnf import commands
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for s in holding:
+            signal.signal(s, ours[s])
     if held:
-        raise KeyboardInterrupt
+        ours[held[0]](held[0], None)  # raises KeyboardInterrupt or Terminated
     return commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cnf ARGS`` and return the exit status."""
+    previous = None
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):  # a caller's own handler stays; training installs its own for a clean stop
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _load_commands().run(argv)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as err:
         if os.environ.get("CNF_DEBUG"):
             raise
-        print("cnf: interrupted", file=sys.stderr)
-        return 130
+        name = "interrupted" if isinstance(err, KeyboardInterrupt) else "terminated"
+        print(f"cnf: {name}", file=sys.stderr)
+        return 130 if isinstance(err, KeyboardInterrupt) else 143
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import re
 import shutil
 import sys
+import time
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,22 +33,23 @@ import torch
 from cnf.checkpoint import CheckpointError
 from cnf.data import list_datasets
 from cnf.data.tabular import ColumnPlan
-from cnf.evaluate import dequantized_bound
+from cnf.evaluate import dequantized_bound, log_probs
 from cnf.fields import ACTIVATIONS, CONV_LAYERS
 from cnf.flow import evaluating
-from cnf.io import atomic_path, check_output
+from cnf.io import atomic_path, check_output, json_text
 from cnf.models import DTYPES, ModelConfig
 from cnf.options import ConfigError
-from cnf.report import report
+from cnf.report import report, used_solver
 from cnf.runs import Run, load_run
-from cnf.runtime import configure_threads
+from cnf.runtime import SAMPLE_CHUNK, check_memory, configure_threads
 from cnf.solvers import FIXED_STEP, METHODS, Solver, SolverError
 from cnf.tabular import PREPROCESS
 from cnf.trace import NOISES, TRACES
 from cnf.training import PRESETS, RESUMABLE, TrainConfig, train
 from cnf.training.config import SCHEDULES
 from cnf.training.distributed import is_main_process, shutdown
-from cnf.validity import REFERENCE
+from cnf.training.loop import Diverged
+from cnf.validity import REFERENCE, solver_validity
 
 
 def _choices(values) -> str:
@@ -75,8 +76,9 @@ HELP = {
     "coupling": "flow matching: independent, or ot (minibatch optimal transport)",
     "sigma_min": "flow matching: width of the linear path at the data (0: rectified flow)",
     "time_sampling": "flow matching: path times, uniform or logit-normal",
-    "autocast": "flow matching on a GPU: bf16 runs the regression's field under bfloat16 "
-    "autocast (likelihoods and samples stay float32)",
+    "autocast": "flow matching: bf16 runs the regression's field under bfloat16 autocast, "
+    "faster on GPUs and on CPUs with bfloat16 instructions (likelihoods and samples stay "
+    "float32)",
     "finetune_iters": "flow matching: then this many iterations of maximum likelihood (with the "
     "adapted step), after --iters",
     "finetune_lr": "flow matching: the peak learning rate of the --finetune-iters phase, whose "
@@ -148,6 +150,7 @@ TRUST_PICKLE = ("allow reading data that unpickles (the MAF GAS set), which can 
 
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --data must not be taken for --data-dir
         super().__init__(*args, **kwargs)
         # "-1e-3" is a (negative) number, not a flag: argparse's own pattern misses exponents,
         # so "--lr -1e-3" failed as "expected one argument" instead of reaching the range check
@@ -260,6 +263,14 @@ def _eval_parser(sub: Any) -> None:
                    "--method) with a finer one and a float64 dopri5 reference (Ott et al. "
                    "2021)")  # fmt: skip
     p.add_argument("--device", default="auto")
+    p.add_argument("--data", type=Path, metavar="FILE",
+                   help="score the rows of this .csv/.npy/.npz file instead of the run's test "
+                   "data (the columns the model was trained on: by name, or in the same "
+                   "order); the summary is their NLL")  # fmt: skip
+    p.add_argument("--per-row", type=Path, metavar="CSV",
+                   help="with --data: write the log-density of each of its rows, in order, to "
+                   "this .csv file")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="overwrite an existing --per-row file")
     p.add_argument("--data-dir", help="where the dataset's files are now (default: the run's)")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     p.add_argument("--dequant-samples", type=int, metavar="K",
@@ -282,6 +293,7 @@ def _sample_parser(sub: Any) -> None:
     p.add_argument("--with-log-prob", action="store_true", help="add the log-density column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto")
     _solver_flags(p, "sample with")
 
@@ -305,6 +317,13 @@ def _solver(model: Any, args: argparse.Namespace) -> Solver | None:
     for flag in ("step_size", "atol", "rtol"):
         _in_range("--" + flag.replace("_", "-"), getattr(args, flag))
     method = args.method or model.eval_solver.method
+    if method in FIXED_STEP and (args.atol is not None or args.rtol is not None):
+        flag = "--atol" if args.atol is not None else "--rtol"
+        which = f"--method {method}" if args.method else f"the run's evaluation solver, {method},"
+        raise ValueError(
+            f"{flag} has no effect: {which} takes fixed steps (--steps or --step-size); drop "
+            "it, or choose an adaptive --method such as dopri5"
+        )
     if method not in FIXED_STEP:
         if args.steps is not None or args.step_size is not None:
             raise ValueError(f"--method {method} chooses its own steps: give --atol/--rtol")
@@ -312,10 +331,19 @@ def _solver(model: Any, args: argparse.Namespace) -> Solver | None:
         return base.replace(atol=args.atol or base.atol, rtol=args.rtol or base.rtol)
     if args.steps is not None and args.step_size is not None:
         raise ValueError("--steps and --step-size say the same thing: give one")
-    step = args.step_size or (float(model.ode_blocks()[0].T) / args.steps if args.steps else None)
+    T = float(model.ode_blocks()[0].T)
+    step = args.step_size or (T / args.steps if args.steps else None)
     if step is None:
         raise ValueError(f"--method {method} takes fixed steps: give --steps N or --step-size H")
-    return Solver(method, step_size=step, max_nfe=model.eval_solver.max_nfe)
+    limit = model.eval_solver.max_nfe
+    if limit is not None and T / step > limit:  # checked before a grid of that many is built
+        flag = "--steps" if args.steps else "--step-size"
+        raise ValueError(
+            f"{flag} {args.steps or args.step_size:g} makes {math.ceil(T / step):,} steps over "
+            f"T = {T:g}, more than the {limit:,} function evaluations a solve may take (the "
+            f"run's max_nfe): use at most {limit:,} steps"
+        )
+    return Solver(method, step_size=step, max_nfe=limit)
 
 
 def _plot_parser(sub: Any) -> None:
@@ -394,7 +422,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("drawing the figures", file=sys.stderr)
     figures = viz.plot_run(result.out, data=result.data, trust_pickle=args.trust_pickle)
     if args.json:
-        print(json.dumps(result.report))
+        print(json_text(result.report))
         return 0
     print((result.out / "summary.txt").read_text().rstrip())
     names = ", ".join(p.name for p in figures)
@@ -406,9 +434,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from cnf import viz  # matplotlib only when drawing
 
-    figures = viz.plot_run(args.run, trust_pickle=args.trust_pickle)
+    figures = viz.plot_run(args.run, trust_pickle=args.trust_pickle, say=_note("plot"))
     print(f"wrote {', '.join(str(p) for p in figures)}")
     return 0
+
+
+def _note(command: str) -> Callable[[str], None]:
+    """A note on stderr from ``cnf COMMAND`` (output stays on stdout)."""
+    return lambda text: print(f"cnf {command}: note: {text}", file=sys.stderr)
 
 
 def _dataset(run: Run, args: argparse.Namespace):
@@ -431,25 +464,33 @@ def _in_range(flag: str, value: float | None, *, integer: bool = False, low: flo
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    _in_range("--n", args.n, integer=True, low=1)
-    _in_range("--iw-probes", args.iw_probes, integer=True, low=2)
-    if args.iw_probes is not None and args.dequant_samples is None:
-        raise ValueError("--iw-probes is for the importance-weighted bound: add --dequant-samples")
+    _check_eval_options(args)
     run = load_run(args.run, args.device)
-    data = _dataset(run, args)
-    validity_n = run.config.get("validity_size", 2000) if args.validity else None
+    if run.path.name == "last.pt" and args.run.is_dir():
+        _note("eval")(f"{args.run} has no best.pt (the run stopped before its first "
+                      f"evaluation): evaluating last.pt, iteration {run.iteration}")  # fmt: skip
+    if args.n and run.meta.get("kind") == "toy":  # a toy draws as many as asked
+        row = math.prod(run.model.event_shape) * 16
+        check_memory(args.n * row, f"--n {args.n}: the test samples", "give a smaller --n")
     solver = _solver(run.model, args)
-    if args.dequant_samples is not None:  # checked before the evaluation, not after it
-        _check_dequant_samples(run, data, args)
+    checked = solver or used_solver(run.model, run.config)
+    validity_n = run.config.get("validity_size", 2000) if args.validity else None
     tol = run.config.get("validity_tol", REFERENCE.atol)
-    outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
-                     validity_n=validity_n, solver=solver,
-                     reference=REFERENCE.replace(atol=tol, rtol=tol))  # fmt: skip
-    result, validity = outcome.to_dict(), outcome.validity
-    if args.dequant_samples is not None:
-        result.update(_importance_weighted(run, data, args, solver))
+    kw = dict(solver=solver, checked=checked, seed=run.config.get("seed", 0),
+              reference=REFERENCE.replace(atol=tol, rtol=tol))  # fmt: skip
+    if args.data is not None:
+        result, validity = _score_file(run, args, validity_n, **kw)
+    else:
+        data = _moved(run, args)
+        if args.dequant_samples is not None:  # checked before the evaluation, not after it
+            _check_dequant_samples(run, data, args)
+        outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
+                         validity_n=validity_n, **kw)  # fmt: skip
+        result, validity = outcome.to_dict(), outcome.validity
+        if args.dequant_samples is not None:
+            result.update(_importance_weighted(run, data, args, solver))
     if args.json:
-        print(json.dumps(result))
+        print(json_text(result))
         return 0
     for key, value in result.items():
         if key != "validity":
@@ -460,11 +501,69 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moved(run: Run, args: argparse.Namespace):
+    """The run's data, with the way forward when it is gone from where it was trained."""
+    try:
+        return _dataset(run, args)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{_one_line(err)}: the run's data has moved or gone; score a file of rows with "
+            "cnf eval RUN --data FILE, or give an image set's new folder with --data-dir"
+        ) from None
+
+
+def _check_eval_options(args: argparse.Namespace) -> None:
+    _in_range("--n", args.n, integer=True, low=1)
+    _in_range("--iw-probes", args.iw_probes, integer=True, low=2)
+    if args.iw_probes is not None and args.dequant_samples is None:
+        raise ValueError("--iw-probes is for the importance-weighted bound: add --dequant-samples")
+    if args.per_row is not None and args.data is None:
+        raise ValueError("--per-row writes the log-density of each row of --data FILE: add it")
+    if args.data is not None:
+        for flag, value in (("--n", args.n), ("--dequant-samples", args.dequant_samples),
+                            ("--data-dir", args.data_dir)):  # fmt: skip
+            if value is not None:
+                raise ValueError(f"{flag} is for the run's own test data; --data scores every "
+                                 f"row of {args.data}: drop {flag}")  # fmt: skip
+    if args.per_row is not None:
+        if args.per_row.suffix.lower() != ".csv":
+            raise ValueError(f"--per-row {args.per_row}: the log-densities are written as a .csv")
+        check_output(args.per_row, flag="--per-row", force=args.force)
+
+
+def _score_file(run: Run, args: argparse.Namespace, validity_n: int | None, **kw: Any):
+    """The NLL of the rows of ``--data`` (and their validity check), each row's log-density
+    in ``--per-row``."""
+    p = next(run.model.parameters())
+    x = torch.as_tensor(run.rows(args.data), dtype=p.dtype, device=p.device)
+    if len(x) == 0:
+        raise ValueError(f"{args.data} has no rows to score")
+    logp, nfe = log_probs(run.model, x, seed=kw["seed"], solver=kw["solver"])
+    nll = -float(logp.mean())
+    se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
+    result: dict[str, Any] = {"data": str(args.data), "nll": nll, "nll_se": se, "nfe": nfe,
+                              "n": len(logp)}  # fmt: skip
+    validity = None
+    if validity_n is not None:
+        validity = solver_validity(run.model, x, solver=kw["checked"], start=validity_n,
+                                   seed=kw["seed"], reference=kw["reference"])  # fmt: skip
+        result["validity"] = validity.to_dict()
+    if args.per_row is not None:
+        with atomic_path(args.per_row, overwrite=True) as tmp:
+            np.savetxt(tmp, logp.cpu().numpy(), fmt="%.17g", header="log_prob", comments="")
+        result["per_row"] = str(args.per_row)
+    return result, validity
+
+
 def _check_dequant_samples(run: Run, data: Any, args: argparse.Namespace) -> None:
     _in_range("--dequant-samples", args.dequant_samples, integer=True, low=1)
     if not hasattr(data, "test_pixels"):
         raise ValueError("--dequant-samples is for image models (discrete pixels); this run "
                          f"models {run.meta.get('kind')} data")  # fmt: skip
+    images = len(data.test_pixels(args.n or run.config.get("test_size")))
+    check_memory(args.dequant_samples * images * 8 * (2 if args.iw_probes else 1),
+                 f"--dequant-samples {args.dequant_samples}: the draws of {images} images",
+                 "give fewer draws, or fewer images with --n")  # fmt: skip
 
 
 def _importance_weighted(run: Run, data: Any, args: argparse.Namespace, solver) -> dict:
@@ -482,7 +581,6 @@ def _importance_weighted(run: Run, data: Any, args: argparse.Namespace, solver) 
 
 
 GRID_MAX = 1024  # images in one .png grid
-SAMPLE_CHUNK = 10_000  # samples per solve: memory stays bounded whatever -n is
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -514,7 +612,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_room(args.output, args.n * width * (8 if suffix == ".npy" else 25), "-n", args.n)
     solver = _solver(model, args)
     chunks = _sample_chunks(model, args.n, args.seed, args.with_log_prob, plan, solver)
+    chunks = _with_progress(chunks, args.n, not args.no_progress)
     header = list(names) + (["log_prob"] if args.with_log_prob else [])
+    digits = "%.17g" if next(model.parameters()).dtype == torch.float64 else "%.9g"
     with atomic_path(args.output) as tmp:
         if suffix == ".npy":  # the header, then the rows as they come (no memory map: a full
             with open(tmp, "wb") as f:  # disk must be an error, not a SIGBUS)
@@ -526,11 +626,40 @@ def cmd_sample(args: argparse.Namespace) -> int:
             with open(tmp, "w") as f:
                 f.write(",".join(header) + "\n")
                 for chunk in chunks:
-                    np.savetxt(f, chunk, delimiter=",")
+                    np.savetxt(f, chunk, delimiter=",", fmt=digits)  # every digit there is
     used = (solver or model.eval_solver).describe()
     print(f"wrote {args.n} samples to {args.output}, solved with {used}"
           + ("" if solver is None else " (not the run's evaluation solver)"))  # fmt: skip
     return 0
+
+
+LONG_JOB = 3600.0  # seconds: a job expected to take longer gets a note with its estimate
+
+
+def _with_progress(chunks: Iterator[np.ndarray], n: int, show: bool) -> Iterator[np.ndarray]:
+    """``chunks`` with a progress bar over the ``n`` samples, and a note after the first chunk
+    when the whole job will take more than an hour at that rate."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    with tqdm(
+        total=n,
+        desc="sampling",
+        unit="sample",
+        disable=not show,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        delay=2,
+    ) as bar:  # fmt: skip  (a quick job shows none)
+        for chunk in chunks:
+            if bar.n == 0:
+                expected = (time.perf_counter() - start) * n / len(chunk)
+                if expected > LONG_JOB:
+                    _note("sample")(f"{n} samples will take about {expected / 3600:.1f} hours at "
+                                    "this rate; Ctrl-C (or SIGTERM) stops and removes the partial "
+                                    "file")  # fmt: skip
+            bar.update(len(chunk))
+            yield chunk
 
 
 def _check_room(path: Path, size: int, flag: str, value: int) -> None:
@@ -585,6 +714,14 @@ def _sample_grid(model: torch.nn.Module, args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_animate_size(args: argparse.Namespace) -> None:
+    """The one solve through every frame holds the mesh and the particles at each frame."""
+    points = ((args.grid + 1) ** 2 if args.grid else 0) + args.particles
+    check_memory(points * args.frames * 3 * 8 * 4,
+                 f"--grid {args.grid}, --particles {args.particles} and --frames {args.frames}",
+                 "give a smaller --grid, --particles or --frames")  # fmt: skip
+
+
 def _check_animate_options(args: argparse.Namespace) -> None:
     _in_range("--frames", args.frames, integer=True, low=2)
     _in_range("--fps", args.fps)
@@ -596,6 +733,7 @@ def _check_animate_options(args: argparse.Namespace) -> None:
         _in_range(f"--{flag}", getattr(args, flag))
     if args.fps > 100:
         raise ValueError(f"--fps must be at most 100, got {args.fps:g}")
+    _check_animate_size(args)
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
@@ -624,6 +762,11 @@ def cmd_animate(args: argparse.Namespace) -> int:
     for path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
     tolerances = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
+    if tolerances and model.eval_solver.fixed_step:
+        raise ValueError(
+            f"--{next(iter(tolerances))} has no effect: the run's evaluation solver, "
+            f"{model.eval_solver.describe()}, takes fixed steps; drop it"
+        )
     solver = model.eval_solver.replace(**tolerances)
     kw = dict(direction=args.direction, lim=lim, data=samples, solver=solver)
     say = (lambda text: None) if args.no_progress else (lambda text: print(text, file=sys.stderr))
@@ -678,7 +821,20 @@ COMMANDS = {
 ERRORS = (ValueError, TypeError, OSError, ImportError, CheckpointError, SolverError)
 
 
-def _one_line(err: BaseException) -> str:
+# what to do when a solve fails in a command that only uses a trained model (training advice,
+# such as a lower learning rate, is for cnf train, which gives its own)
+SOLVER_ADVICE = {
+    "animate": "the model's dynamics are hard for this solver: try tighter --atol/--rtol",
+    "default": "the model's dynamics are hard for this solver: try a fixed-step one with more "
+    "steps (--method rk4 --steps 200) or tighter --atol/--rtol",
+}
+
+
+def _one_line(err: BaseException, command: str = "train") -> str:
+    if _is_out_of_memory(err):
+        return _out_of_memory(err)
+    if isinstance(err, SolverError) and command != "train" and not isinstance(err, Diverged):
+        return f"{err.problem}: {SOLVER_ADVICE.get(command, SOLVER_ADVICE['default'])}"
     if isinstance(err, ConfigError):  # name the flag the user typed
         return f"--{err.field.replace('_', '-')} {err.problem}".splitlines()[0]
     if isinstance(err, OSError) and err.strerror and err.filename and str(err).startswith("["):
@@ -687,21 +843,49 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _is_out_of_memory(err: BaseException) -> bool:
+    """Python's MemoryError, CUDA's, or the CPU allocator's (a plain RuntimeError)."""
+    text = str(err)
+    return isinstance(err, MemoryError | torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError)
+        and ("can't allocate memory" in text or "out of memory" in text)
+    )
+
+
+def _out_of_memory(err: BaseException) -> str:
+    asked = re.search(r"allocate (\d+) bytes", str(err))
+    size = f" (an allocation of {int(asked[1]) / 1e9:.3g} GB)" if asked else ""
+    return (
+        f"out of memory{size}: make the job smaller (a smaller --batch-size, -n, --n or "
+        "--test-size), or run it on a machine with more memory"
+    )
+
+
+def _one_process(command: str) -> None:
+    """Only ``cnf train`` runs under torchrun; the other commands would race to one output."""
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        raise ValueError(
+            f"cnf {command} runs in one process, but this is one of a torchrun job's "
+            f"{os.environ['WORLD_SIZE']} (WORLD_SIZE is set): run it without torchrun"
+        )
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; errors become one line and exit status 1 (under
     torchrun, printed by rank 0 alone: every process meets the same error)."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "train":
+            _one_process(args.command)
         return COMMANDS[args.command](args)
-    except ERRORS as err:
+    except Exception as err:
         if os.environ.get("CNF_DEBUG"):
             raise
-        if is_main_process():
-            print(f"cnf {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
-    except Exception as err:  # a bug: still one line, with the way to see more
-        if os.environ.get("CNF_DEBUG"):
-            raise
+        if _is_out_of_memory(err) or isinstance(err, ERRORS):
+            if is_main_process():
+                print(f"cnf {args.command}: error: {_one_line(err, args.command)}", file=sys.stderr)
+            return 1
+        # a bug: still one line, with the way to see more
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         print(
             f"cnf {args.command}: internal error: {type(err).__name__}: {detail} "

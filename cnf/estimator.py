@@ -33,6 +33,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from cnf.data.tabular import ColumnPlan, Splits, TabularData
 from cnf.models import DTYPES, ModelConfig
+from cnf.runtime import SAMPLE_CHUNK, check_memory
 from cnf.solvers import SolverError
 from cnf.tabular import TabularCNF
 from cnf.training import Diverged, Hooks, TrainConfig, TrainState, fit, setup
@@ -289,10 +290,16 @@ class CNFDensity(DensityMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         if not isinstance(n_samples, int | np.integer) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        n = int(n_samples)
+        check_memory(n * self.columns_.width * 8 * 2, f"{n} samples",
+                     "draw fewer at a time (n_samples)")  # fmt: skip
         seed = int(check_random_state(random_state).randint(2**31 - 1))
         gen = torch.Generator(device=torch.device(self.device)).manual_seed(seed)
-        x = self.model_.sample(int(n_samples), generator=gen)
-        return self.columns_.restore(x.double().cpu().numpy())
+        out = np.empty((n, self.columns_.width))
+        for start in range(0, n, SAMPLE_CHUNK):  # memory per solve stays bounded
+            x = self.model_.sample(min(SAMPLE_CHUNK, n - start), generator=gen)
+            out[start : start + len(x)] = self.columns_.restore(x.double().cpu().numpy())
+        return out
 
 
 class CNFDensityWarning(UserWarning):

@@ -30,6 +30,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cnf.flow import evaluating
+from cnf.runtime import check_memory
+from cnf.seeds import TEST, generator
 from cnf.solvers import Solver
 
 
@@ -51,6 +53,46 @@ class Evaluation:
 
 
 @torch.no_grad()
+def log_probs(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    seed: int = 0,
+    stream: int = TEST,
+    first: int = 0,
+    batch_size: int = 5000,
+    solver: Solver | None = None,
+    share: Callable[[int], slice] | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, int]:
+    """``log p`` of every row of ``x`` (float64, in eval mode) and the mean forward NFE per
+    solve, in batches of ``batch_size`` rows.
+
+    Batch ``i`` draws its Hutchinson probes for all its rows from the generator of ``(seed,
+    stream, first + i)`` (:mod:`cnf.seeds`), so the result is a function of the rows, the seed
+    and the batch size alone: the same every time, and the same under any number of
+    processes, where each solves its rows of every batch (``share(n)``: this process's rows
+    of a batch of ``n``) and ``gather`` joins every process's, in rank order.
+    """
+    logps, nfes = [], []
+    with evaluating(model):
+        for i, batch in enumerate(x.split(batch_size)):
+            gen = generator(x.device, seed, stream, first + i)
+            rows = None
+            if share is not None:
+                part = share(len(batch))
+                rows, batch = (part.start, len(batch)), batch[part]
+            logp = model.log_prob(batch, generator=gen, solver=solver, rows=rows).double()
+            logps.append(logp if gather is None else gather(logp))
+            if len(batch):  # a process with no rows of this batch solved nothing
+                nfes.append(model.nfe.forward)
+    nfe = sum(nfes) / max(len(nfes), 1)
+    if gather is not None:  # every process reports the largest, the solves' real cost
+        nfe = float(gather(torch.tensor([nfe], dtype=torch.float64, device=x.device)).max())
+    return torch.cat(logps) if logps else x.new_zeros(0, dtype=torch.float64), round(nfe)
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     x: Tensor,
@@ -58,7 +100,9 @@ def evaluate(
     batch_size: int = 5000,
     solver: Solver | None = None,
     entropy: float | None = None,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    stream: int = TEST,
+    share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
 ) -> Evaluation:
     """NLL of ``x`` under ``model`` in eval mode (its evaluation solver unless ``solver``).
@@ -69,28 +113,22 @@ def evaluate(
         batch_size: rows per solve (bounds memory).
         solver: overrides the model's evaluation solver.
         entropy: the data's true entropy, if known; adds ``kl = nll - entropy``.
-        generator: for Hutchinson probes, so repeated evaluations see the same ones.
-        gather: in distributed evaluation, ``x`` is this process's share and ``gather`` joins
-            every process's log-densities (in rank order), so every process gets the whole
-            set's numbers; the NFE stays this process's.
+        seed, stream: where the Hutchinson probes come from (:func:`log_probs`): the same
+            numbers every time for the same ``(seed, stream)``.
+        share, gather: in distributed evaluation, this process's rows of a batch and the join
+            of every process's log-densities (:func:`log_probs`); every process gets the whole
+            set's numbers.
 
     Returns:
         The mean NLL, its standard error over rows, the mean forward NFE per batch, where the
         entropy is given the KL divergence from the data to the model and, for image models,
         the NLL in bits per dimension.
     """
-    logps, nfes = [], []
-    with evaluating(model):
-        for batch in x.split(batch_size):
-            logps.append(model.log_prob(batch, generator=generator, solver=solver))
-            nfes.append(model.nfe.forward)
-    logp = torch.cat(logps).double()
-    if gather is not None:
-        logp = gather(logp)
+    logp, nfe = log_probs(model, x, seed=seed, stream=stream, batch_size=batch_size,
+                          solver=solver, share=share, gather=gather)  # fmt: skip
     nll = -float(logp.mean())
     se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
     kl = None if entropy is None else nll - entropy
-    nfe = round(sum(nfes) / len(nfes))
     bpd = None
     if getattr(model, "levels", None) is not None:
         bpd = bits_per_dim(nll, math.prod(x.shape[1:]))
@@ -136,7 +174,8 @@ class DiscreteBound:
     probe_noise: float = 0.0  # nats: the standard deviation of a draw's probe mean (RMS)
 
 
-DRAW_BLOCK = 64  # images whose dequantizations are drawn at once, whatever the solves' size
+DRAW_BLOCK = 64  # images whose dequantizations are drawn together, whatever the solves' size
+DRAW_CHUNK = 64  # draws of a block made at once (and held in memory at once)
 
 
 @torch.no_grad()
@@ -169,7 +208,8 @@ def dequantized_bound(
     a probe noise of standard deviation :math:`\sigma`, several nats per 8x8 image), which would
     report a likelihood the model does not have. The exact trace costs ``D`` vector-Jacobian
     products per field evaluation instead of one, so a solve takes ``batch_size // (K D)``
-    images (at least one).
+    images (at least one; fewer draws of one image where even that is too many: every solve
+    stays within ``batch_size`` evaluations, whatever ``K``).
 
     Where that is too dear (784 products per evaluation at 28x28), ``probes = P`` averages
     ``P`` Hutchinson estimates (independent Rademacher probes) per draw instead: the noise's
@@ -195,66 +235,128 @@ def dequantized_bound(
             with probes each counts ``P``.
         progress: a progress bar over the solves (on stderr).
     """
+    _check_counts(samples, probes)
+    dim = math.prod(pixels.shape[1:])
+    device = pixels.device if generator is None else generator.device
+    trace = "hutchinson" if probes is not None else ("exact" if samples > 1 else None)
+    probe_gen = generator
+    if probes is not None:
+        probe_gen = probe_generator or _next_generator(generator, device)
+    cost = dim if trace == "exact" else 1  # evaluations a row costs
+    solves = _Solves(model, trace, probes or 1, probe_gen, solver, batch_size // cost)
+    check_memory(samples * len(pixels) * 8 * (2 if probes else 1),
+                 f"the bound's {samples} draws of {len(pixels)} images",
+                 "use fewer dequantization draws or images")  # fmt: skip
+    means = torch.empty(samples, len(pixels), dtype=torch.float64)
+    variances = torch.empty_like(means) if probes is not None else None
+    bar = tqdm(total=solves.count(len(pixels), samples), disable=not progress,
+               desc=f"bound, K={samples}", file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    with evaluating(model), bar:
+        for (first, draw), block, u in dequantization_draws(pixels, samples, generator):
+            cols, rows = slice(first, first + len(block)), slice(draw, draw + len(u))
+            mean, variance = solves.run(block, u, bar)
+            means[rows, cols] = mean
+            if variances is not None:
+                variances[rows, cols] = variance
+    return _bound(means, variances, samples, probes, dim, trace or _trace_name(model))
+
+
+class _Solves:
+    """The log-densities of draws ``block + u``, solved in parts of at most ``size`` rows:
+    whole images with all their draws and probes while they fit, else fewer draws, else fewer
+    probes at a time; each draw's mean over its ``probes`` Hutchinson probes and that mean's
+    variance."""
+
+    def __init__(self, model, trace, probes: int, generator, solver, size: int) -> None:
+        self.model, self.trace, self.probes, self.generator = model, trace, probes, generator
+        self.solver, self.size = solver, max(1, size)
+        self.like = next(model.parameters())
+
+    def parts(self, images: int, draws: int) -> tuple[int, int, int]:
+        """Images, draws and probes per solve."""
+        if draws * self.probes <= self.size:
+            return max(1, self.size // (draws * self.probes)), draws, self.probes
+        if self.probes <= self.size:
+            return 1, self.size // self.probes, self.probes
+        return 1, 1, self.size
+
+    def count(self, n: int, samples: int) -> int:
+        total = 0
+        for start in range(0, n, DRAW_BLOCK):
+            images = min(DRAW_BLOCK, n - start)
+            for first in range(0, samples, DRAW_CHUNK):
+                draws = min(DRAW_CHUNK, samples - first)
+                r, k, g = self.parts(images, draws)
+                total += -(-images // r) * -(-draws // k) * -(-self.probes // g)
+        return total
+
+    def run(self, block: Tensor, u: Tensor, bar) -> tuple[Tensor, Tensor]:
+        r, k, g = self.parts(len(block), len(u))
+        sums = torch.zeros(2, len(u), len(block), dtype=torch.float64)
+        for i in range(0, len(block), r):
+            for j in range(0, len(u), k):
+                x = block[i : i + r].to(u.device).double() + u[j : j + k, i : i + r].double()
+                x, shape = x.flatten(0, 1).to(self.like), x.shape[:2]
+                for start in range(0, self.probes, g):
+                    copies = min(g, self.probes - start)
+                    lp = self.model.log_prob(x.repeat(copies, *[1] * (x.ndim - 1)),
+                                             solver=self.solver, generator=self.generator,
+                                             trace=self.trace)  # fmt: skip
+                    lp = lp.double().reshape(copies, *shape).cpu()
+                    sums[0, j : j + k, i : i + r] += lp.sum(0)
+                    sums[1, j : j + k, i : i + r] += lp.square().sum(0)
+                    bar.update()
+        mean = sums[0] / self.probes
+        spread = (sums[1] - self.probes * mean.square()) / max(self.probes - 1, 1)
+        return mean, spread.clamp(min=0) / self.probes  # the variance of the probes' mean
+
+
+def _bound(means, variances, samples, probes, dim, trace) -> DiscreteBound:
+    logp = torch.logsumexp(means, 0) - math.log(samples)
+    nll, single = -float(logp.mean()), -float(means.mean())
+    se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
+    bias = noise = 0.0
+    if variances is not None:
+        bias = float(logmeanexp_noise_bias(means, variances).mean())
+        noise = float(variances.mean() ** 0.5)
+    return DiscreteBound(nll, se, bits_per_dim(nll, dim), samples, len(logp), single,
+                         bits_per_dim(single, dim), trace, means, probes, bias,
+                         bits_per_dim(bias, dim), noise)  # fmt: skip
+
+
+def _check_counts(samples: int, probes: int | None) -> None:
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got {samples!r}")
     if probes is not None and (not isinstance(probes, int) or isinstance(probes, bool)
                                or probes < 2):  # fmt: skip
         raise ValueError(f"probes must be an integer >= 2 (their spread estimates the bias), "
                          f"got {probes!r}")  # fmt: skip
-    like, dim = next(model.parameters()), math.prod(pixels.shape[1:])
-    device = pixels.device if generator is None else generator.device
-    if probes is not None:
-        trace, per_draw = "hutchinson", probes
-        probe_gen = probe_generator
-        if probe_gen is None:
-            probe_gen = torch.Generator(device=device)
-            if generator is not None:
-                probe_gen.manual_seed(generator.initial_seed() + 1)
-            else:
-                probe_gen.seed()
+
+
+def _next_generator(generator: torch.Generator | None, device) -> torch.Generator:
+    """The probes' generator: seeded with ``generator``'s seed plus one (fresh without one)."""
+    gen = torch.Generator(device=device)
+    if generator is not None:
+        gen.manual_seed(generator.initial_seed() + 1)
     else:
-        trace = "exact" if samples > 1 else None
-        per_draw, probe_gen = (dim if trace else 1), generator
-    rows = max(1, batch_size // (samples * per_draw))
-    parts, variances = [], []
-    solves = sum(math.ceil(len(block) / rows) for block in pixels.split(DRAW_BLOCK))
-    bar = tqdm(total=solves, disable=not progress, desc=f"bound, K={samples}", file=sys.stderr,
-               dynamic_ncols=True)  # fmt: skip
-    with evaluating(model), bar:
-        for block, noise in dequantization_draws(pixels, samples, generator):
-            for chunk, u in zip(block.split(rows), noise.split(rows, 1), strict=True):
-                x = (chunk.to(device).double() + u.double()).flatten(0, 1).to(like)  # K each
-                if probes is not None:
-                    x = x.repeat(probes, *[1] * (x.ndim - 1))
-                logp = model.log_prob(x, solver=solver, generator=probe_gen, trace=trace)
-                logp = logp.double().reshape(-1, samples, len(chunk)).cpu()
-                if probes is not None:
-                    variances.append(logp.var(0) / probes)  # of the mean of the probes
-                parts.append(logp.mean(0))
-                bar.update()
-    draws = torch.cat(parts, 1)
-    logp = torch.logsumexp(draws, 0) - math.log(samples)
-    nll, single = -float(logp.mean()), -float(draws.mean())
-    se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
-    bias = noise = 0.0
-    if probes is not None:
-        variance = torch.cat(variances, 1)
-        bias, noise = float(logmeanexp_noise_bias(draws, variance).mean()), variance.mean() ** 0.5
-    used = trace or _trace_name(model)
-    return DiscreteBound(nll, se, bits_per_dim(nll, dim), samples, len(logp), single,
-                         bits_per_dim(single, dim), used, draws, probes, bias,
-                         bits_per_dim(bias, dim), float(noise))  # fmt: skip
+        gen.seed()
+    return gen
 
 
 def dequantization_draws(
     pixels: Tensor, samples: int, generator: torch.Generator | None = None
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """The uniform noise of :func:`dequantized_bound`: ``(block, u)`` for blocks of
-    :data:`DRAW_BLOCK` images, ``u`` of shape ``(samples, *block.shape)`` on the generator's
+) -> Iterator[tuple[tuple[int, int], Tensor, Tensor]]:
+    """The uniform noise of :func:`dequantized_bound`: ``((first image, first draw), block,
+    u)`` for blocks of :data:`DRAW_BLOCK` images, each in chunks of at most
+    :data:`DRAW_CHUNK` draws, ``u`` of shape ``(draws, *block.shape)`` on the generator's
     device; the same for a generator's seed whatever the solves' size."""
     device = pixels.device if generator is None else generator.device
-    for block in pixels.split(DRAW_BLOCK):
-        yield block, torch.rand((samples, *block.shape), generator=generator, device=device)
+    for start in range(0, len(pixels), DRAW_BLOCK):
+        block = pixels[start : start + DRAW_BLOCK]
+        for first in range(0, samples, DRAW_CHUNK):
+            draws = min(DRAW_CHUNK, samples - first)
+            u = torch.rand((draws, *block.shape), generator=generator, device=device)
+            yield (start, first), block, u
 
 
 def logmeanexp_noise_bias(estimates: Tensor, variances: Tensor) -> Tensor:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import errno
 import io
+import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 class DiskFullError(OSError):
@@ -97,6 +99,42 @@ def write_bytes(path: str | Path, data: bytes, *, overwrite: bool = True) -> Non
                 view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
+
+
+def open_append(path: str | Path) -> TextIO:
+    """``path`` opened for appending text (created if missing), never through a symbolic link:
+    a link there is an error (``ELOOP``) instead of a write wherever it points."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | nofollow, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise FileExistsError(
+                f"refusing to append to {path}: it is a symbolic link; replace it with a file"
+            ) from err
+        raise
+    return os.fdopen(fd, "a")
+
+
+def json_text(value: Any, **kwargs: Any) -> str:
+    """``value`` as standard JSON: a non-finite float (a standard error of one point, say)
+    becomes ``null``, where ``json.dumps`` would write a bare ``NaN`` that most parsers refuse.
+
+    Example:
+        >>> json_text({"se": float("nan"), "nll": [1.5, float("inf")]})
+        '{"se": null, "nll": [1.5, null]}'
+    """
+    return json.dumps(_finite(value), allow_nan=False, **kwargs)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -186,3 +186,11 @@ def build_model(cfg: ModelConfig, meta: dict[str, Any]) -> Flow:
             f"no model for datasets of kind {meta.get('kind')!r}; known kinds: {list(BUILDERS)}"
         )
     return BUILDERS[meta["kind"]](cfg, meta).to(DTYPES[cfg.dtype])
+
+
+def model_shapes(cfg: ModelConfig, meta: dict[str, Any]) -> dict[str, torch.Size]:
+    """The shape of every tensor of the flow's ``state_dict``, found without allocating it (the
+    flow is built on PyTorch's meta device): a size can be checked before it costs memory."""
+    with torch.device("meta"):
+        skeleton = build_model(cfg, meta)
+    return {k: v.shape for k, v in skeleton.state_dict().items()}

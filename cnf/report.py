@@ -13,6 +13,7 @@ from cnf.data import Dataset
 from cnf.evaluate import Evaluation, evaluate
 from cnf.flow import Flow
 from cnf.runtime import to_tensor
+from cnf.seeds import TEST
 from cnf.solvers import Solver
 from cnf.transport import like
 from cnf.validity import REFERENCE, ValidityReport, solver_validity
@@ -42,6 +43,9 @@ class Report:
         return line + ("" if self.validity is None else "\n" + self.validity.summary())
 
 
+GROWTH = 4  # the validity check may grow its sample to this many times its first look
+
+
 def report(
     model: Flow,
     data: Dataset,
@@ -50,30 +54,44 @@ def report(
     validity_n: int | None = 2000,
     say: Callable[[str], None] | None = None,
     solver: Solver | None = None,
+    checked: Solver | None = None,
+    seed: int = 0,
     share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
     reference: Solver = REFERENCE,
 ) -> Report:
     """Evaluate ``model`` on ``n`` test samples of ``data`` (all, for a fixed test split, when
-    ``None``) with its evaluation solver (or ``solver``), and check the first ``validity_n`` of
-    them for solver validity (``None``: no check) of its training solver (or ``solver``).
-    ``say`` is told what each phase does (they can take a while). In distributed evaluation,
-    ``share(n)`` is this process's rows of ``n`` and ``gather`` joins every process's results.
+    ``None``) with its evaluation solver (or ``solver``), and check the solver validity of
+    ``checked`` (default: ``solver``, else the training solver) on at least ``validity_n``
+    test points (``None``: no check), up to :data:`GROWTH` times as many while the verdict is
+    undecided, whatever ``n`` is. The Hutchinson probes come from ``seed``'s test and validity
+    streams (:mod:`cnf.seeds`): the same numbers every time. ``say`` is told what each phase
+    does (they can take a while). In distributed evaluation, ``share(n)`` is this process's
+    rows of ``n`` and ``gather`` joins every process's results.
     """
     say = say or (lambda text: None)
     p = like(model)
     x = to_tensor(data.test(n), p.device, p.dtype)
     say(f"evaluating {len(x)} test samples with {(solver or model.eval_solver).describe()}")
-    mine = x if share is None else x[share(len(x))]
-    evaluation = evaluate(model, mine, entropy=getattr(data, "entropy", None), solver=solver,
-                          gather=gather)  # fmt: skip
+    evaluation = evaluate(model, x, entropy=getattr(data, "entropy", None), solver=solver,
+                          seed=seed, stream=TEST, share=share, gather=gather)  # fmt: skip
     validity = None
     if validity_n is not None:
-        checked = solver or model.solver
-        say(f"checking solver validity on {min(validity_n, len(x))} of them: "
-            f"{checked.describe()}, a finer one, and the float64 reference "
-            f"{reference.describe()}")  # fmt: skip
-        part = x[:validity_n]
-        part = part if share is None else part[share(len(part))]
-        validity = solver_validity(model, part, solver=checked, gather=gather, reference=reference)
+        checked = checked or solver or model.solver
+        pool = x[: GROWTH * validity_n]
+        if len(pool) < GROWTH * validity_n and n is not None:  # --n does not shrink it
+            pool = to_tensor(data.test(GROWTH * validity_n), p.device, p.dtype)
+        say(f"checking solver validity on {min(validity_n, len(pool))} test points (up to "
+            f"{len(pool)} if undecided): {checked.describe()}, a finer one, and the float64 "
+            f"reference {reference.describe()}")  # fmt: skip
+        validity = solver_validity(model, pool, solver=checked, start=validity_n, seed=seed,
+                                   share=share, gather=gather, reference=reference)  # fmt: skip
     return Report(evaluation, validity)
+
+
+def used_solver(model: Flow, config: dict[str, Any]) -> Solver:
+    """The solver a trained model's densities depend on, which its validity check is about:
+    the training solver of a model trained through it (maximum likelihood, or a fine-tuning by
+    it), the evaluation solver of one trained by flow matching alone, which never solved."""
+    fm_only = config.get("objective") == "fm" and not config.get("finetune_iters")
+    return model.eval_solver if fm_only else model.solver

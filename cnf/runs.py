@@ -5,16 +5,20 @@ carries the model's own arguments (:mod:`cnf.checkpoint`)."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from cnf.checkpoint import CheckpointError, load_checkpoint
 from cnf.data import Dataset, DataSpec
+from cnf.data.tabular import ColumnPlan, drop_nan_rows, read_table, select_columns, to_float
 from cnf.flow import Flow
-from cnf.models import ModelConfig, build_model
+from cnf.models import ModelConfig, build_model, model_shapes
 from cnf.runtime import resolve_device
 
 
@@ -49,15 +53,51 @@ class Run:
         trust."""
         return self.spec.open(trust_pickle=trust_pickle, data_dir=data_dir)
 
+    def rows(self, path: str | Path) -> np.ndarray:
+        """The rows of a ``.csv``/``.npy``/``.npz`` file as the model takes them: the columns it
+        was trained on, by name where the file has a header naming them all (else by position,
+        the same number of them), the columns it dropped as constant or repeated left out.
+        Rows with NaN or inf are refused by number."""
+        if self.meta.get("kind") == "image":
+            raise ValueError(f"{self.path} models images: scoring rows of a file is for vector "
+                             "data (toys and tables)")  # fmt: skip
+        text, key = str(path), None
+        if ".npz:" in text:  # file.npz:key picks an array
+            text, key = text.rsplit(":", 1)
+        table = read_table(Path(text).expanduser(), key)
+        names = self.meta.get("all_columns") or self.meta.get("columns")
+        width = len(names) if names else math.prod(self.model.event_shape)
+        if names and set(names) <= set(table.columns):
+            table = select_columns(table, list(names), str(path))
+        elif len(table.columns) != width:
+            expected = f"columns {', '.join(names)}" if names else f"{width} columns"
+            raise ValueError(
+                f"{path} has {len(table.columns)} columns but {self.path} models {expected}: "
+                "give a file with the same columns (a header naming them, or in the same order)"
+            )
+        x = drop_nan_rows(to_float(table, str(path)).values, drop=False, source=str(path))
+        plan = self.meta.get("plan")
+        return ColumnPlan.from_meta(plan).apply(x) if plan else x
+
+
+def checkpoint_of(path: str | Path) -> Path:
+    """The checkpoint a path names: a file as it is; a run directory's ``best.pt``, or its
+    ``last.pt`` when the run stopped before its first evaluation (and so has no ``best.pt``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    best, last = path / "best.pt", path / "last.pt"
+    return last if not best.exists() and last.is_file() else best
+
 
 def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
-    """Rebuild the model of a checkpoint, or of a run directory's ``best.pt``, in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
+    """Rebuild the model of a checkpoint, or of a run directory's (:func:`checkpoint_of`), in
+    eval mode."""
+    path = checkpoint_of(path)
     ckpt = load_checkpoint(path)
     try:
         model_args = ModelConfig.from_dict(ckpt["model_args"])
+        _check_shapes(model_shapes(model_args, ckpt["data"]), ckpt["model"])  # before building
         model = build_model(model_args, ckpt["data"])
         model.load_state_dict(ckpt["model"])
         model.set_solver(model.solver.replace(**ckpt["solver"]))
@@ -82,3 +122,64 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         ckpt["iteration"],
         ckpt.get("data_fingerprint"),
     )
+
+
+def _check_shapes(expected: dict[str, torch.Size], weights: Any) -> None:
+    """The model the arguments describe must have the checkpoint's tensors, found before it is
+    built (arguments that say ``hidden [20000, 20000]`` beside small weights would allocate
+    gigabytes for an error)."""
+    if not isinstance(weights, dict):
+        raise TypeError("its model weights are not a state dict")
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"Missing keys {missing[:3]}, unexpected keys {unexpected[:3]}")
+    for key, shape in expected.items():
+        got = getattr(weights[key], "shape", None)
+        if got != shape:
+            raise ValueError(
+                f"size mismatch for {key}: the model's arguments make {tuple(shape)}, the "
+                f"weights are {tuple(got) if got is not None else type(weights[key]).__name__}"
+            )
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """A run's ``log.jsonl``: its rows (``lines``: their text, newline included) and the text
+    of an incomplete last line that was left out (``""``: none), what a kill or a full disk
+    leaves in the middle of a write."""
+
+    rows: list[dict[str, Any]]
+    lines: list[str]
+    incomplete: str = ""
+
+
+def read_log(path: str | Path) -> RunLog:
+    """Read a run's log; a line that is not a row (other than an incomplete last one) is an
+    error that names the file and the line."""
+    path = Path(path)
+    lines = path.read_bytes().decode(errors="replace").splitlines(keepends=True)
+    rows, kept, incomplete = [], [], ""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        row = _log_row(line)
+        if row is None and number == len(lines) and not line.endswith("\n"):
+            incomplete = line
+        elif row is None:
+            raise ValueError(
+                f"{path}, line {number}, is not a log row ({line.strip()[:60]!r}): delete that "
+                "line (the rows after it are intact)"
+            )
+        else:
+            rows.append(row)
+            kept.append(line.rstrip("\n") + "\n")
+    return RunLog(rows, kept, incomplete)
+
+
+def _log_row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("iter"), int) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -24,6 +25,36 @@ def resolve_device(name: str | torch.device) -> torch.device:
             f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
         )
     return device
+
+
+SAMPLE_CHUNK = 10_000  # samples per solve when many are asked for: memory stays bounded
+
+
+def available_memory() -> int:
+    """Bytes of memory this machine can still give a process: Linux's ``MemAvailable``, or the
+    physical memory where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return 2**63 - 1  # unknown: nothing is refused
+
+
+def check_memory(nbytes: float, what: str, fix: str) -> None:
+    """Refuse, before any work, a job that needs more memory than the machine has available;
+    ``what`` says what needs it, ``fix`` what to do (the user's own flag or argument)."""
+    free = available_memory()
+    if nbytes > free:
+        raise ValueError(
+            f"{what} need about {nbytes / 1e9:.3g} GB of memory, but this machine has "
+            f"{free / 1e9:.3g} GB available: {fix}"
+        )
 
 
 def configure_threads(threads: int, device: torch.device, dim: int) -> int:

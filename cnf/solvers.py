@@ -218,6 +218,19 @@ class Solver:
             return f"{self.method}(h={self.step_size:g})"
         return f"{self.method}(atol={self.atol:g}, rtol={self.rtol:g})"
 
+    def _check_steps(self, s: Tensor, time_scale: float) -> None:
+        """A fixed step too small for ``max_nfe`` fails before its time grid is built (at one
+        evaluation a step at least, 1e9 steps would be a 4 GB grid for an error later)."""
+        if not self.fixed_step or self.max_nfe is None or len(s) < 2:
+            return
+        steps = abs(float(s[-1] - s[0])) * time_scale / self.step_size
+        if steps > self.max_nfe:
+            raise SolverError(
+                f"{self.describe()}: {math.ceil(steps):,} steps need more than "
+                f"max_nfe={self.max_nfe:,} function evaluations",
+                "Use a larger step, or raise max_nfe",
+            )
+
     def solve(
         self,
         func: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, ...]],
@@ -242,6 +255,7 @@ class Solver:
             The states at every time of ``s`` (each with a leading time axis) and the NFE record,
             whose ``backward`` count fills in when the adjoint pass runs.
         """
+        self._check_steps(s, time_scale)
         counted = _Counted(func, self.max_nfe, self.describe())
         options = dict(self.options)
         if self.step_size is not None:

@@ -7,13 +7,21 @@ flow. For a CNF the symptom is a likelihood that depends on the solver.
 :func:`solver_validity` measures it: the test NLL under the training solver, a finer variant (half
 the step, or a tenth of the tolerances) and a reference (dopri5 at atol = rtol = 1e-8 in
 float64), with the same Hutchinson probes for every solver so that estimator noise cancels in the
-differences; plus ``x -> z -> x`` reconstruction errors. **Verdict**: valid iff
+differences; plus ``x -> z -> x`` reconstruction errors.
 
-.. math:: |\mathrm{NLL}_\text{train} - \mathrm{NLL}_\text{ref}| \le
-    \max(0.01 \cdot D,\ 2\,\mathrm{SE})
+**Verdict.** The quantity is the mean per-sample difference
+:math:`\delta = \mathrm{NLL}_\text{train} - \mathrm{NLL}_\text{ref}` (nats), estimated on test
+points with standard error SE; the tolerance is :math:`\tau = 0.01 \cdot D` nats (0.01 per
+dimension). The flow is
 
-in nats per sample, with :math:`D` the data dimension (so 0.01 nats per dimension) and SE the
-standard error of the paired per-sample differences. (:mod:`cnf.adaptation` keeps training valid.)
+* **VALID** when the interval :math:`\delta \pm 2\,\mathrm{SE}` lies inside
+  :math:`[-\tau, \tau]`,
+* **INVALID** when it lies outside it,
+* and otherwise the sample grows (doubling, within the points given) until one of the two
+  holds; if the points run out first, **UNDECIDED**.
+
+Noise never turns a failure into a pass: a small or noisy sample widens the interval, which can
+only make the verdict UNDECIDED, not VALID. (:mod:`cnf.adaptation` keeps training valid.)
 
 References:
     Ott, Katiyar, Hennig, Thiele, "ResNet After All? Neural ODEs and Their Numerical Solution",
@@ -31,11 +39,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cnf.evaluate import log_probs
 from cnf.flow import Flow, evaluating
+from cnf.seeds import VALIDITY
 from cnf.solvers import Solver
 
 REFERENCE = Solver("dopri5", atol=1e-8, rtol=1e-8, max_nfe=100_000)
 NATS_PER_DIM = 0.01
+Z = 2.0  # half-width of the verdict's interval in standard errors (about 95%)
+VALID, INVALID, UNDECIDED = "VALID", "INVALID", "UNDECIDED"
+_UNDECIDED = (
+    "; undecided: the interval straddles the tolerance on every point there was, so more "
+    "points are needed (a larger validity sample, or more test data)"
+)
 
 
 # --- validity report -------------------------------------------------------------------------
@@ -54,11 +70,13 @@ class SolverCheck:
 
 @dataclass(frozen=True)
 class ValidityReport:
-    """Test NLL under the training solver, a finer one and the float64 reference.
+    """Test NLL under the checked solver, a finer one and the float64 reference, on ``n`` points.
 
-    ``delta_nll = NLL(train) - NLL(reference)`` in nats per sample (``delta_nats_per_dim``,
-    ``delta_bits_per_dim`` per dimension); ``valid`` iff ``|delta_nll| <= threshold`` with
-    ``threshold = max(0.01 * dim, 2 * se)``.
+    ``delta_nll = NLL(checked) - NLL(reference)`` in nats per sample (``delta_nats_per_dim``,
+    ``delta_bits_per_dim`` per dimension) with standard error ``se``; ``threshold`` is the
+    tolerance ``0.01 * dim``; ``verdict`` is ``"VALID"`` (``delta_nll +- 2 se`` inside
+    ``+-threshold``), ``"INVALID"`` (outside it) or ``"UNDECIDED"`` (the interval straddles
+    it on every point available); ``valid`` is ``verdict == "VALID"``.
     """
 
     train: SolverCheck
@@ -72,7 +90,16 @@ class ValidityReport:
     delta_bits_per_dim: float
     se: float
     threshold: float
-    valid: bool
+    verdict: str
+
+    @property
+    def valid(self) -> bool:
+        return self.verdict == VALID
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """``delta_nll +- 2 se``: where the true difference lies (about 95%)."""
+        return self.delta_nll - Z * self.se, self.delta_nll + Z * self.se
 
     @property
     def recon_error(self) -> dict[str, dict[str, float | None]]:
@@ -82,7 +109,8 @@ class ValidityReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "recon_error": self.recon_error}
+        return {**asdict(self), "valid": self.valid, "interval": list(self.interval),
+                "recon_error": self.recon_error}  # fmt: skip
 
     def summary(self) -> str:
         """Two lines: the verdict with its numbers, and the round trip with what it means.
@@ -94,12 +122,13 @@ class ValidityReport:
         steps are from an exact inverse (large near the gaps a flow tears open between modes,
         where the data has little mass).
         """
-        verdict = "VALID" if self.valid else "INVALID"
+        low, high = self.interval
         return (
-            f"{verdict}: NLL {self.train.nll:.4f} under {self.train.solver}, "
+            f"{self.verdict}: NLL {self.train.nll:.4f} under {self.train.solver}, "
             f"{self.reference.nll:.4f} under the reference {self.reference.solver} in float64 "
-            f"(delta {self.delta_nll:+.4f} nats, {self.delta_nats_per_dim:+.4f} nats/dim; valid "
-            f"within {self.threshold:.4f})\n"
+            f"(delta {self.delta_nll:+.4f} nats, {self.delta_nats_per_dim:+.4f} nats/dim; "
+            f"interval [{low:+.4f}, {high:+.4f}] on {self.n} points, tolerance "
+            f"±{self.threshold:.4f}{_UNDECIDED if self.verdict == UNDECIDED else ''})\n"
             f"x -> z -> x round trip: mean {self.train.recon_mean:.1e}, max "
             f"{self.train.recon_max:.1e} under {self.train.solver}; mean "
             f"{self.reference.recon_mean:.1e}, max {self.reference.recon_max:.1e} under the "
@@ -108,37 +137,66 @@ class ValidityReport:
         )
 
 
-def _log_probs(model: Flow, x: Tensor, solver: Solver, seed: int, batch: int):
-    logps, nfes = [], []
-    for i, chunk in enumerate(x.split(batch)):
-        gen = torch.Generator(device=x.device).manual_seed(seed + i)
-        logps.append(model.log_prob(chunk, generator=gen, solver=solver).double())
-        nfes.append(model.nfe.forward)
-    return torch.cat(logps), round(sum(nfes) / len(nfes))
-
-
-def _recon(model: Flow, x: Tensor, solver: Solver, batch: int) -> Tensor:
+def _recon(model: Flow, x: Tensor, solver: Solver, block: int, share, gather) -> Tensor:
+    """``|x -> z -> x - x|`` per row, in blocks of ``block`` rows (each process its share)."""
     errors = [x.new_zeros(0, dtype=torch.float64)]
-    for chunk in x.split(batch):
-        z = model.to_latent(chunk, solver=solver, logdet=False).value  # the map: no trace
+    for chunk in x.split(block):
+        mine = chunk if share is None else chunk[share(len(chunk))]
+        z = model.to_latent(mine, solver=solver, logdet=False).value  # the map: no trace
         back = model.to_data(z, solver=solver, logdet=False).value
-        errors.append((back - chunk).flatten(1).double().norm(dim=1))
+        error = (back - mine).flatten(1).double().norm(dim=1)
+        errors.append(error if gather is None else gather(error))
     return torch.cat(errors)
 
 
+class _Measured:
+    """The per-point numbers of one solver, block by block as the sample grows."""
+
+    def __init__(self, model: Flow, solver: Solver, recon: bool) -> None:
+        self.model, self.solver, self.recon = model, solver, recon
+        self.logp: list[Tensor] = []
+        self.errors: list[Tensor] = []
+        self.nfe: list[int] = []
+
+    def add(self, x: Tensor, first: int, block: int, seed: int, share, gather) -> None:
+        """Rows ``x`` (blocks ``first, first + 1, ...`` of the sample: their probes)."""
+        logp, nfe = log_probs(self.model, x, seed=seed, stream=VALIDITY, first=first,
+                              batch_size=block, solver=self.solver, share=share,
+                              gather=gather)  # fmt: skip
+        self.logp.append(logp)
+        self.nfe.append(nfe)
+        if self.recon:
+            self.errors.append(_recon(self.model, x, self.solver, block, share, gather))
+
+    def check(self) -> tuple[Tensor, SolverCheck]:
+        logp = torch.cat(self.logp)
+        errors = (None, None)
+        if self.recon:
+            err = torch.cat(self.errors)
+            errors = (float(err.mean()), float(err.max()))
+        nfe = round(sum(self.nfe) / len(self.nfe))
+        return logp, SolverCheck(self.solver.describe(), -float(logp.mean()), nfe, *errors)
+
+
+def decide(delta: float, se: float, n: int, threshold: float) -> str:
+    """The verdict for a mean difference ``delta`` with standard error ``se`` on ``n`` points:
+    VALID or INVALID when ``delta +- 2 se`` is inside or outside ``+-threshold``, UNDECIDED
+    while it straddles it (and on fewer than 2 points, with no standard error).
+
+    Example:
+        >>> decide(-0.102, 0.052, 60, 0.02), decide(-0.102, 0.01, 2000, 0.02)
+        ('UNDECIDED', 'INVALID')
+    """
+    if n < 2 or not math.isfinite(se):
+        return UNDECIDED
+    if abs(delta) + Z * se <= threshold:
+        return VALID
+    if abs(delta) - Z * se > threshold:
+        return INVALID
+    return UNDECIDED
+
+
 @torch.no_grad()
-def _check(
-    model: Flow, x: Tensor, solver: Solver, seed: int, batch: int, recon: bool, gather
-) -> tuple[Tensor, SolverCheck]:
-    logp, nfe = _log_probs(model, x, solver, seed, batch)
-    logp = gather(logp)
-    errors = (None, None)
-    if recon:
-        err = gather(_recon(model, x, solver, batch))
-        errors = (float(err.mean()), float(err.max()))
-    return logp, SolverCheck(solver.describe(), -float(logp.mean()), nfe, *errors)
-
-
 def solver_validity(
     flow: Flow,
     x: Tensor,
@@ -146,41 +204,60 @@ def solver_validity(
     solver: Solver | None = None,
     reference: Solver = REFERENCE,
     nats_per_dim: float = NATS_PER_DIM,
+    start: int | None = None,
     seed: int = 0,
     batch_size: int = 1000,
+    share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
 ) -> ValidityReport:
     """Check that ``flow`` is a flow: its likelihood must not depend on the solver.
 
+    The check starts on the first ``start`` points of ``x`` and doubles the sample, within
+    ``x``, until the verdict is decided (see the module's docstring).
+
     Arguments:
         flow: a trained CNF (or any model made of ODE blocks with ``log_prob``).
-        x: held-out data in the flow's dtype and device.
+        x: held-out data in the flow's dtype and device: every point the check may use.
         solver: the solver to check (default: the flow's training solver).
         reference: the accurate solver, run on a float64 copy of the flow.
         nats_per_dim: the tolerated NLL difference per dimension.
-        seed: seeds the Hutchinson probes, the same for every solver.
-        batch_size: rows per solve.
-        gather: in distributed evaluation, ``x`` is this process's share and ``gather`` joins
-            every process's per-sample tensor (in rank order): the report is the whole set's.
+        start: the points of the first look (default: all of ``x``).
+        seed: seeds the Hutchinson probes, the same for every solver (:mod:`cnf.seeds`).
+        batch_size: rows per solve, at most.
+        share, gather: in distributed evaluation, this process's rows of a block and the join
+            of every process's per-point tensors (in rank order): every process solves its
+            share and gets the whole sample's report.
 
     Returns:
         A :class:`ValidityReport`.
     """
     solver = solver or flow.solver
-    gather = gather or (lambda t: t)
-    with evaluating(flow):
-        lp_train, train = _check(flow, x, solver, seed, batch_size, True, gather)
-        lp_finer, finer = _check(flow, x, solver.finer(), seed, batch_size, False, gather)
-        exact = copy.deepcopy(flow).double()
-        lp_ref, ref = _check(exact, x.double(), reference, seed, batch_size, True, gather)
     dim = math.prod(x.shape[1:])
-    diff = lp_ref - lp_train  # per-sample NLL(train) - NLL(ref)
-    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-    delta = float(diff.mean())
-    threshold = max(nats_per_dim * dim, 2 * se)
+    threshold = nats_per_dim * dim
+    first = len(x) if start is None else max(1, min(start, len(x)))
+    block = math.ceil(first / math.ceil(first / batch_size))  # stages are whole blocks
+    exact = copy.deepcopy(flow).double()
+    measured = (_Measured(flow, solver, True), _Measured(flow, solver.finer(), False),
+                _Measured(exact, reference, True))  # fmt: skip
+    done, target = 0, first
+    with evaluating(flow):
+        while True:
+            for m in measured:
+                part = x[done:target]
+                m.add(part if m.model is flow else part.double(), done // block, block, seed,
+                      share, gather)  # fmt: skip
+            done = target
+            (lp_train, train), (lp_finer, finer), (lp_ref, ref) = (m.check() for m in measured)
+            diff = lp_ref - lp_train  # per-point NLL(checked) - NLL(reference)
+            se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
+            delta = float(diff.mean())
+            verdict = decide(delta, se, len(diff), threshold)
+            if verdict != UNDECIDED or done >= len(x):
+                break
+            target = min(2 * done, len(x))
     return ValidityReport(
         train=train, finer=finer, reference=ref, dim=dim, n=len(diff), delta_nll=delta,
         delta_nll_finer=float((lp_finer - lp_train).mean()), delta_nats_per_dim=delta / dim,
         delta_bits_per_dim=delta / dim / math.log(2), se=se, threshold=threshold,
-        valid=abs(delta) <= threshold,
+        verdict=verdict,
     )  # fmt: skip

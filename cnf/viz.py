@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from cnf.io import atomic_path, check_output, save_figure, write_bytes
-from cnf.runs import load_run
+from cnf.runs import load_run, read_log
 from cnf.solvers import Solver
 from cnf.transport import LATENT_LIM, Transport, check_2d, like, transport
 
@@ -96,28 +96,42 @@ def plot_samples(
     plt.close(fig)
 
 
-def plot_run(out: str | Path, *, data: Any = None, trust_pickle: bool = False) -> list[Path]:
+def plot_run(
+    out: str | Path,
+    *,
+    data: Any = None,
+    trust_pickle: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> list[Path]:
     """The figures of a run directory, from its best checkpoint and log: ``training.png`` (the
     curves), ``solver.png`` (the training solver), and by kind of data ``density.png`` and
     ``samples.png`` (2-D), ``marginals.png`` (tables) or ``samples.png`` (an image grid).
-    ``data``: the run's dataset if it is at hand (else it is reopened). Returns the paths."""
-    out = Path(out)
+    ``data``: the run's dataset if it is at hand (else it is reopened). A figure that cannot
+    be drawn (no log, or no row in it yet) is left out and ``say`` is told why. Returns the
+    paths written."""
+    out, say = Path(out), say or (lambda text: None)
     run = load_run(out)
     data = data if data is not None else run.dataset(trust_pickle=trust_pickle)
     log = out / "log.jsonl"
-    written = [out / "training.png", out / "solver.png"]
-    plot_training(log, written[0], overwrite=True, bits_per_dim=data.kind == "image")
-    plot_solver(log, written[1], overwrite=True)
+    rows = read_log(log) if log.is_file() else None
+    written = []
+    if rows is None or not rows.rows:
+        why = "is missing" if rows is None else "has no rows yet"
+        say(f"{log} {why}: training.png and solver.png not drawn")
+    else:
+        written += [out / "training.png", out / "solver.png"]
+        plot_training(log, written[0], overwrite=True, bits_per_dim=data.kind == "image")
+        plot_solver(log, written[1], overwrite=True)
     if data.kind == "toy":
         written += [out / "density.png", out / "samples.png"]
-        plot_density(run.model, data, written[2], overwrite=True)
-        plot_samples(run.model, data, written[3], overwrite=True)
+        plot_density(run.model, data, written[-2], overwrite=True)
+        plot_samples(run.model, data, written[-1], overwrite=True)
     elif data.kind == "tabular":
         written.append(out / "marginals.png")
-        plot_marginals(run.model, data, written[2], overwrite=True)
+        plot_marginals(run.model, data, written[-1], overwrite=True)
     elif data.kind == "image":
         written.append(out / "samples.png")
-        save_sample_grid(run.model, written[2], overwrite=True)
+        save_sample_grid(run.model, written[-1], overwrite=True)
     return written
 
 
@@ -159,9 +173,7 @@ def plot_marginals(
 def plot_solver(log_path: str | Path, path: str | Path, *, overwrite: bool = False) -> None:
     """The training solver over a run: step size (or tolerance) and NFE per iteration, with the
     adaptation checks marked (read from the run's ``log.jsonl``)."""
-    import json
-
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    rows = _rows(log_path)
     it = np.array([r["iter"] for r in rows])
     fixed = rows[0].get("step_size") is not None
     key, label = ("step_size", "step size") if fixed else ("atol", "tolerance (atol)")
@@ -182,15 +194,20 @@ def plot_solver(log_path: str | Path, path: str | Path, *, overwrite: bool = Fal
     plt.close(fig)
 
 
+def _rows(log_path: str | Path) -> list[dict[str, Any]]:
+    rows = read_log(log_path).rows
+    if not rows:
+        raise ValueError(f"{log_path} has no rows yet: train for at least one iteration")
+    return rows
+
+
 def plot_training(
     log_path: str | Path, path: str | Path, *, overwrite: bool = False, bits_per_dim: bool = False
 ) -> None:
     """The training curves of a run (from its ``log.jsonl``): the loss and the training NLL per
     iteration with the validation NLL at each evaluation (bits/dim for images), and the NFE
     forward and backward, against iterations (left) and against training time (right)."""
-    import json
-
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines()]
+    rows = _rows(log_path)
     it = np.array([r["iter"] for r in rows])
     seconds = np.cumsum([r["time"] for r in rows])
     val = [(i, r) for i, r in enumerate(rows) if "val_nll" in r]

@@ -50,7 +50,7 @@ def cli_flags(**kw) -> list[str]:
 
 SMALL = dict(
     iters=12, batch_size=64, eval_every=6, hidden=(16, 16), method="rk4", step_size=0.25,
-    eval_method="rk4", eval_step_size=0.25, test_size=300,
+    eval_method="rk4", eval_step_size=0.25, test_size=300, validity_size=300,
 )  # fmt: skip
 
 

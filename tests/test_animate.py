@@ -210,7 +210,9 @@ def test_cli_animate(run: Path, tmp_path: Path, capsys) -> None:
     assert "one solve" in capsys.readouterr().out
     assert main(argv) == 1  # refuses to overwrite
     assert "exists: pass --force" in capsys.readouterr().err
-    assert main([*argv, "--force", "--direction", "density", "--field", "--atol", "1e-4"]) == 0
+    assert main([*argv, "--force", "--atol", "1e-4"]) == 1  # its evaluation solver is rk4
+    assert "--atol has no effect" in capsys.readouterr().err
+    assert main([*argv, "--force", "--direction", "density", "--field"]) == 0
 
 
 @pytest.mark.parametrize(

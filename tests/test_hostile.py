@@ -51,7 +51,10 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
     out: dict[str, bytes | str] = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
-        out[rel] = "<dir>" if p.is_dir() and not p.is_symlink() else p.read_bytes()
+        if p.is_symlink():  # a link is what it names (it may dangle)
+            out[rel] = f"<link to {os.readlink(p)}>"
+        else:
+            out[rel] = "<dir>" if p.is_dir() else p.read_bytes()
     return out
 
 
@@ -249,6 +252,44 @@ def wrong_shape(c: Ctx) -> None:
 def truncate_last(c: Ctx) -> None:
     data = (c.toy / "last.pt").read_bytes()
     (c.toy / "last.pt").write_bytes(data[: len(data) // 2])
+
+
+def dangling_log_link(c: Ctx) -> None:
+    # a run directory someone sent: its log names a file outside it, which does not exist yet
+    (c.toy / "log.jsonl").unlink()
+    (c.tmp / "outside").mkdir()
+    (c.toy / "log.jsonl").symlink_to(c.tmp / "outside" / "log.jsonl")
+
+
+def best_link(c: Ctx) -> None:
+    (c.tmp / "outside").mkdir()
+    shutil.move(c.toy / "best.pt", c.tmp / "outside" / "best.pt")
+    (c.toy / "best.pt").symlink_to(c.tmp / "outside" / "best.pt")
+
+
+def board_link(c: Ctx) -> None:
+    # --force on a run whose tensorboard/ is a link to someone's directory, and on a link to
+    # that run: nothing may be deleted, there or here
+    (c.tmp / "theirs").mkdir()
+    (c.tmp / "theirs" / "events.out").write_bytes(b"their events\n")
+    (c.toy / "tensorboard").symlink_to(c.tmp / "theirs", target_is_directory=True)
+    (c.tmp / "linkrun").symlink_to(c.toy, target_is_directory=True)
+
+
+def corrupt_log_line(c: Ctx) -> None:
+    lines = (c.toy / "log.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = "garbage\n"
+    (c.toy / "log.jsonl").write_text("".join(lines))
+
+
+def huge_model_ckpt(c: Ctx) -> None:
+    # arguments that say a 1.6 GB model beside a small one's weights
+    tamper(c.toy / "best.pt", c.tmp / "big.pt",
+           lambda k: k["model_args"].update(hidden=[20000, 20000]))  # fmt: skip
+
+
+def mle_run_csv(c: Ctx) -> None:
+    write_csv(c.tmp / "three.csv", np.zeros((5, 3)), "a,b,c")
 
 
 def existing(name: str, content: bytes = b"precious\n") -> Callable[[Ctx], None]:
@@ -754,6 +795,117 @@ CASES = [
         1,
         "evil_torch.pt",
         setup=evil_torch_pt,
+    ),
+    # run directories that are not all their own: nothing written through a link
+    case(
+        "resume-log-is-a-dangling-link",
+        "train --resume {toy} --iters 20",
+        1,
+        "log.jsonl",
+        "symbolic link",
+        setup=dangling_log_link,
+    ),
+    case(
+        "resume-best-is-a-link",
+        "train --resume {toy} --iters 20",
+        1,
+        "best.pt",
+        "symbolic link",
+        setup=best_link,
+    ),
+    case(
+        "force-tensorboard-is-a-link",
+        TRAIN.replace("{tmp}/out", "{toy}") + " --force",
+        1,
+        "tensorboard",
+        "symbolic link",
+        setup=board_link,
+    ),
+    case(
+        "force-link-to-run-with-board-link",
+        TRAIN.replace("{tmp}/out", "{tmp}/linkrun") + " --force",
+        1,
+        "tensorboard",
+        setup=board_link,
+    ),
+    case(
+        "resume-corrupt-log-line",
+        "train --resume {toy} --iters 20",
+        1,
+        "log.jsonl",
+        "line 3",
+        setup=corrupt_log_line,
+    ),
+    case("plot-corrupt-log-line", "plot {toy}", 1, "line 3", setup=corrupt_log_line),
+    case(
+        "resume-mle-run-finetune-iters",
+        "train --resume {toy} --finetune-iters 5",
+        1,
+        "--finetune-iters",
+        "maximum likelihood throughout",
+    ),
+    # sizes checked before any work
+    case("train-test-size-huge", TRAIN + " --test-size 1000000000000", 1, "--test-size", "memory"),
+    case(
+        "train-validity-size-huge",
+        TRAIN + " --validity-size 1000000000000",
+        1,
+        "--validity-size",
+        "memory",
+    ),
+    case(
+        "train-model-too-big",
+        TRAIN.replace("--hidden 16,16", "--hidden 300000,300000"),
+        1,
+        "parameters",
+        "memory",
+    ),
+    case("eval-n-huge", "eval {toy} --n 1000000000000", 1, "--n", "memory"),
+    case("eval-steps-huge", "eval {toy} --method rk4 --steps 1000000000", 1, "--steps", "max_nfe"),
+    case(
+        "sample-step-size-tiny",
+        "sample {toy} -n 10 -o {tmp}/s.npy --method euler --step-size 1e-9",
+        1,
+        "--step-size",
+        "max_nfe",
+    ),
+    case(
+        "eval-checkpoint-says-huge-model",
+        "eval {tmp}/big.pt",
+        1,
+        "big.pt",
+        "size mismatch",
+        setup=huge_model_ckpt,
+    ),
+    # cnf eval on rows of the user's own
+    case(
+        "eval-data-abbreviated", "eval {toy} --dat {tmp}/three.csv", 2, "--dat", setup=mle_run_csv
+    ),
+    case("eval-per-row-without-data", "eval {toy} --per-row {tmp}/o.csv", 1, "--per-row", "--data"),
+    case("eval-data-missing-file", "eval {tab} --data {tmp}/nowhere.csv", 1, "nowhere.csv"),
+    case(
+        "eval-data-wrong-columns",
+        "eval {toy} --data {tmp}/three.csv",
+        1,
+        "3 columns",
+        setup=mle_run_csv,
+    ),
+    case(
+        "eval-data-with-n", "eval {tab} --data {tmp}/three.csv --n 5", 1, "--n", setup=mle_run_csv
+    ),
+    case(
+        "eval-per-row-not-csv",
+        "eval {tab} --data {tmp}/three.csv --per-row {tmp}/o.txt",
+        1,
+        ".csv",
+        setup=mle_run_csv,
+    ),
+    case(
+        "eval-per-row-exists",
+        "eval {tab} --data {tmp}/three.csv --per-row {tmp}/three.csv",
+        1,
+        "--force",
+        setup=mle_run_csv,
     ),
     # usage
     case("no-arguments", "", 2, "required"),

@@ -12,9 +12,11 @@ from torch import Tensor
 from cnf import CNF, Solver, viz
 from cnf.adaptation import StepAdapter, checking_solver, hairer_initial_step, initial_step
 from cnf.cli import main
+from cnf.data import get_dataset
+from cnf.report import report
 from cnf.tabular import TabularCNF
 from cnf.training import train
-from cnf.validity import solver_validity
+from cnf.validity import decide, solver_validity
 
 
 def _decay(t, y):
@@ -176,7 +178,7 @@ def test_report_keys_and_types(float64) -> None:
         assert isinstance(d[which]["nfe"], int)
     assert d["finer"]["solver"] == "rk4(h=0.125)" and d["threshold"] >= 0.02
     json.dumps(d)  # plain data
-    assert report.summary().startswith(("VALID", "INVALID"))
+    assert report.summary().startswith(("VALID", "INVALID", "UNDECIDED"))
 
 
 def test_training_adapts_the_step_and_reports_validity(tmp_path: Path) -> None:
@@ -223,3 +225,46 @@ def test_eval_validity_json(tmp_path: Path, capsys) -> None:
     assert main(["eval", str(tmp_path / "run"), "--n", "300", "--json", "--validity"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"delta_nll", "recon_error", "valid"} <= result["validity"].keys()
+
+
+def _noisy_sample() -> torch.Tensor:
+    """Four points, one far out: the NLL gap of a coarse euler is small on the near ones and
+    large on the far one, so its standard error is larger than its mean."""
+    return torch.tensor([[0.1, 0.0], [0.0, 0.1], [-0.1, 0.0], [3.0, 0.0]])
+
+
+def test_noise_never_turns_a_failure_into_a_pass(float64) -> None:
+    flow = _rotating_flow(method="euler", step_size=0.02)
+    small = solver_validity(flow, _noisy_sample())
+    # 0.01 nats/dim missed, within 2 SE: the old rule (pass within max(tol, 2 SE)) said VALID
+    assert small.threshold < abs(small.delta_nll) <= 2 * small.se
+    assert small.verdict == "UNDECIDED" and not small.valid and small.n == 4
+    assert "UNDECIDED" in small.summary() and "more points" in small.summary()
+    # with more points to draw on, the check grows its sample until it can decide
+    pool = torch.cat([_noisy_sample(), torch.randn(4000, 2)])
+    grown = solver_validity(flow, pool, start=4)
+    assert grown.verdict == "INVALID" and 4 < grown.n <= len(pool)
+    low = grown.interval[0]
+    assert low > grown.threshold  # the whole interval is outside the tolerance
+
+
+def test_a_fine_solver_is_valid_on_a_few_points(float64) -> None:
+    report = solver_validity(_rotating_flow(method="rk4", step_size=0.01), _noisy_sample())
+    assert report.verdict == "VALID" and report.n == 4  # decided at the first look
+
+
+@pytest.mark.parametrize(
+    ("delta", "se", "n", "verdict"),
+    [(0.0, 0.001, 100, "VALID"), (0.019, 0.0004, 100, "VALID"), (0.019, 0.001, 100, "UNDECIDED"),
+     (-0.05, 0.01, 100, "INVALID"), (-0.05, 0.02, 100, "UNDECIDED"), (0.0, 0.0, 1, "UNDECIDED"),
+     (0.3, math.nan, 5, "UNDECIDED")],
+)  # fmt: skip
+def test_the_verdict_needs_the_interval_on_one_side(delta, se, n, verdict) -> None:
+    assert decide(delta, se, n, 0.02) == verdict
+
+
+def test_the_report_checks_validity_on_its_own_sample_whatever_n(float64) -> None:
+    data = get_dataset("8gaussians")
+    flow = _rotating_flow(method="rk4", step_size=0.25)
+    result = report(flow, data, n=20, validity_n=300)  # cnf eval --n 20 --validity
+    assert result.evaluation.n == 20 and result.validity.n >= 300

@@ -42,7 +42,13 @@ def _unknown(name: str) -> str:
     )
 
 
+# the dataset options that `cnf train` has flags for (the others come from a config's extra)
+FLAGGED = frozenset({*tabular.TABLE_OPTIONS, "data_dir"})
+
+
 def _option(name: str) -> str:
+    if name not in FLAGGED:
+        return name
     return f"{name} (--{name.replace('_', '-')})"
 
 

@@ -6,11 +6,12 @@ objective as a strategy (:class:`MaximumLikelihood`), and runs on disk (:func:`t
 """
 
 from cnf.options import ConfigError
+from cnf.seeds import stream_seed
 from cnf.training.config import PRESETS, TrainConfig
 from cnf.training.loop import Diverged, FitResult, Hooks, fit, step
 from cnf.training.objectives import FlowMatching, MaximumLikelihood, Objective, Phases
 from cnf.training.run import RESUMABLE, Setup, TrainResult, final_report, setup, train
-from cnf.training.state import TrainState, lr_factor, stream_seed
+from cnf.training.state import TrainState, lr_factor
 
 __all__ = [
     "PRESETS",

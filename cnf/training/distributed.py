@@ -138,10 +138,17 @@ SINGLE = Distributed()
 def from_environment(device: str = "auto") -> Distributed:
     """This process's :class:`Distributed`: joins torchrun's process group when ``WORLD_SIZE``
     says there is more than one process (once; later calls return the same)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _environment_int("WORLD_SIZE", "1")
     if world <= 1:
         return SINGLE
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if "RANK" not in os.environ:
+        raise ValueError(
+            f"WORLD_SIZE={world} is set but RANK is not: start the processes with torchrun "
+            "(which sets both), or unset WORLD_SIZE to train in one process"
+        )
+    rank, local = _environment_int("RANK", "0"), _environment_int("LOCAL_RANK", "0")
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is not one of the {world} processes of WORLD_SIZE={world}")
     if not torch.distributed.is_initialized():
         cuda = device != "cpu" and torch.cuda.is_available()
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -160,9 +167,19 @@ def from_environment(device: str = "auto") -> Distributed:
     return Distributed(rank, world, local)
 
 
+def _environment_int(name: str, default: str) -> int:
+    text = os.environ.get(name, default)
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(
+            f"{name}={text!r} is not a number: torchrun sets it; unset it to train in one process"
+        ) from None
+
+
 def is_main_process() -> bool:
     """Whether this process is rank 0 (or the only one): it alone prints errors and output."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 def shutdown() -> None:

@@ -29,11 +29,12 @@ from cnf.adaptation import start_step
 from cnf.data import Dataset
 from cnf.evaluate import evaluate
 from cnf.runtime import to_tensor
+from cnf.seeds import ADAPT, PROBES, VALIDATION, generator, stream_seed
 from cnf.solvers import SolverError
 from cnf.training.config import TrainConfig
 from cnf.training.distributed import SINGLE, Distributed
 from cnf.training.objectives import Objective
-from cnf.training.state import ADAPT, PROBES, TrainState, generator, stream_seed
+from cnf.training.state import TrainState
 
 
 class Diverged(SolverError):
@@ -244,10 +245,9 @@ def fit(
     hooks = hooks or Hooks()
     p = next(state.model.parameters())
     x_val = to_tensor(data.validation(), p.device, p.dtype)
-    x_val = x_val[dist.share(len(x_val))] if dist.active else x_val
     say = (lambda text: None) if quiet or not dist.main else _say
     engine = dist.wrap(Engine(state.model))
-    has_validation = bool(dist.maximum([len(x_val)])[0])  # some process has a share of it
+    has_validation = len(x_val) > 0
     spent = 0.0
     with (
         _stop_on_signals() as stop,
@@ -262,7 +262,8 @@ def fit(
             evaluated = has_validation and (
                 state.iteration % cfg.eval_every == 0 or state.iteration == cfg.total_iters
             )
-            improved = evaluated and _validate(state, x_val, row, say, dist)
+            solves = objective.at(state.iteration).adapts  # flow matching has no solver
+            improved = evaluated and _validate(state, x_val, row, say, cfg.seed, dist, solves)
             hooks.row(state, row)
             if evaluated:
                 hooks.evaluated(state, improved)
@@ -288,19 +289,22 @@ def _say(text: str) -> None:
     tqdm.write(text, file=sys.stderr)
 
 
-def _validate(state: TrainState, x_val: Tensor, row: dict, say, dist: Distributed) -> bool:
+def _validate(
+    state: TrainState, x_val: Tensor, row: dict, say, seed: int, dist: Distributed, solves: bool
+) -> bool:
     """The validation NLL under the evaluation solver (each process its share, joined), into
-    the row; whether it is the best."""
-    ev = evaluate(state.model, x_val, gather=dist.gather if dist.active else None)
+    the row; whether it is the best. Its probes are the same at every evaluation, whatever the
+    number of processes: the run's validation stream."""
+    shares = dict(share=dist.share, gather=dist.gather) if dist.active else {}
+    ev = evaluate(state.model, x_val, seed=seed, stream=VALIDATION, **shares)
     row.update(val_nll=ev.nll, val_nll_se=ev.nll_se, val_nfe=ev.nfe)
     bpd = ""
     if ev.bits_per_dim is not None:
         row["val_bits_per_dim"] = ev.bits_per_dim
         bpd = f", {ev.bits_per_dim:.4f} bits/dim"
-    say(
-        f"iter {state.iteration}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f}{bpd} (NFE {ev.nfe}), "
-        f"training solver {state.model.solver.describe()}"
-    )
+    trained = f", training solver {state.model.solver.describe()}" if solves else ""
+    say(f"iter {state.iteration}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f}{bpd} (NFE {ev.nfe}"
+        f"{trained})")  # fmt: skip
     return state.record(ev.nll)
 
 

@@ -27,12 +27,12 @@ from cnf.adaptation import start_step
 from cnf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cnf.data import Dataset, held_warnings
 from cnf.flow import Flow
-from cnf.io import write_text
-from cnf.models import DTYPES, build_model
+from cnf.io import json_text, open_append, write_text
+from cnf.models import DTYPES, build_model, model_shapes
 from cnf.options import ConfigError
-from cnf.report import report
-from cnf.runs import load_run
-from cnf.runtime import configure_cuda, configure_threads, resolve_device, to_tensor
+from cnf.report import GROWTH, report, used_solver
+from cnf.runs import load_run, read_log
+from cnf.runtime import check_memory, configure_cuda, configure_threads, resolve_device, to_tensor
 from cnf.training import budget, rundir
 from cnf.training.config import TrainConfig
 from cnf.training.distributed import SINGLE, Distributed, from_environment
@@ -124,6 +124,7 @@ def setup(
     dim = math.prod(data.event_shape)
     configure_threads(cfg.threads, device, dim)
     configure_cuda(device, cfg.tf32)
+    _check_model_size(cfg, data.meta())
     model = build_model(cfg.model, data.meta()).to(device)
     if hasattr(model, "fit_preprocessing"):  # statistics of the training split only
         model.fit_preprocessing(data.train_data())
@@ -155,6 +156,29 @@ def _start_step(model: Flow, data: Dataset, cfg: TrainConfig, device, dtype) -> 
         x = to_tensor(data.train_batch(cfg.batch_size, 1), device, dtype)
         adapter = cfg.adapter(math.prod(data.event_shape))
         start_step(model, x, adapter, rtol=cfg.model.rtol, atol=cfg.model.atol)
+
+
+def _check_model_size(cfg: TrainConfig, meta: dict[str, Any]) -> None:
+    """The model, its gradients and AdamW's two moments must fit in memory (counted on the meta
+    device, before anything is allocated)."""
+    count = sum(math.prod(shape) for shape in model_shapes(cfg.model, meta).values())
+    nbytes = count * DTYPES[cfg.model.dtype].itemsize * 4
+    check_memory(nbytes, f"the model's {count:,} parameters (with their gradients and "
+                 "optimizer state)", "choose a smaller model")  # fmt: skip
+
+
+def _check_report_size(cfg: TrainConfig, data: Dataset) -> None:
+    """The report's test samples must fit in memory: checked before training, not after it.
+    (A toy draws as many as asked; a table's or image set's test split is what it is.)"""
+    if data.kind != "toy":
+        return
+    row = math.prod(data.event_shape) * 16  # float64 samples, and the model's copy
+    for name in ("test_size", "validity_size"):
+        n = getattr(cfg, name) * (GROWTH if name == "validity_size" else 1)
+        try:
+            check_memory(n * row, f"{n:,} test samples", "give a smaller value")
+        except ValueError as err:
+            raise ConfigError(name, f"{getattr(cfg, name)} is too many: {err}") from None
 
 
 def _check_same_data(ckpt: dict[str, Any], data: Dataset) -> None:
@@ -223,6 +247,11 @@ def train(
             "--resume and --force contradict each other: --resume continues the run, --force "
             "replaces it; choose one"
         )
+    writer = _summary_writer() if tensorboard else None  # a missing package fails first
+    if resume and out.is_dir():
+        rundir.check_own_files(out, "resume")
+        if (out / "log.jsonl").is_file():
+            read_log(out / "log.jsonl")  # a damaged log is refused before any work
     ckpt = _resume_checkpoint(out) if resume else None
     if ckpt is not None:
         cfg = _resumed_config(ckpt, changes or {})
@@ -235,6 +264,7 @@ def train(
         run = setup(cfg, checkpoint=ckpt, trust_pickle=trust_pickle, dist=dist)
     except CheckpointError as err:
         raise CheckpointError(f"{out / 'last.pt'}: {err}") from err
+    _check_report_size(cfg, run.data)
     if ckpt is not None and _finished(run):
         return _finished_result(out, run, dist)
     if ckpt is None and cfg.budget:  # plan the iterations on a copy, then start afresh
@@ -242,7 +272,6 @@ def train(
         if dist.main:
             print(made.describe(), file=sys.stderr)
         run = setup(cfg, data=run.data, dist=dist)
-    writer = _summary_writer() if tensorboard else None  # a missing package fails here
     if dist.main:  # only now, with everything checked, does the directory change
         _prepare_directory(out, cfg, ckpt)
     dist.barrier()
@@ -257,7 +286,7 @@ def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: 
     tensorboard = None if writer is None or not dist.main else writer(str(out / "tensorboard"))
     recorder = _Recorder(out, run, tensorboard, write=dist.main)
     try:
-        with open(out / "log.jsonl", "a") if dist.main else contextlib.nullcontext() as log:
+        with open_append(out / "log.jsonl") if dist.main else contextlib.nullcontext() as log:
             recorder.log = log
             return fit(run.state, run.data, run.objective, run.cfg, hooks=recorder,
                        progress=progress, dist=dist)  # fmt: skip
@@ -281,7 +310,7 @@ class _Recorder(Hooks):
             return
         # the log row goes first: a kill before the checkpoint leaves an extra row, which the
         # resume drops, never a missing one
-        self.log.write(json.dumps(row) + "\n")
+        self.log.write(json_text(row) + "\n")
         self.log.flush()
         if self.tensorboard is not None:
             for key, value in row.items():
@@ -344,6 +373,12 @@ def _resume_checkpoint(out: Path) -> dict[str, Any]:
 
 def _resumed_config(ckpt: dict[str, Any], changes: dict[str, Any]) -> TrainConfig:
     clash = sorted(set(changes) - RESUMABLE)
+    if ckpt["config"].get("objective", "mle") == "mle" and changes.get("finetune_iters"):
+        raise ConfigError(
+            "finetune_iters", "is the maximum-likelihood phase that follows flow matching, but "
+            "this run trains by maximum likelihood throughout (its objective cannot change on a "
+            "resume): give --iters to train it longer"
+        )  # fmt: skip
     if ckpt["config"].get("finetune_iters") and "iters" in changes:
         raise ConfigError(
             "iters", "is the flow-matching phase of this run, which cannot change when resuming: "
@@ -394,10 +429,12 @@ def final_report(out: Path, run: Setup, dist: Distributed = SINGLE) -> dict[str,
 
     shares = dict(share=dist.share, gather=dist.gather) if dist.active else {}
     reference = REFERENCE.replace(atol=run.cfg.validity_tol, rtol=run.cfg.validity_tol)
+    checked = used_solver(best.model, best.config)
     result = report(best.model, run.data, n=run.cfg.test_size, validity_n=run.cfg.validity_size,
-                    say=say, reference=reference, **shares)  # fmt: skip
+                    say=say, reference=reference, checked=checked, seed=run.cfg.seed,
+                    **shares)  # fmt: skip
     if dist.main:
-        write_text(out / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")
+        write_text(out / "report.json", json_text(result.to_dict(), indent=2) + "\n")
         write_text(out / "summary.txt", result.summary(run.cfg.data) + "\n")
     dist.barrier()  # every process returns once the report is on disk
     return result.to_dict()
@@ -430,11 +467,16 @@ def _with_advice(err: Diverged, out: Path, saved: int | None, cfg: TrainConfig) 
 
 
 def _truncate_log(path: Path, iteration: int) -> None:
-    """Drop log rows past the checkpoint (a hard kill can leave some) before a resume."""
-    if path.is_file():
-        rows = path.read_text().splitlines()
-        kept = [r for r in rows if r.strip() and json.loads(r)["iter"] <= iteration]
-        write_text(path, "".join(r + "\n" for r in kept))
+    """Drop log rows past the checkpoint (a hard kill can leave some) before a resume, and an
+    incomplete last line (the remains of an interrupted write), saying so."""
+    if not path.is_file():
+        return
+    log = read_log(path)
+    if log.incomplete:
+        print(f"{path}: dropped an incomplete last line ({len(log.incomplete)} characters, the "
+              "remains of an interrupted write)", file=sys.stderr)  # fmt: skip
+    kept = [line for row, line in zip(log.rows, log.lines, strict=True) if row["iter"] <= iteration]
+    write_text(path, "".join(kept))
 
 
 __all__ = ["RESUMABLE", "FitResult", "Setup", "TrainResult", "final_report", "setup", "train"]

@@ -6,6 +6,10 @@ A run directory holds the files the trainer writes (:data:`RUN_FILES`) and a mar
 else is refused by name. The replacement is a swap: the new run directory is made beside the old
 one, then the old one is renamed away and the new one into its place, so an interruption leaves
 either run whole, never a half-deleted mixture.
+
+A run directory is data that someone may have sent you: nothing cnf writes into it may follow a
+symbolic link out of it. A run whose files (or ``tensorboard/``) are links is refused before
+anything is written (:func:`check_own_files`), and the log is opened without following links.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def check_new(out: Path, *, force: bool) -> None:
             "it, --force to overwrite it, or choose another --out"
         )
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    check_own_files(out, "--force")
     if not is_run(out):
         raise FileExistsError(
             f"refusing to --force {out}: it does not look like a cnf run (no {MARKER} marker and "
@@ -80,6 +85,24 @@ def check_new(out: Path, *, force: bool) -> None:
             f"refusing to --force {out}: besides a cnf run it holds {shown}, which --force would "
             "delete; move them out of it, or choose another --out"
         )
+
+
+def check_own_files(out: Path, action: str) -> None:
+    """Refuse a run directory in which a file cnf writes (or anything in ``tensorboard/``) is a
+    symbolic link: writing it would write wherever the link points, outside the run."""
+    names = [p for p in out.iterdir() if _is_run_file(p.name) or p.name in RUN_DIRECTORIES]
+    board = out / "tensorboard"
+    if board.is_dir() and not board.is_symlink():
+        names += sorted(board.rglob("*"))
+    for path in names:
+        if path.is_symlink():
+            target = os.readlink(path)
+            gone = "" if path.exists() else ", which does not exist"
+            raise FileExistsError(
+                f"refusing to {action} {out}: {path.relative_to(out)} is a symbolic link (to "
+                f"{target}{gone}), and cnf writes only files of its own in a run directory: "
+                "replace the link with a copy of what it points to, or choose another --out"
+            )
 
 
 def _listing(names: list[str]) -> str:
@@ -107,9 +130,10 @@ def _mark(directory: Path) -> None:
 
 
 def _swap(out: Path) -> None:
-    if out.is_symlink() or out.is_mount():  # keep the link or mount point: empty it instead
+    out = out.resolve()  # a link to the run stays a link: the directory it names is swapped
+    if out.is_mount():  # a mount point cannot be renamed: empty it instead
         for p in out.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         _mark(out)
         return
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))

@@ -1,10 +1,10 @@
 """The training state: model, optimizer, schedule, where training stands, and the step adapter;
 one seeding scheme; a checkpoint's training part in and out.
 
-Randomness is a function of ``(seed, stream, iteration)`` (:func:`stream_seed`): batches (drawn
-by the dataset), Hutchinson probes (:data:`PROBES`) and the adapter's probes (:data:`ADAPT`) do
-not depend on what ran before, so a resumed run repeats an uninterrupted one exactly and the
-state needs no RNG positions of its own.
+Randomness is a function of ``(seed, stream, iteration)`` (:mod:`cnf.seeds`): batches (drawn
+by the dataset), Hutchinson probes (``PROBES``) and the adapter's probes (``ADAPT``) do not
+depend on what ran before, so a resumed run repeats an uninterrupted one exactly and the state
+needs no RNG positions of its own.
 """
 
 from __future__ import annotations
@@ -13,22 +13,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from cnf.adaptation import StepAdapter
 from cnf.flow import Flow
-
-PROBES, ADAPT = 1, 2  # random streams of a run (the datasets use their own)
-
-
-def stream_seed(seed: int, stream: int, iteration: int) -> int:
-    """A 32-bit seed for ``(seed, stream, iteration)``, by numpy's SeedSequence."""
-    return int(np.random.SeedSequence([seed, stream, iteration]).generate_state(1)[0])
-
-
-def generator(device: torch.device, seed: int, stream: int, iteration: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(stream_seed(seed, stream, iteration))
 
 
 def lr_factor(
