@@ -835,12 +835,24 @@ def _one_line(err: BaseException, command: str = "train") -> str:
         return _out_of_memory(err)
     if isinstance(err, SolverError) and command != "train" and not isinstance(err, Diverged):
         return f"{err.problem}: {SOLVER_ADVICE.get(command, SOLVER_ADVICE['default'])}"
-    if isinstance(err, ConfigError):  # name the flag the user typed
-        return f"--{err.field.replace('_', '-')} {err.problem}".splitlines()[0]
+    if isinstance(err, ConfigError):  # name the flag the user typed, and flags for fields
+        return f"--{err.field.replace('_', '-')} {_as_flags(err.problem)}".splitlines()[0]
     if isinstance(err, OSError) and err.strerror and err.filename and str(err).startswith("["):
         return f"{err.filename}: {err.strerror}"  # "[Errno 2] ..." reads better without the code
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def _as_flags(text: str) -> str:
+    """A config message's option names as the flags of the command line (``eval_step_size`` ->
+    ``--eval-step-size``): the names with an underscore, which no English word has."""
+    names = {name for name, _, _ in _config_fields() if "_" in name}
+
+    def flag(match: re.Match) -> str:
+        name = match[1]
+        return "--" + name.replace("_", "-") if name in names else name
+
+    return re.sub(r"(?<![\w-])([a-z]+(?:_[a-z0-9]+)+)\b", flag, text)
 
 
 def _is_out_of_memory(err: BaseException) -> bool:

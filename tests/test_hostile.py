@@ -844,6 +844,14 @@ CASES = [
         "--finetune-iters",
         "maximum likelihood throughout",
     ),
+    case(  # a config's message names the flags of the fields it mentions
+        "train-eval-atol-with-rk4",
+        TRAIN + " --eval-atol 1e-5",
+        1,
+        "--eval-atol has no effect",
+        "--eval-method",
+        "--eval-step-size",
+    ),
     # sizes checked before any work
     case("train-test-size-huge", TRAIN + " --test-size 1000000000000", 1, "--test-size", "memory"),
     case(
