@@ -736,6 +736,17 @@ def _check_animate_options(args: argparse.Namespace) -> None:
     _check_animate_size(args)
 
 
+def _animate_solver(model: Any, args: argparse.Namespace) -> Solver:
+    """The run's evaluation solver, with the tolerances given (which a fixed step ignores)."""
+    tolerances = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
+    if tolerances and model.eval_solver.fixed_step:
+        raise ValueError(
+            f"--{next(iter(tolerances))} has no effect: the run's evaluation solver, "
+            f"{model.eval_solver.describe()}, takes fixed steps; drop it"
+        )
+    return model.eval_solver.replace(**tolerances)
+
+
 def cmd_animate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -761,13 +772,7 @@ def cmd_animate(args: argparse.Namespace) -> int:
     samples = data.test(max(args.particles, 1))
     for path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
-    tolerances = {k: v for k, v in (("atol", args.atol), ("rtol", args.rtol)) if v is not None}
-    if tolerances and model.eval_solver.fixed_step:
-        raise ValueError(
-            f"--{next(iter(tolerances))} has no effect: the run's evaluation solver, "
-            f"{model.eval_solver.describe()}, takes fixed steps; drop it"
-        )
-    solver = model.eval_solver.replace(**tolerances)
+    solver = _animate_solver(model, args)
     kw = dict(direction=args.direction, lim=lim, data=samples, solver=solver)
     say = (lambda text: None) if args.no_progress else (lambda text: print(text, file=sys.stderr))
     mesh = f"a mesh of {(args.grid + 1) ** 2:,} points and " if args.grid else ""

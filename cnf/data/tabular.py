@@ -375,7 +375,7 @@ class TabularData:
         if (peak <= limit).all():
             return
         j = int(np.argmax(peak))
-        hint = " or train in dtype float64" if dtype == "float32" and peak[j] < 1e150 else ""
+        hint = " or train with --dtype float64" if dtype == "float32" and peak[j] < 1e150 else ""
         raise ValueError(
             f"{self.name}: column {self.columns[j]!r} has values up to {peak[j]:.3g} in "
             f"magnitude, too large for {dtype} densities (at most {limit:.0e}): rescale the "
@@ -388,7 +388,7 @@ class TabularData:
         if not bad.any():
             return
         wide64 = not any(m[bad].any() for m in _too_narrow(std, peak, "float64"))
-        hint = " or train in dtype float64" if dtype == "float32" and wide64 else ""
+        hint = " or train with --dtype float64" if dtype == "float32" and wide64 else ""
         if tiny.any():
             raise ValueError(
                 f"{self.name}: {self._listed(tiny, std)} on the training rows, below the "
