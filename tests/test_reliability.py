@@ -142,7 +142,7 @@ def test_out_of_memory_is_one_line(hutch: Path, monkeypatch, capsys) -> None:
             "you tried to allocate 40000000000000 bytes."
         )
 
-    monkeypatch.setattr("cnf.commands.report", allocate)
+    monkeypatch.setattr("cnf.cli.evaluate.report", allocate)
     assert main(["eval", str(hutch)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of memory (an allocation of 4e+04 GB)" in err

@@ -3,7 +3,8 @@
 This module imports nothing heavy at the top, so that a Ctrl-C while torch is still loading is
 the same one line as a Ctrl-C later (``cnf: interrupted``, exit 130), not a traceback; SIGTERM
 is the same with ``cnf: terminated`` (exit 143), and both remove a half-written output. The
-commands themselves are in :mod:`cnf.commands`. Set ``CNF_DEBUG=1`` for tracebacks.
+commands themselves are in :mod:`cnf.cli.app` (one module per command beside it). Set
+``CNF_DEBUG=1`` for tracebacks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _terminate(signum: int, frame: types.FrameType | None) -> None:
 
 
 def _load_commands() -> types.ModuleType:
-    """Import :mod:`cnf.commands` (and torch with it) with Ctrl-C and SIGTERM held until the
+    """Import :mod:`cnf.cli.app` (and torch with it) with Ctrl-C and SIGTERM held until the
     import is done.
 
     A KeyboardInterrupt raised while torch's C++ extension is calling back into Python escapes
@@ -36,22 +37,22 @@ def _load_commands() -> types.ModuleType:
     over (about a second at most)."""
     ours = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate}
     if threading.current_thread() is not threading.main_thread():
-        from cnf import commands  # only the main thread may set handlers
+        from cnf.cli import app  # only the main thread may set handlers
 
-        return commands
+        return app
     # a caller's own handler (or SIG_IGN) stays
     holding = [s for s, handler in ours.items() if signal.getsignal(s) is handler]
     held: list[int] = []
     for s in holding:
         signal.signal(s, lambda signum, frame: held.append(signum))
     try:
-        from cnf import commands
+        from cnf.cli import app
     finally:
         for s in holding:
             signal.signal(s, ours[s])
     if held:
         ours[held[0]](held[0], None)  # raises KeyboardInterrupt or Terminated
-    return commands
+    return app
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,168 @@
+"""``cnf eval``: the test NLL of a run (or of rows of a file), the validity check, the
+importance-weighted bound of image models."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnf.cli.common import TRUST_PICKLE, in_range, note, run_data, solver_flags, solver_from_flags
+from cnf.evaluate import dequantized_bound, log_probs
+from cnf.io import atomic_path, check_output, json_text
+from cnf.report import report, used_solver
+from cnf.runs import Run, load_run
+from cnf.runtime import check_memory
+from cnf.validity import REFERENCE, solver_validity
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("eval", help="evaluate a run on fresh test data")
+    p.add_argument("run", type=Path, help="run directory or checkpoint file")
+    p.add_argument("--n", type=int, help="test samples (default: the run's test_size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--validity", action="store_true",
+                   help="also compare the solver (the training one, or the one given with "
+                   "--method) with a finer one and a float64 dopri5 reference (Ott et al. "
+                   "2021)")  # fmt: skip
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data", type=Path, metavar="FILE",
+                   help="score the rows of this .csv/.npy/.npz file instead of the run's test "
+                   "data (the columns the model was trained on: by name, or in the same "
+                   "order); the summary is their NLL")  # fmt: skip
+    p.add_argument("--per-row", type=Path, metavar="CSV",
+                   help="with --data: write the log-density of each of its rows, in order, to "
+                   "this .csv file")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="overwrite an existing --per-row file")
+    p.add_argument("--data-dir", help="where the dataset's files are now (default: the run's)")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+    p.add_argument("--dequant-samples", type=int, metavar="K",
+                   help="images: also the importance-weighted bits/dim over K dequantization "
+                   "draws per image (tighter as K grows; K=1 is the usual bound), with the exact "
+                   "trace for K > 1: D times the cost of a Hutchinson solve")  # fmt: skip
+    p.add_argument("--iw-probes", type=int, metavar="P",
+                   help="with --dequant-samples: P averaged Hutchinson probes per draw instead "
+                   "of the exact trace (P times a Hutchinson solve; for large images), and the "
+                   "estimate of the bias they leave (probe_bias_bits_per_dim_iw)")  # fmt: skip
+    solver_flags(p, "evaluate with")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_eval_options(args)
+    run = load_run(args.run, args.device)
+    if run.path.name == "last.pt" and args.run.is_dir():
+        note("eval")(f"{args.run} has no best.pt (the run stopped before its first "
+                      f"evaluation): evaluating last.pt, iteration {run.iteration}")  # fmt: skip
+    if args.n and run.meta.get("kind") == "toy":  # a toy draws as many as asked
+        row = math.prod(run.model.event_shape) * 16
+        check_memory(args.n * row, f"--n {args.n}: the test samples", "give a smaller --n")
+    solver = solver_from_flags(run.model, args)
+    checked = solver or used_solver(run.model, run.config)
+    validity_n = run.config.get("validity_size", 2000) if args.validity else None
+    tol = run.config.get("validity_tol", REFERENCE.atol)
+    kw = dict(solver=solver, checked=checked, seed=run.config.get("seed", 0),
+              reference=REFERENCE.replace(atol=tol, rtol=tol))  # fmt: skip
+    if args.data is not None:
+        result, validity = _score_file(run, args, validity_n, **kw)
+    else:
+        data = _moved(run, args)
+        if args.dequant_samples is not None:  # checked before the evaluation, not after it
+            _check_dequant_samples(run, data, args)
+        outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
+                         validity_n=validity_n, **kw)  # fmt: skip
+        result, validity = outcome.to_dict(), outcome.validity
+        if args.dequant_samples is not None:
+            result.update(_importance_weighted(run, data, args, solver))
+    if args.json:
+        print(json_text(result))
+        return 0
+    for key, value in result.items():
+        if key != "validity":
+            print(f"{key:>14}: {value:.5g}" if isinstance(value, float) else f"{key:>14}: {value}")
+    if validity is not None:
+        for line in validity.summary().splitlines():
+            print(f"{'validity':>14}: {line}")
+    return 0
+
+
+def _moved(run: Run, args: argparse.Namespace):
+    """The run's data, with the way forward when it is gone from where it was trained."""
+    try:
+        return run_data(run, args)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"{err}: the run's data has moved or gone; score a file of rows with "
+            "cnf eval RUN --data FILE, or give an image set's new folder with --data-dir"
+        ) from None
+
+
+def _check_eval_options(args: argparse.Namespace) -> None:
+    in_range("--n", args.n, integer=True, low=1)
+    in_range("--iw-probes", args.iw_probes, integer=True, low=2)
+    if args.iw_probes is not None and args.dequant_samples is None:
+        raise ValueError("--iw-probes is for the importance-weighted bound: add --dequant-samples")
+    if args.per_row is not None and args.data is None:
+        raise ValueError("--per-row writes the log-density of each row of --data FILE: add it")
+    if args.data is not None:
+        for flag, value in (("--n", args.n), ("--dequant-samples", args.dequant_samples),
+                            ("--data-dir", args.data_dir)):  # fmt: skip
+            if value is not None:
+                raise ValueError(f"{flag} is for the run's own test data; --data scores every "
+                                 f"row of {args.data}: drop {flag}")  # fmt: skip
+    if args.per_row is not None:
+        if args.per_row.suffix.lower() != ".csv":
+            raise ValueError(f"--per-row {args.per_row}: the log-densities are written as a .csv")
+        check_output(args.per_row, flag="--per-row", force=args.force)
+
+
+def _score_file(run: Run, args: argparse.Namespace, validity_n: int | None, **kw: Any):
+    """The NLL of the rows of ``--data`` (and their validity check), each row's log-density
+    in ``--per-row``."""
+    p = next(run.model.parameters())
+    x = torch.as_tensor(run.rows(args.data), dtype=p.dtype, device=p.device)
+    if len(x) == 0:
+        raise ValueError(f"{args.data} has no rows to score")
+    logp, nfe = log_probs(run.model, x, seed=kw["seed"], solver=kw["solver"])
+    nll = -float(logp.mean())
+    se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
+    result: dict[str, Any] = {"data": str(args.data), "nll": nll, "nll_se": se, "nfe": nfe,
+                              "n": len(logp)}  # fmt: skip
+    validity = None
+    if validity_n is not None:
+        validity = solver_validity(run.model, x, solver=kw["checked"], start=validity_n,
+                                   seed=kw["seed"], reference=kw["reference"])  # fmt: skip
+        result["validity"] = validity.to_dict()
+    if args.per_row is not None:
+        with atomic_path(args.per_row, overwrite=True) as tmp:
+            np.savetxt(tmp, logp.cpu().numpy(), fmt="%.17g", header="log_prob", comments="")
+        result["per_row"] = str(args.per_row)
+    return result, validity
+
+
+def _check_dequant_samples(run: Run, data: Any, args: argparse.Namespace) -> None:
+    in_range("--dequant-samples", args.dequant_samples, integer=True, low=1)
+    if not hasattr(data, "test_pixels"):
+        raise ValueError("--dequant-samples is for image models (discrete pixels); this run "
+                         f"models {run.meta.get('kind')} data")  # fmt: skip
+    images = len(data.test_pixels(args.n or run.config.get("test_size")))
+    check_memory(args.dequant_samples * images * 8 * (2 if args.iw_probes else 1),
+                 f"--dequant-samples {args.dequant_samples}: the draws of {images} images",
+                 "give fewer draws, or fewer images with --n")  # fmt: skip
+
+
+def _importance_weighted(run: Run, data: Any, args: argparse.Namespace, solver) -> dict:
+    pixels = data.test_pixels(args.n or run.config.get("test_size"))
+    gen = torch.Generator().manual_seed(0)
+    bound = dequantized_bound(run.model, pixels, args.dequant_samples, probes=args.iw_probes,
+                              generator=gen, solver=solver, progress=not args.json)  # fmt: skip
+    out = {"nll_iw": bound.nll, "nll_iw_se": bound.nll_se, "bits_per_dim_iw": bound.bits_per_dim,
+           "dequant_samples_iw": bound.samples, "bits_per_dim_iw_k1": bound.single_bits_per_dim,
+           "trace_iw": bound.trace}  # fmt: skip
+    if bound.probes is not None:
+        out.update(probes_iw=bound.probes, probe_bias_bits_per_dim_iw=bound.probe_bias_bits_per_dim,
+                   probe_noise_iw=bound.probe_noise)  # fmt: skip
+    return out

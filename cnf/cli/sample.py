@@ -1,0 +1,171 @@
+"""``cnf sample``: samples as .npy or .csv (in chunks, with progress), or a .png grid."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnf.cli.common import in_range, note, solver_flags, solver_from_flags
+from cnf.data.tabular import ColumnPlan
+from cnf.flow import evaluating
+from cnf.io import atomic_path, check_output
+from cnf.runs import load_run
+from cnf.runtime import SAMPLE_CHUNK
+from cnf.solvers import Solver
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("sample", help="draw samples from a trained flow")
+    p.add_argument("run", type=Path, help="run directory or checkpoint file")
+    p.add_argument("-n", type=int, required=True, help="number of samples")
+    p.add_argument("-o", "--output", type=Path, required=True,
+                   help="output: .npy or .csv (a row per sample), .png (image grid)")  # fmt: skip
+    p.add_argument("--with-log-prob", action="store_true", help="add the log-density column")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="auto")
+    solver_flags(p, "sample with")
+
+
+GRID_MAX = 1024  # images in one .png grid
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.output.is_dir():
+        raise IsADirectoryError(f"-o {args.output} is a directory: name a .npy, .csv or .png file")
+    suffix = args.output.suffix.lower()
+    if suffix not in (".npy", ".csv", ".png"):
+        raise ValueError(
+            f"unknown output format {suffix or '(none)'!r}: use a .npy or .csv file (one row per "
+            "sample) or .png (a grid of images)"
+        )
+    if suffix == ".png" and args.with_log_prob:
+        raise ValueError("--with-log-prob needs a .npy or .csv output; a .png grid has no column")
+    in_range("-n", args.n, integer=True, low=1)
+    if suffix == ".png" and args.n > GRID_MAX:
+        raise ValueError(f"-n {args.n} is too many images for one .png grid: at most {GRID_MAX}")
+    check_output(args.output, flag="-o", force=args.force)
+    run = load_run(args.run, args.device)
+    model, meta = run.model, run.meta
+    if suffix == ".png":
+        return _sample_grid(model, args)
+    plan = ColumnPlan.from_meta(meta["plan"]) if "plan" in meta else None
+    names = (
+        meta.get("all_columns")
+        or meta.get("columns")
+        or [f"x{i}" for i in range(math.prod(model.event_shape))]
+    )
+    width = len(names) + args.with_log_prob
+    _check_room(args.output, args.n * width * (8 if suffix == ".npy" else 25), "-n", args.n)
+    solver = solver_from_flags(model, args)
+    chunks = _sample_chunks(model, args.n, args.seed, args.with_log_prob, plan, solver)
+    chunks = _with_progress(chunks, args.n, not args.no_progress)
+    header = list(names) + (["log_prob"] if args.with_log_prob else [])
+    digits = "%.17g" if next(model.parameters()).dtype == torch.float64 else "%.9g"
+    with atomic_path(args.output) as tmp:
+        if suffix == ".npy":  # the header, then the rows as they come (no memory map: a full
+            with open(tmp, "wb") as f:  # disk must be an error, not a SIGBUS)
+                header_ = {"descr": "<f8", "fortran_order": False, "shape": (args.n, width)}
+                np.lib.format.write_array_header_1_0(f, header_)
+                for chunk in chunks:
+                    f.write(np.ascontiguousarray(chunk, dtype="<f8").tobytes())
+        else:
+            with open(tmp, "w") as f:
+                f.write(",".join(header) + "\n")
+                for chunk in chunks:
+                    np.savetxt(f, chunk, delimiter=",", fmt=digits)  # every digit there is
+    used = (solver or model.eval_solver).describe()
+    print(f"wrote {args.n} samples to {args.output}, solved with {used}"
+          + ("" if solver is None else " (not the run's evaluation solver)"))  # fmt: skip
+    return 0
+
+
+LONG_JOB = 3600.0  # seconds: a job expected to take longer gets a note with its estimate
+
+
+def _with_progress(chunks: Iterator[np.ndarray], n: int, show: bool) -> Iterator[np.ndarray]:
+    """``chunks`` with a progress bar over the ``n`` samples, and a note after the first chunk
+    when the whole job will take more than an hour at that rate."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    with tqdm(
+        total=n,
+        desc="sampling",
+        unit="sample",
+        disable=not show,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        delay=2,
+    ) as bar:  # fmt: skip  (a quick job shows none)
+        for chunk in chunks:
+            if bar.n == 0:
+                expected = (time.perf_counter() - start) * n / len(chunk)
+                if expected > LONG_JOB:
+                    note("sample")(f"{n} samples will take about {expected / 3600:.1f} hours at "
+                                    "this rate; Ctrl-C (or SIGTERM) stops and removes the partial "
+                                    "file")  # fmt: skip
+            bar.update(len(chunk))
+            yield chunk
+
+
+def _check_room(path: Path, size: int, flag: str, value: int) -> None:
+    directory = next(p for p in (path.parent, *path.parents) if p.exists())
+    free = shutil.disk_usage(directory).free
+    if size > free:
+        raise ValueError(
+            f"{flag} {value} would write about {size / 1e9:.3g} GB to {path}, but its disk has "
+            f"{free / 1e9:.3g} GB free: draw fewer samples"
+        )
+
+
+def _sample_chunks(
+    model: torch.nn.Module,
+    n: int,
+    seed: int,
+    with_log_prob: bool,
+    plan: ColumnPlan | None,
+    solver: Solver | None = None,
+) -> Iterator[np.ndarray]:
+    """Samples in chunks of :data:`SAMPLE_CHUNK` rows (full table width: a table's dropped
+    columns are put back), with the log-density as the last column if asked."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for start in range(0, n, SAMPLE_CHUNK):
+        size = min(SAMPLE_CHUNK, n - start)
+        with torch.no_grad():
+            if with_log_prob:
+                x, logp = model.sample_and_log_prob(size, generator=gen, solver=solver)
+            else:
+                x, logp = model.sample(size, generator=gen, solver=solver), None
+        x = x.flatten(1).cpu().double().numpy()
+        if plan is not None:
+            x = plan.restore(x)
+        yield x if logp is None else np.column_stack([x, logp.cpu().double().numpy()])
+
+
+def _sample_grid(model: torch.nn.Module, args: argparse.Namespace) -> int:
+    from cnf import viz
+
+    if getattr(model, "levels", None) is None:
+        raise ValueError(
+            f"a .png grid is for image models; {args.run} holds a model of event shape "
+            f"{tuple(model.event_shape)}: use a .npy or .csv output"
+        )
+    solver = solver_from_flags(model, args)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    with torch.no_grad(), evaluating(model):
+        images = model.sample(args.n, generator=gen, solver=solver)
+    viz.save_image_grid(images, model.levels, args.output, overwrite=args.force)
+    used = (solver or model.eval_solver).describe()
+    print(f"wrote a grid of {args.n} samples to {args.output}, solved with {used}")
+    return 0
