@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from cnf.cli import main
+from cnf.cli.app import _as_flags
 from cnf.options import ConfigError
 from cnf.training import TrainConfig
-from cnf.training.run import _resumed_config
+from cnf.training.resume import resumed_config
 
 ML_PHASE = "maximum-likelihood phase after flow matching"
 
@@ -77,7 +78,7 @@ def test_an_option_without_effect_is_refused_on_the_command_line(
     lines = capsys.readouterr().err.splitlines()
     flag = "--" + field.replace("_", "-")
     assert len(lines) == 1 and lines[0].startswith(f"cnf train: error: {flag} ")
-    assert reason in lines[0]
+    assert _as_flags(reason) in lines[0]  # the fields it mentions, as the flags of the CLI
     assert list(tmp_path.iterdir()) == []  # refused before any work
 
 
@@ -146,10 +147,10 @@ def test_a_budget_run_resumes_with_more_iterations() -> None:
     saved = planned.to_dict()
     ckpt = {"config": {k: v for k, v in saved.items() if k != "model"},
             "model_args": saved["model"], "iteration": 350}  # fmt: skip
-    resumed = _resumed_config(ckpt, {"finetune_iters": 200})
+    resumed = resumed_config(ckpt, {"finetune_iters": 200})
     assert (resumed.budget, resumed.iters, resumed.total_iters) == (30, 310, 510)
     mle = TrainConfig.for_data("8gaussians", budget=30, objective="mle").replace(iters=400)
     saved = mle.to_dict()
     ckpt = {"config": {k: v for k, v in saved.items() if k != "model"},
             "model_args": saved["model"], "iteration": 400}  # fmt: skip
-    assert _resumed_config(ckpt, {"iters": 600}).iters == 600
+    assert resumed_config(ckpt, {"iters": 600}).iters == 600

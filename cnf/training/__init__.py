@@ -10,7 +10,9 @@ from cnf.seeds import stream_seed
 from cnf.training.config import PRESETS, TrainConfig
 from cnf.training.loop import Diverged, FitResult, Hooks, fit, step
 from cnf.training.objectives import FlowMatching, MaximumLikelihood, Objective, Phases
-from cnf.training.run import RESUMABLE, Setup, TrainResult, final_report, setup, train
+from cnf.training.resume import RESUMABLE
+from cnf.training.run import TrainResult, final_report, train
+from cnf.training.setup import Setup, setup
 from cnf.training.state import TrainState, lr_factor
 
 __all__ = [

@@ -55,7 +55,7 @@ def _kind(plan: Plan) -> str:
 
 def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
     """The recipe ``cfg`` with its iterations set for ``cfg.budget`` seconds; ``setup_run`` is a
-    fresh :class:`~cnf.training.run.Setup` of it, which the timing leaves untouched."""
+    fresh :class:`~cnf.training.setup.Setup` of it, which the timing leaves untouched."""
     first = FlowMatching(cfg.coupling, cfg.sigma_min, cfg.time_sampling)
     if cfg.objective == "mle":
         first = MaximumLikelihood(kinetic=cfg.kinetic, jacobian=cfg.jacobian)
