@@ -25,6 +25,7 @@ from torch import Tensor
 
 from cnf.flow import Flow, evaluating
 from cnf.solvers import Solver
+from cnf.trace import RowsOfBatch
 
 # --- Hairer's starting step ------------------------------------------------------------------
 
@@ -195,11 +196,11 @@ def batch_nll_metric(
 
     def metric(solver: Solver) -> float:
         gen = torch.Generator(device=x.device).manual_seed(generator_seed)
-        rows, xs = None, x
+        probes, xs = None, x
         if shard is not None:
-            rows, xs = (shard[0], len(x)), x[shard[0] : shard[1]]
+            probes, xs = RowsOfBatch(gen, shard[0], len(x)), x[shard[0] : shard[1]]
         with torch.no_grad(), evaluating(model):
-            logp = model.log_prob(xs, generator=gen, solver=solver, rows=rows)
+            logp = model.log_prob(xs, generator=gen, solver=solver, probes=probes)
         value = -float(logp.double().mean())
         return value if reduce is None else reduce(value)
 

@@ -33,6 +33,7 @@ from cnf.flow import evaluating
 from cnf.runtime import check_memory
 from cnf.seeds import TEST, generator
 from cnf.solvers import Solver
+from cnf.trace import RowsOfBatch
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,11 @@ def log_probs(
     with evaluating(model):
         for i, batch in enumerate(x.split(batch_size)):
             gen = generator(x.device, seed, stream, first + i)
-            rows = None
+            probes = None
             if share is not None:
                 part = share(len(batch))
-                rows, batch = (part.start, len(batch)), batch[part]
-            logp = model.log_prob(batch, generator=gen, solver=solver, rows=rows).double()
+                probes, batch = RowsOfBatch(gen, part.start, len(batch)), batch[part]
+            logp = model.log_prob(batch, generator=gen, solver=solver, probes=probes).double()
             logps.append(logp if gather is None else gather(logp))
             if len(batch):  # a process with no rows of this batch solved nothing
                 nfes.append(model.nfe.forward)

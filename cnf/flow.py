@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from cnf.fields import ConcatSquashMLP
 from cnf.ode import ODEBlock
 from cnf.solvers import Solver
-from cnf.trace import TraceEstimator, make_trace
+from cnf.trace import ProbeSource, TraceEstimator, make_trace
 
 _matmul = torch.backends.cuda.matmul  # its allow_tf32 is process-wide (cnf.runtime)
 
@@ -241,10 +241,11 @@ class CNF(Flow, ODEBlock):
 
         Keyword arguments: ``solver`` (a :class:`Solver`, default the active one), ``trace``
         (a trace name overriding the flow's), ``generator`` (for the Hutchinson probe),
-        ``regularize`` (also integrate the kinetic energy and Jacobian norm), ``rows``
-        (``(start, total)``: ``x`` is rows ``start ...`` of a batch of ``total``, and draws
-        those rows of that batch's probe: distributed training's shares) and ``logdet``
-        (``False``: the map alone, no trace integrated, ``logdet`` zero; for round trips).
+        ``regularize`` (also integrate the kinetic energy and Jacobian norm), ``probes`` (a
+        :data:`~cnf.trace.ProbeSource` that gives the Hutchinson probe instead of drawing it
+        from ``generator``, such as :class:`~cnf.trace.RowsOfBatch` for a share of a batch) and
+        ``logdet`` (``False``: the map alone, no trace integrated, ``logdet`` zero; for round
+        trips).
         """
         x = self.check_input(x, "x")
         return self._last(self._joint(x, self.times(x), **kwargs))
@@ -278,7 +279,7 @@ class CNF(Flow, ODEBlock):
         trace: str | None = None,
         generator: torch.Generator | None = None,
         regularize: bool = False,
-        rows: tuple[int, int] | None = None,
+        probes: ProbeSource | None = None,
         logdet: bool = True,
     ) -> FlowResult:
         if not logdet and not regularize and len(y):  # the map alone: no trace to integrate
@@ -289,7 +290,7 @@ class CNF(Flow, ODEBlock):
             empty = y.new_zeros((len(t), 0))
             parts = (empty, empty) if regularize else (None, None)
             return FlowResult(y.expand(len(t), *y.shape), empty, *parts)
-        probe = _probe(estimator, y, generator, rows)
+        probe = estimator.probe(y, generator) if probes is None else probes(estimator, y)
         zeros = y.new_zeros(y.shape[0])
         y0 = (y, zeros, zeros, zeros) if regularize else (y, zeros)
         dynamics = _JointDynamics(self, estimator, probe, regularize)
@@ -340,18 +341,6 @@ class CNF(Flow, ODEBlock):
                 "impute them before calling the flow"
             )
         return x
-
-
-def _probe(estimator, y: Tensor, generator: torch.Generator | None, rows: tuple[int, int] | None):
-    """The Hutchinson probe of the batch ``y``; with ``rows = (start, total)``, ``y`` is rows
-    ``start ...`` of a batch of ``total`` (one process's share of a distributed batch), and
-    its probe is those rows of the whole batch's, so that every share sees what one process
-    would."""
-    if rows is None:
-        return estimator.probe(y, generator)
-    start, total = rows
-    whole = estimator.probe(y.new_empty((total, *y.shape[1:])), generator)
-    return None if whole is None else whole[start : start + len(y)]
 
 
 def _event_shape(dim: int | Sequence[int]) -> tuple[int, ...]:

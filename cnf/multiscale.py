@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from cnf.fields import ConvField, UNet
 from cnf.flow import CNF, Flow, FlowResult
 from cnf.solvers import NFE, Solver
+from cnf.trace import ProbeSource
 from cnf.transforms import Center, Dequantization, Logit, squeeze, unsqueeze
 
 
@@ -213,7 +214,7 @@ class MultiscaleCNF(Flow, nn.Module):
         trace: str | None = None,
         generator: torch.Generator | None = None,
         regularize: bool = False,
-        rows: tuple[int, int] | None = None,
+        probes: ProbeSource | None = None,
         logdet: bool = True,
     ) -> FlowResult:
         """Map images to latents of the same shape; ``logdet = log|det dz/dx|`` summed over every
@@ -227,8 +228,8 @@ class MultiscaleCNF(Flow, nn.Module):
         self._check_domain(y)
         y, ld = self.squash(y)
         acc = _Sum(ld_dequant + ld)
-        kw = dict(solver=solver, trace=trace, generator=generator, regularize=regularize, rows=rows,
-                  logdet=logdet)  # fmt: skip
+        kw = dict(solver=solver, trace=trace, generator=generator, regularize=regularize,
+                  probes=probes, logdet=logdet)  # fmt: skip
         factored = []
         for scale in self.scales:
             for block in scale.pre:

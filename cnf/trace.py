@@ -21,6 +21,7 @@ References:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,23 @@ class HutchinsonTrace:
 
 
 TraceEstimator = ExactTrace | HutchinsonTrace
+# where a solve's probe comes from: given the estimator and the state, the probe (or None)
+ProbeSource = Callable[[TraceEstimator, Tensor], Tensor | None]
+
+
+class RowsOfBatch:
+    """A probe source for part of a batch: rows ``start, start + 1, ...`` of a batch of
+    ``total`` rows take their probes from a draw for the whole batch, so that a part sees what
+    the whole batch would. Distributed training and evaluation give each process one for its
+    share; each call draws afresh from ``generator`` (a flow of several blocks calls once per
+    block, in order, on every process alike)."""
+
+    def __init__(self, generator: torch.Generator | None, start: int, total: int) -> None:
+        self.generator, self.start, self.total = generator, start, total
+
+    def __call__(self, estimator: TraceEstimator, y: Tensor) -> Tensor | None:
+        whole = estimator.probe(y.new_empty((self.total, *y.shape[1:])), self.generator)
+        return None if whole is None else whole[self.start : self.start + len(y)]
 
 
 def make_trace(name: str, dim: int, noise: str = "rademacher") -> TraceEstimator:

@@ -18,6 +18,7 @@ from cnf.adaptation import batch_nll_metric
 from cnf.fields import SeededDropout, seeded_dropout
 from cnf.flow import Flow
 from cnf.solvers import Solver
+from cnf.trace import RowsOfBatch
 
 Shard = tuple[int, int] | None  # rows (start, stop) of the batch that one process trains on
 
@@ -88,10 +89,10 @@ class MaximumLikelihood(Objective):
         self, model: Flow, x: Tensor, generator: torch.Generator, shard: Shard = None
     ) -> tuple[Tensor, dict]:
         regularize = self.kinetic > 0 or self.jacobian > 0
-        rows = None if shard is None else (shard[0], len(x))
+        probes = None if shard is None else RowsOfBatch(generator, shard[0], len(x))
         x = x if shard is None else x[shard[0] : shard[1]]
         with _without_dropout(model):  # a solve needs a deterministic field
-            out = model.to_latent(x, generator=generator, regularize=regularize, rows=rows)
+            out = model.to_latent(x, generator=generator, regularize=regularize, probes=probes)
         nll = -(model.base_log_prob(out.value) + out.logdet).mean()
         loss = nll
         if regularize:
