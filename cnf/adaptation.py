@@ -78,17 +78,14 @@ def initial_step(model: Flow, x: Tensor, order: int, rtol: float, atol: float) -
     answer 1e-6); any step integrates it exactly, so the start is then ``T / 8`` and the
     adaptation takes it from there."""
     block = model.ode_blocks()[0]
-    estimator = getattr(block, "estimator", None)
-    normalizer = getattr(model, "normalizer", None)
+    estimator = block.estimator
 
     def f(t: float, y: Tensor) -> Tensor:
         tt = torch.as_tensor(t, dtype=y.dtype, device=y.device)
-        if estimator is None:
-            return block.field(tt, y)
         return estimator(block.field, tt, y, estimator.probe(y)).value
 
-    with torch.no_grad():
-        y = x if normalizer is None else normalizer(x)
+    with torch.no_grad():  # a one-block model's coordinates (a table's are normalized)
+        y = model.field_coordinates(x) if len(model.ode_blocks()) == 1 else x
         if _rms(f(0.0, y) / (atol + y.abs() * rtol)) < 1e-5:
             return float(block.T) / 8
         return hairer_initial_step(f, 0.0, y, order, rtol=rtol, atol=atol)

@@ -131,7 +131,7 @@ def evaluate(
     se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
     kl = None if entropy is None else nll - entropy
     bpd = None
-    if getattr(model, "levels", None) is not None:
+    if model.levels is not None:
         bpd = bits_per_dim(nll, math.prod(x.shape[1:]))
     return Evaluation(nll, se, nfe, len(logp), entropy, kl, bpd, None if bpd is None else 1)
 
@@ -376,5 +376,4 @@ def logmeanexp_noise_bias(estimates: Tensor, variances: Tensor) -> Tensor:
 
 
 def _trace_name(model: nn.Module) -> str:
-    blocks = model.ode_blocks() if hasattr(model, "ode_blocks") else []
-    return blocks[0].estimator.name if blocks else "exact"
+    return model.ode_blocks()[0].estimator.name

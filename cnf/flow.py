@@ -107,6 +107,13 @@ class Flow:
 
     dim: int
     event_shape: tuple[int, ...]
+    levels: int | None = None  # the pixel values of an image model (its densities are of them)
+    preprocessed = False  # whether the flow fits a preprocessing layer (fit_preprocessing)
+
+    def fit_preprocessing(self, x: Any) -> None:
+        """Fit the flow's fixed preprocessing on the training rows (a table's normalizer); only
+        flows with ``preprocessed`` have one."""
+        raise TypeError(f"{type(self).__name__} has no preprocessing to fit")
 
     def ode_blocks(self) -> list[CNF]:
         """Every CNF block, in the order data meet them (one for a plain CNF)."""

@@ -73,7 +73,7 @@ def report(
     p = like(model)
     x = to_tensor(data.test(n), p.device, p.dtype)
     say(f"evaluating {len(x)} test samples with {(solver or model.eval_solver).describe()}")
-    evaluation = evaluate(model, x, entropy=getattr(data, "entropy", None), solver=solver,
+    evaluation = evaluate(model, x, entropy=data.entropy, solver=solver,
                           seed=seed, stream=TEST, share=share, gather=gather)  # fmt: skip
     validity = None
     if validity_n is not None:

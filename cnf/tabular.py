@@ -153,6 +153,8 @@ class TabularCNF(CNF):
             for p in self.field.layers[-1].parameters():
                 nn.init.zeros_(p)
 
+    preprocessed = True
+
     def fit_preprocessing(self, x: np.ndarray | Tensor) -> None:
         """Fit the normalizer on the training rows (never on validation or test data)."""
         self.normalizer.fit(x)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +50,14 @@ def event_sum(x: Tensor) -> Tensor:
     return x.flatten(1).sum(1)
 
 
+@runtime_checkable
+class JacobianField(Protocol):
+    """A vector field that gives its per-sample Jacobian with its value (by forward mode, as
+    :class:`~cnf.fields.ConcatSquashMLP` does): the exact trace's fast path."""
+
+    def value_and_jacobian(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
 class ExactTrace:
     """Exact ``Tr(df/dz)`` per sample from the full Jacobian (cost grows with the dimension)."""
 
@@ -63,7 +72,7 @@ class ExactTrace:
     def __call__(
         self, field: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None, frobenius: bool = False
     ) -> FieldEval:
-        if hasattr(field, "value_and_jacobian") and z.ndim == 2:
+        if isinstance(field, JacobianField) and z.ndim == 2:
             value, jac = field.value_and_jacobian(t, z)
             frob = jac.square().sum((1, 2)) if frobenius else None
             return FieldEval(value, jac.diagonal(dim1=1, dim2=2).sum(1), frob)

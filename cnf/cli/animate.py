@@ -104,8 +104,7 @@ def run(args: argparse.Namespace) -> int:
     viz.check_2d(model)
     configure_threads(0, next(model.parameters()).device, 2)
     data = run_data(run, args)
-    support = getattr(getattr(data, "density", None), "support", None)
-    lim = args.lim if args.lim is not None else support
+    lim = args.lim if args.lim is not None else data.support
     samples = data.test(max(args.particles, 1))
     for path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -145,7 +145,7 @@ def _score_file(run: Run, args: argparse.Namespace, validity_n: int | None, **kw
 
 def _check_dequant_samples(run: Run, data: Any, args: argparse.Namespace) -> None:
     in_range("--dequant-samples", args.dequant_samples, integer=True, low=1)
-    if not hasattr(data, "test_pixels"):
+    if data.kind != "image":
         raise ValueError("--dequant-samples is for image models (discrete pixels); this run "
                          f"models {run.meta.get('kind')} data")  # fmt: skip
     images = len(data.test_pixels(args.n or run.config.get("test_size")))

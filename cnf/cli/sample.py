@@ -156,7 +156,7 @@ def _sample_chunks(
 def _sample_grid(model: torch.nn.Module, args: argparse.Namespace) -> int:
     from cnf import viz
 
-    if getattr(model, "levels", None) is None:
+    if model.levels is None:
         raise ValueError(
             f"a .png grid is for image models; {args.run} holds a model of event shape "
             f"{tuple(model.event_shape)}: use a .npy or .csv output"

@@ -18,18 +18,30 @@ import numpy as np
 
 
 class Dataset(Protocol):
-    """What the trainer needs of a dataset. A dataset may also have ``to(device)``, returning
-    itself with its training data moved there once (the image sets do); the trainer calls it."""
+    """What the trainer, the report and the figures need of a dataset. Every dataset has all of
+    it; what only some kinds use is declared here too, with what the others give:
+
+    * ``entropy``: the true entropy in nats where it is known (the toys), else ``None``;
+    * ``support``: the half-width of a square holding the data, for 2-D figures, else ``None``;
+    * ``check_range(dtype)``: refuse values the model's dtype cannot hold (tables; a no-op for
+      the others, whose values are bounded);
+    * ``to(device)``: the dataset with its training data on ``device`` (the image sets move
+      theirs once; the others return themselves).
+    """
 
     name: str
     kind: str  # "toy", "tabular" or "image": picks the model builder
     event_shape: tuple[int, ...]
+    entropy: float | None
+    support: float | None
 
     def train_batch(self, batch_size: int, iteration: int) -> Any: ...
     def validation(self) -> Any: ...
     def test(self, n: int | None = None) -> Any: ...
     def meta(self) -> dict[str, Any]: ...
     def fingerprint(self) -> str: ...
+    def check_range(self, dtype: str) -> None: ...
+    def to(self, device: Any) -> Dataset: ...
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,8 @@ class ImageData:
     """
 
     kind = "image"
+    entropy = None
+    support = None
 
     def __init__(
         self,
@@ -131,6 +133,9 @@ class ImageData:
         self.pixels = self.pixels.to(device)
         self._epoch = None
         return self
+
+    def check_range(self, dtype: str) -> None:
+        """Nothing to check: pixels lie in ``0..levels - 1``."""
 
     def train_batch(self, batch_size: int, iteration: int) -> Tensor:
         """Images ``(iteration - 1) * batch_size ...`` of a stream of seeded epoch permutations,

@@ -285,6 +285,8 @@ class TabularData:
     """
 
     kind = "tabular"
+    entropy = None  # unknown: a sample from an unknown density
+    support = None
 
     def __init__(
         self,
@@ -359,6 +361,9 @@ class TabularData:
         column names and the dequantized columns: a resume refuses data that changed."""
         return content_hash(self.name, list(self.columns), self.splits.train,
                             self.splits.validation, self.integer)  # fmt: skip
+
+    def to(self, device: Any) -> TabularData:
+        return self  # batches are numpy arrays, moved by the trainer
 
     def check_range(self, dtype: str) -> None:
         """Refuse values that training in ``dtype`` cannot represent: magnitudes so large that

@@ -229,6 +229,16 @@ class ToyData:
     def entropy(self) -> float | None:
         return self.density.entropy
 
+    @property
+    def support(self) -> float:
+        return self.density.support
+
+    def check_range(self, dtype: str) -> None:
+        """Nothing to check: the toys' values are bounded."""
+
+    def to(self, device: Any) -> ToyData:
+        return self  # batches are drawn afresh, on the CPU
+
     def log_prob(self, x: np.ndarray) -> np.ndarray:
         return self.density.log_prob(x)
 

@@ -77,16 +77,14 @@ def setup(
             data = cfg.dataset_spec().open(trust_pickle=trust_pickle)
             if checkpoint is not None:
                 _check_same_data(checkpoint, data)
-    if hasattr(data, "check_range"):  # a table's values must fit the model's dtype
-        data.check_range(cfg.model.dtype)
-    if hasattr(data, "to"):  # image datasets keep their training images on the device
-        data = data.to(device)
+    data.check_range(cfg.model.dtype)  # a table's values must fit the model's dtype
+    data = data.to(device)  # image datasets keep their training images on the device
     dim = math.prod(data.event_shape)
     configure_threads(cfg.threads, device, dim)
     configure_cuda(device, cfg.tf32)
     _check_model_size(cfg, data.meta())
     model = build_model(cfg.model, data.meta()).to(device)
-    if hasattr(model, "fit_preprocessing"):  # statistics of the training split only
+    if model.preprocessed:  # statistics of the training split only
         model.fit_preprocessing(data.train_data())
     settings = dict(
         lr=cfg.lr,
