@@ -1,4 +1,5 @@
-"""Validated option records: the checks every config dataclass of the package shares.
+"""Validated options: the one set of checks for every config dataclass, the solvers, the
+flow-matching objective, the animations and the command line.
 
 A config (:class:`cnf.models.ModelConfig`, :class:`cnf.training.TrainConfig`) is a dataclass of
 plain values (saved as JSON and inside checkpoints). Its ``__post_init__`` validates every field
@@ -59,10 +60,16 @@ def integer(name: str, value: object, low: int, what: str = "") -> None:
         raise ConfigError(name, f"must be {what or f'an integer >= {low}'}, got {value!r}")
 
 
-def number(name: str, value: object, *, low: float = 0, strict: bool = True) -> None:
-    """A finite number above ``low`` (``strict``) or at least ``low``."""
-    if not is_number(value) or value < low or (strict and value == low):
-        what = "a positive number" if strict and low == 0 else f"a number >= {low:g}"
+def number(
+    name: str, value: object, *, low: float = 0, strict: bool = True, high: float | None = None
+) -> None:
+    """A finite number above ``low`` (``strict``) or at least ``low``, and at most ``high``."""
+    bad = not is_number(value) or value < low or (strict and value == low)
+    if bad or (high is not None and value > high):
+        if high is not None:
+            what = f"a number in {'(' if strict else '['}{low:g}, {high:g}]"
+        else:
+            what = "a positive finite number" if strict and low == 0 else f"a number >= {low:g}"
         raise ConfigError(name, f"must be {what}, got {value!r}")
 
 

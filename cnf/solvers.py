@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
 
+from cnf.options import integer, number
+
 # Every torchdiffeq method, with its order of accuracy (used by Hairer's starting-step heuristic).
 FIXED_STEP: dict[str, int] = {
     "euler": 1,
@@ -90,13 +92,6 @@ class _Counted:
         return self.func(t, y)
 
 
-def _positive_finite(name: str, value: float | None, *, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-
-
 @dataclass(frozen=True)
 class Solver:
     """How to integrate an ODE: method, tolerances or step, and how to backpropagate.
@@ -140,13 +135,11 @@ class Solver:
             raise ValueError(
                 f"unknown adjoint_method {self.adjoint_method!r}; valid choices: {list(METHODS)}"
             )
-        _positive_finite("atol", self.atol)
-        _positive_finite("rtol", self.rtol)
-        _positive_finite("adjoint_atol", self.adjoint_atol, optional=True)
-        _positive_finite("adjoint_rtol", self.adjoint_rtol, optional=True)
-        _positive_finite("step_size", self.step_size, optional=True)
-        if self.max_nfe is not None and (not isinstance(self.max_nfe, int) or self.max_nfe < 1):
-            raise ValueError(f"max_nfe must be a positive integer or None, got {self.max_nfe!r}")
+        for name in ("atol", "rtol", "adjoint_atol", "adjoint_rtol", "step_size"):
+            if name in ("atol", "rtol") or getattr(self, name) is not None:
+                number(name, getattr(self, name))
+        if self.max_nfe is not None:
+            integer("max_nfe", self.max_nfe, 1, "a positive integer or None")
         if self.fixed_step and self.step_size is None and "grid_constructor" not in self.options:
             raise ValueError(
                 f"method {self.method!r} takes fixed steps: pass step_size (for instance 0.05), "

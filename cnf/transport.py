@@ -27,13 +27,13 @@ References:
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cnf import options
 from cnf.flow import evaluating
 from cnf.solvers import Solver
 
@@ -241,14 +241,11 @@ def _mesh_lim(direction: str, lim: float) -> float:
 def _check_options(
     frames: int, direction: str, grid: int | None, particles: int | Tensor, lim: float
 ) -> None:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; valid choices: {list(DIRECTIONS)}")
-    if not _is_int(frames) or frames < 2:
-        raise ValueError(f"frames must be an integer >= 2, got {frames!r}")
-    if grid is not None and (not _is_int(grid) or grid < 2):
-        raise ValueError(f"grid must be an integer >= 2 (cells per side) or None, got {grid!r}")
-    if not isinstance(lim, int | float) or not math.isfinite(lim) or lim <= 0:
-        raise ValueError(f"lim must be a positive finite half-width, got {lim!r}")
+    options.choice("direction", direction, DIRECTIONS)
+    options.integer("frames", frames, 2)
+    if grid is not None:
+        options.integer("grid", grid, 2, "an integer >= 2 (cells per side) or None")
+    options.number("lim", lim)
     if isinstance(particles, Tensor):
         if particles.ndim != 2 or particles.shape[1] != 2 or len(particles) == 0:
             raise ValueError(
@@ -256,17 +253,13 @@ def _check_options(
             )
         if not bool(torch.isfinite(particles).all()):
             raise ValueError("particles has NaN or inf values: drop them first")
-    elif not _is_int(particles) or particles < 0:
+    elif not options.is_int(particles) or particles < 0:
         raise ValueError(f"particles must be a count >= 0 or an (n, 2) tensor, got {particles!r}")
     elif grid is None and (particles == 0 or direction == "density"):
         raise ValueError(
             "without a mesh (grid=None) pass particles: a positive count for direction='sample', "
             "or their starting points (e.g. data samples) for direction='density'"
         )
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _np(x: Tensor) -> np.ndarray:

@@ -22,6 +22,7 @@ from matplotlib.collections import LineCollection, QuadMesh
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
+from cnf import options
 from cnf.io import atomic_path, check_output, save_figure, write_bytes
 from cnf.runs import load_run, read_log
 from cnf.solvers import Solver
@@ -436,12 +437,10 @@ def animate(
     if path is not None:
         check_output(path, flag="path", force=overwrite, hint="overwrite=True")
     writer = None if path is None else animation_writer(path, fps)
-    if not isinstance(dpi, int | float) or not math.isfinite(dpi) or dpi <= 0:
-        raise ValueError(f"dpi must be a positive number, got {dpi!r}")
-    if not isinstance(fps, int | float) or not 0 < fps <= 100:
-        raise ValueError(f"fps must be a number in (0, 100], got {fps!r}")
-    if trails is not None and (not isinstance(trails, int) or trails < 0):
-        raise ValueError(f"trails must be a number of frames >= 0 or None, got {trails!r}")
+    options.number("dpi", dpi)
+    options.number("fps", fps, high=100)
+    if trails is not None:
+        options.integer("trails", trails, 0, "a number of frames >= 0 or None")
     tr, lim = _solve(flow, frames, direction=direction, grid_cells=grid, particles=particles,
                      lim=lim, data=data, seed=seed, solver=solver)  # fmt: skip
     fig, draw = _frame_drawer(flow, tr, lim, trails, field, dpi)

@@ -179,7 +179,7 @@ def test_formats(flow, solves, tmp_path: Path, monkeypatch) -> None:
     ("kwargs", "message"),
     [
         (dict(frames=1), "frames must be an integer >= 2, got 1"),
-        (dict(direction="up"), "unknown direction 'up'; valid choices"),
+        (dict(direction="up"), "direction 'up' is unknown; valid choices"),
         (dict(grid=1), "grid must be an integer >= 2"),
         (dict(fps=0), "fps must be a number in"),
         (dict(trails=-2), "trails must be"),

@@ -189,10 +189,10 @@ def test_schedule_is_cosine_to_one_percent() -> None:
     ("kwargs", "match"),
     [
         (dict(iters=0), "iters must be a positive integer"),
-        (dict(lr=-1.0), "lr must be a positive number, got -1.0"),
+        (dict(lr=-1.0), "lr must be a positive finite number, got -1.0"),
         (dict(lr=math.inf), "lr must be a finite number, got inf"),
         (dict(T=math.nan), "T must be a finite number, got nan"),
-        (dict(T=0), "T must be a positive number, got 0"),
+        (dict(T=0), "T must be a positive finite number, got 0"),
         (dict(kinetic=math.inf), "kinetic must be a finite number"),
         (dict(seed=-1), r"seed must be an integer in 0..2\*\*63-1, got -1"),
         (dict(seed=10**22), "seed must be an integer in 0..2"),

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from cnf import options
 from cnf.runs import Run
 from cnf.solvers import FIXED_STEP, METHODS, Solver
 
@@ -33,10 +34,13 @@ def in_range(flag: str, value: float | None, *, integer: bool = False, low: floa
     """Refuse a numeric option outside its range, naming the flag (``None``: not given)."""
     if value is None:
         return
-    ok = math.isfinite(value) and value > low if not integer else value >= low
-    if not ok:
-        what = f"an integer >= {low:g}" if integer else "a positive finite number"
-        raise ValueError(f"{flag} must be {what}, got {value:g}")
+    try:  # the package's one validator, with the flag's name in its message
+        if integer:
+            options.integer(flag, value, int(low))
+        else:
+            options.number(flag, value, low=low)
+    except options.ConfigError as err:
+        raise ValueError(f"{flag} {err.problem}") from None
 
 
 def solver_flags(p: argparse.ArgumentParser, verb: str) -> None:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from cnf import options
 from cnf.adaptation import batch_nll_metric
 from cnf.fields import SeededDropout, seeded_dropout
 from cnf.flow import Flow
@@ -166,14 +167,10 @@ class FlowMatching(Objective):
     adapts: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if self.coupling not in COUPLINGS:
-            raise ValueError(f"unknown coupling {self.coupling!r}; valid choices: {COUPLINGS}")
-        if self.time not in TIME_SAMPLINGS:
-            raise ValueError(f"unknown time sampling {self.time!r}; valid: {TIME_SAMPLINGS}")
-        if not 0 <= self.sigma_min < 1:
-            raise ValueError(f"sigma_min must be in [0, 1), got {self.sigma_min!r}")
-        if self.autocast not in AUTOCASTS:
-            raise ValueError(f"unknown autocast {self.autocast!r}; valid choices: {AUTOCASTS}")
+        options.choice("coupling", self.coupling, COUPLINGS)
+        options.choice("time", self.time, TIME_SAMPLINGS)
+        options.within("sigma_min", self.sigma_min, 0, 1, closed=True)
+        options.choice("autocast", self.autocast, AUTOCASTS)
 
     def loss(
         self, model: Flow, x: Tensor, generator: torch.Generator, shard: Shard = None
