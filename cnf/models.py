@@ -19,7 +19,8 @@ from cnf import options
 from cnf.fields import ACTIVATIONS, CONV_LAYERS
 from cnf.flow import CNF, Flow
 from cnf.multiscale import MultiscaleCNF
-from cnf.solvers import FIXED_STEP, Solver
+from cnf.options import listed, option
+from cnf.solvers import FIXED_STEP, METHODS, Solver
 from cnf.tabular import PREPROCESS, TabularCNF
 from cnf.trace import NOISES, TRACES
 
@@ -36,38 +37,103 @@ class ModelConfig:
     images (:class:`~cnf.multiscale.MultiscaleCNF`).
     """
 
-    hidden: tuple[int, ...] = (64, 64, 64)
-    activation: str = "tanh"
-    trace: str = "auto"
-    noise: str = "rademacher"
-    T: float = 1.0
-    learn_T: bool = False
+    hidden: tuple[int, ...] = option(
+        (64, 64, 64),
+        "hidden widths of the vector field, e.g. 64,64,64",
+    )
+    activation: str = option(
+        "tanh",
+        f"activation of the vector field: {listed(sorted(ACTIVATIONS))}",
+    )
+    trace: str = option(
+        "auto",
+        f"divergence: {listed(TRACES)} (auto: exact up to 8 dimensions)",
+    )
+    noise: str = option(
+        "rademacher",
+        f"Hutchinson probe: {listed(NOISES)}",
+    )
+    T: float = option(1.0, "integration time of each CNF block (data at t=0, the Gaussian at t=T)")
+    learn_T: bool = option(False, "make T a trained parameter")
     # training solver; a fixed-step method without step_size starts from Hairer's heuristic
-    method: str = "rk4"
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    step_size: float | None = None
-    adjoint: bool = False
-    max_nfe: int = 10_000
+    method: str = option(
+        "rk4",
+        f"training ODE solver: {listed(METHODS)}",
+    )
+    atol: float = option(
+        1e-5,
+        "absolute tolerance of an adaptive training solver (the adapter changes it)",
+    )
+    rtol: float = option(
+        1e-5,
+        "relative tolerance of an adaptive training solver (the adapter changes it)",
+    )
+    step_size: float | None = option(
+        None,
+        "first step of a fixed-step training solver, in units of time (default: Hairer's "
+        "heuristic; the adapter changes it)",
+    )
+    adjoint: bool = option(
+        False,
+        "backpropagate with the adjoint method (memory flat in the number of steps)",
+    )
+    max_nfe: int = option(10_000, "stop a solve after this many function evaluations per pass")
     # evaluation solver
-    eval_method: str = "dopri5"
-    eval_atol: float = 1e-7
-    eval_rtol: float = 1e-7
-    eval_step_size: float | None = None
-    dtype: str = "float32"
+    eval_method: str = option(
+        "dopri5",
+        f"evaluation ODE solver (validation, report, eval, sample): {listed(METHODS)}",
+    )
+    eval_atol: float = option(1e-7, "absolute tolerance of an adaptive evaluation solver")
+    eval_rtol: float = option(1e-7, "relative tolerance of an adaptive evaluation solver")
+    eval_step_size: float | None = option(
+        None,
+        "step of a fixed-step evaluation solver, in units of time",
+    )
+    dtype: str = option(
+        "float32",
+        f"parameters and densities in {' or '.join(DTYPES)}",
+    )
     # tables
-    preprocess: str = "standardize"
+    preprocess: str = option(
+        "standardize",
+        f"tables: fixed affine layer fitted on the training rows: {listed(PREPROCESS)}",
+    )
     # images
-    scales: int = 0
-    blocks: int = 2
-    alpha: float = 1e-6
-    conv_layer: str = "concatsquash"
-    field: str = "conv"  # images: "conv" (FFJORD's) or "unet" (cnf.fields.UNet)
-    unet_width: int = 32
-    unet_resolutions: int = 2
-    unet_depth: int = 1
-    unet_dropout: float = 0.0
-    unet_scale_shift: bool = False
+    scales: int = option(0, "images: number of scales (0: as many as the image size allows)")
+    blocks: int = option(
+        2,
+        "images: CNF blocks per stage, before and after each squeeze (FFJORD's num_blocks)",
+    )
+    alpha: float = option(1e-6, "images: logit transform's alpha (0: no logit, x - 1/2)")
+    conv_layer: str = option(
+        "concatsquash",
+        f"images: convolution of the vector field: {listed(CONV_LAYERS)}",
+    )
+    field: str = option(
+        "conv",
+        "images: the vector field, conv (FFJORD's stack of convolutions) or unet (a "
+        "time-conditioned U-Net, for the single-scale flow-matching model)",
+    )
+    unet_width: int = option(
+        32,
+        "images, --field unet: channels at full resolution (doubled per level)",
+    )
+    unet_resolutions: int = option(
+        2,
+        "images, --field unet: levels of the U (the image halves one less time)",
+    )
+    unet_depth: int = option(1, "images, --field unet: residual blocks per level and direction")
+    unet_dropout: float = option(
+        0.0,
+        "images, --field unet: dropout rate in the residual blocks while training (a regularizer "
+        "for small datasets; never in evaluation)",
+    )
+    unet_scale_shift: bool = option(
+        False,
+        "images, --field unet: the time scales and shifts each block's normalized features (ADM's"
+        " conditioning; the image preset's) instead of only shifting them before the norm "
+        "(--no-unet-scale-shift)",
+    )
 
     def __post_init__(self) -> None:
         self.hidden = options.widths("hidden", self.hidden)

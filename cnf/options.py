@@ -29,6 +29,22 @@ class ConfigError(ValueError):
         return "--" + self.field.replace("_", "-")
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its help text beside it: the command line's flag, its ``--help``
+    and the docs read this one definition (:func:`help_of`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def help_of(field: dataclasses.Field) -> str:
+    """The help text of a config field made with :func:`option`."""
+    return field.metadata["help"]
+
+
+def listed(values: Any) -> str:
+    """Choices as a comma list, for help texts."""
+    return ", ".join(values)
+
+
 def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -12,6 +12,7 @@ from cnf.adaptation import StepAdapter
 from cnf.data import DataSpec, dataset_kind
 from cnf.data.tabular import TABLE_DEFAULTS
 from cnf.models import ModelConfig
+from cnf.options import listed, option
 from cnf.solvers import ADAPTIVE, FIXED_STEP
 from cnf.training.objectives import (
     AUTOCASTS,
@@ -61,55 +62,135 @@ class TrainConfig:
     would have no effect).
     """
 
-    data: str = "8gaussians"
-    iters: int = 3000
-    batch_size: int = 512
-    lr: float = 5e-3
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    grad_clip: float = 5.0
-    eval_every: int = 250
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0
-    tf32: bool = True
+    data: str = option(
+        "8gaussians",
+        "dataset name (see `cnf datasets`), a .csv/.npy/.npz file or a MAF data directory",
+    )
+    iters: int = option(3000, "training iterations (optimizer steps)")
+    batch_size: int = option(512, "samples per iteration")
+    lr: float = option(5e-3, "AdamW learning rate, the peak of the schedule")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    schedule: str = option(
+        "cosine",
+        f"learning-rate schedule: {listed(SCHEDULES)} (cosine: down to 1% of --lr)",
+    )
+    grad_clip: float = option(5.0, "clip the gradient's norm to this (0: off)")
+    eval_every: int = option(250, "iterations between validation NLLs (and checkpoints)")
+    seed: int = option(
+        0,
+        "seed of the initialization, the data split, batches and probes (0..2**63-1)",
+    )
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    threads: int = option(0, "CPU threads (0: automatic, 1 for models of up to 16 dimensions)")
+    tf32: bool = option(
+        True,
+        "allow TF32 matmuls and convolutions on CUDA (--no-tf32: full float32)",
+    )
     # the objective (cnf.training.objectives): "mle", maximum likelihood with RNODE's penalties,
     # or "fm", flow matching (then finetune_iters iterations of maximum likelihood, if any)
-    objective: str = "mle"
-    kinetic: float = 0.01
-    jacobian: float = 0.01
-    coupling: str = "independent"
-    sigma_min: float = 0.0
-    time_sampling: str = "uniform"
-    autocast: str = "off"  # "bf16": the regression's forward pass under bfloat16 autocast
-    finetune_iters: int = 0
-    finetune_lr: float | None = None  # the fine-tuning phase's peak lr (default: lr)
+    objective: str = option(
+        "mle",
+        "mle: maximum likelihood through the solver; fm: flow matching (simulation-free "
+        "regression of the field; see --coupling, --finetune-iters). Images default to fm on one "
+        "U-Net field; mle trains FFJORD's multiscale model",
+    )
+    kinetic: float = option(0.01, "weight of RNODE's kinetic-energy penalty, int ||f||^2 dt")
+    jacobian: float = option(0.01, "weight of RNODE's Jacobian penalty, int ||df/dz||_F^2 dt")
+    coupling: str = option(
+        "independent",
+        "flow matching: independent, or ot (minibatch optimal transport)",
+    )
+    sigma_min: float = option(
+        0.0,
+        "flow matching: width of the linear path at the data (0: rectified flow)",
+    )
+    time_sampling: str = option("uniform", "flow matching: path times, uniform or logit-normal")
+    autocast: str = option(
+        "off",
+        "flow matching: bf16 runs the regression's field under bfloat16 autocast, faster on GPUs "
+        "and on CPUs with bfloat16 instructions (likelihoods and samples stay float32)",
+    )
+    finetune_iters: int = option(
+        0,
+        "flow matching: then this many iterations of maximum likelihood (with the adapted step), "
+        "after --iters",
+    )
+    finetune_lr: float | None = option(
+        None,
+        "flow matching: the peak learning rate of the --finetune-iters phase, whose cosine starts"
+        " again (default: --lr)",
+    )
     # a training-time budget in seconds, planned into iters (and finetune_iters, which get
     # finetune_share of it) before training (cnf.training.budget); 0: iters as given
-    budget: float = 0.0
-    finetune_share: float = 0.5
+    budget: float = option(
+        0.0,
+        "seconds of training to plan the run for, on this machine: times a few iterations, then "
+        "sets --iters (and --finetune-iters); unless --objective is given, trains the recipe "
+        "measured best for a budget (flow matching, then maximum likelihood for the toys) (0: "
+        "off)",
+    )
+    finetune_share: float = option(
+        0.5,
+        "with --budget and --objective fm: the share of the budget for the maximum-likelihood "
+        "phase",
+    )
     # keep the trained model an ODE flow (Ott et al. 2021): adapt the step/tolerance every
     # adapt_every iterations so the training and a finer solver agree within adapt_threshold
     # nats per dimension, with at most max_steps steps. Half the validity report's 0.01: the
     # grow-and-revert rule keeps the step near its threshold, and the report should pass with
     # margin (euler adapted at 0.01 ended 0.0106 nats/dim off on test data).
-    adapt: bool = True
-    adapt_every: int = 50
-    adapt_size: int = 0  # the first adapt_size rows of the batch are scored (0: all of it)
-    adapt_threshold: float = 0.005
-    max_steps: int = 500
+    adapt: bool = option(
+        True,
+        "adapt the training step (or tolerance) so a finer solver agrees (Ott et al. 2021)",
+    )
+    adapt_every: int = option(
+        50,
+        "iterations between step-size checks (and 1, 2, 4, ... after a switch from flow matching "
+        "to maximum likelihood)",
+    )
+    adapt_size: int = option(
+        0,
+        "training rows each step-size check scores, the first of the batch (0: all; each check "
+        "solves them with a fine reference solver)",
+    )
+    adapt_threshold: float = option(
+        0.005,
+        "tolerated NLL difference from the finer solver, nats per dimension",
+    )
+    max_steps: int = option(500, "the adapted step never falls below T / max_steps")
     # evaluation: validation every eval_every iterations, the report at the end
-    test_size: int = 20_000
-    validity_size: int = 2000
-    validity_tol: float = 1e-8  # the reference solver's tolerance (dopri5, float64)
-    patience: int = 0  # early stopping: evaluations without a better validation NLL (0: off)
+    test_size: int = option(
+        20_000,
+        "test samples in the final report (a table's test split has its own size)",
+    )
+    validity_size: int = option(2000, "test samples in the final solver-validity check")
+    validity_tol: float = option(
+        1e-8,
+        "tolerance of the validity check's reference solver (dopri5, float64)",
+    )
+    patience: int = option(
+        0,
+        "stop after this many validation NLLs without a better one (0: off)",
+    )
     # data options: tables (cnf.data.tabular), files of image sets (cnf.data.images)
-    columns: str = ""
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1
-    dequantize: bool = False
-    drop_nan: bool = False
-    data_dir: str | None = None
+    columns: str = option(
+        "",
+        "tables: the columns to model, a comma list of names or 0-based indices",
+    )
+    val_fraction: float = option(
+        0.1,
+        "tables: fraction of rows held out for validation (seeded split)",
+    )
+    test_fraction: float = option(
+        0.1,
+        "tables: fraction of rows held out for testing (seeded split)",
+    )
+    dequantize: bool = option(False, "tables: add U[0,1) noise to integer-valued columns")
+    drop_nan: bool = option(False, "tables: drop rows with NaN/inf instead of refusing them")
+    data_dir: str | None = option(
+        None,
+        "directory of the dataset's files (mnist, fashion-mnist, cifar10)",
+    )
     extra: dict[str, Any] = field(default_factory=dict)  # further dataset options
     model: ModelConfig = field(default_factory=ModelConfig)
 
