@@ -7,9 +7,10 @@ objective as a strategy (:class:`MaximumLikelihood`), and runs on disk (:func:`t
 
 from cnf.options import ConfigError
 from cnf.seeds import stream_seed
-from cnf.training.config import PRESETS, TrainConfig
+from cnf.training.config import TrainConfig
 from cnf.training.loop import Diverged, FitResult, Hooks, fit, step
 from cnf.training.objectives import FlowMatching, MaximumLikelihood, Objective, Phases
+from cnf.training.presets import PRESETS
 from cnf.training.resume import RESUMABLE
 from cnf.training.run import TrainResult, final_report, train
 from cnf.training.setup import Setup, setup

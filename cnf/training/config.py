@@ -9,7 +9,7 @@ from typing import Any
 
 from cnf import options
 from cnf.adaptation import StepAdapter
-from cnf.data import DataSpec, dataset_kind
+from cnf.data import DataSpec
 from cnf.data.tabular import TABLE_DEFAULTS
 from cnf.models import ModelConfig
 from cnf.options import listed, option
@@ -23,15 +23,11 @@ from cnf.training.objectives import (
     Objective,
     Phases,
 )
+from cnf.training.presets import BUDGET_PRESETS, FM_ONLY, PRESETS, STEPS, method_of, recipe
 
 SCHEDULES = ("cosine", "constant")
-# the options of flow matching, at their defaults (a maximum-likelihood run refuses others)
-FM_ONLY = {"coupling": "independent", "sigma_min": 0.0, "time_sampling": "uniform",
-           "autocast": "off", "finetune_iters": 0, "finetune_lr": None}  # fmt: skip
 OBJECTIVES = ("mle", "fm")
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
-# the step of a fixed-step method, by the field that names the method
-STEPS = {"step_size": "method", "eval_step_size": "eval_method"}
 # fixed-step methods that ignore atol/rtol once they have a step (the implicit Adams methods
 # iterate their corrector to the tolerances)
 TOLERANCE_FREE = frozenset(FIXED_STEP) - {"implicit_adams", "fixed_adams"}
@@ -278,7 +274,7 @@ class TrainConfig:
         ``method``, ...) may be given flat. ``cnf train`` builds its config so. Given options
         win: a preset's option that does not apply to them is dropped, and a given option that
         would have no effect in the recipe is refused with the reason (:func:`_idle_options`)."""
-        flat = _recipe(data, given)
+        flat = recipe(data, given)
         given = {k: v for k, v in given.items() if v is not None}  # None: the default
         _check_steps(flat, given)  # before the solvers refuse them with less to say
         cfg = cls(data=data, **_split(flat, ModelConfig()))
@@ -327,35 +323,10 @@ class TrainConfig:
         return StepAdapter(self.adapt_threshold * dim, T=self.model.T, max_steps=self.max_steps)
 
 
-def _recipe(data: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The flat options of ``data``'s presets (and budget presets) under ``given``, less the
-    presets' options that do not apply to what is given."""
-    kind = dataset_kind(data)
-    if kind == "image" and given.get("objective", "fm") == "fm":  # the single-scale U-Net
-        kind = "image-fm"  # model (the default); --objective mle: the multiscale one
-    budget = BUDGET_PRESETS.get(kind, {}) if given.get("budget") else {}
-    if "objective" in given:  # a recipe the user chose: the budget only plans its length
-        budget = {}
-    flat = {**PRESETS.get(kind, {}), **budget, **given}
-    return {k: v for k, v in flat.items() if k in given or not _overruled(k, flat)}
-
-
-def _overruled(name: str, flat: dict[str, Any]) -> bool:
-    """Whether a preset's ``name`` does not apply to the options ``flat``: its flow-matching
-    options under maximum likelihood, its step under an adaptive method."""
-    if name in FM_ONLY:
-        return flat.get("objective") == "mle"
-    return name in STEPS and _method(STEPS[name], flat) in ADAPTIVE
-
-
-def _method(field_name: str, flat: dict[str, Any]) -> Any:
-    return flat.get(field_name, getattr(ModelConfig, field_name))
-
-
 def _check_steps(flat: dict[str, Any], given: dict[str, Any]) -> None:
     """Refuse a step given for an adaptive method."""
     for name, method_field in STEPS.items():
-        method = _method(method_field, flat)
+        method = method_of(method_field, flat)
         if name in given and method in ADAPTIVE:
             raise options.ConfigError(
                 name, f"is for fixed-step methods, and {method_field} {method!r} chooses its own "
@@ -442,90 +413,4 @@ def _split(flat: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
     return rest
 
 
-# Defaults per kind of data, over the field defaults (tuned on the 2-D toys); flat, model fields
-# included.
-PRESETS: dict[str, dict[str, Any]] = {
-    # --objective mle on images: FFJORD's multiscale model, small conv fields that train on a
-    # CPU (digits); pass FFJORD's flags for 28x28 on a GPU
-    "image": dict(
-        batch_size=64,
-        lr=3e-3,
-        hidden=(32, 32),
-        blocks=1,
-        activation="tanh",
-        method="rk4",
-        step_size=0.5,
-        eval_atol=1e-5,
-        eval_rtol=1e-5,
-        eval_every=500,
-        validity_size=64,
-        kinetic=0.0,
-        jacobian=0.0,
-    ),
-    # flow matching on whole images: one block with a U-Net field in the logit space, rk4 for
-    # the likelihood (the adapted step, from the largest valid one if a fine-tuning follows).
-    # Logit-normal times and dropout 0.1, from python bench/bench_image_recipes.py on digits
-    # (the README's table): logit-normal times 1.763 test bits/dim against 1.798 for uniform ones
-    # (1,500 iterations), dropout 1.733 against 1.740 (2,900), with a train-test gap of 0.12
-    # instead of 0.18; width 64 (3 times the cost), weight decay, sigma_min, no logit, a higher
-    # learning rate did no better. --autocast bf16 trains as well and, on a CPU with bfloat16
-    # instructions, 1.3 to 1.4 times as fast (bench/bench_fm_speed.py); not the default, measured
-    # on one CPU only. The time scales and shifts each block's normalized features
-    # (unet_scale_shift, ADM's conditioning): 1.722 and 1.718 test bits/dim on two seeds at 2,900
-    # iterations against 1.738 and 1.735 for the shift before the norm (the recipes above were
-    # measured with that one, --no-unet-scale-shift)
-    "image-fm": dict(
-        objective="fm",
-        time_sampling="logit-normal",
-        scales=1,
-        blocks=1,
-        field="unet",
-        unet_width=32,
-        unet_resolutions=2,
-        unet_dropout=0.1,
-        unet_scale_shift=True,
-        finetune_share=0.0,  # --budget: flow matching only (bench_images: fm+mle did worse)
-        batch_size=128,
-        lr=2e-3,
-        method="rk4",
-        eval_method="rk4",
-        eval_step_size=1 / 16,
-        eval_every=1000,
-        validity_size=16,
-        adapt_size=16,  # a fine-tuning's checks: a dopri5 solve of 128 images took ~55 CPU s
-        validity_tol=1e-5,
-        kinetic=0.0,
-        jacobian=0.0,
-    ),
-    # small tables (a few hundred rows): whitening makes the untrained flow the Gaussian fit; a
-    # small field with weight decay and early stopping keeps it from memorizing the rows
-    # flow matching for 1500 iterations (about 5 ms each), then maximum likelihood from that
-    # field until the validation NLL stops improving (bench/bench_tabular.py: lower test NLL
-    # than maximum likelihood alone on every bundled table, in a fraction of its time)
-    "tabular": dict(
-        objective="fm",
-        iters=1500,
-        finetune_iters=3000,
-        finetune_lr=1e-3,
-        batch_size=256,
-        lr=2e-3,
-        weight_decay=1e-2,
-        hidden=(64, 64),
-        preprocess="whiten",
-        kinetic=0.0,
-        jacobian=0.0,
-        eval_every=50,
-        patience=8,
-        eval_atol=1e-6,
-        eval_rtol=1e-6,
-        test_size=1_000_000,
-    ),
-}
-
-# What --budget trains, per kind of data, unless --objective is given: the recipes that gave the
-# lowest KL (toys) or test NLL (tables) for their time in bench/bench_objectives.py. Images
-# already default to flow matching (PRESETS["image-fm"]), which --budget plans as it is.
-BUDGET_PRESETS: dict[str, dict[str, Any]] = {
-    "toy": dict(objective="fm", finetune_share=0.5, lr=2e-3, finetune_lr=1e-3, eval_every=1000),
-    "tabular": dict(finetune_share=0.3),
-}
+__all__ = ["BUDGET_PRESETS", "PRESETS", "SCHEDULES", "TrainConfig"]
