@@ -31,7 +31,8 @@ from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from cnf.data.tabular import ColumnPlan, Splits, TabularData
+from cnf.data.columns import ColumnPlan
+from cnf.data.tabular import Splits, TabularData
 from cnf.models import DTYPES, ModelConfig
 from cnf.runtime import SAMPLE_CHUNK, check_memory
 from cnf.solvers import SolverError
@@ -84,7 +85,7 @@ class CNFDensity(DensityMixin, BaseEstimator):
 
     Attributes:
         model_: the fitted :class:`~cnf.tabular.TabularCNF` (eval mode).
-        columns_: the :class:`~cnf.data.tabular.ColumnPlan`: constant and exactly duplicated
+        columns_: the :class:`~cnf.data.columns.ColumnPlan`: constant and exactly duplicated
             columns (on the training rows) are dropped, with a logged warning; ``score_samples``
             is the density of the kept columns and ``sample`` fills the dropped ones back in.
         n_features_in_, feature_names_in_: as in scikit-learn.

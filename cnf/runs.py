@@ -16,7 +16,8 @@ import torch
 
 from cnf.checkpoint import CheckpointError, load_checkpoint
 from cnf.data import Dataset, DataSpec
-from cnf.data.tabular import ColumnPlan, drop_nan_rows, read_table, select_columns, to_float
+from cnf.data.columns import ColumnPlan, drop_nan_rows, select_columns, to_float
+from cnf.data.files import read_table
 from cnf.flow import Flow
 from cnf.models import ModelConfig, build_model, model_shapes
 from cnf.runtime import resolve_device

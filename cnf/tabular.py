@@ -98,7 +98,7 @@ class Normalizer(nn.Module):
 
 def _nonzero_std(std: Tensor) -> Tensor:
     """Training standard deviations; a zero one (a column constant on the training rows, which
-    :class:`~cnf.data.tabular.ColumnPlan` drops first) would make the map singular."""
+    :class:`~cnf.data.columns.ColumnPlan` drops first) would make the map singular."""
     if bool((std <= 0).any()):
         cols = (std <= 0).nonzero().flatten().tolist()
         raise ValueError(

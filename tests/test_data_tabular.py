@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cnf.data import get_dataset, list_datasets
-from cnf.data.tabular import ColumnPlan, TabularData, from_file, split_indices
+from cnf.data import from_file, get_dataset, list_datasets
+from cnf.data.columns import ColumnPlan
+from cnf.data.tabular import TabularData, split_indices
 
 
 def _rows(x: np.ndarray) -> set[tuple[float, ...]]:

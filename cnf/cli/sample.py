@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from cnf.cli.common import in_range, note, solver_flags, solver_from_flags
-from cnf.data.tabular import ColumnPlan
+from cnf.data.columns import ColumnPlan
 from cnf.flow import evaluating
 from cnf.io import atomic_path, check_output
 from cnf.runs import load_run

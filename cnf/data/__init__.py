@@ -9,13 +9,16 @@ to open the same data again.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from cnf.data import images, tabular, toy  # noqa: F401  each registers its datasets
+from cnf.data import images, maf, tabular, toy  # noqa: F401  each registers its datasets
 from cnf.data.base import REGISTRY, Dataset, DatasetInfo, content_hash, held_warnings, register
+from cnf.data.files import looks_like_path, read_table
+from cnf.data.tabular import TabularData, from_table
 
 __all__ = ["REGISTRY", "DataSpec", "Dataset", "DatasetInfo", "content_hash", "dataset_kind",
-           "get_dataset", "held_warnings", "list_datasets", "register"]  # fmt: skip
+           "from_file", "get_dataset", "held_warnings", "list_datasets", "register"]  # fmt: skip
 
 
 def list_datasets() -> list[DatasetInfo]:
@@ -28,7 +31,7 @@ def list_datasets() -> list[DatasetInfo]:
 def dataset_kind(name: str) -> str:
     """The kind ("toy", "tabular", "image") of a dataset name or path; unknown names list the
     valid ones."""
-    if name not in REGISTRY and tabular.looks_like_path(name):
+    if name not in REGISTRY and looks_like_path(name):
         return "tabular"
     if name not in REGISTRY:
         raise ValueError(_unknown(name))
@@ -57,8 +60,8 @@ def get_dataset(name: str, *, seed: int = 0, trust_pickle: bool = False, **optio
     ``.csv``/``.npy``/``.npz`` file or a MAF directory loads tabular data (see
     :mod:`cnf.data.tabular`); ``trust_pickle`` allows the one format that unpickles (MAF's GAS),
     and must come from the user, never from a config or checkpoint."""
-    if name not in REGISTRY and tabular.looks_like_path(name):
-        return tabular.from_file(name, seed=seed, trust_pickle=trust_pickle, **options)
+    if name not in REGISTRY and looks_like_path(name):
+        return from_file(name, seed=seed, trust_pickle=trust_pickle, **options)
     if name not in REGISTRY:
         raise ValueError(_unknown(name))
     factory, info = REGISTRY[name]
@@ -70,6 +73,22 @@ def get_dataset(name: str, *, seed: int = 0, trust_pickle: bool = False, **optio
             f"{', '.join(_option(o) for o in info.options or ()) or 'none'}"
         )
     return factory(seed=seed, **options)
+
+
+def from_file(
+    name: str, *, seed: int = 0, trust_pickle: bool = False, **options: Any
+) -> TabularData:
+    """A user's ``.csv``/``.npy``/``.npz`` file (``file.npz:key`` picks an array), or a MAF
+    dataset directory (``trust_pickle``: see :func:`~cnf.data.maf.maf`)."""
+    text, key = name, None
+    if ".npz:" in name:
+        text, key = name.rsplit(":", 1)
+    path = Path(text).expanduser().resolve()
+    if path.is_dir():
+        return maf.maf(path, seed=seed, trust_pickle=trust_pickle, **options)
+    table = read_table(path, key)
+    full = f"{path}:{key}" if key else str(path)
+    return from_table(table, full, seed=seed, info={"source": "file"}, **options)
 
 
 @dataclass(frozen=True)
