@@ -46,6 +46,14 @@ def available_memory() -> int:
         return 2**63 - 1  # unknown: nothing is refused
 
 
+def physical_memory() -> int | None:
+    """The machine's physical memory in bytes (``None`` where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return None
+
+
 def check_memory(nbytes: float, what: str, fix: str) -> None:
     """Refuse, before any work, a job that needs more memory than the machine has available;
     ``what`` says what needs it, ``fix`` what to do (the user's own flag or argument)."""

@@ -14,7 +14,7 @@ import cnf
 from cnf.cli import main
 from cnf.data import get_dataset
 from cnf.data.files import read_table
-from cnf.data.images import read_cifar_batch, read_idx
+from cnf.data.image_files import read_cifar_batch, read_idx
 
 TINY = ["--iters", "2", "--batch-size", "32", "--hidden", "8", "--method", "rk4", "--step-size",
         "0.5", "--eval-method", "rk4", "--eval-step-size", "0.5", "--test-size", "50",

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from cnf.data import get_dataset, list_datasets
-from cnf.data.images import ImageData, read_cifar_batch, read_idx
+from cnf.data.image_files import read_cifar_batch, read_idx
+from cnf.data.images import ImageData
 
 
 def _write_idx(path: Path, images: np.ndarray, gz: bool = False) -> None:
