@@ -117,8 +117,10 @@ class StepAdapter:
             the metric's units (nats per sample; the trainer uses 0.01 nats per dimension).
         T: integration time, for the step bounds.
         max_steps: the step never falls below ``T / max_steps``.
-        shrink, grow: the step (or tolerance) factors on disagreement and on agreement.
-        min_tol, max_tol: bounds for adaptive solvers' tolerances.
+        shrink: the step (or tolerance) factor on disagreement.
+        grow: the step (or tolerance) factor on agreement.
+        min_tol: the lowest tolerance an adaptive solver is given.
+        max_tol: the highest tolerance an adaptive solver is given.
         tight: tolerance of the dopri5 test solver for high-order fixed-step methods.
     """
 

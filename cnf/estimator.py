@@ -56,16 +56,17 @@ class CNFDensity(DensityMixin, BaseEstimator):
         max_iter: training iterations (AdamW steps): of flow matching with the default
             ``objective="fm"``, which ``finetune_iter`` maximum-likelihood iterations follow.
         batch_size: rows per step (at most the number of training rows).
-        lr, weight_decay: AdamW's learning rate (cosine schedule to 1%) and weight decay.
-        kinetic, jacobian: RNODE regularization weights (arXiv:2002.02798), for maximum
-            likelihood.
+        lr: AdamW's learning rate (a cosine schedule down to 1% of it).
+        weight_decay: AdamW's decoupled weight decay.
+        kinetic: RNODE's kinetic-energy weight (arXiv:2002.02798), for maximum likelihood.
+        jacobian: RNODE's Jacobian weight, for maximum likelihood.
         objective: ``"fm"`` (the default: flow matching, :class:`cnf.training.FlowMatching`,
             for ``max_iter`` steps, then maximum likelihood for up to ``finetune_iter`` more,
             stopped early on the validation NLL) or ``"mle"`` (maximum likelihood throughout).
             The defaults are ``cnf train``'s tabular recipe (bench/bench_tabular.py).
         coupling: flow matching's pairing of data and noise, ``"independent"`` or ``"ot"``.
-        finetune_iter, finetune_lr: the maximum-likelihood phase after flow matching: its
-            iterations, and the peak learning rate of its own cosine schedule.
+        finetune_iter: iterations of the maximum-likelihood phase after flow matching.
+        finetune_lr: the peak learning rate of that phase's own cosine schedule.
         validation_fraction: part of ``X`` held out for early stopping (0, or fewer than 10
             rows: none, train ``max_iter`` steps).
         patience: stop after this many evaluations without a better validation NLL (0: never);
@@ -74,9 +75,11 @@ class CNFDensity(DensityMixin, BaseEstimator):
         trace: ``"auto"`` (exact up to 8 dimensions, Hutchinson above), ``"exact"`` or
             ``"hutchinson"`` for training; ``score_samples`` uses the exact trace up to
             :data:`cnf.tabular.EXACT_EVAL_MAX_DIM` (64) dimensions.
-        method, tol, step_size: training solver (``atol = rtol = tol``; ``step_size`` for
-            fixed-step methods: rk4 by default, from Hairer's step and adapted so that a finer
-            solver agrees, Ott et al. 2021). With a ``step_size`` the same solver scores rows.
+        method: the training solver: rk4 by default, from Hairer's step and adapted so that a
+            finer solver agrees (Ott et al. 2021).
+        tol: its tolerances, ``atol = rtol = tol``.
+        step_size: the step of fixed-step methods; with a ``step_size`` the same solver
+            scores rows.
         eval_tol: tolerance of the solver used by ``score_samples`` and ``sample``.
         dtype: ``"float32"`` or ``"float64"``.
         device: torch device (``"cpu"``, ``"cuda"``).
@@ -88,7 +91,8 @@ class CNFDensity(DensityMixin, BaseEstimator):
         columns_: the :class:`~cnf.data.columns.ColumnPlan`: constant and exactly duplicated
             columns (on the training rows) are dropped, with a logged warning; ``score_samples``
             is the density of the kept columns and ``sample`` fills the dropped ones back in.
-        n_features_in_, feature_names_in_: as in scikit-learn.
+        n_features_in_: as in scikit-learn.
+        feature_names_in_: as in scikit-learn.
         n_iter_: iterations run; ``validation_scores_``: mean validation log-likelihood at each
             evaluation; ``best_validation_score_``: the best of them.
 

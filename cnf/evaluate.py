@@ -114,11 +114,12 @@ def evaluate(
         batch_size: rows per solve (bounds memory).
         solver: overrides the model's evaluation solver.
         entropy: the data's true entropy, if known; adds ``kl = nll - entropy``.
-        seed, stream: where the Hutchinson probes come from (:func:`log_probs`): the same
-            numbers every time for the same ``(seed, stream)``.
-        share, gather: in distributed evaluation, this process's rows of a batch and the join
-            of every process's log-densities (:func:`log_probs`); every process gets the whole
-            set's numbers.
+        seed: where the Hutchinson probes come from (:func:`log_probs`): the same numbers
+            every time for the same ``(seed, stream)``.
+        stream: the purpose's stream of ``seed`` (:mod:`cnf.seeds`).
+        share: in distributed evaluation, this process's rows of a batch of ``n``.
+        gather: the join of every process's log-densities (:func:`log_probs`): every process
+            gets the whole set's numbers.
 
     Returns:
         The mean NLL, its standard error over rows, the mean forward NFE per batch, where the

@@ -185,8 +185,10 @@ class CNF(Flow, ODEBlock):
         trace: ``"exact"``, ``"hutchinson"`` or ``"auto"`` (exact up to
             :data:`cnf.trace.AUTO_EXACT_MAX_DIM` dimensions).
         noise: the Hutchinson probe, ``"rademacher"`` or ``"gaussian"``.
-        T, learn_T, solver, eval_solver: the integration time and the training and evaluation
-            :class:`~cnf.solvers.Solver`, as in :class:`~cnf.ode.ODEBlock`.
+        T: the integration time, as in :class:`~cnf.ode.ODEBlock`.
+        learn_T: make ``T`` a trained parameter, as in :class:`~cnf.ode.ODEBlock`.
+        solver: the training :class:`~cnf.solvers.Solver`, as in :class:`~cnf.ode.ODEBlock`.
+        eval_solver: the :class:`~cnf.solvers.Solver` of ``eval()`` mode.
 
     Example:
         >>> flow = CNF(2, hidden=(16, 16), solver=Solver("rk4", step_size=0.25))

@@ -89,17 +89,22 @@ class MultiscaleCNF(Flow, nn.Module):
             ``blocks`` CNFs, squeezes, and runs ``blocks`` more.
         alpha: the logit transform's ``alpha`` (FFJORD: ``1e-6``); 0 replaces the logit by
             ``y - 1/2``, as FFJORD does.
-        hidden, layer, activation: the convolutional field of every block
+        hidden: the widths of every block's convolutional field
             (:class:`~cnf.fields.ConvField`), with ``field="conv"``.
+        layer: that field's convolution.
+        activation: that field's activation.
         field: ``"conv"`` (FFJORD's stack of convolutions) or ``"unet"``
             (:class:`~cnf.fields.UNet` of ``unet_width`` channels, ``unet_resolutions`` levels
             and ``unet_depth`` residual blocks per level, dropout ``unet_dropout`` in training,
             the time's adaptive GroupNorm with ``unet_scale_shift``:
             the field of a single-scale model,
             ``scales=1, blocks=1``, trained by flow matching over the whole image).
-        trace, noise: the trace estimator (Hutchinson with Rademacher probes by default).
-        T, learn_T, solver, eval_solver: every block's integration time and solvers, as in
-            :class:`~cnf.flow.CNF`.
+        trace: the trace estimator (Hutchinson by default).
+        noise: the Hutchinson probe (Rademacher by default).
+        T: every block's integration time, as in :class:`~cnf.flow.CNF`.
+        learn_T: make ``T`` trained, as in :class:`~cnf.flow.CNF`.
+        solver: every block's training solver, as in :class:`~cnf.flow.CNF`.
+        eval_solver: every block's evaluation solver, as in :class:`~cnf.flow.CNF`.
 
     Example:
         >>> flow = MultiscaleCNF((1, 8, 8), levels=17, blocks=1, hidden=(8,),

@@ -98,7 +98,8 @@ class Solver:
 
     Arguments:
         method: any torchdiffeq method (:data:`METHODS`).
-        atol, rtol: absolute and relative error tolerances of adaptive methods.
+        atol: the absolute error tolerance of adaptive methods.
+        rtol: the relative error tolerance of adaptive methods.
         step_size: step of fixed-step methods, in units of integration time (required for them).
         adjoint: backpropagate with the adjoint method (memory independent of the number of steps)
             instead of through the solver's operations.
@@ -108,8 +109,9 @@ class Solver:
             pass (``None``: no limit). Guards against diverging dynamics.
         options: further torchdiffeq options (``min_step``, ``max_num_steps``, ``first_step``,
             ``safety``, ``grid_constructor``, ...).
-        adjoint_method, adjoint_atol, adjoint_rtol: the adjoint pass's own settings (default: the
-            forward ones).
+        adjoint_method: the adjoint pass's own method (default: the forward one).
+        adjoint_atol: the adjoint pass's absolute tolerance (default: the forward one).
+        adjoint_rtol: the adjoint pass's relative tolerance (default: the forward one).
 
     Example:
         >>> Solver("rk4", step_size=0.25).finer().step_size

@@ -224,9 +224,9 @@ def solver_validity(
         start: the points of the first look (default: all of ``x``).
         seed: seeds the Hutchinson probes, the same for every solver (:mod:`cnf.seeds`).
         batch_size: rows per solve, at most.
-        share, gather: in distributed evaluation, this process's rows of a block and the join
-            of every process's per-point tensors (in rank order): every process solves its
-            share and gets the whole sample's report.
+        share: in distributed evaluation, this process's rows of a block of ``n``.
+        gather: the join of every process's per-point tensors, in rank order: every process
+            solves its share and gets the whole sample's report.
 
     Returns:
         A :class:`ValidityReport`.

@@ -407,7 +407,8 @@ def animate(
     Arguments:
         flow: a 2-D :class:`~cnf.flow.CNF`.
         path: where to save: ``.gif`` (Pillow) or ``.mp4`` (needs ffmpeg); ``None``: don't save.
-        frames, fps: number of frames (ends included) and frames per second.
+        frames: number of frames (ends included).
+        fps: frames per second.
         direction: ``"sample"`` plays ``t: T -> 0``, base noise becoming data (the sampler);
             ``"density"`` plays ``t: 0 -> T``, data being normalized to the Gaussian (the
             density evaluation), starting from ``data`` when given.
