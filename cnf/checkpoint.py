@@ -3,7 +3,7 @@
 The schema (version 2), defined here and nowhere else:
 
 ==================  =========================================================================
-``model_args``      the model's own arguments (:class:`cnf.models.ModelConfig`, a dict)
+``model_args``      the model's own arguments (:class:`cnf.model_config.ModelConfig`, a dict)
 ``data``            the dataset's description (``Dataset.meta()``: kind, shape, columns, ...)
 ``dataset``         how to open the same data again (:class:`cnf.data.DataSpec`, a dict)
 ``data_fingerprint`` a hash of the training data's content (``Dataset.fingerprint()``)
@@ -32,7 +32,7 @@ import torch
 
 from cnf.data.tabular import TABLE_DEFAULTS
 from cnf.io import write_bytes
-from cnf.models import ModelConfig
+from cnf.model_config import ModelConfig
 
 FORMAT = "cnf-checkpoint"
 VERSION = 2

@@ -1,10 +1,11 @@
 """Validated options: the one set of checks for every config dataclass, the solvers, the
 flow-matching objective, the animations and the command line.
 
-A config (:class:`cnf.models.ModelConfig`, :class:`cnf.training.TrainConfig`) is a dataclass of
-plain values (saved as JSON and inside checkpoints). Its ``__post_init__`` validates every field
-with the helpers here, which raise :class:`ConfigError` naming the field, so that the command
-line can name the flag the user typed (``--lr``) and Python users the argument (``lr``).
+A config (:class:`cnf.model_config.ModelConfig`, :class:`cnf.training.TrainConfig`) is a
+dataclass of plain values (saved as JSON and inside checkpoints). Its ``__post_init__``
+validates every field with the helpers here, which raise :class:`ConfigError` naming the field,
+so that the command line can name the flag the user typed (``--lr``) and Python users the
+argument (``lr``).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from cnf.data import Dataset, DataSpec
 from cnf.data.columns import ColumnPlan, drop_nan_rows, select_columns, to_float
 from cnf.data.files import read_table
 from cnf.flow import Flow
-from cnf.models import ModelConfig, build_model, model_shapes
+from cnf.model_config import ModelConfig, build_model, model_shapes
 from cnf.runtime import resolve_device
 
 
@@ -30,7 +30,7 @@ class Run:
     Attributes:
         path: the checkpoint file.
         model: the flow, on the device asked for.
-        model_args: its :class:`~cnf.models.ModelConfig`.
+        model_args: its :class:`~cnf.model_config.ModelConfig`.
         meta: the dataset's description (kind, shape, columns, ...).
         spec: how to open that dataset again (:meth:`dataset`).
         config: the training recipe, as saved (plain data: for defaults such as ``test_size``).

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from cnf.cli.app import build_parser
-from cnf.models import ModelConfig
+from cnf.model_config import ModelConfig
 from cnf.options import help_of
 from cnf.training import TrainConfig
 

@@ -14,7 +14,7 @@ from cnf.adaptation import StepAdapter, checking_solver, hairer_initial_step, in
 from cnf.cli import main
 from cnf.data import get_dataset
 from cnf.report import report
-from cnf.tabular import TabularCNF
+from cnf.table_flow import TabularCNF
 from cnf.training import train
 from cnf.validity import decide, solver_validity
 

@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from cnf.models import ModelConfig
+from cnf.model_config import ModelConfig
 from cnf.options import help_of
 from cnf.training import TrainConfig
 

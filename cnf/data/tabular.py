@@ -26,7 +26,7 @@ baselines of ``bench/bench_tabular.py`` alike:
    the fix.
 
 Standardization is not done here: the model holds it as a fixed affine layer
-(:class:`cnf.tabular.Normalizer`) so that densities stay in the original units of the data.
+(:class:`cnf.table_flow.Normalizer`) so that densities stay in the original units of the data.
 
 The MAF benchmark sets (Papamakarios et al., "Masked Autoregressive Flow for Density Estimation",
 NeurIPS 2017, arXiv:1705.07057) are read from a directory laid out like the MAF/FFJORD data

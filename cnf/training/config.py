@@ -11,7 +11,7 @@ from cnf import options
 from cnf.adaptation import StepAdapter
 from cnf.data import DataSpec
 from cnf.data.tabular import TABLE_DEFAULTS
-from cnf.models import ModelConfig
+from cnf.model_config import ModelConfig
 from cnf.options import listed, option
 from cnf.solvers import ADAPTIVE, FIXED_STEP
 from cnf.training.objectives import (
@@ -47,7 +47,8 @@ ADAPTER = ("adapt_every", "adapt_size", "adapt_threshold", "max_steps")
 @dataclass
 class TrainConfig:
     """Everything that defines a run: the data, the optimizer and schedule, the objective's
-    weights, the step adaptation, evaluation, and the model (:class:`~cnf.models.ModelConfig`).
+    weights, the step adaptation, evaluation, and the model
+    (:class:`~cnf.model_config.ModelConfig`).
     Saved as ``config.json`` and (model apart from the rest) inside every checkpoint.
 
     The field defaults are the recipe for the 2-D toys (bench/bench_toy.py): rk4 with the

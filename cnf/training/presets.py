@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cnf.data import dataset_kind
-from cnf.models import ModelConfig
+from cnf.model_config import ModelConfig
 from cnf.solvers import ADAPTIVE
 
 # the options of flow matching, at their defaults (a maximum-likelihood run refuses others)

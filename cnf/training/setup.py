@@ -13,7 +13,7 @@ from cnf.adaptation import start_step
 from cnf.checkpoint import CheckpointError
 from cnf.data import Dataset, held_warnings
 from cnf.flow import Flow
-from cnf.models import DTYPES, build_model, model_shapes
+from cnf.model_config import DTYPES, build_model, model_shapes
 from cnf.options import ConfigError
 from cnf.report import GROWTH
 from cnf.runtime import check_memory, configure_cuda, configure_threads, resolve_device, to_tensor

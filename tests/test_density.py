@@ -98,7 +98,7 @@ def test_a_grid_search_warns_about_integer_and_constant_columns_once() -> None:
     x = np.column_stack([rng.integers(0, 5, 60), rng.normal(size=60), np.full(60, 2.0)])
     base = cnf.CNFDensity(max_iter=2, finetune_iter=2, eval_every=2, method="rk4", step_size=0.5,
                           random_state=0)  # fmt: skip
-    from cnf.estimator import _WARNED
+    from cnf.density import _WARNED
 
     _WARNED.clear()  # what earlier tests were told
     with warnings.catch_warnings(record=True) as caught:

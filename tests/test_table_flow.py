@@ -8,7 +8,7 @@ import torch
 
 from cnf.flow import CNF
 from cnf.solvers import Solver
-from cnf.tabular import EXACT_EVAL_MAX_DIM, Normalizer, TabularCNF
+from cnf.table_flow import EXACT_EVAL_MAX_DIM, Normalizer, TabularCNF
 
 
 def _data(n: int = 300, seed: int = 0) -> np.ndarray:

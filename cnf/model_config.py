@@ -21,7 +21,7 @@ from cnf.flow import CNF, Flow
 from cnf.multiscale import MultiscaleCNF
 from cnf.options import listed, option
 from cnf.solvers import FIXED_STEP, METHODS, Solver
-from cnf.tabular import PREPROCESS, TabularCNF
+from cnf.table_flow import PREPROCESS, TabularCNF
 from cnf.trace import NOISES, TRACES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -33,7 +33,7 @@ class ModelConfig:
 
     The defaults are those of the 2-D toys; :data:`cnf.training.PRESETS` changes some of them per
     kind of data. Which fields matter depends on the kind: ``preprocess`` is for tables
-    (:class:`~cnf.tabular.TabularCNF`); ``scales``, ``blocks``, ``alpha`` and ``conv_layer`` for
+    (:class:`~cnf.table_flow.TabularCNF`); ``scales``, ``blocks``, ``alpha`` and ``conv_layer`` for
     images (:class:`~cnf.multiscale.MultiscaleCNF`).
     """
 

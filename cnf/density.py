@@ -4,7 +4,7 @@ It follows :class:`sklearn.neighbors.KernelDensity` and :class:`sklearn.mixture.
 ``fit(X)``, ``score_samples(X)`` (log-density per row), ``score(X)`` (total log-likelihood, as
 KernelDensity), ``sample(n_samples, random_state)``; plain constructor arguments, so ``clone``,
 ``Pipeline`` and ``GridSearchCV`` work. It runs the same code as ``cnf train`` on a table: the
-column rules and dequantization of :mod:`cnf.data.tabular`, the model of :mod:`cnf.tabular` (a
+column rules and dequantization of :mod:`cnf.data.tabular`, the model of :mod:`cnf.table_flow` (a
 fixed standardization layer whose log-det is included, so densities are in the units of ``X``)
 and the training loop of :mod:`cnf.training` (the same loss, optimizer, schedule, seeding and
 solver-step adaptation), with early stopping on a held-out part of ``X``.
@@ -33,10 +33,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from cnf.data.columns import ColumnPlan
 from cnf.data.tabular import Splits, TabularData
-from cnf.models import DTYPES, ModelConfig
+from cnf.model_config import DTYPES, ModelConfig
 from cnf.runtime import SAMPLE_CHUNK, check_memory
 from cnf.solvers import SolverError
-from cnf.tabular import TabularCNF
+from cnf.table_flow import TabularCNF
 from cnf.training import Diverged, Hooks, TrainConfig, TrainState, fit, setup
 
 
@@ -74,7 +74,7 @@ class CNFDensity(DensityMixin, BaseEstimator):
         eval_every: iterations between validation evaluations.
         trace: ``"auto"`` (exact up to 8 dimensions, Hutchinson above), ``"exact"`` or
             ``"hutchinson"`` for training; ``score_samples`` uses the exact trace up to
-            :data:`cnf.tabular.EXACT_EVAL_MAX_DIM` (64) dimensions.
+            :data:`cnf.table_flow.EXACT_EVAL_MAX_DIM` (64) dimensions.
         method: the training solver: rk4 by default, from Hairer's step and adapted so that a
             finer solver agrees (Ott et al. 2021).
         tol: its tolerances, ``atol = rtol = tol``.
@@ -87,7 +87,7 @@ class CNFDensity(DensityMixin, BaseEstimator):
         verbose: show a progress bar with the validation NLL.
 
     Attributes:
-        model_: the fitted :class:`~cnf.tabular.TabularCNF` (eval mode).
+        model_: the fitted :class:`~cnf.table_flow.TabularCNF` (eval mode).
         columns_: the :class:`~cnf.data.columns.ColumnPlan`: constant and exactly duplicated
             columns (on the training rows) are dropped, with a logged warning; ``score_samples``
             is the density of the kept columns and ``sample`` fills the dropped ones back in.
