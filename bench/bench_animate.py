@@ -1,6 +1,6 @@
 """Animation benchmark: one solve through every frame, then drawing and encoding the GIF.
 
-    python bench/bench_animate.py RUN_DIR           # a trained 2-D run (examples/animate_flows.py)
+    python bench/bench_animate.py runs/bench-toy/8gaussians  # the toy table's model (bench_toy.py)
     python bench/bench_animate.py RUN_DIR --quick   # one small configuration, for a smoke run
     python bench/bench_animate.py                   # no run: an untrained default CNF (few NFE)
 
@@ -22,17 +22,35 @@ import argparse
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import numpy as np
 import torch
+from harness import Column
 
 from cnf import CNF, Solver, viz
 from cnf.runs import load_run
 from cnf.runtime import configure_threads
 from cnf.transport import LATENT_LIM, Transport
+
+COLUMNS = [
+    Column("configuration", "configuration"),
+    Column("frames", "frames"),
+    Column("grid", "grid"),
+    Column("nfe", "NFE"),
+    Column("solves", "solves"),
+    Column("solve", "solve s", "{:.1f}", "s", "wall time inside the transport solve"),
+    Column("render", "render + encode s", "{:.1f}", "s", "wall time of the rest"),
+    Column("total", "total s", "{:.1f}", "s", "wall time of the animate call"),
+    Column("cpu", "CPU s", "{:.1f}", "s", "CPU time of the animate call"),
+    Column("mb", "GIF MB", "{:.2f}", "MiB"),
+    Column("mass", "mass error", "{:.2%}", about="largest relative error of the mesh's mass"),
+    Column("shown", "shown mass error", "{:.2%}", about="the same for the density drawn"),
+]
 
 
 class TimedTransport:
@@ -63,16 +81,16 @@ def run_one(flow: torch.nn.Module, lim: float, **options) -> dict:
     timed = TimedTransport()
     viz.transport = timed
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, harness.timed() as t:
             path = Path(tmp) / "flow.gif"
-            t0, c0 = time.perf_counter(), time.process_time()
             viz.animate(flow, path, lim=lim, **options)
-            total, cpu = time.perf_counter() - t0, time.process_time() - c0
             size = path.stat().st_size / 2**20
     finally:
         viz.transport = timed.inner
-    return dict(solve=timed.seconds, render=total - timed.seconds, total=total, solves=timed.calls,
-                nfe=flow.nfe.forward, mb=size, cpu=cpu, mass=mass_errors(timed.last))  # fmt: skip
+    mass, shown = mass_errors(timed.last)
+    return dict(frames=options["frames"], grid=options["grid"], nfe=flow.nfe.forward,
+                solves=timed.calls, solve=timed.seconds, render=t.wall - timed.seconds,
+                total=t.wall, cpu=t.cpu, mb=size, mass=mass, shown=shown)  # fmt: skip
 
 
 def configurations(eval_solver: Solver, quick: bool) -> list[tuple[str, dict]]:
@@ -95,7 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", nargs="?", type=Path, help="a trained 2-D run directory")
     parser.add_argument("--quick", action="store_true", help="one small configuration")
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    results = harness.start(__file__, parser, args, smoke=args.quick)
     if args.run is not None:
         run = load_run(args.run)
         flow, name, lim = run.model, run.meta["name"], run.dataset().density.support
@@ -104,18 +124,16 @@ def main() -> None:
         flow, name, lim = CNF(2).eval(), "untrained CNF(2)", 4.0
     threads = configure_threads(0, torch.device("cpu"), 2)
     cpu = platform.processor() or platform.machine()
-    print(f"model: {name}, eval solver {flow.eval_solver.describe()}; torch {torch.__version__}, "
+    solver = flow.eval_solver.describe()
+    print(f"model: {name}, eval solver {solver}; torch {torch.__version__}, "
           f"{threads} thread(s), {os.cpu_count()} CPUs, {cpu}")  # fmt: skip
-    print()
-    print("| configuration | frames | grid | NFE | solves | solve s | render + encode s | total s "
-          "| CPU s | GIF MB | mass error | shown mass error |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for label, options in configurations(flow.eval_solver, args.quick):
-        r = run_one(flow, lim, **options)
-        print(f"| {label} | {options['frames']} | {options['grid']} | {r['nfe']} | {r['solves']} "
-              f"| {r['solve']:.1f} | {r['render']:.1f} | {r['total']:.1f} | {r['cpu']:.1f} "
-              f"| {r['mb']:.2f} | {100 * r['mass'][0]:.2f}% | {100 * r['mass'][1]:.2f}% |",
-              flush=True)  # fmt: skip
+        rows.append(dict(configuration=label, **run_one(flow, lim, **options)))
+        print(f"  {label}: {rows[-1]['cpu']:.1f} CPU s", file=sys.stderr, flush=True)
+    results.table("animate", f"{name}, evaluation solver {solver}, {threads} thread(s)", COLUMNS,
+                  rows)  # fmt: skip
+    results.write()
 
 
 if __name__ == "__main__":

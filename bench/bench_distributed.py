@@ -11,7 +11,8 @@ and start-up excluded). The scaling efficiency is ``(samples/s with N) / (N x sa
 multiscale image preset (digits, ``--objective mle``, Hutchinson); on a GPU, Fashion-MNIST with
 FFJORD's configuration. On a CPU the processes share the machine's cores (torchrun sets one
 thread each), so two processes on two cores gain at most what the second core adds, minus the
-gradient all-reduce.
+gradient all-reduce. The rates are of wall time (throughput); "CPU s" is the CPU time of the
+whole torchrun job, all processes, start-up and evaluation included.
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+import harness
 import torch
+from harness import Column
+
+COLUMNS = [
+    Column("model", "model"),
+    Column("procs", "processes"),
+    Column("batch", "global batch"),
+    Column("rate", "it/s", "{:.2f}", "it/s", "rank 0's iterations over their own wall time"),
+    Column("samples", "samples/s", "{:.0f}", "samples/s"),
+    Column("efficiency", "scaling efficiency", "{:.0%}", about="samples/s over N x 1 process's"),
+    Column("cpu", "CPU s", "{:.0f}", "s", "CPU time of the whole job, every process"),
+]
 
 MODELS = {
     "cpu": {
@@ -64,7 +77,7 @@ MODELS = {
 
 
 def run(flags: list[str], procs: int, device: str) -> float:
-    """Iterations per second of rank 0 over the iterations' own time."""
+    """Iterations per second of rank 0 over the iterations' own wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         iters = int(flags[flags.index("--iters") + 1])
@@ -82,23 +95,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--procs", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--gpu", action="store_true", help="one GPU per process (nccl)")
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    results = harness.start(__file__, parser, args)
     if args.gpu and torch.cuda.device_count() < max(args.procs):
         parser.error(f"--gpu with {max(args.procs)} processes needs as many GPUs")
     device, kind = ("cuda", "gpu") if args.gpu else ("cpu", "cpu")
     name = torch.cuda.get_device_name() if args.gpu else "CPU, one thread per process"
-    print(f"torch {torch.__version__}; {name}\n")
-    print("| model | processes | global batch | it/s | samples/s | scaling efficiency |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"torch {torch.__version__}; {name}")
+    rows = []
     for model, flags in MODELS[kind].items():
         batch = int(flags[flags.index("--batch-size") + 1])
         base = None
         for procs in args.procs:
-            rate = run(flags, procs, device)
+            with harness.timed() as t:
+                rate = run(flags, procs, device)
             base = base or rate * batch / procs
-            efficiency = rate * batch / (procs * base)
-            print(f"| {model} | {procs} | {batch} | {rate:.2f} | {rate * batch:.0f} | "
-                  f"{efficiency:.0%} |", flush=True)  # fmt: skip
+            rows.append(dict(model=model, procs=procs, batch=batch, rate=rate,
+                             samples=rate * batch, efficiency=rate * batch / (procs * base),
+                             cpu=t.cpu))  # fmt: skip
+            print(f"  {model}, {procs} process(es): {rate:.2f} it/s", file=sys.stderr, flush=True)
+    results.table("scaling", f"torchrun -m cnf train, {name}", COLUMNS, rows)
+    results.write()
 
 
 if __name__ == "__main__":

@@ -22,14 +22,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 
+import harness
 import torch
+from harness import Column
 
 from cnf.fields import UNet, seeded_dropout
 from cnf.training.config import PRESETS
 
 PRESET = PRESETS["image-fm"]  # its U-Net: width, levels, time conditioning
+COLUMNS = [
+    Column("dropout", "dropout"),
+    Column("masks", "masks"),
+    Column("float32", "float32 ms/step", "{:.1f}", "ms", "CPU time per step (GPU: wall)"),
+    Column("bf16", "bf16 autocast", "{:.1f}", "ms"),
+    Column("bf16_speedup", "bf16 speed-up", "{:.2f}x", about="float32 time / bf16 time"),
+    Column("compiled", "compiled", "{:.1f}", "ms"),
+    Column("compiled_speedup", "compiled speed-up", "{:.2f}x", about="float32 / compiled"),
+    Column("first", "compiled first step, s", "{:.1f}", "s", "compiling included"),
+]
 
 
 def clock(device: torch.device) -> float:
@@ -79,24 +92,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="timed steps per row (default 50)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--gpu", action="store_true", help="on CUDA")
+    harness.add_arguments(parser)
     args = parser.parse_args()
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA device")
+    results = harness.start(__file__, parser, args)
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.gpu else "cpu")
     what = torch.cuda.get_device_name(device) if args.gpu else f"CPU, {args.threads} thread(s)"
-    print(f"U-Net regression step, batch {args.batch} of 1x{args.size}x{args.size}, {what}, "
-          f"torch {torch.__version__}\n")  # fmt: skip
-    print("| dropout | masks | float32 ms/step | bf16 autocast | compiled | compiled first "
-          "step, s |")  # fmt: skip
-    print("|---:|---|---:|---:|---:|---:|")
+    rows = []
     for dropout, seeded in ((0.0, False), (0.0, True), (0.1, True)):
         _, eager = time_steps(dropout, seeded, "float32", args, device)
         _, bf16 = time_steps(dropout, seeded, "bf16", args, device)
         first, comp = time_steps(dropout, seeded, "compiled", args, device)
         masks = "seeded per step (as cnf trains)" if seeded else "none (a plain module call)"
-        print(f"| {dropout} | {masks} | {eager * 1e3:.1f} | {bf16 * 1e3:.1f} ({eager / bf16:.2f}x) "
-              f"| {comp * 1e3:.1f} ({eager / comp:.2f}x) | {first:.1f} |", flush=True)  # fmt: skip
+        rows.append(dict(dropout=dropout, masks=masks, float32=eager * 1e3, bf16=bf16 * 1e3,
+                         bf16_speedup=eager / bf16, compiled=comp * 1e3,
+                         compiled_speedup=eager / comp, first=first))  # fmt: skip
+        print(f"  dropout {dropout}, {masks}: {eager * 1e3:.1f} ms/step in float32",
+              file=sys.stderr, flush=True)  # fmt: skip
+    results.table("steps", f"U-Net regression step, batch {args.batch} of "
+                  f"1x{args.size}x{args.size}, {what}", COLUMNS, rows)  # fmt: skip
+    results.write()
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ This is how the preset was chosen (its comment in cnf/training/config.py quotes 
 from __future__ import annotations
 
 import argparse
-import time
 
+import harness
 import torch
+from harness import Column
 
 from cnf.evaluate import evaluate
 from cnf.runtime import to_tensor
@@ -55,24 +56,34 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+COLUMNS = [
+    Column("name", "recipe"),
+    Column("change", "change", about="the options changed from the preset"),
+    Column("test", "test bits/dim", "{:.3f}", "bits/dim"),
+    Column("train", "train bits/dim", "{:.3f}", "bits/dim", "as many training images as test"),
+    Column("gap", "gap", "{:.3f}", "bits/dim", "test - train"),
+    Column("seconds", "training CPU s", "{:.0f}", "s"),
+]
+
+
 def run_row(name: str, args: argparse.Namespace) -> dict:
     flat = {**PRESETS["image-fm"], **VARIANTS[name], "data": args.data, "iters": args.iters,
             "seed": args.seed,
             "eval_every": 10**7, "threads": 1, "device": "cpu"}  # fmt: skip
     cfg = TrainConfig().replace(**flat)
     run = setup(cfg)
-    start = time.process_time()
-    fit(run.state, run.data, run.objective, cfg, progress=False, quiet=True)
-    seconds = time.process_time() - start
+    with harness.timed() as t:
+        fit(run.state, run.data, run.objective, cfg, progress=False, quiet=True)
 
     def bpd(x) -> float:
         x = to_tensor(x, run.device, run.dtype)
-        gen = torch.Generator().manual_seed(0)
-        return evaluate(run.model, x, batch_size=1000, generator=gen).bits_per_dim
+        return evaluate(run.model, x, batch_size=1000, seed=0).bits_per_dim  # the same probes
 
-    test = run.data.test(args.eval_n)
-    train = bpd(run.data.train_batch(len(test), 1))
-    return dict(name=name, test=bpd(test), train=train, seconds=seconds)
+    images = run.data.test(args.eval_n)
+    test, train = bpd(images), bpd(run.data.train_batch(len(images), 1))
+    change = ", ".join(f"{k}={v}" for k, v in VARIANTS[name].items()) or "(preset)"
+    return dict(name=name, change=change, test=test, train=train, gap=test - train,
+                seconds=t.cpu)  # fmt: skip
 
 
 def main() -> None:
@@ -87,7 +98,9 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS), help="rows to run")
     parser.add_argument("--eval-n", type=int, help="test images to score (default: all)")
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    results = harness.start(__file__, parser, args)
     torch.set_num_threads(1)
     rows = []
     for name in args.only or list(VARIANTS):
@@ -95,14 +108,9 @@ def main() -> None:
         r = rows[-1]
         print(f"  {name}: test {r['test']:.3f}, train {r['train']:.3f} bits/dim, "
               f"{r['seconds']:.0f} CPU s", flush=True)  # fmt: skip
-    print(f"\n{args.data}, {args.iters} iterations per recipe, one thread, torch "
-          f"{torch.__version__}\n")  # fmt: skip
-    print("| recipe | change | test bits/dim | train bits/dim | gap | training CPU s |")
-    print("|---|---|---:|---:|---:|---:|")
-    for r in rows:
-        change = ", ".join(f"{k}={v}" for k, v in VARIANTS[r["name"]].items()) or "(preset)"
-        print(f"| {r['name']} | {change} | {r['test']:.3f} | {r['train']:.3f} | "
-              f"{r['test'] - r['train']:.3f} | {r['seconds']:.0f} |")  # fmt: skip
+    results.table("recipes", f"{args.data}, {args.iters} iterations per recipe, one thread",
+                  COLUMNS, rows)  # fmt: skip
+    results.write()
 
 
 if __name__ == "__main__":

@@ -28,12 +28,20 @@ import copy
 import math
 import time
 
+import harness
 import torch
+from harness import Column
 from torch import Tensor, nn
 
 from cnf.data import get_dataset
 
 LEVELS = 17
+COLUMNS = [
+    Column("model", "model"),
+    Column("iters", "iterations"),
+    Column("test", "test bits/dim", "{:.3f}", "bits/dim", "exact: -log2 P(k) / D"),
+    Column("train", "train bits/dim", "{:.3f}", "bits/dim", "the first 360 training images"),
+]
 
 
 def independent(train: Tensor, test: Tensor) -> float:
@@ -120,21 +128,24 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=96, help="PixelCNN channels")
     parser.add_argument("--blocks", type=int, default=6, help="PixelCNN residual blocks")
     parser.add_argument("--dropout", type=float, default=0.5, help="PixelCNN dropout")
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    results = harness.start(__file__, parser, args)
     torch.set_num_threads(1)
     data = get_dataset("digits")
     train, val, test = data.pixels, data.validation_pixels(), data.test_pixels()
     flat = independent(train, test)
     print(f"  independent: {flat:.3f} bits/dim", flush=True)
     p = train_pixelcnn(train, val, test, args)
-    print(f"\ndigits, exact discrete likelihood, {args.minutes:g} CPU minutes, one thread, torch "
-          f"{torch.__version__}\n")  # fmt: skip
-    print("| model | iterations | test bits/dim | train bits/dim |")
-    print("|---|---:|---:|---:|")
-    print(f"| independent pixels | | {flat:.3f} | {independent(train, train):.3f} |")
-    print(f"| PixelCNN, best on validation (iteration {p['best_iter']}) | {p['iters']} | "
-          f"{p['test']:.3f} | {p['train']:.3f} |")  # fmt: skip
-    print(f"| PixelCNN, last iteration | {p['iters']} | {p['last']:.3f} | |")
+    rows = [
+        dict(model="independent pixels", test=flat, train=independent(train, train)),
+        dict(model=f"PixelCNN, best on validation (iteration {p['best_iter']})", iters=p["iters"],
+             test=p["test"], train=p["train"]),
+        dict(model="PixelCNN, last iteration", iters=p["iters"], test=p["last"]),
+    ]  # fmt: skip
+    results.table("references", f"digits, exact discrete likelihood, {args.minutes:g} CPU "
+                  "minutes, one thread", COLUMNS, rows)  # fmt: skip
+    results.write()
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 import torch
+from harness import Column
 
 from cnf.evaluate import bits_per_dim, dequantization_draws, dequantized_bound, evaluate
 from cnf.flow import evaluating
@@ -122,6 +124,38 @@ CONFIGS: dict[str, dict[str, dict]] = {
 }  # fmt: skip
 
 
+COLUMNS = [
+    Column("name", "model"),
+    Column("iters", "iterations"),
+    Column("rate", "it/s", "{:.2f}", "it/s", "iterations over their own wall time"),
+    Column("cpu", "training CPU s", "{:.0f}", "s"),
+    Column("nfe", "NFE/iter (fwd)", "{:.0f}", about="mean forward NFE per training iteration"),
+    Column("bpd", "test bits/dim (K=1)", "{:.3f}", "bits/dim", "dequantized, one draw"),
+    Column("bpd_se", "± SE", "{:.3f}", "bits/dim"),
+]
+
+
+def iw_columns(k: int, exact: bool, probes: int | None) -> list[Column]:
+    """The importance-weighted table's columns: the exact trace's, the probes' or both."""
+    columns = [Column("name", "model")]
+    bits = "{:.3f}"
+    if exact:
+        columns += [
+            Column("exact_k1", "K=1, exact trace", bits, "bits/dim"),
+            Column("exact", f"K={k}, exact trace", bits, "bits/dim"),
+            Column("hutchinson", f"K={k} on Hutchinson estimates (biased)", bits, "bits/dim"),
+            Column("probe_noise", "probe noise, nats/image", "{:.2f}", "nats"),
+        ]
+    if probes:
+        columns += [
+            Column("probed_k1", f"K=1, {probes} probes", bits, "bits/dim"),
+            Column("probed", f"K={k}, {probes} probes", bits, "bits/dim"),
+            Column("probed_se", "± SE", bits, "bits/dim"),
+            Column("probed_bias", "its bias (estimated)", "{:.4f}", "bits/dim"),
+        ]
+    return columns
+
+
 class _Report(Hooks):
     """Prints the training bits/dim every 30 seconds of training, and the test bits/dim at the
     end of a flow-matching phase that maximum likelihood follows (``switch``: its last iteration
@@ -162,13 +196,13 @@ def train_for(cfg: TrainConfig, seconds: float, tag: str, eval_n: int | None = N
     if cfg.objective == "fm" and cfg.finetune_iters:
         switch = (cfg.iters, to_tensor(run.data.test(eval_n), run.device, run.dtype))
     report = _Report(tag, dim, switch)
-    start = time.perf_counter()
-    result = fit(run.state, run.data, run.objective, cfg, hooks=report, progress=False,
-                 quiet=True, seconds=seconds)  # fmt: skip
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    return dict(run=run, iters=result.iteration, seconds=wall, nfe=report.nfe / result.iteration)
+    with harness.timed() as t:
+        result = fit(run.state, run.data, run.objective, cfg, hooks=report, progress=False,
+                     quiet=True, seconds=seconds)  # fmt: skip
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+    return dict(run=run, iters=result.iteration, seconds=t.wall, cpu=t.cpu,
+                nfe=report.nfe / result.iteration)  # fmt: skip
 
 
 def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.device) -> dict:
@@ -207,7 +241,7 @@ def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.
         print(f"  {name}: importance-weighted bound, K={args.dequant_samples}, in "
               f"{time.perf_counter() - t0:.0f} s: {iw}", file=sys.stderr, flush=True)  # fmt: skip
     return dict(name=name, data=cfg.data, iters=out["iters"], rate=out["iters"] / out["seconds"],
-                iw=iw, nfe=out["nfe"], bpd=ev.bits_per_dim, bpd_se=ev.nll_se /
+                cpu=out["cpu"], iw=iw, nfe=out["nfe"], bpd=ev.bits_per_dim, bpd_se=ev.nll_se /
                 (math.prod(x.shape[1:]) * math.log(2)), levels=run.data.levels)  # fmt: skip
 
 
@@ -230,8 +264,10 @@ def importance_weighted(
     if exact:
         bound = dequantized_bound(model, pixels, samples, generator=gen(),
                                   batch_size=batch_size, solver=solver)  # fmt: skip
-        u = torch.cat([u for _, u in dequantization_draws(pixels, samples, gen())], 1)
-        x = (pixels.double() + u.double()).flatten(0, 1).to(next(model.parameters()))
+        u = torch.empty(samples, *pixels.shape, dtype=torch.float64, device=pixels.device)
+        for (i, j), block, chunk in dequantization_draws(pixels, samples, gen()):
+            u[j : j + len(chunk), i : i + len(block)] = chunk  # the bound's own draws
+        x = (pixels.double() + u).flatten(0, 1).to(next(model.parameters()))
         with torch.no_grad(), evaluating(model):
             noisy = [model.log_prob(part, generator=gen(), solver=solver, trace="hutchinson")
                      for part in x.split(batch_size)]  # fmt: skip
@@ -291,7 +327,9 @@ def main() -> None:
                         "cosine schedules)")  # fmt: skip
     parser.add_argument("--grids", type=Path, help="write (or replace) each model's 64 samples "
                         "as a PNG in this directory")  # fmt: skip
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    results = harness.start(__file__, parser, args, ignore=("grids", "data_dir"))
     args.minutes = args.minutes or (10.0 if args.gpu else 5.0)
     if args.iw_steps is not None and args.iw_steps < 1:
         parser.error(f"--iw-steps must be a positive integer, got {args.iw_steps}")
@@ -309,38 +347,19 @@ def main() -> None:
     if missing := [n for n in names if n not in configs]:
         parser.error(f"no {'GPU' if args.gpu else 'CPU'} row {missing[0]!r}; rows: {list(configs)}")
     rows = [run_row(name, configs[name], args, device) for name in names]
-    print(f"\n{rows[0]['data']}, {args.minutes:g} min of training per model on "
-          f"{device_name(device)}, torch {torch.__version__}\n")  # fmt: skip
+    results.settings["minutes"] = args.minutes
+    uniform = dict(name="uniform (learned nothing)", bpd=math.log2(rows[0]["levels"]))
+    results.table("bits", f"{rows[0]['data']}, {args.minutes:g} min of training per model on "
+                  f"{device_name(device)}", COLUMNS,
+                  [*({c.key: r[c.key] for c in COLUMNS} for r in rows), uniform])  # fmt: skip
     k = args.dequant_samples
-    print("| model | iterations | it/s | NFE/iter (fwd) | test bits/dim (K=1) |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['name']} | {r['iters']} | {r['rate']:.2f} | {r['nfe']:.0f} | "
-              f"{r['bpd']:.3f} ± {r['bpd_se']:.3f} |")  # fmt: skip
-    print(f"| uniform (learned nothing) | | | | {math.log2(rows[0]['levels']):.3f} |")
     if k > 1:
         n = args.eval_n or "all"
         how = f"rk4 at step 1/{args.iw_steps}" if args.iw_steps else "each row's evaluation solver"
-        print(f"\nImportance-weighted bound on {n} test images, K={k} (the same draws per row; "
-              f"{how}):\n")  # fmt: skip
-        head = ["model"]
-        if args.iw_exact:
-            head += ["K=1, exact trace", f"K={k}, exact trace", f"K={k} on Hutchinson "
-                     "estimates (biased)", "probe noise, nats/image"]  # fmt: skip
-        if args.iw_probes:
-            p = args.iw_probes
-            head += [f"K=1, {p} probes", f"K={k}, {p} probes", "its bias (estimated)"]
-        print("| " + " | ".join(head) + " |")
-        print("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
-        for r in rows:
-            iw, cells = r["iw"], [r["name"]]
-            if args.iw_exact:
-                cells += [f"{iw['exact_k1']:.3f}", f"{iw['exact']:.3f}",
-                          f"{iw['hutchinson']:.3f}", f"{iw['probe_noise']:.2f}"]  # fmt: skip
-            if args.iw_probes:
-                cells += [f"{iw['probed_k1']:.3f}", f"{iw['probed']:.3f} ± {iw['probed_se']:.3f}",
-                          f"{iw['probed_bias']:.4f}"]  # fmt: skip
-            print("| " + " | ".join(cells) + " |")
+        results.table("bound", f"Importance-weighted bound on {n} test images, K={k} (the same "
+                      f"draws per row; {how})", iw_columns(k, args.iw_exact, args.iw_probes),
+                      [dict(name=r["name"], **r["iw"]) for r in rows])  # fmt: skip
+    results.write()
 
 
 if __name__ == "__main__":

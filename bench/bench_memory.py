@@ -26,7 +26,9 @@ import resource
 import subprocess
 import sys
 
+import harness
 import torch
+from harness import Column
 
 MODES = {
     "mle direct": dict(objective="mle", adjoint=False),
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="rk4 steps of maximum likelihood")
     parser.add_argument("--gpu", action="store_true", help="on CUDA (cuda allocator's peak)")
     parser.add_argument("--cell", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
+    harness.add_arguments(parser)
     args = parser.parse_args()
     device = "cuda" if args.gpu else "cpu"
     if args.gpu and not torch.cuda.is_available():
@@ -86,6 +89,7 @@ def main() -> None:
         mode, batch = args.cell[0], int(args.cell[1])
         print(json.dumps(cell(args.data, mode, batch, args.steps, device)))
         return
+    results = harness.start(__file__, parser, args)
     rows: dict[str, dict[int, float]] = {mode: {} for mode in MODES}
     for mode in MODES:
         for batch in args.batches:
@@ -97,14 +101,16 @@ def main() -> None:
             rows[mode][batch] = json.loads(out.stdout.strip().splitlines()[-1])["mib"]
             print(f"  {mode}, batch {batch}: {rows[mode][batch]:.0f} MiB", file=sys.stderr)
     where = torch.cuda.get_device_name() if args.gpu else "CPU, peak resident set growth"
-    print(
-        f"\n{args.data}, one training step of the single-scale U-Net model ({where}; "
-        f"maximum likelihood with rk4 in {args.steps} steps), torch {torch.__version__}\n"
-    )
-    print("| objective | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
-    print("|---|" + "---:|" * len(args.batches))
-    for mode, cells in rows.items():
-        print(f"| {mode} | " + " | ".join(f"{cells[b]:.0f} MiB" for b in args.batches) + " |")
+    about = "extra peak memory of one training step at batch {}"
+    columns = [Column("objective", "objective")]
+    columns += [Column(f"batch_{b}", f"batch {b}", "{:.0f} MiB", "MiB", about.format(b))
+                for b in args.batches]  # fmt: skip
+    table = [{"objective": mode, **{f"batch_{b}": mib for b, mib in cells.items()}}
+             for mode, cells in rows.items()]  # fmt: skip
+    results.table("memory", f"{args.data}, one training step of the single-scale U-Net model "
+                  f"({where}; maximum likelihood with rk4 in {args.steps} steps)", columns,
+                  table)  # fmt: skip
+    results.write()
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
+import harness
 import torch
+from harness import Column
 
 from cnf.data import get_dataset
 from cnf.solvers import Solver
@@ -93,40 +94,51 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="test points of the evaluator")
     parser.add_argument("--quick", action="store_true", help="tiny fields, 2 s budgets")
     parser.add_argument("--figure", type=Path, default=Path("figures/objectives.png"))
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    results = harness.start(__file__, parser, args, ignore=("figure",), smoke=args.quick)
     if args.quick:
         args.budgets, args.n = [2.0], 500
+    results.settings.update(budgets=args.budgets, n=args.n)
     torch.set_num_threads(1)
-    results = []
+    runs = []
     for data_name in args.data:
         for system in args.systems:
             for seconds in args.budgets:
-                t0 = time.perf_counter()
-                out = train_one(data_name, system, seconds, args.quick)
-                value = kl(out["model"], data_name, args.n)
-                row = dict(data=data_name, system=system, budget=seconds, cpu=out["cpu"],
-                           kl=value, plan=out["plan"])  # fmt: skip
-                results.append(row)
+                with harness.timed() as t:
+                    out = train_one(data_name, system, seconds, args.quick)
+                    value = kl(out["model"], data_name, args.n)
+                runs.append(dict(data=data_name, system=system, budget=seconds, cpu=out["cpu"],
+                                 kl=value, plan=out["plan"].describe()))  # fmt: skip
                 print(f"{data_name} {system} {seconds:g} s: KL {value:.4f} after {out['cpu']:.0f} "
-                      f"CPU s ({out['plan'].describe()}; {time.perf_counter() - t0:.0f} s in "
-                      "all)", file=sys.stderr, flush=True)  # fmt: skip
-    print_table(results, args)
+                      f"CPU s ({runs[-1]['plan']}; {t.cpu:.0f} CPU s in all)", file=sys.stderr,
+                      flush=True)  # fmt: skip
+    results.table("kl", "KL (nats) to the true density after a budget of training CPU seconds, "
+                  "by system, one thread", COLUMNS + budget_columns(args.budgets),
+                  table_rows(runs, args))  # fmt: skip
+    results.write()
     if not args.quick:
-        draw(results, args)
+        draw(runs, args)
 
 
-def print_table(results: list[dict], args: argparse.Namespace) -> None:
-    print(f"\nKL (nats) to the true density after a training budget, by system; torch "
-          f"{torch.__version__}, one thread\n")  # fmt: skip
-    header = " | ".join(f"{b:g} s" for b in args.budgets)
-    print(f"| dataset | system | {header} | CPU s actually spent |")
-    print("|---|---|" + "---:|" * len(args.budgets) + "---|")
+COLUMNS = [Column("dataset", "dataset"), Column("system", "system")]
+
+
+def budget_columns(budgets: list[float]) -> list[Column]:
+    about = "KL after a budget of {:g} s of training CPU time"
+    kls = [Column(f"kl_{b:g}", f"{b:g} s", "{:.4f}", "nats", about.format(b)) for b in budgets]
+    return [*kls, Column("cpu", "CPU s actually spent", "{:.0f}", "s", "per budget, in order")]
+
+
+def table_rows(runs: list[dict], args: argparse.Namespace) -> list[dict]:
+    """One row per dataset and system, a column per budget."""
+    rows = []
     for data_name in args.data:
         for system in args.systems:
-            rows = [r for r in results if r["data"] == data_name and r["system"] == system]
-            cells = " | ".join(f"{r['kl']:.4f}" for r in rows)
-            spent = " / ".join(f"{r['cpu']:.0f}" for r in rows)
-            print(f"| {data_name} | {system} | {cells} | {spent} |")
+            mine = [r for r in runs if r["data"] == data_name and r["system"] == system]
+            rows.append(dict(dataset=data_name, system=system, cpu=[r["cpu"] for r in mine],
+                             **{f"kl_{r['budget']:g}": r["kl"] for r in mine}))  # fmt: skip
+    return rows
 
 
 def draw(results: list[dict], args: argparse.Namespace) -> None:

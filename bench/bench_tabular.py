@@ -23,7 +23,8 @@ and counts that map's log-det, so all NLLs are in the original units of the data
 * KernelDensity (Gaussian kernel): bandwidth chosen on the validation split;
 * Gaussian: one full-covariance Gaussian (GaussianMixture with one component).
 
-"fit s" is the wall time of the whole fit, selection on validation included.
+"fit CPU s" is the CPU time of the whole fit, selection on validation included (the CNF and zuko
+on one thread; scikit-learn's BLAS may use more).
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ import logging
 import math
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 
+import harness
 import numpy as np
 import torch
+from harness import Column
 from sklearn.mixture import GaussianMixture
 from sklearn.neighbors import KernelDensity
 
@@ -83,24 +85,20 @@ def baselines(data, seed: int, quick: bool) -> dict[str, Result]:
     tr, va, te = ((x - mu) / sd for x in (train, val, test))
     out = {}
 
-    t0 = time.perf_counter()
-    gauss = GaussianMixture(1, covariance_type="full", random_state=seed).fit(tr)
-    out["Gaussian"] = Result(-(gauss.score_samples(te).mean() + logdet), time.perf_counter() - t0)
+    with harness.timed() as t:
+        gauss = GaussianMixture(1, covariance_type="full", random_state=seed).fit(tr)
+    out["Gaussian"] = Result(-(gauss.score_samples(te).mean() + logdet), t.cpu)
 
-    t0 = time.perf_counter()
-    ks = (1, 2, 3) if quick else (1, 2, 3, 4, 5, 6, 8, 10)
-    make = lambda k: GaussianMixture(k, covariance_type="full", n_init=2, random_state=seed)  # noqa: E731
-    gmm, k = _select(make, ks, tr, va)
-    out["GMM"] = Result(
-        -(gmm.score_samples(te).mean() + logdet), time.perf_counter() - t0, f"k={k}"
-    )
+    with harness.timed() as t:
+        ks = (1, 2, 3) if quick else (1, 2, 3, 4, 5, 6, 8, 10)
+        make = lambda k: GaussianMixture(k, covariance_type="full", n_init=2, random_state=seed)  # noqa: E731
+        gmm, k = _select(make, ks, tr, va)
+    out["GMM"] = Result(-(gmm.score_samples(te).mean() + logdet), t.cpu, f"k={k}")
 
-    t0 = time.perf_counter()
-    bandwidths = np.logspace(-1.5, 0.5, 5 if quick else 30)
-    kde, h = _select(lambda b: KernelDensity(bandwidth=b), bandwidths, tr, va)
-    out["KDE"] = Result(
-        -(kde.score_samples(te).mean() + logdet), time.perf_counter() - t0, f"h={h:.3g}"
-    )
+    with harness.timed() as t:
+        bandwidths = np.logspace(-1.5, 0.5, 5 if quick else 30)
+        kde, h = _select(lambda b: KernelDensity(bandwidth=b), bandwidths, tr, va)
+    out["KDE"] = Result(-(kde.score_samples(te).mean() + logdet), t.cpu, f"h={h:.3g}")
     return out
 
 
@@ -111,10 +109,8 @@ def fit_cnf(name: str, seed: int, quick: bool, **overrides) -> Result:
         flat.update(finetune_iters=10)
     cfg = TrainConfig.for_data(name, seed=seed, dequantize=name in DEQUANTIZE, **flat)
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
         result = train(cfg, f"{tmp}/run", progress=False)
-        seconds = time.perf_counter() - t0
-    return Result(result.report["nll"], seconds, f"{result.iteration} it")
+    return Result(result.report["nll"], 0.0, f"{result.iteration} it")
 
 
 def fit_zuko(kind: str, data, seed: int, quick: bool) -> Result:
@@ -131,7 +127,7 @@ def fit_zuko(kind: str, data, seed: int, quick: bool) -> Result:
     flow = make(features=tr.shape[1], transforms=3, hidden_features=(64, 64))
     opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
     rng = np.random.default_rng(seed)
-    best, best_state, stale, t0 = math.inf, None, 0, time.perf_counter()
+    best, best_state, stale = math.inf, None, 0
     for it in range(1, (60 if quick else 20_000) + 1):
         rows = rng.choice(len(tr), min(256, len(tr)), replace=False)
         loss = -flow().log_prob(tr[rows]).mean()
@@ -154,7 +150,7 @@ def fit_zuko(kind: str, data, seed: int, quick: bool) -> Result:
     flow.load_state_dict(best_state)
     with torch.no_grad():
         nll = -float(flow().log_prob(te).mean()) - logdet
-    return Result(nll, time.perf_counter() - t0, f"{it} it")
+    return Result(nll, 0.0, f"{it} it")
 
 
 def main() -> None:
@@ -164,58 +160,69 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny CNF: a smoke run")
     parser.add_argument("--no-zuko", action="store_true", help="leave out zuko's NSF and MAF")
     parser.add_argument("--methods", nargs="+", help="only these columns (e.g. cnf GMM)")
+    harness.add_arguments(parser)
     args = parser.parse_args()
+    results = harness.start(__file__, parser, args, smoke=args.quick)
     torch.set_num_threads(1)
     logging.getLogger("cnf").setLevel(logging.ERROR)  # the dropped-column notes, once per fit
 
     zuko = not args.no_zuko and _have_zuko()
+    results.settings["zuko"] = zuko
     methods = ("cnf", "cnf mle", "GMM", "KDE", "Gaussian", *(("NSF", "MAF") if zuko else ()))
     methods = tuple(m for m in methods if args.methods is None or m in args.methods)
-    rows = []
-    for name in args.datasets:
-        per_seed: dict[str, list[Result]] = {m: [] for m in methods}
-        for seed in args.seeds:
-            data = get_dataset(name, seed=seed, dequantize=name in DEQUANTIZE)
-            res = {m: fit_one(m, name, data, seed, args.quick) for m in methods if m in FITS}
-            if {"GMM", "KDE", "Gaussian"} & set(methods):
-                res.update(baselines(data, seed, args.quick))
-            for m in methods:
-                per_seed[m].append(res[m])
-            nlls = ", ".join(f"{m} {res[m].nll:.2f}" for m in methods)
-            print(f"{name} seed {seed}: {nlls}", file=sys.stderr, flush=True)
-        n_test = len(get_dataset(name, seed=args.seeds[0], dequantize=name in DEQUANTIZE).test())
-        dim = get_dataset(name, seed=args.seeds[0]).event_shape[0]
-        best = min(np.mean([r.nll for r in per_seed[m]]) for m in methods)
-        cells = []
+    rows = [dataset_row(name, methods, args) for name in args.datasets]
+    columns = [
+        Column("dataset", "dataset"),
+        Column("dim", "dim"),
+        Column("test_rows", "test rows"),
+        Column("seeds", "seeds"),
+        *(Column(m, m, "{:.2f}", "nats", f"{m}: test NLL, mean over the seeds", "min")
+          for m in methods),
+        Column("fit_s", "fit CPU s: " + " / ".join(methods), "{:.1f}", "s", "mean per fit"),
+        Column("chosen", "chosen", about="iterations, or the hyperparameter chosen, per seed"),
+    ]  # fmt: skip
+    seeds = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else "mean over the seeds"
+    results.table("nll", f"Test NLL in nats (lower is better), {seeds} (each seed its own split)",
+                  columns, rows)  # fmt: skip
+    results.write()
+
+
+def dataset_row(name: str, methods: tuple[str, ...], args: argparse.Namespace) -> dict:
+    """Every method on every seed of one dataset: the mean NLL of each, fit times, choices."""
+    per_seed: dict[str, list[Result]] = {m: [] for m in methods}
+    for seed in args.seeds:
+        data = get_dataset(name, seed=seed, dequantize=name in DEQUANTIZE)
+        res = {m: fit_one(m, name, data, seed, args.quick) for m in methods if m in FITS}
+        if {"GMM", "KDE", "Gaussian"} & set(methods):
+            res.update(baselines(data, seed, args.quick))
         for m in methods:
-            nll = np.mean([r.nll for r in per_seed[m]])
-            text = f"{nll:.2f}"
-            cells.append(f"**{text}**" if nll == best else text)
-        times = [f"{np.mean([r.seconds for r in per_seed[m]]):.1f}" for m in methods]
-        choices = "; ".join(
-            f"{m}: {', '.join(r.choice for r in per_seed[m])}"
-            for m in ("cnf", "cnf mle", "GMM", "KDE")
-            if m in methods
-        )
-        seeds = ",".join(map(str, args.seeds))
-        rows.append(f"| {name} | {dim} | {n_test} | {seeds} | " + " | ".join(cells) + " | "
-                    + " / ".join(times) + f" | {choices} |")  # fmt: skip
-    print("\nTest NLL in nats (lower is better), mean over the seeds (each seed its own split); "
-          f"fit s: {' / '.join(methods)}\n")  # fmt: skip
-    print(f"| dataset | dim | test rows | seeds | {' | '.join(methods)} | fit s | chosen |")
-    print("|---|---:|---:|---|" + "---:|" * len(methods) + "---:|---|")
-    print("\n".join(rows))
+            per_seed[m].append(res[m])
+        nlls = ", ".join(f"{m} {res[m].nll:.2f}" for m in methods)
+        print(f"{name} seed {seed}: {nlls}", file=sys.stderr, flush=True)
+    n_test = len(get_dataset(name, seed=args.seeds[0], dequantize=name in DEQUANTIZE).test())
+    dim = get_dataset(name, seed=args.seeds[0]).event_shape[0]
+    choices = "; ".join(f"{m}: {', '.join(r.choice for r in per_seed[m])}"
+                        for m in ("cnf", "cnf mle", "GMM", "KDE") if m in methods)  # fmt: skip
+    return dict(dataset=name, dim=dim, test_rows=n_test, seeds=",".join(map(str, args.seeds)),
+                **{m: float(np.mean([r.nll for r in per_seed[m]])) for m in methods},
+                fit_s=[float(np.mean([r.seconds for r in per_seed[m]])) for m in methods],
+                chosen=choices)  # fmt: skip
 
 
 FITS = ("cnf", "cnf mle", "NSF", "MAF")  # one fit each; the scikit-learn baselines go together
 
 
 def fit_one(method: str, name: str, data, seed: int, quick: bool) -> Result:
-    if method == "cnf":
-        return fit_cnf(name, seed, quick)
-    if method == "cnf mle":
-        return fit_cnf(name, seed, quick, **MLE_PRESET)
-    return fit_zuko(method, data, seed, quick)
+    """One fit, its CPU seconds measured here."""
+    with harness.timed() as t:
+        if method == "cnf":
+            result = fit_cnf(name, seed, quick)
+        elif method == "cnf mle":
+            result = fit_cnf(name, seed, quick, **MLE_PRESET)
+        else:
+            result = fit_zuko(method, data, seed, quick)
+    result.seconds = t.cpu
+    return result
 
 
 def _have_zuko() -> bool:

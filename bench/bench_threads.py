@@ -1,10 +1,12 @@
 """CPU threads for small CNFs: iterations per second with 1 or 2 threads, alone and shared.
 
-    python bench/bench_threads.py [--iters 60]
+    python bench/bench_threads.py              # 60 timed iterations per job
+    python bench/bench_threads.py --iters 20   # fewer
 
 One training iteration of the default 2-D CNF (ConcatSquash MLP 64-64-64, exact trace, rk4 with 8
 steps, batch 512), timed in fresh processes: one job alone, then two identical jobs at once (a
-shared machine: two runs, or a run beside other work). The trainer's ``--threads 0`` (automatic)
+shared machine: two runs, or a run beside other work). The rates are of wall time, on purpose:
+what two jobs at once lose to each other is the point. The trainer's ``--threads 0`` (automatic)
 picks from this table.
 """
 
@@ -15,9 +17,17 @@ import subprocess
 import sys
 import time
 
+import harness
 import torch
+from harness import Column
 
 from cnf import CNF, Solver
+
+COLUMNS = [
+    Column("threads", "threads per job"),
+    Column("alone", "it/s, one job alone", "{:.2f}", "it/s"),
+    Column("shared", "it/s per job, two jobs at once", "{:.2f}", "it/s", "mean of the two jobs"),
+]
 
 
 def child(threads: int, iters: int) -> None:
@@ -45,17 +55,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    harness.add_arguments(parser)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.iters)
         return
+    results = harness.start(__file__, parser, args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} cores available")
-    print("\n| threads per job | it/s, one job alone | it/s per job, two jobs at once |")
-    print("|---:|---:|---:|")
+    rows = []
     for threads in (1, 2):
         alone = spawn(threads, args.iters, 1)[0]
         shared = spawn(threads, args.iters, 2)
-        print(f"| {threads} | {alone:.2f} | {sum(shared) / 2:.2f} |", flush=True)
+        rows.append(dict(threads=threads, alone=alone, shared=sum(shared) / 2))
+        print(f"  {threads} thread(s): {alone:.2f} it/s alone", file=sys.stderr, flush=True)
+    results.table("threads", f"One training iteration of the default 2-D CNF, {args.iters} "
+                  "iterations per job", COLUMNS, rows)  # fmt: skip
+    results.write()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ Each dataset runs `cnf train --data NAME` with the default configuration in a fr
 with Ott et al.'s step adaptation, exact trace, batch 512, lr 5e-3, RNODE penalties 0.01) and
 reports the training time, the test NLL on 20,000 fresh samples under the evaluation solver
 (dopri5 at atol = rtol = 1e-7), its standard error, the true entropy and KL = NLL - H where the
-density is known, and the solver validity verdict. Runs are kept in --runs for the figures
-(examples/toy_figures.py).
+density is known, and the solver validity verdict. "train min" is the iterations' own wall time
+(``log.jsonl``), "CPU s" the CPU time of the whole ``cnf train`` process (evaluation included).
+Runs are kept in --runs for the figures (examples/toy_figures.py).
 """
 
 from __future__ import annotations
@@ -17,27 +18,41 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import harness
 import torch
+from harness import Column
 
 from cnf.data.toy import TOY
+
+COLUMNS = [
+    Column("dataset", "dataset"),
+    Column("iters", "iters"),
+    Column("train_min", "train min", "{:.1f}", "min", "the training iterations' own wall time"),
+    Column("cpu_s", "CPU s", "{:.0f}", "s", "CPU time of the whole cnf train process"),
+    Column("nll", "NLL (nats)", "{:.3f}", "nats", "test NLL on 20,000 fresh samples"),
+    Column("nll_se", "± SE", "{:.3f}", "nats", "its standard error"),
+    Column("entropy", "entropy", "{:.3f}", "nats", "the true density's entropy, where known"),
+    Column("kl", "KL", "{:.3f}", "nats", "NLL - entropy"),
+    Column("valid", "valid", about="the solver validity verdict"),
+    Column("train_nfe", "train NFE", "{:.0f}", about="mean forward NFE per training iteration"),
+    Column("eval_nfe", "eval NFE", about="forward NFE of the evaluation"),
+]
 
 
 def run(name: str, runs: Path, extra: list[str]) -> dict:
     out = runs / name
     cmd = [sys.executable, "-m", "cnf", "train", "--data", name, "--out", str(out), "--force",
            "--no-progress", *extra]  # fmt: skip
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
+    with harness.timed() as t:
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    report = json.loads((out / "report.json").read_text())
-    train_s = sum(r["time"] for r in rows)
-    train_nfe = sum(r["nfe"] for r in rows) / len(rows)
-    return dict(name=name, iters=len(rows), train_s=train_s, wall_s=wall, train_nfe=train_nfe,
-                **report)  # fmt: skip
+    r = json.loads((out / "report.json").read_text())
+    return dict(dataset=name, iters=len(rows), train_min=sum(x["time"] for x in rows) / 60,
+                cpu_s=t.cpu, nll=r["nll"], nll_se=r["nll_se"], entropy=r.get("entropy"),
+                kl=r.get("kl"), valid=r["validity"]["valid"],
+                train_nfe=sum(x["nfe"] for x in rows) / len(rows), eval_nfe=r["nfe"])  # fmt: skip
 
 
 def main() -> None:
@@ -45,31 +60,18 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=list(TOY))
     parser.add_argument("--runs", type=Path, default=Path("runs/bench-toy"))
     parser.add_argument("extra", nargs="*", help="extra `cnf train` flags, after --")
+    harness.add_arguments(parser)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}; `cnf train --data NAME` defaults {' '.join(args.extra)}")
-    print(
-        "\n| dataset | iters | train time | NLL (nats) | ± SE | entropy | KL | valid "
-        "| train NFE | eval NFE |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    results = harness.start(__file__, parser, args, ignore=("runs",))
+    train = " ".join(["cnf train --data NAME", *args.extra])
+    print(f"torch {torch.__version__}; `{train}`")
+    rows = []
     for name in args.data:
-        r = run(name, args.runs, args.extra)
-        entropy = f"{r['entropy']:.3f}" if "entropy" in r else "-"
-        kl = f"{r['kl']:.3f}" if "kl" in r else "-"
-        valid = "yes" if r["validity"]["valid"] else "NO"
-        cells = [
-            name,
-            r["iters"],
-            f"{r['train_s'] / 60:.1f} min",
-            f"{r['nll']:.3f}",
-            f"{r['nll_se']:.3f}",
-            entropy,
-            kl,
-            valid,
-            f"{r['train_nfe']:.0f}",
-            r["nfe"],
-        ]
-        print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+        rows.append(run(name, args.runs, args.extra))
+        print(f"  {name}: NLL {rows[-1]['nll']:.3f}, {rows[-1]['cpu_s']:.0f} CPU s",
+              file=sys.stderr, flush=True)  # fmt: skip
+    results.table("toy", f"`{train}`, one run at a time", COLUMNS, rows)
+    results.write()
 
 
 if __name__ == "__main__":

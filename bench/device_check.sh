@@ -3,7 +3,9 @@
 # (the device tool allows 10 minutes per command and 15 minutes of device time per session):
 # the CUDA tests, then bench_fm_speed (bf16 autocast and torch.compile), bench_memory and
 # bench_images on Fashion-MNIST, each under its own time limit, each table written to $OUT as
-# it is printed, so that a run cut short still returns what it measured.
+# it is printed, so that a run cut short still returns what it measured. The benchmarks' results
+# files go to $OUT/results (CNF_BENCH_RESULTS): copy them into bench/results/ here, then run
+# `python bench/tables.py`.
 #
 # The limits add up to 580 s with MINUTES=1 (the tool's command limit is 600 s).
 #
@@ -21,6 +23,7 @@ DATA=${1:?usage: bash bench/device_check.sh FASHION_MNIST_DIR [MINUTES]}
 MINUTES=${2:-1}
 OUT=${OUT:-device-results}
 mkdir -p "$OUT"
+export CNF_BENCH_RESULTS="$OUT/results"  # each benchmark's results file (bench/harness.py)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the machine's torch and torchdiffeq, no install
 # bench_memory reads Fashion-MNIST from Debian's path
 DEBIAN=/usr/share/datasets/fashion-mnist
