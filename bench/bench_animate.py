@@ -36,6 +36,7 @@ from cnf import CNF, Solver, viz
 from cnf.runs import load_run
 from cnf.runtime import configure_threads
 from cnf.transport import LATENT_LIM, Transport
+from cnf.viz import motion
 
 COLUMNS = [
     Column("configuration", "configuration"),
@@ -57,7 +58,7 @@ class TimedTransport:
     """Wraps :func:`cnf.transport.transport` to time its solve and count the calls."""
 
     def __init__(self) -> None:
-        self.inner, self.seconds, self.calls, self.last = viz.transport, 0.0, 0, None
+        self.inner, self.seconds, self.calls, self.last = motion.transport, 0.0, 0, None
 
     def __call__(self, *args, **kwargs):
         t0 = time.perf_counter()
@@ -79,14 +80,14 @@ def mass_errors(tr: Transport) -> tuple[float, float]:
 
 def run_one(flow: torch.nn.Module, lim: float, **options) -> dict:
     timed = TimedTransport()
-    viz.transport = timed
+    motion.transport = timed  # the one solve that animate makes
     try:
         with tempfile.TemporaryDirectory() as tmp, harness.timed() as t:
             path = Path(tmp) / "flow.gif"
             viz.animate(flow, path, lim=lim, **options)
             size = path.stat().st_size / 2**20
     finally:
-        viz.transport = timed.inner
+        motion.transport = timed.inner
     mass, shown = mass_errors(timed.last)
     return dict(frames=options["frames"], grid=options["grid"], nfe=flow.nfe.forward,
                 solves=timed.calls, solve=timed.seconds, render=t.wall - timed.seconds,
@@ -99,7 +100,7 @@ def configurations(eval_solver: Solver, quick: bool) -> list[tuple[str, dict]]:
     if quick:
         return [("quick", dict(frames=10, grid=50, particles=300))]
     rows += [
-        ("--field", dict(frames=60, grid=200, field=True)),
+        ("--arrows", dict(frames=60, grid=200, arrows=True)),
         ("--direction density", dict(frames=60, grid=200, direction="density")),
         ("--grid 100", dict(frames=60, grid=100)),
         ("--frames 120", dict(frames=120, grid=200)),

@@ -53,5 +53,5 @@ for i, name in enumerate(args.datasets):
     viz.plot_density_times(flow, args.out / f"density_times_{name}.png", overwrite=True, **kw)
     if i == 0:  # data -> noise with the velocity field: what density evaluation does
         path = args.out / f"flow_{name}_density.gif"
-        viz.animate(flow, path, direction="density", field=True, overwrite=True, **GIF, **kw)
+        viz.animate(flow, path, direction="density", arrows=True, overwrite=True, **GIF, **kw)
     print(f"{name}: figures in {args.out} (NFE of the last solve {flow.nfe.forward})")

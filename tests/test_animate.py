@@ -18,6 +18,7 @@ from cnf.cli import main
 from cnf.solvers import Solver
 from cnf.training import setup
 from cnf.transport import LATENT_LIM, Transport, transport
+from cnf.viz import motion
 
 LATENT_MASS = math.erf(LATENT_LIM / math.sqrt(2)) ** 2
 TINY = dict(frames=5, grid=16, particles=40, dpi=40)
@@ -85,7 +86,7 @@ def test_density_direction_conserves_the_window_mass(float64) -> None:
 
 def test_density_panel_draws_the_transported_density(float64) -> None:
     tr = transport(_warping_flow(), 3, grid=40, particles=20)
-    fig, draw = viz._frame_drawer(_warping_flow(), tr, 5.0, trails=2, field=False, dpi=40)
+    fig, draw = motion._frame_drawer(_warping_flow(), tr, 5.0, trails=2, arrows=False, dpi=40)
     for k in range(3):
         draw(k)
         (mesh,) = fig.axes[1].collections
@@ -96,7 +97,7 @@ def test_density_panel_draws_the_transported_density(float64) -> None:
         assert np.mean(dens < 0.99 * tr.cell_density(k)) < 0.01
         area = _quad_areas(mesh.get_coordinates())
         assert (dens * area).sum() == pytest.approx(LATENT_MASS, rel=1.5e-2)
-    viz.plt.close(fig)
+    motion.plt.close(fig)
 
 
 def test_a_torn_cell_spreads_its_mass() -> None:
@@ -129,7 +130,7 @@ def _frames(path: Path) -> list[np.ndarray]:
 def test_gif_has_every_frame_and_they_move(flow, solves, tmp_path: Path, direction) -> None:
     path = tmp_path / "flow.gif"
     data = np.random.default_rng(0).normal(size=(30, 2)) if direction == "density" else None
-    anim = viz.animate(flow, path, direction=direction, field=True, data=data, **TINY)
+    anim = viz.animate(flow, path, direction=direction, arrows=True, data=data, **TINY)
     assert len(solves) == 1  # one solve for all frames, the arrows are field evaluations
     frames = _frames(path)
     assert len(frames) == TINY["frames"]
@@ -167,12 +168,12 @@ def test_not_2d_is_a_clear_error(tmp_path: Path) -> None:
 def test_formats(flow, solves, tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(ValueError, match=r"unknown animation format '\.avi'.*write a \.gif"):
         viz.animate(flow, tmp_path / "x.avi", **TINY)
-    monkeypatch.setattr(viz.animation.writers, "is_available", lambda name: False)
+    monkeypatch.setattr(motion.animation.writers, "is_available", lambda name: False)
     with pytest.raises(ValueError, match=r"\.mp4 needs ffmpeg.*write a \.gif instead"):
         viz.animate(flow, tmp_path / "x.mp4", **TINY)
     assert not solves  # refused before solving anything
-    monkeypatch.setattr(viz.animation.writers, "is_available", lambda name: name == "ffmpeg")
-    assert isinstance(viz.animation_writer("x.MP4", 10), viz.animation.FFMpegWriter)
+    monkeypatch.setattr(motion.animation.writers, "is_available", lambda name: name == "ffmpeg")
+    assert isinstance(viz.animation_writer("x.MP4", 10), motion.animation.FFMpegWriter)
 
 
 @pytest.mark.parametrize(
@@ -212,7 +213,7 @@ def test_cli_animate(run: Path, tmp_path: Path, capsys) -> None:
     assert "exists: pass --force" in capsys.readouterr().err
     assert main([*argv, "--force", "--atol", "1e-4"]) == 1  # its evaluation solver is rk4
     assert "--atol has no effect" in capsys.readouterr().err
-    assert main([*argv, "--force", "--direction", "density", "--field"]) == 0
+    assert main([*argv, "--force", "--direction", "density", "--arrows"]) == 0
 
 
 @pytest.mark.parametrize(

@@ -154,6 +154,15 @@ def test_no_function_is_longer_than_60_lines_without_a_reason() -> None:
     assert not long, f"functions over 60 lines: {long}"
 
 
+MODULE_LINES = 425  # "about 400": one concept a module, readable in a sitting
+
+
+def test_no_module_is_longer_than_about_400_lines() -> None:
+    lines = {m: len(p.read_text().splitlines()) for m, p in MODULES.items()}
+    long = {m: n for m, n in lines.items() if n > MODULE_LINES}
+    assert not long, f"modules over {MODULE_LINES} lines: {long}"
+
+
 # --- checkpoints written before the model's arguments had their own key --------------------
 
 

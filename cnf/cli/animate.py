@@ -12,6 +12,7 @@ from cnf.io import check_output
 from cnf.runs import load_run
 from cnf.runtime import check_memory, configure_threads
 from cnf.solvers import Solver
+from cnf.transport import check_2d
 
 
 def add_parser(sub: Any) -> None:
@@ -37,7 +38,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--trails", type=int, default=8, help="frames of trail per particle (default: 8)"
     )
-    p.add_argument("--field", action="store_true", help="add a panel of velocity arrows")
+    p.add_argument("--arrows", action="store_true", help="add a panel of velocity arrows")
     p.add_argument("--lim", type=float, help="half-width of the window (default: the dataset's)")
     p.add_argument("--atol", type=float, help="solver tolerance (default: the run's eval solver's)")
     p.add_argument("--rtol", type=float, help="solver tolerance (default: the run's eval solver's)")
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         check_output(path, flag=flag, force=args.force)
     run = load_run(args.run, args.device)
     model = run.model
-    viz.check_2d(model)
+    check_2d(model)
     configure_threads(0, next(model.parameters()).device, 2)
     data = run_data(run, args)
     lim = args.lim if args.lim is not None else data.support
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         viz.animate(
             model, args.output, frames=args.frames, fps=args.fps, grid=args.grid,
-            particles=args.particles, trails=args.trails, field=args.field, seed=args.seed,
+            particles=args.particles, trails=args.trails, arrows=args.arrows, seed=args.seed,
             dpi=args.dpi, progress=progress, overwrite=args.force, **kw,
         )  # fmt: skip
     finally:
