@@ -39,6 +39,17 @@ from cnf.solvers import SolverError
 from cnf.table_flow import TabularCNF
 from cnf.training import Diverged, Hooks, TrainConfig, TrainState, fit, setup
 
+# The estimator's parameters that keep scikit-learn's spelling, and the setting each is in cnf's
+# configs (cnf train's flags); every other parameter has the config's own name.
+SKLEARN_NAMES = {
+    "max_iter": "iters",
+    "finetune_iter": "finetune_iters",
+    "validation_fraction": "val_fraction",
+    "tol": "atol",  # and rtol: one tolerance for both
+    "eval_tol": "eval_atol",  # and eval_rtol
+    "random_state": "seed",
+}
+
 
 class CNFDensity(DensityMixin, BaseEstimator):
     """Density estimation with a continuous normalizing flow, in the manner of KernelDensity.

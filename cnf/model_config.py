@@ -212,7 +212,7 @@ def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
         scales=cfg.scales or None,
         blocks=cfg.blocks,
         alpha=cfg.alpha,
-        layer=cfg.conv_layer,
+        conv_layer=cfg.conv_layer,
         field=cfg.field,
         unet_width=cfg.unet_width,
         unet_resolutions=cfg.unet_resolutions,

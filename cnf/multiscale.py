@@ -91,7 +91,7 @@ class MultiscaleCNF(Flow, nn.Module):
             ``y - 1/2``, as FFJORD does.
         hidden: the widths of every block's convolutional field
             (:class:`~cnf.fields.ConvField`), with ``field="conv"``.
-        layer: that field's convolution.
+        conv_layer: that field's convolution.
         activation: that field's activation.
         field: ``"conv"`` (FFJORD's stack of convolutions) or ``"unet"``
             (:class:`~cnf.fields.UNet` of ``unet_width`` channels, ``unet_resolutions`` levels
@@ -123,7 +123,7 @@ class MultiscaleCNF(Flow, nn.Module):
         blocks: int = 2,
         alpha: float = 1e-6,
         hidden: Sequence[int] = (64, 64, 64),
-        layer: str = "concatsquash",
+        conv_layer: str = "concatsquash",
         activation: str = "softplus",
         trace: str = "hutchinson",
         noise: str = "rademacher",
@@ -153,7 +153,7 @@ class MultiscaleCNF(Flow, nn.Module):
 
         def make_field(c: int, h: int, w: int) -> nn.Module:
             if field == "conv":
-                return ConvField(c, hidden=hidden, layer=layer, activation=activation)
+                return ConvField(c, hidden=hidden, layer=conv_layer, activation=activation)
             unet = UNet(c, width=unet_width, resolutions=unet_resolutions, depth=unet_depth,
                         dropout=unet_dropout, scale_shift=unet_scale_shift)  # fmt: skip
             unet.check_size(h, w)

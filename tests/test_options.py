@@ -55,3 +55,16 @@ def test_the_flags_are_the_fields_and_their_help_is_the_fields() -> None:
 def test_a_config_rebuilt_from_its_dict_is_itself(cls) -> None:
     config = cls()
     assert cls.from_dict(config.to_dict()) == config
+
+
+def test_the_estimator_names_a_setting_as_the_configs_do_or_in_its_table() -> None:
+    import inspect
+
+    from cnf.density import SKLEARN_NAMES, CNFDensity
+
+    names = {f.name for f in _fields()}
+    for param in inspect.signature(CNFDensity).parameters:
+        if param in SKLEARN_NAMES:  # scikit-learn's spelling of a config's setting
+            assert SKLEARN_NAMES[param] in names and param not in names, param
+        else:  # the config's own name, or scikit-learn's own verbose
+            assert param in names or param == "verbose", param

@@ -144,7 +144,7 @@ class FlowMatching(Objective):
             batch: straighter paths, Tong et al. 2023). The assignment is cubic in the chunk:
             128 rows cost about 1 ms, 512 about 30 ms, ten flow-matching iterations.
         sigma_min: the path's width at the data (0: rectified flow).
-        time: ``"uniform"`` :math:`s \sim U(0, 1)`, or ``"logit-normal"``
+        time_sampling: ``"uniform"`` :math:`s \sim U(0, 1)`, or ``"logit-normal"``
             (:math:`s = \sigma(n)`, :math:`n \sim \mathcal{N}(0, 1)`; Esser et al. 2024).
         autocast: ``"bf16"`` runs the field's forward pass of the regression under bfloat16
             autocast (meant for GPUs; its speed-up is not measured yet); the loss, the target
@@ -160,7 +160,7 @@ class FlowMatching(Objective):
 
     coupling: str = "independent"
     sigma_min: float = 0.0
-    time: str = "uniform"
+    time_sampling: str = "uniform"
     ot_chunk: int = 128
     autocast: str = "off"
     name: ClassVar[str] = "fm"
@@ -168,7 +168,7 @@ class FlowMatching(Objective):
 
     def __post_init__(self) -> None:
         options.choice("coupling", self.coupling, COUPLINGS)
-        options.choice("time", self.time, TIME_SAMPLINGS)
+        options.choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
         options.within("sigma_min", self.sigma_min, 0, 1, closed=True)
         options.choice("autocast", self.autocast, AUTOCASTS)
 
@@ -199,7 +199,7 @@ class FlowMatching(Objective):
 
     def times(self, n: int, generator: torch.Generator, like: Tensor) -> Tensor:
         """``n`` path times ``s`` in ``[0, 1]``."""
-        if self.time == "uniform":
+        if self.time_sampling == "uniform":
             return torch.rand(n, generator=generator, device=like.device, dtype=like.dtype)
         normal = torch.randn(n, generator=generator, device=like.device, dtype=like.dtype)
         return torch.sigmoid(normal)
