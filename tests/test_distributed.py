@@ -78,9 +78,10 @@ def _evaluations(dist) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, address: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=address)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    # a file rendezvous: a free TCP port picked beforehand can be taken before rank 0 binds it
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=world)  # fmt: skip
     try:
         results = {name: _one_step(cfg, Distributed(rank, world)) for name, cfg in CASES.items()}
         results["evaluations"] = _evaluations(Distributed(rank, world))
@@ -90,17 +91,10 @@ def _worker(rank: int, world: int, address: str, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def test_one_ddp_step_equals_one_process_step_on_the_same_global_batch(tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
-    mp.start_processes(_worker, args=(2, _free_port(), str(out)), nprocs=2, start_method="spawn")
+    store = tmp_path / "rendezvous"
+    mp.start_processes(_worker, args=(2, str(store), str(out)), nprocs=2, start_method="spawn")
     ddp = torch.load(out, weights_only=True)
     for name, (logp, delta, n) in _evaluations(SINGLE).items():  # the same probes, any shares
         d_logp, d_delta, d_n = ddp["evaluations"][name]
