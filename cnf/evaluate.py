@@ -53,6 +53,17 @@ class Evaluation:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+def mean_and_se(values: Tensor) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error (NaN with fewer than two).
+
+    Example:
+        >>> [round(v, 6) for v in mean_and_se(torch.tensor([1.0, 3.0]))]  # std sqrt(2), n 2
+        [2.0, 1.0]
+    """
+    se = float(values.std()) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return float(values.mean()), se
+
+
 @torch.no_grad()
 def log_probs(
     model: nn.Module,
@@ -128,8 +139,7 @@ def evaluate(
     """
     logp, nfe = log_probs(model, x, seed=seed, stream=stream, batch_size=batch_size,
                           solver=solver, share=share, gather=gather)  # fmt: skip
-    nll = -float(logp.mean())
-    se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
+    nll, se = mean_and_se(-logp)
     kl = None if entropy is None else nll - entropy
     bpd = None
     if model.levels is not None:
@@ -315,8 +325,7 @@ class _Solves:
 
 def _bound(means, variances, samples, probes, dim, trace) -> DiscreteBound:
     logp = torch.logsumexp(means, 0) - math.log(samples)
-    nll, single = -float(logp.mean()), -float(means.mean())
-    se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
+    (nll, se), single = mean_and_se(-logp), -float(means.mean())
     bias = noise = 0.0
     if variances is not None:
         bias = float(logmeanexp_noise_bias(means, variances).mean())

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cnf.evaluate import log_probs
+from cnf.evaluate import log_probs, mean_and_se
 from cnf.flow import Flow, evaluating
 from cnf.seeds import VALIDITY
 from cnf.solvers import Solver
@@ -249,8 +249,7 @@ def solver_validity(
             done = target
             (lp_train, train), (lp_finer, finer), (lp_ref, ref) = (m.check() for m in measured)
             diff = lp_ref - lp_train  # per-point NLL(checked) - NLL(reference)
-            se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.nan
-            delta = float(diff.mean())
+            delta, se = mean_and_se(diff)
             verdict = decide(delta, se, len(diff), threshold)
             if verdict != UNDECIDED or done >= len(x):
                 break

@@ -26,7 +26,7 @@ from cnf.cli import animate, evaluate, plot, sample, train
 from cnf.cli.flags import Parser, config_fields
 from cnf.options import ConfigError
 from cnf.solvers import SolverError
-from cnf.training.distributed import is_main_process, shutdown
+from cnf.training.distributed import environment_int, is_main_process, shutdown
 from cnf.training.loop import Diverged
 
 
@@ -117,10 +117,11 @@ def _out_of_memory(err: BaseException) -> str:
 
 def _one_process(command: str) -> None:
     """Only ``cnf train`` runs under torchrun; the other commands would race to one output."""
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+    world = environment_int("WORLD_SIZE", "1")
+    if world > 1:
         raise ValueError(
-            f"cnf {command} runs in one process, but this is one of a torchrun job's "
-            f"{os.environ['WORLD_SIZE']} (WORLD_SIZE is set): run it without torchrun"
+            f"cnf {command} runs in one process, but this is one of a torchrun job's {world} "
+            "(WORLD_SIZE is set): run it without torchrun"
         )
 
 

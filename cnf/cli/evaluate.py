@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cnf.cli.common import TRUST_PICKLE, in_range, note, run_data, solver_flags, solver_from_flags
-from cnf.evaluate import dequantized_bound, log_probs
+from cnf.evaluate import dequantized_bound, log_probs, mean_and_se
 from cnf.io import atomic_path, check_output, json_text
 from cnf.report import report, used_solver
 from cnf.runs import Run, load_run
@@ -127,8 +127,7 @@ def _score_file(run: Run, args: argparse.Namespace, validity_n: int | None, **kw
     if len(x) == 0:
         raise ValueError(f"{args.data} has no rows to score")
     logp, nfe = log_probs(run.model, x, seed=kw["seed"], solver=kw["solver"])
-    nll = -float(logp.mean())
-    se = float(logp.std()) / math.sqrt(len(logp)) if len(logp) > 1 else math.nan
+    nll, se = mean_and_se(-logp)
     result: dict[str, Any] = {"data": str(args.data), "nll": nll, "nll_se": se, "nfe": nfe,
                               "n": len(logp)}  # fmt: skip
     validity = None

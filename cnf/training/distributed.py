@@ -138,7 +138,7 @@ SINGLE = Distributed()
 def from_environment(device: str = "auto") -> Distributed:
     """This process's :class:`Distributed`: joins torchrun's process group when ``WORLD_SIZE``
     says there is more than one process (once; later calls return the same)."""
-    world = _environment_int("WORLD_SIZE", "1")
+    world = environment_int("WORLD_SIZE", "1")
     if world <= 1:
         return SINGLE
     if "RANK" not in os.environ:
@@ -146,7 +146,7 @@ def from_environment(device: str = "auto") -> Distributed:
             f"WORLD_SIZE={world} is set but RANK is not: start the processes with torchrun "
             "(which sets both), or unset WORLD_SIZE to train in one process"
         )
-    rank, local = _environment_int("RANK", "0"), _environment_int("LOCAL_RANK", "0")
+    rank, local = environment_int("RANK", "0"), environment_int("LOCAL_RANK", "0")
     if not 0 <= rank < world:
         raise ValueError(f"RANK={rank} is not one of the {world} processes of WORLD_SIZE={world}")
     if not torch.distributed.is_initialized():
@@ -167,7 +167,7 @@ def from_environment(device: str = "auto") -> Distributed:
     return Distributed(rank, world, local)
 
 
-def _environment_int(name: str, default: str) -> int:
+def environment_int(name: str, default: str) -> int:
     text = os.environ.get(name, default)
     try:
         return int(text)

@@ -11,7 +11,7 @@ from typing import Any
 from cnf.checkpoint import CheckpointError, load_checkpoint
 from cnf.io import write_text
 from cnf.options import ConfigError
-from cnf.runs import read_log
+from cnf.runs import RunLog
 from cnf.training.config import TrainConfig
 
 # options that a resumed run may change: they steer neither the model nor the data
@@ -77,12 +77,10 @@ def resumed_config(ckpt: dict[str, Any], changes: dict[str, Any]) -> TrainConfig
     return cfg
 
 
-def truncate_log(path: Path, iteration: int) -> None:
-    """Drop log rows past the checkpoint (a hard kill can leave some) before a resume, and an
-    incomplete last line (the remains of an interrupted write), saying so."""
-    if not path.is_file():
-        return
-    log = read_log(path)
+def truncate_log(path: Path, log: RunLog, iteration: int) -> None:
+    """Rewrite the log at ``path`` (read as ``log``) without the rows past the checkpoint (a
+    hard kill can leave some) and an incomplete last line (the remains of an interrupted
+    write), saying so."""
     if log.incomplete:
         print(f"{path}: dropped an incomplete last line ({len(log.incomplete)} characters, the "
               "remains of an interrupted write)", file=sys.stderr)  # fmt: skip

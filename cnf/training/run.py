@@ -24,7 +24,7 @@ from cnf.checkpoint import CheckpointError, save_checkpoint
 from cnf.data import Dataset
 from cnf.io import json_text, open_append, write_text
 from cnf.report import report, used_solver
-from cnf.runs import load_run, read_log
+from cnf.runs import RunLog, load_run, read_log
 from cnf.training import budget, rundir
 from cnf.training.config import TrainConfig
 from cnf.training.distributed import SINGLE, Distributed, from_environment
@@ -83,10 +83,11 @@ def train(
             "replaces it; choose one"
         )
     writer = _summary_writer() if tensorboard else None  # a missing package fails first
+    log = None
     if resume and out.is_dir():
         rundir.check_own_files(out, "resume")
         if (out / "log.jsonl").is_file():
-            read_log(out / "log.jsonl")  # a damaged log is refused before any work
+            log = read_log(out / "log.jsonl")  # a damaged log is refused before any work
     ckpt = last_checkpoint(out) if resume else None
     if ckpt is not None:
         cfg = resumed_config(ckpt, changes or {})
@@ -108,7 +109,7 @@ def train(
             print(made.describe(), file=sys.stderr)
         run = setup(cfg, data=run.data, dist=dist)
     if dist.main:  # only now, with everything checked, does the directory change
-        _prepare_directory(out, cfg, ckpt)
+        _prepare_directory(out, cfg, ckpt, log)
     dist.barrier()
     result = _fit_into(out, run, dist, progress, writer)
     if result.stopped == "signal":
@@ -187,11 +188,13 @@ def _summary_writer() -> Any:
     return SummaryWriter
 
 
-def _prepare_directory(out: Path, cfg: TrainConfig, ckpt: dict[str, Any] | None) -> None:
+def _prepare_directory(
+    out: Path, cfg: TrainConfig, ckpt: dict[str, Any] | None, log: RunLog | None
+) -> None:
     if ckpt is None:
         rundir.create(out)
-    else:
-        truncate_log(out / "log.jsonl", ckpt["iteration"])
+    elif log is not None:
+        truncate_log(out / "log.jsonl", log, ckpt["iteration"])
     write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
 
