@@ -70,7 +70,7 @@ def run_row(name: str, args: argparse.Namespace) -> dict:
     flat = {**PRESETS["image-fm"], **VARIANTS[name], "data": args.data, "iters": args.iters,
             "seed": args.seed,
             "eval_every": 10**7, "threads": 1, "device": "cpu"}  # fmt: skip
-    cfg = TrainConfig().replace(**flat)
+    cfg = TrainConfig.plain(**flat)
     run = setup(cfg)
     with harness.timed() as t:
         fit(run.state, run.data, run.objective, cfg, progress=False, quiet=True)

@@ -219,7 +219,7 @@ def run_row(name: str, overrides: dict, args: argparse.Namespace, device: torch.
         flat["data"] = args.data
     if args.data_dir:
         flat["data_dir"] = args.data_dir
-    cfg = TrainConfig().replace(**flat)
+    cfg = TrainConfig.plain(**flat)
     out = train_for(cfg, args.minutes * 60, name, args.eval_n)
     run = out["run"]
     if args.grids:

@@ -53,7 +53,7 @@ def cell(data: str, mode: str, batch: int, steps: int, device: str) -> dict:
     flat = {**preset, **MODES[mode], "batch_size": batch, "iters": 1, "adapt": False,
             "step_size": 1.0 / steps, "eval_every": 10**6, "threads": 1, "device": device,
             "schedule": "constant"}  # fmt: skip
-    cfg = TrainConfig().replace(data=data, **flat)  # every option set, none typed
+    cfg = TrainConfig.plain(data, **flat)  # every option set, none typed
     run = setup(cfg)
     p = next(run.model.parameters())
     x = to_tensor(run.data.train_batch(batch, 1), p.device, p.dtype)

@@ -177,7 +177,8 @@ class CNFDensity(DensityMixin, BaseEstimator):
     # --- fitting ------------------------------------------------------------------------------
 
     def _config(self, seed: int, n_train: int) -> TrainConfig:
-        model = ModelConfig(
+        fm = self.objective == "fm"
+        model = ModelConfig.for_kind("tabular").replace(
             dtype=self.dtype,
             hidden=tuple(self.hidden),
             activation=self.activation,
@@ -194,8 +195,7 @@ class CNFDensity(DensityMixin, BaseEstimator):
             eval_step_size=self.step_size,
             preprocess=self.preprocess,
         )
-        return TrainConfig(
-            data="array",
+        return TrainConfig(data="array", model=model).replace(
             iters=self.max_iter,
             batch_size=min(self.batch_size, n_train),
             lr=self.lr,
@@ -207,11 +207,10 @@ class CNFDensity(DensityMixin, BaseEstimator):
             kinetic=self.kinetic,
             objective=self.objective,
             coupling=self.coupling,
-            finetune_iters=self.finetune_iter if self.objective == "fm" else 0,
-            finetune_lr=self.finetune_lr if self.objective == "fm" else None,
+            finetune_iters=self.finetune_iter if fm else 0,
+            finetune_lr=self.finetune_lr if fm else None,
             jacobian=self.jacobian,
             patience=self.patience,
-            model=model,
         )
 
     def fit(self, X: Any, y: Any = None) -> CNFDensity:

@@ -16,15 +16,88 @@ from typing import Any
 import torch
 
 from cnf import options
+from cnf.field_configs import FIELD_CONFIGS, ConvConfig, FieldConfig, UNetConfig, as_field_config
 from cnf.fields import ACTIVATIONS, CONV_LAYERS
 from cnf.flow import CNF, Flow
 from cnf.multiscale import MultiscaleCNF
-from cnf.options import listed, option
-from cnf.solvers import FIXED_STEP, METHODS, Solver
+from cnf.options import help_of, listed, option
+from cnf.solvers import METHODS, Solver
 from cnf.table_flow import PREPROCESS, TabularCNF
 from cnf.trace import NOISES, TRACES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class TableModel:
+    """What a table's flow adds (:class:`~cnf.table_flow.TabularCNF`)."""
+
+    preprocess: str = option(
+        "standardize",
+        f"fixed affine layer fitted on the training rows: {listed(PREPROCESS)}",
+    )
+
+    def __post_init__(self) -> None:
+        options.choice("preprocess", self.preprocess, PREPROCESS)
+
+
+@dataclass
+class ImageModel:
+    """What an image flow adds (:class:`~cnf.multiscale.MultiscaleCNF`): its scales, blocks,
+    logit and the field of every block (:mod:`cnf.field_configs`)."""
+
+    scales: int = option(0, "number of scales (0: as many as the image size allows)")
+    blocks: int = option(2, "CNF blocks per stage, before and after each squeeze (FFJORD's "
+                         "num_blocks)")  # fmt: skip
+    alpha: float = option(1e-6, "logit transform's alpha (0: no logit, x - 1/2)")
+    field: FieldConfig = options.variants(
+        FIELD_CONFIGS,
+        "images",
+        {
+            "kind": ("field", "images: the vector field, conv (FFJORD's stack of convolutions) "
+                     "or unet (a time-conditioned U-Net, for the single-scale flow-matching "
+                     "model)"),
+            "layer": ("conv_layer", f"images: convolution of the vector field: "
+                      f"{listed(CONV_LAYERS)}"),
+            **{name: (f"unet_{name}", f"images, --field unet: {help_of(f)}")
+               for name, f in _fields(UNetConfig).items()},
+        },
+        default=ConvConfig,
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        options.finite_floats(self)
+        options.integer("blocks", self.blocks, 1, "a positive integer")
+        options.integer("scales", self.scales, 0, "an integer >= 0 (0: automatic)")
+        options.within("alpha", self.alpha, 0, 0.5, closed=True)
+        self.field = as_field_config(self.field)
+
+
+# the training solver's options by their flags (a fixed-step method without a step starts at
+# Hairer's step, measured by the trainer on the first batch)
+SOLVER_FLAGS: options.Flags = {
+    "method": ("method", f"training ODE solver: {listed(METHODS)}"),
+    "atol": ("atol", "absolute tolerance of an adaptive training solver (the adapter changes it)"),
+    "rtol": ("rtol", "relative tolerance of an adaptive training solver (the adapter changes it)"),
+    "step_size": ("step_size", "first step of a fixed-step training solver, in units of time "
+                  "(default: Hairer's heuristic; the adapter changes it)"),
+    "adjoint": ("adjoint", "backpropagate with the adjoint method (memory flat in the number of "
+                "steps)"),
+    "max_nfe": ("max_nfe", "stop a training solve after this many function evaluations per "
+                "pass"),
+}  # fmt: skip
+EVAL_SOLVER_FLAGS: options.Flags = {
+    "method": ("eval_method", "evaluation ODE solver (validation, report, eval, sample): "
+               f"{listed(METHODS)}"),
+    "atol": ("eval_atol", "absolute tolerance of an adaptive evaluation solver"),
+    "rtol": ("eval_rtol", "relative tolerance of an adaptive evaluation solver"),
+    "step_size": ("eval_step_size", "step of a fixed-step evaluation solver, in units of time"),
+    "max_nfe": ("eval_max_nfe", "stop an evaluation solve after this many function evaluations"),
+}  # fmt: skip
 
 
 @dataclass
@@ -32,9 +105,9 @@ class ModelConfig:
     """A flow's architecture, its solvers and its dtype: everything needed to rebuild it.
 
     The defaults are those of the 2-D toys; :data:`cnf.training.PRESETS` changes some of them per
-    kind of data. Which fields matter depends on the kind: ``preprocess`` is for tables
-    (:class:`~cnf.table_flow.TabularCNF`); ``scales``, ``blocks``, ``alpha`` and ``conv_layer`` for
-    images (:class:`~cnf.multiscale.MultiscaleCNF`).
+    kind of data. A table's flow has ``table`` options (:class:`TableModel`), an image flow
+    ``image`` options (:class:`ImageModel`, with its field's own config); both are ``None`` for
+    other data (:meth:`for_kind`).
     """
 
     hidden: tuple[int, ...] = option(
@@ -55,134 +128,68 @@ class ModelConfig:
     )
     T: float = option(1.0, "integration time of each CNF block (data at t=0, the Gaussian at t=T)")
     learn_T: bool = option(False, "make T a trained parameter")
-    # training solver; a fixed-step method without step_size starts from Hairer's heuristic
-    method: str = option(
-        "rk4",
-        f"training ODE solver: {listed(METHODS)}",
-    )
-    atol: float = option(
-        1e-5,
-        "absolute tolerance of an adaptive training solver (the adapter changes it)",
-    )
-    rtol: float = option(
-        1e-5,
-        "relative tolerance of an adaptive training solver (the adapter changes it)",
-    )
-    step_size: float | None = option(
-        None,
-        "first step of a fixed-step training solver, in units of time (default: Hairer's "
-        "heuristic; the adapter changes it)",
-    )
-    adjoint: bool = option(
-        False,
-        "backpropagate with the adjoint method (memory flat in the number of steps)",
-    )
-    max_nfe: int = option(10_000, "stop a solve after this many function evaluations per pass")
-    # evaluation solver
-    eval_method: str = option(
-        "dopri5",
-        f"evaluation ODE solver (validation, report, eval, sample): {listed(METHODS)}",
-    )
-    eval_atol: float = option(1e-7, "absolute tolerance of an adaptive evaluation solver")
-    eval_rtol: float = option(1e-7, "relative tolerance of an adaptive evaluation solver")
-    eval_step_size: float | None = option(
-        None,
-        "step of a fixed-step evaluation solver, in units of time",
-    )
     dtype: str = option(
         "float32",
         f"parameters and densities in {' or '.join(DTYPES)}",
     )
-    # tables
-    preprocess: str = option(
-        "standardize",
-        f"tables: fixed affine layer fitted on the training rows: {listed(PREPROCESS)}",
+    solver: Solver = options.nested(
+        Solver, "training solver", SOLVER_FLAGS, default=lambda: Solver("rk4", max_nfe=10_000)
     )
-    # images
-    scales: int = option(0, "images: number of scales (0: as many as the image size allows)")
-    blocks: int = option(
-        2,
-        "images: CNF blocks per stage, before and after each squeeze (FFJORD's num_blocks)",
+    eval_solver: Solver = options.nested(
+        Solver,
+        "evaluation solver",
+        EVAL_SOLVER_FLAGS,
+        default=lambda: Solver("dopri5", 1e-7, 1e-7, max_nfe=10_000),
     )
-    alpha: float = option(1e-6, "images: logit transform's alpha (0: no logit, x - 1/2)")
-    conv_layer: str = option(
-        "concatsquash",
-        f"images: convolution of the vector field: {listed(CONV_LAYERS)}",
+    table: TableModel | None = options.nested(
+        TableModel,
+        "tables",
+        {"preprocess": ("preprocess", "tables: " + help_of(_fields(TableModel)["preprocess"]))},
+        optional="is for tables, and these data are not a table: drop it",
     )
-    field: str = option(
-        "conv",
-        "images: the vector field, conv (FFJORD's stack of convolutions) or unet (a "
-        "time-conditioned U-Net, for the single-scale flow-matching model)",
-    )
-    unet_width: int = option(
-        32,
-        "images, --field unet: channels at full resolution (doubled per level)",
-    )
-    unet_resolutions: int = option(
-        2,
-        "images, --field unet: levels of the U (the image halves one less time)",
-    )
-    unet_depth: int = option(1, "images, --field unet: residual blocks per level and direction")
-    unet_dropout: float = option(
-        0.0,
-        "images, --field unet: dropout rate in the residual blocks while training (a regularizer "
-        "for small datasets; never in evaluation)",
-    )
-    unet_scale_shift: bool = option(
-        False,
-        "images, --field unet: the time scales and shifts each block's normalized features (ADM's"
-        " conditioning; the image preset's) instead of only shifting them before the norm "
-        "(--no-unet-scale-shift)",
-    )
+    image: ImageModel | None = options.nested(
+        ImageModel,
+        "images",
+        {name: (name, f"images: {help_of(f)}") for name, f in _fields(ImageModel).items()
+         if name != "field"},
+        optional="is for images, and these data are not images: drop it",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.hidden = options.widths("hidden", self.hidden)
         options.finite_floats(self)
         options.booleans(self)
-        for name in ("T", "atol", "rtol", "eval_atol", "eval_rtol"):
-            options.number(name, getattr(self, name))
-        for name in ("step_size", "eval_step_size"):
-            if getattr(self, name) is not None:
-                options.number(name, getattr(self, name))
-        options.integer("max_nfe", self.max_nfe, 1, "a positive integer")
-        options.integer("blocks", self.blocks, 1, "a positive integer")
-        options.integer("scales", self.scales, 0, "an integer >= 0 (0: automatic)")
-        options.within("alpha", self.alpha, 0, 0.5, closed=True)
+        options.number("T", self.T)
         options.choice("activation", self.activation, sorted(ACTIVATIONS))
         options.choice("trace", self.trace, TRACES)
         options.choice("noise", self.noise, NOISES)
         options.choice("dtype", self.dtype, tuple(DTYPES))
-        options.choice("preprocess", self.preprocess, PREPROCESS)
-        options.choice("conv_layer", self.conv_layer, tuple(CONV_LAYERS))
-        options.choice("field", self.field, ("conv", "unet"))
-        for name in ("unet_width", "unet_resolutions", "unet_depth"):
-            options.integer(name, getattr(self, name), 1, "a positive integer")
-        if not 0 <= self.unet_dropout < 1:
+        for name, kind in (("solver", Solver), ("table", TableModel), ("image", ImageModel)):
+            value = getattr(self, name)
+            if isinstance(value, dict):  # a config's plain data, as saved
+                setattr(self, name, options.from_dict(kind, value))
+        if isinstance(self.eval_solver, dict):
+            self.eval_solver = options.from_dict(Solver, self.eval_solver)
+        self._check_solvers()
+
+    def _check_solvers(self) -> None:
+        for flags, solver in ((SOLVER_FLAGS, self.solver), (EVAL_SOLVER_FLAGS, self.eval_solver)):
+            if not isinstance(solver, Solver):
+                raise TypeError(f"expected a cnf.Solver, got {type(solver).__name__}")
+            options.integer(flags["max_nfe"][0], solver.max_nfe, 1, "a positive integer")
+        if self.eval_solver.fixed_step and self.eval_solver.step_size is None:
             raise options.ConfigError(
-                "unet_dropout", f"must be in [0, 1), got {self.unet_dropout!r}"
-            )
-        self.solver, self.eval_solver  # noqa: B018  validates methods, steps and tolerances
+                "eval_step_size", f"is needed by the fixed-step eval_method "
+                f"{self.eval_solver.method!r} (for instance 0.0625): give it, or choose an "
+                "adaptive eval_method such as dopri5"
+            )  # fmt: skip
 
-    @property
-    def solver(self) -> Solver:
-        """The training solver; a fixed-step method without a step gets a placeholder of T/8
-        until the trainer measures Hairer's step on the first batch."""
-        step = self.step_size
-        if step is None and self.method in FIXED_STEP:
-            step = self.T / 8
-        return Solver(
-            self.method, self.atol, self.rtol, step, adjoint=self.adjoint, max_nfe=self.max_nfe
-        )
-
-    @property
-    def eval_solver(self) -> Solver:
-        return Solver(
-            self.eval_method,
-            self.eval_atol,
-            self.eval_rtol,
-            self.eval_step_size,
-            max_nfe=self.max_nfe,
-        )
+    @classmethod
+    def for_kind(cls, kind: str, **values: Any) -> ModelConfig:
+        """The defaults for data of ``kind`` (``"toy"``, ``"tabular"``, ``"image"``): the
+        options of that kind present, those of the others absent."""
+        parts = {"tabular": {"table": TableModel()}, "image": {"image": ImageModel()}}
+        return cls(**{**parts.get(kind, {}), **values})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
@@ -192,7 +199,8 @@ class ModelConfig:
         return options.to_dict(self)
 
     def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with options changed by their flat names (``eval_atol``, ``unet_width``)."""
+        return options.apply(self, changes)
 
 
 def _vector(cfg: ModelConfig, meta: dict[str, Any]) -> CNF:
@@ -202,23 +210,18 @@ def _vector(cfg: ModelConfig, meta: dict[str, Any]) -> CNF:
 
 def _tabular(cfg: ModelConfig, meta: dict[str, Any]) -> TabularCNF:
     (dim,) = meta["event_shape"]
-    return TabularCNF(dim, preprocess=cfg.preprocess, **_common(cfg))
+    return TabularCNF(dim, preprocess=(cfg.table or TableModel()).preprocess, **_common(cfg))
 
 
 def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
+    image = cfg.image or ImageModel()
     return MultiscaleCNF(
         tuple(meta["event_shape"]),
         levels=meta["levels"],
-        scales=cfg.scales or None,
-        blocks=cfg.blocks,
-        alpha=cfg.alpha,
-        conv_layer=cfg.conv_layer,
-        field=cfg.field,
-        unet_width=cfg.unet_width,
-        unet_resolutions=cfg.unet_resolutions,
-        unet_depth=cfg.unet_depth,
-        unet_dropout=cfg.unet_dropout,
-        unet_scale_shift=cfg.unet_scale_shift,
+        scales=image.scales or None,
+        blocks=image.blocks,
+        alpha=image.alpha,
+        field=image.field,
         **_common(cfg),
     )
 

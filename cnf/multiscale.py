@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnf.fields import ConvField, UNet
+from cnf.field_configs import FieldConfig, as_field_config
 from cnf.flow import CNF, Flow, FlowResult
 from cnf.solvers import NFE, Solver
 from cnf.trace import ProbeSource
@@ -90,15 +90,12 @@ class MultiscaleCNF(Flow, nn.Module):
         alpha: the logit transform's ``alpha`` (FFJORD: ``1e-6``); 0 replaces the logit by
             ``y - 1/2``, as FFJORD does.
         hidden: the widths of every block's convolutional field
-            (:class:`~cnf.fields.ConvField`), with ``field="conv"``.
-        conv_layer: that field's convolution.
+            (:class:`~cnf.fields.ConvField`).
         activation: that field's activation.
-        field: ``"conv"`` (FFJORD's stack of convolutions) or ``"unet"``
-            (:class:`~cnf.fields.UNet` of ``unet_width`` channels, ``unet_resolutions`` levels
-            and ``unet_depth`` residual blocks per level, dropout ``unet_dropout`` in training,
-            the time's adaptive GroupNorm with ``unet_scale_shift``:
-            the field of a single-scale model,
-            ``scales=1, blocks=1``, trained by flow matching over the whole image).
+        field: every block's field: a :class:`~cnf.field_configs.ConvConfig` (FFJORD's stack of
+            convolutions, of widths ``hidden``), a :class:`~cnf.field_configs.UNetConfig` (a
+            U-Net over the whole image: the field of a single-scale model, ``scales=1,
+            blocks=1``, trained by flow matching), or the name of either for its defaults.
         trace: the trace estimator (Hutchinson by default).
         noise: the Hutchinson probe (Rademacher by default).
         T: every block's integration time, as in :class:`~cnf.flow.CNF`.
@@ -123,7 +120,6 @@ class MultiscaleCNF(Flow, nn.Module):
         blocks: int = 2,
         alpha: float = 1e-6,
         hidden: Sequence[int] = (64, 64, 64),
-        conv_layer: str = "concatsquash",
         activation: str = "softplus",
         trace: str = "hutchinson",
         noise: str = "rademacher",
@@ -131,16 +127,10 @@ class MultiscaleCNF(Flow, nn.Module):
         learn_T: bool = False,
         solver: Solver | Mapping[str, Any] | None = None,
         eval_solver: Solver | Mapping[str, Any] | None = None,
-        field: str = "conv",
-        unet_width: int = 32,
-        unet_resolutions: int = 2,
-        unet_depth: int = 1,
-        unet_dropout: float = 0.0,
-        unet_scale_shift: bool = False,
+        field: FieldConfig | str = "conv",
     ) -> None:
         super().__init__()
-        if field not in ("conv", "unet"):
-            raise ValueError(f"unknown field {field!r}; valid choices: ['conv', 'unet']")
+        field = as_field_config(field)
         self.event_shape = _image_shape(event_shape)
         channels, height, width = self.event_shape
         self.dim = math.prod(self.event_shape)
@@ -151,18 +141,11 @@ class MultiscaleCNF(Flow, nn.Module):
         self.dequantization = Dequantization(levels)
         self.squash = Logit(alpha) if alpha else Center()
 
-        def make_field(c: int, h: int, w: int) -> nn.Module:
-            if field == "conv":
-                return ConvField(c, hidden=hidden, layer=conv_layer, activation=activation)
-            unet = UNet(c, width=unet_width, resolutions=unet_resolutions, depth=unet_depth,
-                        dropout=unet_dropout, scale_shift=unet_scale_shift)  # fmt: skip
-            unet.check_size(h, w)
-            return unet
-
         def cnfs(c: int, h: int, w: int) -> list[CNF]:
             block = dict(trace=trace, noise=noise, T=T, learn_T=learn_T, solver=solver,
                          eval_solver=eval_solver)  # fmt: skip
-            return [CNF((c, h, w), make_field(c, h, w), **block) for _ in range(blocks)]
+            return [CNF((c, h, w), field.build((c, h, w), hidden, activation), **block)
+                    for _ in range(blocks)]  # fmt: skip
 
         stages = []
         c, h, w = channels, height, width

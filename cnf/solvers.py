@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint, odeint_adjoint
 
-from cnf.options import integer, number
+from cnf.options import booleans, choice, integer, listed, number, option
 
 # Every torchdiffeq method, with its order of accuracy (used by Hairer's starting-step heuristic).
 FIXED_STEP: dict[str, int] = {
@@ -100,7 +100,9 @@ class Solver:
         method: any torchdiffeq method (:data:`METHODS`).
         atol: the absolute error tolerance of adaptive methods.
         rtol: the relative error tolerance of adaptive methods.
-        step_size: step of fixed-step methods, in units of integration time (required for them).
+        step_size: step of fixed-step methods, in units of integration time; needed by a solve
+            unless the method has a ``grid_constructor`` (a trainer given none starts at
+            Hairer's step, :func:`cnf.adaptation.start_step`).
         adjoint: backpropagate with the adjoint method (memory independent of the number of steps)
             instead of through the solver's operations.
         seminorm: with ``adjoint``, measure the adjoint pass's error on the state only, not on the
@@ -118,21 +120,21 @@ class Solver:
         0.125
     """
 
-    method: str = "dopri5"
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    step_size: float | None = None
-    adjoint: bool = False
+    method: str = option("dopri5", f"ODE solver: {listed(METHODS)}")
+    atol: float = option(1e-5, "absolute tolerance of an adaptive method")
+    rtol: float = option(1e-5, "relative tolerance of an adaptive method")
+    step_size: float | None = option(None, "step of a fixed-step method, in units of time")
+    adjoint: bool = option(False, "backpropagate with the adjoint method")
     seminorm: bool = False
-    max_nfe: int | None = 20_000
+    max_nfe: int | None = option(20_000, "stop a solve after this many function evaluations")
     options: Mapping[str, Any] = field(default_factory=dict)
     adjoint_method: str | None = None
     adjoint_atol: float | None = None
     adjoint_rtol: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; valid choices: {list(METHODS)}")
+        choice("method", self.method, METHODS)
+        booleans(self)
         if self.adjoint_method is not None and self.adjoint_method not in METHODS:
             raise ValueError(
                 f"unknown adjoint_method {self.adjoint_method!r}; valid choices: {list(METHODS)}"
@@ -142,11 +144,6 @@ class Solver:
                 number(name, getattr(self, name))
         if self.max_nfe is not None:
             integer("max_nfe", self.max_nfe, 1, "a positive integer or None")
-        if self.fixed_step and self.step_size is None and "grid_constructor" not in self.options:
-            raise ValueError(
-                f"method {self.method!r} takes fixed steps: pass step_size (for instance 0.05), "
-                "or use an adaptive method such as 'dopri5'"
-            )
         if not self.fixed_step and self.step_size is not None:
             raise ValueError(
                 f"step_size={self.step_size} is for fixed-step methods {list(FIXED_STEP)}; "
@@ -210,13 +207,14 @@ class Solver:
     def describe(self) -> str:
         """A short human-readable label, e.g. ``'rk4(h=0.1)'`` or ``'dopri5(1e-05/1e-05)'``."""
         if self.fixed_step:
-            return f"{self.method}(h={self.step_size:g})"
+            step = "unset" if self.step_size is None else f"{self.step_size:g}"
+            return f"{self.method}(h={step})"
         return f"{self.method}(atol={self.atol:g}, rtol={self.rtol:g})"
 
     def _check_steps(self, s: Tensor, time_scale: float) -> None:
         """A fixed step too small for ``max_nfe`` fails before its time grid is built (at one
         evaluation a step at least, 1e9 steps would be a 4 GB grid for an error later)."""
-        if not self.fixed_step or self.max_nfe is None or len(s) < 2:
+        if not self.fixed_step or self.step_size is None or self.max_nfe is None or len(s) < 2:
             return
         steps = abs(float(s[-1] - s[0])) * time_scale / self.step_size
         if steps > self.max_nfe:
@@ -250,6 +248,12 @@ class Solver:
             The states at every time of ``s`` (each with a leading time axis) and the NFE record,
             whose ``backward`` count fills in when the adjoint pass runs.
         """
+        if self.fixed_step and self.step_size is None and "grid_constructor" not in self.options:
+            raise ValueError(
+                f"method {self.method!r} takes fixed steps and this solver has none: give it a "
+                "step_size (for instance Solver('rk4', step_size=0.05)), or use an adaptive "
+                "method such as 'dopri5'"
+            )
         self._check_steps(s, time_scale)
         counted = _Counted(func, self.max_nfe, self.describe())
         options = dict(self.options)

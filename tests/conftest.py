@@ -59,4 +59,4 @@ def config(**kw):
     presets that ``TrainConfig.for_data`` adds."""
     from cnf.training import TrainConfig
 
-    return TrainConfig().replace(**kw)
+    return TrainConfig.plain(**kw)

@@ -187,7 +187,40 @@ def test_a_version_1_tabular_run_resumes(tmp_path: Path) -> None:
     shutil.copy(DATA / "v1_iris.pt", run / "best.pt")
     result = train(TrainConfig(), run, resume=True, progress=False, changes={"iters": 6})
     assert result.iteration == 6 and math.isfinite(result.report["nll"])
-    assert load_checkpoint(run / "last.pt")["model_args"]["preprocess"] == "whiten"
+    assert load_checkpoint(run / "last.pt")["model_args"]["table"]["preprocess"] == "whiten"
+
+
+def test_a_version_2_image_checkpoint_loads_nested_and_gives_its_numbers_again() -> None:
+    """Version 2 kept every option flat (a U-Net's beside a conv field's); version 3 nests
+    the solvers and the image field of the data's kind, and drops the others."""
+    ckpt = load_checkpoint(DATA / "v2_digits_unet.pt")  # written by the cnf before nesting
+    args = ckpt["model_args"]
+    assert args["image"]["field"] == {"kind": "unet", "width": 4, "resolutions": 2, "depth": 1,
+                                      "dropout": 0.0, "scale_shift": True}  # fmt: skip
+    assert args["table"] is None and "conv_layer" not in str(args)
+    assert args["eval_solver"]["step_size"] == 0.25 and args["eval_solver"]["max_nfe"] == 10_000
+    assert ckpt["config"]["fm"]["time_sampling"] == "logit-normal"
+    assert ckpt["config"]["adaptation"]["size"] == 16
+    run = load_run(DATA / "v2_digits_unet.pt")
+    x = torch.arange(2 * 64, dtype=torch.float32).reshape(2, 1, 8, 8) % 17 + 0.5
+    with torch.no_grad():
+        log_p = run.model.log_prob(x, generator=torch.Generator().manual_seed(0))
+    expected = json.loads((DATA / "v2_digits_unet.json").read_text())["log_prob"]
+    torch.testing.assert_close(log_p, torch.tensor(expected), rtol=0, atol=1e-4)
+
+
+def test_a_version_2_run_of_two_phases_resumes(tmp_path: Path) -> None:
+    from cnf.training import TrainConfig, train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("last.pt", "best.pt"):
+        shutil.copy(DATA / "v2_digits_unet.pt", run / name)
+    result = train(TrainConfig(), run, resume=True, progress=False,
+                   changes={"finetune_iters": 3, "validity_size": 2})  # fmt: skip
+    assert result.iteration == 7 and math.isfinite(result.report["nll"])
+    saved = load_checkpoint(run / "last.pt")
+    assert saved["version"] == VERSION and saved["config"]["finetune_iters"] == 3
 
 
 def test_a_checkpoint_of_an_unknown_version_is_refused_in_one_line(tmp_path: Path) -> None:

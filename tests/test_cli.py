@@ -97,7 +97,7 @@ def test_datasets_command(capsys) -> None:
         ),
         (
             ["train", "--data", "moons", "--out", "{tmp}/x", "--method", "rk5"],
-            "unknown method 'rk5'",
+            "method 'rk5' is unknown",
         ),
         (
             [

@@ -28,7 +28,7 @@ def test_the_tabular_preset_trains_with_its_default_solver(tmp_path: Path) -> No
     assert main(["train", "--data", "iris", "--out", str(out), "--no-progress", *flags]) == 0
     first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert first["step_size"] == pytest.approx(1 / 8)
-    assert json.loads((out / "config.json").read_text())["model"]["preprocess"] == "whiten"
+    assert json.loads((out / "config.json").read_text())["model"]["table"]["preprocess"] == "whiten"
 
 
 def test_train_then_eval_on_the_same_test_split(run: Path, capsys) -> None:

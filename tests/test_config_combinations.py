@@ -9,6 +9,7 @@ from cnf.cli import main
 from cnf.cli.app import _as_flags
 from cnf.options import ConfigError
 from cnf.training import TrainConfig
+from cnf.training.objectives import MaximumLikelihood
 from cnf.training.resume import resumed_config
 
 ML_PHASE = "maximum-likelihood phase after flow matching"
@@ -111,7 +112,7 @@ def test_an_option_without_effect_is_refused_on_the_command_line(
 )
 def test_the_neighbours_that_have_an_effect_still_construct(data: str, given: dict) -> None:
     cfg = TrainConfig.for_data(data, **given)
-    assert all(getattr(cfg, k, None) == v or getattr(cfg.model, k, None) == v
+    assert all(cfg.flat_options()[k] == v
                for k, v in given.items() if v is not None)  # fmt: skip
 
 
@@ -127,16 +128,18 @@ def test_a_step_the_preset_set_gives_way_to_an_adaptive_method_given() -> None:
     # README's FFJORD configuration: --method dopri5 over the image preset's rk4 step of 0.5
     ffjord = TrainConfig.for_data("digits", objective="mle", method="dopri5", atol=1e-5,
                                   rtol=1e-5, eval_atol=1e-5, eval_rtol=1e-5)  # fmt: skip
-    assert (ffjord.model.method, ffjord.model.step_size) == ("dopri5", None)
+    assert (ffjord.model.solver.method, ffjord.model.solver.step_size) == ("dopri5", None)
     fm = TrainConfig.for_data("digits", eval_method="dopri5", eval_atol=1e-6)
-    assert (fm.model.eval_method, fm.model.eval_step_size, fm.model.eval_atol) == (
+    check = fm.model.eval_solver
+    assert (check.method, check.step_size, check.atol) == (
         "dopri5", None, 1e-6)  # fmt: skip
 
 
 def test_defaults_and_saved_configs_are_never_refused() -> None:
     # the refusal is of options given: the defaults (kinetic 0.01, the toys' recipe) are not
-    assert TrainConfig(objective="fm").kinetic == 0.01
-    assert TrainConfig(objective="fm", kinetic=0.5).kinetic == 0.5  # Python's own records
+    assert TrainConfig(objective="fm").mle.kinetic == 0.01
+    mle = MaximumLikelihood(kinetic=0.5)
+    assert TrainConfig(objective="fm", mle=mle).mle.kinetic == 0.5  # Python's own records
     # a budget run's saved config holds its budget and the iterations planned for it
     planned = TrainConfig.for_data("8gaussians", budget=30).replace(iters=310, finetune_iters=90)
     assert TrainConfig.from_dict(planned.to_dict()) == planned

@@ -125,7 +125,7 @@ def test_early_stopping_keeps_the_best_parameters() -> None:
         ({"validation_fraction": 1.0}, "validation_fraction must be in"),
         ({"max_iter": 0}, "iters must be a positive integer"),
         ({"preprocess": "zscore"}, "preprocess 'zscore' is unknown"),
-        ({"method": "rk5"}, "unknown method"),
+        ({"method": "rk5"}, "method 'rk5' is unknown"),
     ],
 )
 def test_bad_parameters_fail_at_fit(params: dict, error: str) -> None:

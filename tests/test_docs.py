@@ -91,7 +91,8 @@ EXEMPT = {
 # always: a page's number of iterations is for real use).
 TRAIN_SMALL = {"--iters": "6", "--eval-every": "3", "--test-size": "100",
                "--validity-size": "20", "--batch-size": "64", "--hidden": "16,16",
-               "--blocks": "1", "--no-progress": None}  # fmt: skip
+               "--no-progress": None}  # fmt: skip
+IMAGE_SMALL = {"--blocks": "1"}  # image flows (a toy's or a table's refuses the flag)
 FM_SMALL = {"--finetune-iters": "3"}  # a run that flow-matches, then fine-tunes (tables' preset)
 UNET_SMALL = {"--unet-width": "8"}  # images by flow matching
 RESUME_EXTRA = 6  # `--resume RUN --iters N`: N becomes the run's last iteration + this
@@ -391,7 +392,9 @@ def _small_extras(words) -> dict[str, str | None]:
     extra: dict[str, str | None] = {}
     if cfg.objective == "fm" and (cfg.finetune_iters or "--finetune-iters" in words):
         extra.update(FM_SMALL)
-    if cfg.model.field == "unet":
+    if cfg.model.image is not None:
+        extra.update(IMAGE_SMALL)
+    if cfg.model.image is not None and cfg.model.image.field.kind == "unet":
         extra.update(UNET_SMALL)
     return extra
 

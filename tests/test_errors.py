@@ -78,7 +78,7 @@ def test_device_mix(flow: CNF) -> None:
             ValueError,
             r"unknown noise 'uniform'; valid choices: \['rademacher', 'gaussian'\]",
         ),
-        (dict(solver=dict(method="rk45")), ValueError, r"unknown method 'rk45'; valid choices"),
+        (dict(solver=dict(method="rk45")), ValueError, r"method 'rk45' is unknown; valid choices"),
         (dict(solver="rk4"), TypeError, r"expected a cnf.Solver or a dict of its fields, got str"),
         (dict(activation="gelu"), ValueError, r"unknown activation 'gelu'; valid choices"),
         (dict(T=0.0), ValueError, r"T must be a positive finite number, got 0.0"),

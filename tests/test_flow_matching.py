@@ -85,7 +85,7 @@ def test_a_trained_field_is_the_optimal_one_and_a_density() -> None:
     torch.set_num_threads(1)  # as the trainer runs small models (conftest restores it)
     data = _Data(_gaussian(8000, 2).float())
     flow = CNF(2, hidden=(64, 64), solver=Solver("dopri5", atol=1e-6, rtol=1e-6))
-    cfg = config(data="gaussian", iters=2500, batch_size=512, lr=3e-3, eval_every=10**6)
+    cfg = config(iters=2500, batch_size=512, lr=3e-3, eval_every=10**6)
     state = TrainState.create(flow, lr=cfg.lr, weight_decay=0.0, iters=cfg.iters,
                               schedule="cosine")  # fmt: skip
     fit(state, data, FlowMatching(), cfg, progress=False, quiet=True)

@@ -1245,7 +1245,7 @@ def _write_bytes(path: str, data: bytes) -> None:
 def _config(**kwargs):
     from cnf.training import TrainConfig
 
-    return TrainConfig().replace(**kwargs)
+    return TrainConfig.plain(**kwargs)
 
 
 API_CASES = [
@@ -1277,7 +1277,12 @@ API_CASES = [
     _api(lambda: _cnf(2, hidden=(16, -2)), ValueError, "hidden", id="hidden-negative"),
     _api(lambda: _cnf(2, T=float("nan")), ValueError, r"\bT\b", id="T-nan"),
     _api(lambda: _cnf(2, T=float("inf")), ValueError, r"\bT\b", id="T-inf"),
-    _api(lambda: Solver("rk4"), ValueError, "step_size", id="solver-rk4-without-step"),
+    _api(
+        lambda: _cnf(2, solver=Solver("rk4")).log_prob(torch.zeros(1, 2)),
+        ValueError,
+        "give it a step_size",
+        id="solver-rk4-without-step",
+    ),
     _api(lambda: Solver("dopri5", atol=-1), ValueError, "atol", id="solver-negative-atol"),
     _api(lambda: Solver("dopri5", rtol=float("nan")), ValueError, "rtol", id="solver-nan-rtol"),
     _api(

@@ -145,7 +145,8 @@ def test_scale_shift_is_the_preset_and_can_be_turned_off(tmp_path: Path, flag) -
             *([flag] if flag else [])]  # fmt: skip
     assert main(argv) == 0
     on = flag is None
-    assert json.loads((out / "config.json").read_text())["model"]["unet_scale_shift"] is on
+    saved = json.loads((out / "config.json").read_text())["model"]
+    assert saved["image"]["field"]["scale_shift"] is on
     field = load_run(out).model.ode_blocks()[0].field  # the checkpoint rebuilds the same U-Net
     assert field.middle.scale_shift is on
     assert field.middle.time.out_features == (2 if on else 1) * 16

@@ -10,6 +10,7 @@ from torch.autograd.functional import jacobian
 
 from cnf import Solver
 from cnf.evaluate import dequantized_bound, logmeanexp_noise_bias
+from cnf.field_configs import UNetConfig
 from cnf.fields import UNet, _ResBlock
 from cnf.multiscale import MultiscaleCNF
 from cnf.training import FlowMatching, MaximumLikelihood
@@ -39,7 +40,7 @@ def test_the_unet_keeps_shapes_starts_at_zero_and_takes_time(scale_shift: bool) 
         torch.testing.assert_close(per_sample[i], unet(t[i], x[i : i + 1])[0])
     assert (unet(torch.tensor(0.1), x) - unet(torch.tensor(0.9), x)).abs().mean() > 1e-3
     with pytest.raises(ValueError, match="must be a multiple of 4"):
-        MultiscaleCNF((1, 6, 6), levels=4, scales=1, blocks=1, field="unet", unet_resolutions=3)
+        MultiscaleCNF((1, 6, 6), levels=4, scales=1, blocks=1, field=UNetConfig(resolutions=3))
 
 
 def test_scale_shift_conditions_the_normalized_features_on_time() -> None:
@@ -55,7 +56,7 @@ def test_scale_shift_conditions_the_normalized_features_on_time() -> None:
 
 
 def test_the_single_scale_model_log_prob_is_log_det_of_its_map(float64) -> None:
-    model = MultiscaleCNF((1, 4, 4), levels=4, scales=1, blocks=1, field="unet", unet_width=4,
+    model = MultiscaleCNF((1, 4, 4), levels=4, scales=1, blocks=1, field=UNetConfig(width=4),
                           trace="exact", solver=TIGHT)  # fmt: skip
     _perturbed(model.ode_blocks()[0].field, 0.2)
     g = torch.Generator().manual_seed(1)
@@ -79,7 +80,7 @@ def test_the_single_scale_model_log_prob_is_log_det_of_its_map(float64) -> None:
 
 
 def test_flow_matching_trains_the_single_scale_model_in_its_logit_space() -> None:
-    model = MultiscaleCNF((1, 4, 4), levels=4, scales=1, blocks=1, field="unet", unet_width=4)
+    model = MultiscaleCNF((1, 4, 4), levels=4, scales=1, blocks=1, field=UNetConfig(width=4))
     x = torch.randint(0, 4, (8, 1, 4, 4)).float() + torch.rand(8, 1, 4, 4)
     y = model.field_coordinates(x)
     assert y.shape == x.shape and float(y.abs().max()) > 1.0  # the logit, not [0, L)
@@ -91,8 +92,9 @@ def test_flow_matching_trains_the_single_scale_model_in_its_logit_space() -> Non
 
 
 def test_unet_dropout_regularizes_the_regression_but_never_a_solve() -> None:
-    model = MultiscaleCNF((1, 4, 4), levels=4, scales=1, blocks=1, field="unet", unet_width=8,
-                          unet_dropout=0.5, solver=Solver("rk4", step_size=0.5))  # fmt: skip
+    model = MultiscaleCNF((1, 4, 4), levels=4, scales=1, blocks=1,
+                          field=UNetConfig(width=8, dropout=0.5),
+                          solver=Solver("rk4", step_size=0.5))  # fmt: skip
     field = _perturbed(model.ode_blocks()[0].field, 0.3)
     x = torch.randint(0, 4, (8, 1, 4, 4)).float() + torch.rand(8, 1, 4, 4)
     z, t = torch.randn(8, 1, 4, 4), torch.tensor(0.5)
@@ -232,8 +234,8 @@ def test_probe_averaged_bound_estimates_its_own_bias(float64) -> None:
 
 def _bf16_losses(device: str) -> tuple[torch.Tensor, torch.Tensor, set]:
     torch.manual_seed(0)
-    model = _perturbed(MultiscaleCNF((1, 8, 8), levels=17, scales=1, blocks=1, field="unet",
-                                     unet_width=8), 0.1).to(device)  # fmt: skip
+    model = _perturbed(MultiscaleCNF((1, 8, 8), levels=17, scales=1, blocks=1,
+                                     field=UNetConfig(width=8)), 0.1).to(device)  # fmt: skip
     x = (torch.randint(0, 17, (16, 1, 8, 8)).float() + torch.rand(16, 1, 8, 8)).to(device)
     seen = set()
     model.ode_blocks()[0].field.out[-1].register_forward_hook(lambda m, i, o: seen.add(o.dtype))

@@ -8,6 +8,7 @@ from torch.autograd.functional import jacobian
 
 from cnf import Solver
 from cnf.evaluate import bits_per_dim, evaluate
+from cnf.field_configs import ConvConfig
 from cnf.multiscale import MultiscaleCNF, max_scales
 from cnf.transforms import Dequantization, squeeze
 
@@ -186,7 +187,11 @@ def test_scales_follow_ffjord_rule() -> None:
         (lambda: MultiscaleCNF((1, 6, 6), scales=3), ValueError, "multiples of 4, got 6x6"),
         (lambda: MultiscaleCNF((1, 8, 8), blocks=0), ValueError, "blocks must be a positive"),
         (lambda: MultiscaleCNF((1, 8, 8), levels=1), ValueError, "levels must be an integer"),
-        (lambda: MultiscaleCNF((1, 8, 8), conv_layer="dense"), ValueError, "unknown conv layer"),
+        (
+            lambda: MultiscaleCNF((1, 8, 8), field=ConvConfig("dense")),
+            ValueError,
+            "layer 'dense' is unknown",
+        ),
     ],
 )
 def test_bad_construction(make, error, match: str) -> None:

@@ -202,7 +202,7 @@ def test_schedule_is_cosine_to_one_percent() -> None:
         (dict(activation="gelu"), "activation 'gelu' is unknown"),
         (dict(extra={"trust_pickle": True}), "extra cannot hold trust_pickle"),
         (dict(adjoint="no"), "adjoint must be true or false, got 'no'"),
-        (dict(unet_scale_shift=1), "unet_scale_shift must be true or false, got 1"),
+        (dict(unet_scale_shift=1), "unet_scale_shift is for images, and these data are not"),
         (dict(dequantize="false"), "dequantize must be true or false, got 'false'"),
     ],
 )
@@ -214,13 +214,17 @@ def test_bad_config(kwargs: dict, match: str) -> None:
 def test_presets_per_kind_of_data() -> None:
     assert TrainConfig.for_data("8gaussians") == config(data="8gaussians")
     image = TrainConfig.for_data("digits")  # flow matching on one U-Net field
-    assert (image.objective, image.model.field, image.model.scales) == ("fm", "unet", 1)
-    assert (image.time_sampling, image.model.unet_dropout, image.finetune_share) == (
+    assert (image.objective, image.model.image.field.kind, image.model.image.scales) == (
+        "fm", "unet", 1)  # fmt: skip
+    assert (image.fm.time_sampling, image.model.image.field.dropout, image.finetune_share) == (
         "logit-normal", 0.1, 0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="unet_scale_shift must be true or false, got 1"):
+        TrainConfig.for_data("digits", unet_scale_shift=1)
     multiscale = TrainConfig.for_data("digits", objective="mle")
     assert (multiscale.batch_size, multiscale.model.hidden, multiscale.validity_size) == (
         64, (32, 32), 64)  # fmt: skip
-    assert multiscale.model.field == "conv" and multiscale.time_sampling == "uniform"
+    assert multiscale.model.image.field.kind == "conv"
+    assert multiscale.fm.time_sampling == "uniform"
     assert TrainConfig.for_data("digits", batch_size=8).batch_size == 8  # given flags win
     with pytest.raises(ValueError, match="unknown dataset 'digitz'"):
         TrainConfig.for_data("digitz")
@@ -298,7 +302,7 @@ def test_force_deletes_a_run_but_never_a_file_it_did_not_write(tmp_path: Path) -
     ("change", "match"),
     [
         (dict(data="missing.csv"), "no data file at"),
-        (dict(method="bogus"), "unknown method 'bogus'"),
+        (dict(method="bogus"), "method 'bogus' is unknown"),
         (dict(hidden=(16, 0)), "hidden must hold positive widths"),
         (dict(device="cuda:99"), "device"),
     ],

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import types
 import typing
 from typing import Any
 
-from cnf.model_config import ModelConfig
-from cnf.options import help_of
+from cnf.options import Leaf, leaves
 from cnf.training import TrainConfig
 
 
@@ -46,27 +44,21 @@ def flag_text(value: object) -> str:
 
 
 def config_fields() -> list[tuple[str, Any, Any]]:
-    """``(name, type, default)`` of every option ``cnf train`` takes: the recipe's and the
-    model's fields."""
-    return [(f.name, kind, f.default) for f, kind in _option_fields()]
+    """``(name, type, default)`` of every option ``cnf train`` takes: the recipe's, the model's
+    and those of the configs they hold (:func:`cnf.options.leaves`)."""
+    return [(leaf.name, _field_type(leaf.kind), leaf.default) for leaf in _option_leaves()]
 
 
-def _option_fields() -> list[tuple[dataclasses.Field, Any]]:
-    out = []
-    for cls in (TrainConfig, ModelConfig):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name not in ("extra", "model"):
-                out.append((f, _field_type(hints[f.name])))
-    return out
+def _option_leaves() -> list[Leaf]:
+    return [leaf for leaf in leaves(TrainConfig).values() if leaf.name != "extra"]
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for f, kind in _option_fields():
-        name, default = f.name, f.default
+    for leaf in _option_leaves():
+        name, default, kind = leaf.name, leaf.default, _field_type(leaf.kind)
         flag = "--" + name.replace("_", "-")
         shown = "none" if default is None else flag_text(default)
-        help_text = f"{help_of(f)} (default: {shown})".replace("%", "%%")  # argparse's format
+        help_text = f"{leaf.help} (default: {shown})".replace("%", "%%")  # argparse's format
         if kind is bool:
             # --no-FLAG too: a preset may have turned an option on (--no-unet-scale-shift)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,

@@ -5,6 +5,7 @@ objective as a strategy (:class:`MaximumLikelihood`), and runs on disk (:func:`t
     train(TrainConfig.for_data("moons", iters=2000), "runs/moons")
 """
 
+from cnf.adaptation import Adaptation
 from cnf.options import ConfigError
 from cnf.seeds import stream_seed
 from cnf.training.config import TrainConfig
@@ -19,6 +20,7 @@ from cnf.training.state import TrainState, lr_factor
 __all__ = [
     "PRESETS",
     "RESUMABLE",
+    "Adaptation",
     "ConfigError",
     "Diverged",
     "FitResult",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from cnf.runtime import to_tensor
 from cnf.training.config import TrainConfig
 from cnf.training.loop import _enter_solving_phase, step
-from cnf.training.objectives import FlowMatching, MaximumLikelihood, Objective
+from cnf.training.objectives import Objective
 from cnf.training.state import TrainState
 
 MLE_COST_AFTER_FM = 1.75  # measured on 8gaussians and checkerboard: 1.4 and 2.1
@@ -56,15 +56,13 @@ def _kind(plan: Plan) -> str:
 def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
     """The recipe ``cfg`` with its iterations set for ``cfg.budget`` seconds; ``setup_run`` is a
     fresh :class:`~cnf.training.setup.Setup` of it, which the timing leaves untouched."""
-    first = FlowMatching(cfg.coupling, cfg.sigma_min, cfg.time_sampling)
-    if cfg.objective == "mle":
-        first = MaximumLikelihood(kinetic=cfg.kinetic, jacobian=cfg.jacobian)
+    first = cfg.mle if cfg.objective == "mle" else cfg.fm
     probe = _Probe(setup_run)
     t_first = _time(probe, first, cfg, _PROBES[first.name])
     share = cfg.budget_share
     t_mle = 0.0
     if share > 0:
-        mle = MaximumLikelihood(kinetic=cfg.kinetic, jacobian=cfg.jacobian)
+        mle = cfg.mle
         probe.state.adapter = setup_run.state.adapter  # the phase starts at the largest valid step
         _enter_solving_phase(probe.state, mle, probe.batch(), cfg, probe.state.iteration + 1)
         probe.state.adapter = None

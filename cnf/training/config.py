@@ -8,26 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cnf import options
-from cnf.adaptation import StepAdapter
-from cnf.data import DataSpec
+from cnf.adaptation import Adaptation, StepAdapter
+from cnf.data import DataSpec, dataset_kind
 from cnf.data.tabular import TABLE_DEFAULTS
 from cnf.model_config import ModelConfig
-from cnf.options import listed, option
+from cnf.options import help_of, listed, option
 from cnf.solvers import ADAPTIVE, FIXED_STEP
-from cnf.training.objectives import (
-    AUTOCASTS,
-    COUPLINGS,
-    TIME_SAMPLINGS,
-    FlowMatching,
-    MaximumLikelihood,
-    Objective,
-    Phases,
-)
+from cnf.training.objectives import FlowMatching, MaximumLikelihood, Objective, Phases
 from cnf.training.presets import BUDGET_PRESETS, FM_ONLY, PRESETS, STEPS, method_of, recipe
 
 SCHEDULES = ("cosine", "constant")
 OBJECTIVES = ("mle", "fm")
-MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
 # fixed-step methods that ignore atol/rtol once they have a step (the implicit Adams methods
 # iterate their corrector to the tolerances)
 TOLERANCE_FREE = frozenset(FIXED_STEP) - {"implicit_adams", "fixed_adams"}
@@ -42,6 +33,21 @@ ML_ONLY = {
     "adapt_threshold": "steers the step adaptation of maximum-likelihood training",
 }
 ADAPTER = ("adapt_every", "adapt_size", "adapt_threshold", "max_steps")
+# the configs a TrainConfig holds, by field
+NESTED = {"mle": MaximumLikelihood, "fm": FlowMatching, "adaptation": Adaptation,
+          "model": ModelConfig}  # fmt: skip
+
+
+def _get(cfg: TrainConfig, name: str) -> Any:
+    """An option of ``cfg`` by its flat name."""
+    value = cfg
+    for step in options.leaves(TrainConfig)[name].path:
+        value = getattr(value, step)
+    return value
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 @dataclass
@@ -91,22 +97,6 @@ class TrainConfig:
         "regression of the field; see --coupling, --finetune-iters). Images default to fm on one "
         "U-Net field; mle trains FFJORD's multiscale model",
     )
-    kinetic: float = option(0.01, "weight of RNODE's kinetic-energy penalty, int ||f||^2 dt")
-    jacobian: float = option(0.01, "weight of RNODE's Jacobian penalty, int ||df/dz||_F^2 dt")
-    coupling: str = option(
-        "independent",
-        "flow matching: independent, or ot (minibatch optimal transport)",
-    )
-    sigma_min: float = option(
-        0.0,
-        "flow matching: width of the linear path at the data (0: rectified flow)",
-    )
-    time_sampling: str = option("uniform", "flow matching: path times, uniform or logit-normal")
-    autocast: str = option(
-        "off",
-        "flow matching: bf16 runs the regression's field under bfloat16 autocast, faster on GPUs "
-        "and on CPUs with bfloat16 instructions (likelihoods and samples stay float32)",
-    )
     finetune_iters: int = option(
         0,
         "flow matching: then this many iterations of maximum likelihood (with the adapted step), "
@@ -131,30 +121,6 @@ class TrainConfig:
         "with --budget and --objective fm: the share of the budget for the maximum-likelihood "
         "phase",
     )
-    # keep the trained model an ODE flow (Ott et al. 2021): adapt the step/tolerance every
-    # adapt_every iterations so the training and a finer solver agree within adapt_threshold
-    # nats per dimension, with at most max_steps steps. Half the validity report's 0.01: the
-    # grow-and-revert rule keeps the step near its threshold, and the report should pass with
-    # margin (euler adapted at 0.01 ended 0.0106 nats/dim off on test data).
-    adapt: bool = option(
-        True,
-        "adapt the training step (or tolerance) so a finer solver agrees (Ott et al. 2021)",
-    )
-    adapt_every: int = option(
-        50,
-        "iterations between step-size checks (and 1, 2, 4, ... after a switch from flow matching "
-        "to maximum likelihood)",
-    )
-    adapt_size: int = option(
-        0,
-        "training rows each step-size check scores, the first of the batch (0: all; each check "
-        "solves them with a fine reference solver)",
-    )
-    adapt_threshold: float = option(
-        0.005,
-        "tolerated NLL difference from the finer solver, nats per dimension",
-    )
-    max_steps: int = option(500, "the adapted step never falls below T / max_steps")
     # evaluation: validation every eval_every iterations, the report at the end
     test_size: int = option(
         20_000,
@@ -189,24 +155,35 @@ class TrainConfig:
         "directory of the dataset's files (mnist, fashion-mnist, cifar10)",
     )
     extra: dict[str, Any] = field(default_factory=dict)  # further dataset options
-    model: ModelConfig = field(default_factory=ModelConfig)
+    mle: MaximumLikelihood = options.nested(
+        MaximumLikelihood,
+        "maximum likelihood",
+        {"kinetic": "kinetic", "jacobian": "jacobian"},
+        default=lambda: MaximumLikelihood(kinetic=0.01, jacobian=0.01),
+    )
+    fm: FlowMatching = options.nested(
+        FlowMatching,
+        "flow matching",
+        {name: name for name in ("coupling", "sigma_min", "time_sampling", "autocast")},
+    )
+    # keep the trained model an ODE flow (Ott et al. 2021)
+    adaptation: Adaptation = options.nested(
+        Adaptation,
+        "step adaptation",
+        {"on": ("adapt", help_of(_field(Adaptation, "on"))), "every": "adapt_every",
+         "size": "adapt_size", "threshold": "adapt_threshold", "max_steps": "max_steps"},
+    )  # fmt: skip
+    model: ModelConfig = options.nested(ModelConfig, "model", None)
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig.from_dict(self.model)
+        for name, kind in NESTED.items():
+            if isinstance(getattr(self, name), dict):  # a config's plain data, as saved
+                setattr(self, name, options.from_dict(kind, getattr(self, name)))
         options.finite_floats(self)
         options.booleans(self)
-        for name in (
-            "iters",
-            "batch_size",
-            "eval_every",
-            "test_size",
-            "adapt_every",
-            "max_steps",
-            "validity_size",
-        ):
+        for name in ("iters", "batch_size", "eval_every", "test_size", "validity_size"):
             options.integer(name, getattr(self, name), 1, "a positive integer")
-        for name in ("threads", "patience", "adapt_size"):
+        for name in ("threads", "patience"):
             options.integer(name, getattr(self, name), 0, "an integer >= 0 (0: automatic/off)")
         if not options.is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise options.ConfigError(
@@ -214,7 +191,7 @@ class TrainConfig:
             )
         options.number("lr", self.lr)
         options.number("validity_tol", self.validity_tol)
-        for name in ("weight_decay", "grad_clip", "kinetic", "jacobian", "adapt_threshold"):
+        for name in ("weight_decay", "grad_clip"):
             options.number(name, getattr(self, name), strict=False)
         for name in ("val_fraction", "test_fraction"):
             options.within(name, getattr(self, name), 0, 1)
@@ -229,10 +206,6 @@ class TrainConfig:
 
     def _check_objective(self) -> None:
         options.choice("objective", self.objective, OBJECTIVES)
-        options.choice("coupling", self.coupling, COUPLINGS)
-        options.choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
-        options.choice("autocast", self.autocast, AUTOCASTS)
-        options.within("sigma_min", self.sigma_min, 0, 1, closed=True)
         options.integer("finetune_iters", self.finetune_iters, 0, "an integer >= 0")
         options.number("budget", self.budget, strict=False)
         options.within("finetune_share", self.finetune_share, 0, 1, closed=True)
@@ -242,7 +215,7 @@ class TrainConfig:
             )
         if self.finetune_lr is not None:
             options.number("finetune_lr", self.finetune_lr)
-        changed = [k for k, v in FM_ONLY.items() if getattr(self, k) != v]
+        changed = [k for k, v in FM_ONLY.items() if _get(self, k) != v]
         if self.objective == "mle" and changed:
             raise options.ConfigError(
                 changed[0], "is an option of flow matching: add --objective fm (--finetune-iters "
@@ -278,7 +251,8 @@ class TrainConfig:
         flat = recipe(data, given)
         given = {k: v for k, v in given.items() if v is not None}  # None: the default
         _check_steps(flat, given)  # before the solvers refuse them with less to say
-        cfg = cls(data=data, **_split(flat, ModelConfig()))
+        model = ModelConfig.for_kind(dataset_kind(data))
+        cfg = options.apply(cls(data=data, model=model), flat)
         idle = _idle_options(cfg)
         for name in given:
             if name in idle:
@@ -286,15 +260,28 @@ class TrainConfig:
         return cfg
 
     @classmethod
+    def plain(cls, data: str = "8gaussians", **given: Any) -> TrainConfig:
+        """The field defaults for ``data`` (the model's parts for its kind: a table's or an
+        image flow's options), with ``given`` options by flat name; no presets, and no check
+        that each has an effect (:meth:`for_data` is the recipe ``cnf train`` uses)."""
+        model = ModelConfig.for_kind(dataset_kind(data))
+        return options.apply(cls(data=data, model=model), given)
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         return options.from_dict(cls, values)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**options.to_dict(self), "model": self.model.to_dict()}
+        return options.to_dict(self)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with fields changed; model fields may be given flat."""
-        return dataclasses.replace(self, **_split(changes, self.model))
+        """A copy with options changed by their flat names (``lr``, ``kinetic``, ``eval_atol``:
+        :func:`cnf.options.leaves`)."""
+        return options.apply(self, changes)
+
+    def flat_options(self) -> dict[str, Any]:
+        """Every option by its flat name (the flags of ``cnf train``)."""
+        return options.flatten(self)
 
     # --- what the recipe makes ----------------------------------------------------------
 
@@ -309,19 +296,15 @@ class TrainConfig:
     def make_objective(self) -> Objective:
         """The objective the recipe names (flow matching then maximum likelihood with
         ``finetune_iters``)."""
-        mle = MaximumLikelihood(kinetic=self.kinetic, jacobian=self.jacobian)
         if self.objective == "mle":
-            return mle
-        fm = FlowMatching(self.coupling, self.sigma_min, self.time_sampling, autocast=self.autocast)
+            return self.mle
         if not self.finetune_iters:
-            return fm
-        return Phases(((fm, self.iters), (mle, self.total_iters)))
+            return self.fm
+        return Phases(((self.fm, self.iters), (self.mle, self.total_iters)))
 
     def adapter(self, dim: int) -> StepAdapter | None:
         """Ott et al.'s adapter for ``dim``-dimensional data, or ``None`` with ``adapt`` off."""
-        if not self.adapt:
-            return None
-        return StepAdapter(self.adapt_threshold * dim, T=self.model.T, max_steps=self.max_steps)
+        return self.adaptation.adapter(dim, self.model.T)
 
 
 def _check_steps(flat: dict[str, Any], given: dict[str, Any]) -> None:
@@ -346,22 +329,22 @@ def _idle_options(cfg: TrainConfig) -> dict[str, str]:
 def _idle_solvers(model: ModelConfig) -> dict[str, str]:
     """Tolerances of a fixed-step solver that has its step (a training step is otherwise
     Hairer's, which the tolerances choose)."""
-    idle = {}
-    if model.method in TOLERANCE_FREE and model.step_size is not None:
-        why = (f"has no effect: method {model.method!r} takes fixed steps from step_size "
-               f"{model.step_size:g} (the tolerances only choose a first step when no step_size "
+    idle, solver, check = {}, model.solver, model.eval_solver
+    if solver.method in TOLERANCE_FREE and solver.step_size is not None:
+        why = (f"has no effect: method {solver.method!r} takes fixed steps from step_size "
+               f"{solver.step_size:g} (the tolerances only choose a first step when no step_size "
                "is given): drop it, or choose an adaptive method such as dopri5")  # fmt: skip
         idle.update(atol=why, rtol=why)
-    if model.eval_method in TOLERANCE_FREE:
-        why = (f"has no effect: eval_method {model.eval_method!r} takes fixed steps of "
-               f"eval_step_size {model.eval_step_size:g}: drop it, or choose an adaptive "
+    if check.method in TOLERANCE_FREE:
+        why = (f"has no effect: eval_method {check.method!r} takes fixed steps of "
+               f"eval_step_size {check.step_size:g}: drop it, or choose an adaptive "
                "eval_method such as dopri5")  # fmt: skip
         idle.update(eval_atol=why, eval_rtol=why)
     return idle
 
 
 def _idle_adapter(cfg: TrainConfig) -> dict[str, str]:
-    if cfg.adapt:
+    if cfg.adaptation.on:
         return {}
     why = "has no effect with adapt off (it steers the step adaptation): drop it, or turn adapt on"
     return dict.fromkeys(ADAPTER, why)
@@ -374,7 +357,7 @@ def _idle_objective(cfg: TrainConfig) -> dict[str, str]:
     if cfg.objective != "fm":
         return {}
     idle = {}
-    if cfg.autocast == "bf16" and cfg.model.dtype == "float64":
+    if cfg.fm.autocast == "bf16" and cfg.model.dtype == "float64":
         idle["autocast"] = ("has no effect with dtype float64: bfloat16 autocast lowers only "
                             "float32 operations: drop it, or train in float32")  # fmt: skip
     fine_tunes = cfg.budget_share > 0 if cfg.budget else cfg.finetune_iters > 0
@@ -403,15 +386,6 @@ def _idle_budget(cfg: TrainConfig) -> dict[str, str]:
                                   "maximum likelihood alone: drop it, or set objective to fm "
                                   "(flow matching, then maximum likelihood)")  # fmt: skip
     return idle
-
-
-def _split(flat: dict[str, Any], model: ModelConfig) -> dict[str, Any]:
-    """Flat options as TrainConfig keywords: the model's fields folded into ``model``."""
-    model_changes = {k: v for k, v in flat.items() if k in MODEL_FIELDS}
-    rest = {k: v for k, v in flat.items() if k not in MODEL_FIELDS}
-    if model_changes:
-        rest["model"] = model.replace(**model_changes)
-    return rest
 
 
 __all__ = ["BUDGET_PRESETS", "PRESETS", "SCHEDULES", "TrainConfig"]

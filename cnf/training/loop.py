@@ -153,17 +153,17 @@ def _checks(objective: Objective, it: int, cfg: TrainConfig) -> bool:
     for the field it inherits, where a few iterations of maximum likelihood learn to exploit the
     discretization (measured on digits: 36 iterations at one rk4 step trained 1.63 bits/dim
     under that solver, 6.9 under dopri5), so the first checks come early, doubling apart."""
-    if it % cfg.adapt_every == 0:
+    if it % cfg.adaptation.every == 0:
         return True
     first = objective.begins(it)
     since = it - first
     entered = first > 1 and not objective.at(first - 1).adapts
-    return entered and 0 < since < cfg.adapt_every and since & (since - 1) == 0
+    return entered and 0 < since < cfg.adaptation.every and since & (since - 1) == 0
 
 
 def _adapt_rows(x: Tensor, cfg: TrainConfig) -> Tensor:
     """The rows of the batch that the adapter's checks score: the first ``adapt_size``."""
-    return x[: cfg.adapt_size] if cfg.adapt_size else x
+    return x[: cfg.adaptation.size] if cfg.adaptation.size else x
 
 
 def _metric(active: Objective, model, x: Tensor, seed: int, dist: Distributed):
@@ -209,8 +209,9 @@ def _enter_solving_phase(
     if state.adapter is not None:
         metric = _metric(active, model, _adapt_rows(x, cfg), stream_seed(cfg.seed, ADAPT, it), dist)
         model.set_solver(state.adapter.largest_valid(model.solver, metric))
-    elif cfg.model.step_size is None:
-        start_step(model, x, None, rtol=cfg.model.rtol, atol=cfg.model.atol)
+    elif cfg.model.solver.step_size is None:
+        given = cfg.model.solver
+        start_step(model, x, None, rtol=given.rtol, atol=given.atol)
     return {"event": "start", "step_size": model.solver.step_size, "atol": model.solver.atol}
 
 

@@ -18,6 +18,7 @@ from cnf import options
 from cnf.adaptation import batch_nll_metric
 from cnf.fields import SeededDropout, seeded_dropout
 from cnf.flow import Flow
+from cnf.options import option
 from cnf.solvers import Solver
 from cnf.trace import RowsOfBatch
 
@@ -81,10 +82,15 @@ class MaximumLikelihood(Objective):
         your neural ODE", ICML 2020 (arXiv:2002.02798).
     """
 
-    kinetic: float = 0.0
-    jacobian: float = 0.0
+    kinetic: float = option(0.0, "weight of RNODE's kinetic-energy penalty, int ||f||^2 dt")
+    jacobian: float = option(0.0, "weight of RNODE's Jacobian penalty, int ||df/dz||_F^2 dt")
     name: ClassVar[str] = "mle"
     adapts: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        options.finite_floats(self)
+        for name in ("kinetic", "jacobian"):
+            options.number(name, getattr(self, name), strict=False)
 
     def loss(
         self, model: Flow, x: Tensor, generator: torch.Generator, shard: Shard = None
@@ -158,15 +164,20 @@ class FlowMatching(Objective):
         transport", TMLR 2024 (arXiv:2302.00482).
     """
 
-    coupling: str = "independent"
-    sigma_min: float = 0.0
-    time_sampling: str = "uniform"
+    coupling: str = option("independent", "independent, or ot (minibatch optimal transport)")
+    sigma_min: float = option(0.0, "width of the linear path at the data (0: rectified flow)")
+    time_sampling: str = option("uniform", "path times, uniform or logit-normal")
     ot_chunk: int = 128
-    autocast: str = "off"
+    autocast: str = option(
+        "off",
+        "bf16 runs the regression's field under bfloat16 autocast, faster on GPUs and on CPUs "
+        "with bfloat16 instructions (likelihoods and samples stay float32)",
+    )
     name: ClassVar[str] = "fm"
     adapts: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        options.finite_floats(self)
         options.choice("coupling", self.coupling, COUPLINGS)
         options.choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
         options.within("sigma_min", self.sigma_min, 0, 1, closed=True)

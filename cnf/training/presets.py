@@ -7,6 +7,7 @@ from typing import Any
 
 from cnf.data import dataset_kind
 from cnf.model_config import ModelConfig
+from cnf.options import leaves
 from cnf.solvers import ADAPTIVE
 
 # the options of flow matching, at their defaults (a maximum-likelihood run refuses others)
@@ -38,7 +39,7 @@ def _overruled(name: str, flat: dict[str, Any]) -> bool:
 
 
 def method_of(field_name: str, flat: dict[str, Any]) -> Any:
-    return flat.get(field_name, getattr(ModelConfig, field_name))
+    return flat.get(field_name, leaves(ModelConfig)[field_name].default)
 
 
 # Defaults per kind of data, over the field defaults (tuned on the 2-D toys); flat, model fields

@@ -110,10 +110,11 @@ def setup(
 
 def _start_step(model: Flow, data: Dataset, cfg: TrainConfig, device, dtype) -> None:
     """A fixed-step solver without a step starts at Hairer's step, on the first batch."""
-    if cfg.model.step_size is None and model.solver.fixed_step:
+    given = cfg.model.solver
+    if given.step_size is None and given.fixed_step:
         x = to_tensor(data.train_batch(cfg.batch_size, 1), device, dtype)
         adapter = cfg.adapter(math.prod(data.event_shape))
-        start_step(model, x, adapter, rtol=cfg.model.rtol, atol=cfg.model.atol)
+        start_step(model, x, adapter, rtol=given.rtol, atol=given.atol)
 
 
 def _check_model_size(cfg: TrainConfig, meta: dict[str, Any]) -> None:
