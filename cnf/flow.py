@@ -14,6 +14,8 @@ change of variables,
     \frac{\partial f}{\partial z(t)}\, dt.
 
 Sampling draws :math:`z \sim \mathcal{N}(0, I)` and integrates from :math:`T` back to :math:`0`.
+A conditional flow models :math:`p(x \mid c)` with a field :math:`f(t, z, c)`: the condition is
+held fixed along the ODE (:mod:`cnf.context`).
 
 References:
     Chen et al., "Neural Ordinary Differential Equations", NeurIPS 2018 (arXiv:1806.07366).
@@ -32,10 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnf.fields import ConcatSquashMLP
+from cnf.context import ContextEncoder, check_field_context, encode_context, make_context_encoder
+from cnf.fields import ConcatSquashMLP, call_field
 from cnf.ode import ODEBlock
 from cnf.solvers import Solver
-from cnf.trace import ProbeSource, TraceEstimator, make_trace
+from cnf.trace import JointDynamics, ProbeSource, make_trace
 
 _matmul = torch.backends.cuda.matmul  # its allow_tf32 is process-wide (cnf.runtime)
 
@@ -57,29 +60,6 @@ class FlowResult:
     logdet: Tensor
     kinetic: Tensor | None = None
     jacobian: Tensor | None = None
-
-
-class _JointDynamics:
-    """``d/ds [z, a, (kinetic, jacobian)] = T [f, Tr J, (||f||^2, ||J||_F^2)]`` at ``t = sT``,
-    with one fixed probe for the whole solve, adjoint pass included."""
-
-    def __init__(
-        self,
-        flow: CNF,
-        estimator: TraceEstimator,
-        probe: Tensor | None,
-        regularize: bool,
-    ) -> None:
-        self.flow, self.estimator, self.probe, self.regularize = flow, estimator, probe, regularize
-
-    def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        T = self.flow.T
-        ev = self.estimator(self.flow.field, s * T, state[0], self.probe, self.regularize)
-        out = (T * ev.value, T * ev.trace)
-        if self.regularize:
-            kinetic = ev.value.reshape(ev.value.shape[0], -1).square().sum(1)
-            out = (*out, T * kinetic, T * ev.frobenius)
-        return out
 
 
 @contextmanager
@@ -108,6 +88,8 @@ class Flow:
     dim: int
     event_shape: tuple[int, ...]
     levels: int | None = None  # the pixel values of an image model (its densities are of them)
+    context_features: int | None = None  # continuous condition features of p(x | c)
+    num_classes: int | None = None  # class labels of p(x | c)
     preprocessed = False  # whether the flow fits a preprocessing layer (fit_preprocessing)
 
     def fit_preprocessing(self, x: Any) -> None:
@@ -151,10 +133,12 @@ class Flow:
         generator: torch.Generator | None = None,
         solver: Solver | None = None,
         trace: str | None = None,
+        **condition: Any,
     ) -> tuple[Tensor, Tensor]:
-        """Draw ``n`` samples with their log-density ``log N(z) - log|det dx/dz|``."""
+        """Draw ``n`` samples with their log-density ``log N(z) - log|det dx/dz|``; a
+        conditional flow takes ``context=`` (and ``drop=``) as in ``to_data``."""
         z = self._base_noise(n, generator)
-        out = self.to_data(z, solver=solver, trace=trace, generator=generator)
+        out = self.to_data(z, solver=solver, trace=trace, generator=generator, **condition)
         return out.value, self.base_log_prob(z) - out.logdet
 
     def _base_noise(self, n: int, generator: torch.Generator | None) -> Tensor:
@@ -176,7 +160,7 @@ class Flow:
 
 
 class CNF(Flow, ODEBlock):
-    """A continuous normalizing flow with a standard normal base.
+    r"""A continuous normalizing flow with a standard normal base.
 
     Arguments:
         dim: the data dimension, or an event shape such as ``(1, 8, 8)`` for images.
@@ -189,11 +173,22 @@ class CNF(Flow, ODEBlock):
         learn_T: make ``T`` a trained parameter, as in :class:`~cnf.ode.ODEBlock`.
         solver: the training :class:`~cnf.solvers.Solver`, as in :class:`~cnf.ode.ODEBlock`.
         eval_solver: the :class:`~cnf.solvers.Solver` of ``eval()`` mode.
+        context: model :math:`p(x \mid c)` for ``K`` continuous features ``c``
+            (:class:`~cnf.context.FeatureContext`); the field must then take ``context=``.
+        num_classes: model :math:`p(x \mid c)` for class labels ``c`` in ``0..C-1``, embedded in
+            ``embed`` dimensions (:class:`~cnf.context.LabelContext`); not with ``context``.
+
+    Every map, density and sample of a conditional flow takes ``context=``: one condition for
+    every row (shape ``(K,)``, or one label) or one per row (``(n, K)``, or ``(n,)``), and
+    ``drop=``, a boolean ``(n,)`` whose True rows take the learned null condition.
 
     Example:
         >>> flow = CNF(2, hidden=(16, 16), solver=Solver("rk4", step_size=0.25))
         >>> x = flow.sample(5)
         >>> flow.log_prob(x).shape
+        torch.Size([5])
+        >>> labelled = CNF(2, hidden=(16,), num_classes=3, solver=Solver("rk4", step_size=0.25))
+        >>> labelled.log_prob(x, context=torch.tensor([0, 1, 2, 2, 0])).shape
         torch.Size([5])
     """
 
@@ -210,16 +205,25 @@ class CNF(Flow, ODEBlock):
         learn_T: bool = False,
         solver: Solver | Mapping[str, Any] | None = None,
         eval_solver: Solver | Mapping[str, Any] | None = None,
+        context: int | None = None,
+        num_classes: int | None = None,
+        embed: int = 16,
     ) -> None:
         event_shape = _event_shape(dim)
+        encoder = make_context_encoder(context, num_classes, embed)
+        width = 0 if encoder is None else encoder.width
         if vector_field is None:
             if len(event_shape) != 1:
                 raise ValueError(
                     f"the default vector field is for vector data; for event shape {event_shape} "
                     "pass vector_field= (a convolutional one: cnf.ConvField)"
                 )
-            vector_field = ConcatSquashMLP(event_shape[0], hidden, activation=activation)
+            vector_field = ConcatSquashMLP(event_shape[0], hidden, activation=activation,
+                                           context=width)  # fmt: skip
+        check_field_context(vector_field, width)
         super().__init__(vector_field, T=T, learn_T=learn_T, solver=solver, eval_solver=eval_solver)
+        self.context_encoder: ContextEncoder | None = encoder  # after the field: keys keep order
+        self.context_features, self.num_classes = context, num_classes
         self.event_shape = event_shape
         self.dim = math.prod(event_shape)
         self.trace_name, self.noise = trace, noise
@@ -229,19 +233,46 @@ class CNF(Flow, ODEBlock):
         return [self]
 
     def extra_repr(self) -> str:
+        condition = "" if self.context_encoder is None else f"{self.context_encoder.describe()}, "
         return (
-            f"event_shape={self.event_shape}, trace={self.estimator.name!r}, "
+            f"event_shape={self.event_shape}, {condition}trace={self.estimator.name!r}, "
             f"solver={self.solver.describe()}, eval_solver={self.eval_solver.describe()}"
         )
+
+    def dynamics_parameters(self) -> tuple[Tensor, ...]:
+        """Every parameter but the context encoder's, which reach the dynamics only through the
+        encoded context (:meth:`~cnf.ode.ODEBlock.integrate`)."""
+        encoder = {id(p) for p in self.context_encoder.parameters()} if self.context_encoder else ()
+        return tuple(p for p in self.parameters() if id(p) not in encoder)
+
+    def encode_context(self, context: object, n: int, drop: Tensor | None = None) -> Tensor | None:
+        """The checked, encoded condition the field sees for ``n`` rows (``(1 or n, width)``;
+        ``None`` for an unconditional flow); rows where ``drop`` is True take the null one."""
+        return encode_context(self.context_encoder, context, n, drop)
+
+    def velocity(
+        self, t: Tensor, x: Tensor, *, context: object = None, drop: Tensor | None = None
+    ) -> Tensor:
+        """The field ``f(t, x)``, or ``f(t, x, c)``, at one time or one per row (``t`` of shape
+        ``(n,)``), in the field's coordinates: the evaluation flow matching regresses."""
+        return call_field(self.field, t, x, self.encode_context(context, len(x), drop))
 
     # --- densities ------------------------------------------------------------------------
 
     def sample(
-        self, n: int, *, generator: torch.Generator | None = None, solver: Solver | None = None
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        solver: Solver | None = None,
+        context: object = None,
+        drop: Tensor | None = None,
     ) -> Tensor:
-        """Draw ``n`` samples: base noise integrated from ``T`` back to 0 (no trace computed)."""
+        """Draw ``n`` samples: base noise integrated from ``T`` back to 0 (no trace computed),
+        of ``p(x | context)`` for a conditional flow."""
         z = self._base_noise(n, generator)
-        return self.integrate(self.dynamics, (z,), self.times(z, reverse=True), solver)[0][-1]
+        c = self.encode_context(context, n, drop)
+        return self.solve_states(z, self.times(z, reverse=True), solver, c)[-1]
 
     # --- maps -----------------------------------------------------------------------------
 
@@ -254,7 +285,7 @@ class CNF(Flow, ODEBlock):
         :data:`~cnf.trace.ProbeSource` that gives the Hutchinson probe instead of drawing it
         from ``generator``, such as :class:`~cnf.trace.RowsOfBatch` for a share of a batch) and
         ``logdet`` (``False``: the map alone, no trace integrated, ``logdet`` zero; for round
-        trips).
+        trips); a conditional flow's ``context`` and ``drop`` (as in :class:`CNF`).
         """
         x = self.check_input(x, "x")
         return self._last(self._joint(x, self.times(x), **kwargs))
@@ -290,9 +321,12 @@ class CNF(Flow, ODEBlock):
         regularize: bool = False,
         probes: ProbeSource | None = None,
         logdet: bool = True,
+        context: object = None,
+        drop: Tensor | None = None,
     ) -> FlowResult:
+        c = self.encode_context(context, len(y), drop)  # once per solve, fixed along it
         if not logdet and not regularize and len(y):  # the map alone: no trace to integrate
-            values = self.integrate(self.dynamics, (y,), t, solver)[0]
+            values = self.solve_states(y, t, solver, c)
             return FlowResult(values, y.new_zeros((len(t), y.shape[0])))
         estimator = self.estimator if trace is None else make_trace(trace, self.dim, self.noise)
         if len(y) == 0:  # nothing to integrate: empty results of the right shapes
@@ -302,8 +336,8 @@ class CNF(Flow, ODEBlock):
         probe = estimator.probe(y, generator) if probes is None else probes(estimator, y)
         zeros = y.new_zeros(y.shape[0])
         y0 = (y, zeros, zeros, zeros) if regularize else (y, zeros)
-        dynamics = _JointDynamics(self, estimator, probe, regularize)
-        states = self.integrate(dynamics, y0, t, solver)
+        dynamics = JointDynamics(self, estimator, probe, regularize, c)
+        states = self.integrate(dynamics, y0, t, solver, context=c)
         return FlowResult(*states)
 
     @staticmethod

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from cnf.fields import check_field
+from cnf.fields import call_field, check_field
 from cnf.solvers import NFE, Solver, as_solver, check_finite
 
 DEFAULT_SOLVER = Solver("dopri5", atol=1e-5, rtol=1e-5)
@@ -102,21 +103,50 @@ class ODEBlock(nn.Module):
         y0: tuple[Tensor, ...],
         t: Tensor,
         solver: Solver | None = None,
+        *,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         """Solve ``dynamics`` (written in rescaled time ``s``) through the times ``t`` in
-        ``[0, T]``; return the states at every time, each with a leading time axis."""
+        ``[0, T]``; return the states at every time, each with a leading time axis.
+
+        ``context`` is a tensor the dynamics close over (a conditional CNF's encoded condition,
+        fixed along the solve, not part of the state). Under the adjoint it joins the parameters
+        whose gradients the adjoint pass integrates (:meth:`dynamics_parameters`), so that its
+        gradient, and through it the encoder's parameters' and a continuous context's own, is
+        the direct one.
+        """
         solver = self.active_solver(solver)
         T = self.T.detach()
         s = (t.to(y0[0]) / T).to(y0[0].dtype)
-        params = tuple(self.parameters())
+        params = self.dynamics_parameters()
+        if context is not None and context.requires_grad:
+            params = (*params, context)
         states, self._nfe = solver.solve(dynamics, y0, s, params, time_scale=float(T))
         check_finite([x[-1] for x in states], solver)
         return states
 
-    def dynamics(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """``dh/ds = T f(sT, h)``."""
+    def dynamics_parameters(self) -> tuple[Tensor, ...]:
+        """The parameters the dynamics read, whose gradients the adjoint pass integrates: here
+        all of the block's. A parameter that reaches them only through ``integrate``'s
+        ``context`` must be left out: the adjoint would count its gradient twice, once directly
+        and once through the context's."""
+        return tuple(self.parameters())
+
+    def dynamics(
+        self, s: Tensor, state: tuple[Tensor, ...], context: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """``dh/ds = T f(sT, h)``, or ``T f(sT, h, context)`` for a conditional field (bind the
+        context with ``functools.partial``)."""
         T = self.T
-        return (T * self.field(s * T, state[0]),)
+        return (T * call_field(self.field, s * T, state[0], context),)
+
+    def solve_states(
+        self, h: Tensor, t: Tensor, solver: Solver | None = None, context: Tensor | None = None
+    ) -> Tensor:
+        """The states alone (no log-density) from ``h`` at ``t[0]`` through every time of ``t``,
+        with a leading time axis; for a conditional field, under the encoded ``context``."""
+        dynamics = self.dynamics if context is None else partial(self.dynamics, context=context)
+        return self.integrate(dynamics, (h,), t, solver, context=context)[0]
 
     def times(self, like: Tensor, reverse: bool = False, steps: Sequence[float] = (0.0, 1.0)):
         """Integration times ``T * steps`` (reversed for ``reverse``) in ``like``'s dtype/device."""

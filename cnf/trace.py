@@ -9,6 +9,9 @@ solver pays one forward pass per function evaluation:
 * :class:`HutchinsonTrace` uses one vector-Jacobian product, :math:`\epsilon^\top (\partial f /
   \partial z)\, \epsilon`, with a probe :math:`\epsilon` drawn once per solve.
 
+For a conditional field both take the encoded ``context`` (held fixed: it is not part of the
+state) and differentiate with respect to the state only.
+
 Both also return the squared Frobenius norm of the Jacobian (exact, or its Hutchinson estimate
 :math:`\lVert \epsilon^\top J \rVert^2`), the regularizer of RNODE.
 
@@ -23,10 +26,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from cnf.fields import call_field
+
+if TYPE_CHECKING:
+    from cnf.ode import ODEBlock
 
 TRACES = ("auto", "exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
@@ -55,7 +63,9 @@ class JacobianField(Protocol):
     """A vector field that gives its per-sample Jacobian with its value (by forward mode, as
     :class:`~cnf.fields.ConcatSquashMLP` does): the exact trace's fast path."""
 
-    def value_and_jacobian(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]: ...
+    def value_and_jacobian(
+        self, t: Tensor, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]: ...
 
 
 class ExactTrace:
@@ -70,15 +80,22 @@ class ExactTrace:
         return None
 
     def __call__(
-        self, field: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None, frobenius: bool = False
+        self,
+        field: nn.Module,
+        t: Tensor,
+        z: Tensor,
+        probe: Tensor | None,
+        frobenius: bool = False,
+        context: Tensor | None = None,
     ) -> FieldEval:
         if isinstance(field, JacobianField) and z.ndim == 2:
-            value, jac = field.value_and_jacobian(t, z)
+            extra = {} if context is None else {"context": context}
+            value, jac = field.value_and_jacobian(t, z, **extra)
             frob = jac.square().sum((1, 2)) if frobenius else None
             return FieldEval(value, jac.diagonal(dim1=1, dim2=2).sum(1), frob)
         if not self._vmap_failed:
             try:
-                return self._vmapped(field, t, z, frobenius)
+                return self._vmapped(field, t, z, frobenius, context)
             except RuntimeError as err:  # fields with data-dependent control flow cannot be vmapped
                 self._vmap_failed = True
                 warnings.warn(
@@ -87,26 +104,36 @@ class ExactTrace:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        return self._looped(field, t, z, frobenius)
+        return self._looped(field, t, z, frobenius, context)
 
     @staticmethod
-    def _vmapped(field: nn.Module, t: Tensor, z: Tensor, frobenius: bool) -> FieldEval:
-        def one(zi: Tensor) -> tuple[Tensor, Tensor]:
-            out = field(t, zi.unsqueeze(0)).squeeze(0)
+    def _vmapped(
+        field: nn.Module, t: Tensor, z: Tensor, frobenius: bool, context: Tensor | None
+    ) -> FieldEval:
+        per_row = context is not None and context.shape[0] > 1
+
+        def one(zi: Tensor, ci: Tensor | None) -> tuple[Tensor, Tensor]:
+            row_context = context if ci is None else ci.unsqueeze(0)
+            out = call_field(field, t, zi.unsqueeze(0), row_context).squeeze(0)
             return out, out
 
-        jac, value = torch.func.vmap(torch.func.jacrev(one, has_aux=True))(z)
+        # a per-row context is mapped with its row; a shared one (or none) is closed over
+        in_dims = (0, 0) if per_row else (0, None)
+        jacobian = torch.func.jacrev(one, has_aux=True)
+        jac, value = torch.func.vmap(jacobian, in_dims=in_dims)(z, context if per_row else None)
         n, dim = z.shape[0], z[0].numel()
         jac = jac.reshape(n, dim, dim)
         frob = jac.square().sum((1, 2)) if frobenius else None
         return FieldEval(value, jac.diagonal(dim1=1, dim2=2).sum(1), frob)
 
     @staticmethod
-    def _looped(field: nn.Module, t: Tensor, z: Tensor, frobenius: bool) -> FieldEval:
+    def _looped(
+        field: nn.Module, t: Tensor, z: Tensor, frobenius: bool, context: Tensor | None
+    ) -> FieldEval:
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             zg = z if z.requires_grad else z.detach().requires_grad_(True)
-            value = field(t, zg)
+            value = call_field(field, t, zg, context)
             flat = value.reshape(z.shape[0], -1)
             trace = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
             frob = torch.zeros_like(trace) if frobenius else None
@@ -143,11 +170,17 @@ class HutchinsonTrace:
         return bits.to(z.dtype) * 2 - 1
 
     def __call__(
-        self, field: nn.Module, t: Tensor, z: Tensor, probe: Tensor | None, frobenius: bool = False
+        self,
+        field: nn.Module,
+        t: Tensor,
+        z: Tensor,
+        probe: Tensor | None,
+        frobenius: bool = False,
+        context: Tensor | None = None,
     ) -> FieldEval:
         if probe is None:
             raise ValueError("the Hutchinson estimator needs a probe: draw one with .probe(z)")
-        value, vjp = torch.func.vjp(lambda zz: field(t, zz), z)
+        value, vjp = torch.func.vjp(lambda zz: call_field(field, t, zz, context), z)
         (e_j,) = vjp(probe)
         frob = event_sum(e_j.square()) if frobenius else None
         return FieldEval(value, event_sum(e_j * probe), frob)
@@ -171,6 +204,33 @@ class RowsOfBatch:
     def __call__(self, estimator: TraceEstimator, y: Tensor) -> Tensor | None:
         whole = estimator.probe(y.new_empty((self.total, *y.shape[1:])), self.generator)
         return None if whole is None else whole[self.start : self.start + len(y)]
+
+
+class JointDynamics:
+    """A CNF's joint dynamics, ``d/ds [z, a, (kinetic, jacobian)] = T [f, Tr J, (||f||^2,
+    ||J||_F^2)]`` at ``t = sT``, for ``block``'s field and ``T``, with one fixed probe and one
+    fixed encoded context for the whole solve, adjoint pass included."""
+
+    def __init__(
+        self,
+        block: ODEBlock,
+        estimator: TraceEstimator,
+        probe: Tensor | None,
+        regularize: bool,
+        context: Tensor | None = None,
+    ) -> None:
+        self.block, self.estimator, self.probe = block, estimator, probe
+        self.regularize, self.context = regularize, context
+
+    def __call__(self, s: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        T, field = self.block.T, self.block.field
+        extra = {} if self.context is None else {"context": self.context}  # unconditional: as ever
+        ev = self.estimator(field, s * T, state[0], self.probe, self.regularize, **extra)
+        out = (T * ev.value, T * ev.trace)
+        if self.regularize:
+            kinetic = ev.value.reshape(ev.value.shape[0], -1).square().sum(1)
+            out = (*out, T * kinetic, T * ev.frobenius)
+        return out
 
 
 def make_trace(name: str, dim: int, noise: str = "rademacher") -> TraceEstimator:
