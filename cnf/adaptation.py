@@ -72,7 +72,9 @@ def hairer_initial_step(
     return min(100 * h0, h1)
 
 
-def initial_step(model: Flow, x: Tensor, order: int, rtol: float, atol: float) -> float:
+def initial_step(
+    model: Flow, x: Tensor, order: int, rtol: float, atol: float, context: Tensor | None = None
+) -> float:
     """Hairer's starting step for the first block of ``model`` on the batch ``x``, in units of
     integration time (the data and log-density state at t = 0), taken in the coordinates the
     block sees (after a tabular model's normalizer). A field that is still zero on the batch
@@ -80,11 +82,10 @@ def initial_step(model: Flow, x: Tensor, order: int, rtol: float, atol: float) -
     answer 1e-6); any step integrates it exactly, so the start is then ``T / 8`` and the
     adaptation takes it from there."""
     block = model.ode_blocks()[0]
-    estimator = block.estimator
 
     def f(t: float, y: Tensor) -> Tensor:
         tt = torch.as_tensor(t, dtype=y.dtype, device=y.device)
-        return estimator(block.field, tt, y, estimator.probe(y)).value
+        return block.velocity(tt, y, context=context)
 
     with torch.no_grad():  # a one-block model's coordinates (a table's are normalized)
         y = model.field_coordinates(x) if len(model.ode_blocks()) == 1 else x
@@ -233,19 +234,24 @@ def batch_nll_metric(
     generator_seed: int,
     shard: tuple[int, int] | None = None,
     reduce: Callable[[float], float] | None = None,
+    *,
+    context: Tensor | None = None,
 ) -> Callable[[Solver], float]:
     """The metric of :class:`StepAdapter`: the batch NLL (nats) of ``x`` under a solver, in eval
     mode, with the same Hutchinson probes for every solver. In distributed training each
     process scores its ``shard = (start, stop)`` of the batch and ``reduce`` averages them, so
-    every process takes the same decision."""
+    every process takes the same decision. ``context``: each row's condition, for a model of
+    ``p(x | c)``."""
 
     def metric(solver: Solver) -> float:
         gen = torch.Generator(device=x.device).manual_seed(generator_seed)
-        probes, xs = None, x
+        probes, xs, cs = None, x, context
         if shard is not None:
             probes, xs = RowsOfBatch(gen, shard[0], len(x)), x[shard[0] : shard[1]]
+            cs = None if context is None else context[shard[0] : shard[1]]
+        condition = {} if cs is None else {"context": cs}
         with torch.no_grad(), evaluating(model):
-            logp = model.log_prob(xs, generator=gen, solver=solver, probes=probes)
+            logp = model.log_prob(xs, generator=gen, solver=solver, probes=probes, **condition)
         value = -float(logp.double().mean())
         return value if reduce is None else reduce(value)
 
@@ -253,13 +259,19 @@ def batch_nll_metric(
 
 
 def start_step(
-    model: Flow, x: Tensor, adapter: StepAdapter | None, *, rtol: float, atol: float
+    model: Flow,
+    x: Tensor,
+    adapter: StepAdapter | None,
+    *,
+    rtol: float,
+    atol: float,
+    context: Tensor | None = None,
 ) -> None:
     """Start a fixed-step training solver at Hairer's step for its order, measured on the batch
     ``x`` (clamped to the adapter's bounds); adaptive solvers are left as they are."""
     solver = model.solver
     if not solver.fixed_step:
         return
-    h = initial_step(model, x, solver.order, rtol=rtol, atol=atol)
+    h = initial_step(model, x, solver.order, rtol=rtol, atol=atol, context=context)
     solver = solver.replace(step_size=h)
     model.set_solver(adapter.scaled(solver, 1.0) if adapter else solver)

@@ -76,6 +76,7 @@ def log_probs(
     solver: Solver | None = None,
     share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
+    context: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """``log p`` of every row of ``x`` (float64, in eval mode) and the mean forward NFE per
     solve, in batches of ``batch_size`` rows.
@@ -84,17 +85,22 @@ def log_probs(
     stream, first + i)`` (:mod:`cnf.seeds`), so the result is a function of the rows, the seed
     and the batch size alone: the same every time, and the same under any number of
     processes, where each solves its rows of every batch (``share(n)``: this process's rows
-    of a batch of ``n``) and ``gather`` joins every process's, in rank order.
+    of a batch of ``n``) and ``gather`` joins every process's, in rank order. ``context``: each
+    row's condition, for a model of ``p(x | c)`` (the result is then ``log p(x | c)``).
     """
     logps, nfes = [], []
+    conditions = [None] * len(x.split(batch_size)) if context is None else context.split(batch_size)
     with evaluating(model):
-        for i, batch in enumerate(x.split(batch_size)):
+        for i, (batch, c) in enumerate(zip(x.split(batch_size), conditions, strict=True)):
             gen = generator(x.device, seed, stream, first + i)
             probes = None
             if share is not None:
                 part = share(len(batch))
                 probes, batch = RowsOfBatch(gen, part.start, len(batch)), batch[part]
-            logp = model.log_prob(batch, generator=gen, solver=solver, probes=probes).double()
+                c = None if c is None else c[part]
+            condition = {} if c is None else {"context": c}
+            logp = model.log_prob(batch, generator=gen, solver=solver, probes=probes, **condition)
+            logp = logp.double()
             logps.append(logp if gather is None else gather(logp))
             if len(batch):  # a process with no rows of this batch solved nothing
                 nfes.append(model.nfe.forward)
@@ -116,6 +122,7 @@ def evaluate(
     stream: int = TEST,
     share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
+    context: Tensor | None = None,
 ) -> Evaluation:
     """NLL of ``x`` under ``model`` in eval mode (its evaluation solver unless ``solver``).
 
@@ -131,6 +138,8 @@ def evaluate(
         share: in distributed evaluation, this process's rows of a batch of ``n``.
         gather: the join of every process's log-densities (:func:`log_probs`): every process
             gets the whole set's numbers.
+        context: each row's condition, for a model of ``p(x | c)``: the NLL is then the
+            conditional one, ``-log p(x | c)``.
 
     Returns:
         The mean NLL, its standard error over rows, the mean forward NFE per batch, where the
@@ -138,7 +147,8 @@ def evaluate(
         the NLL in bits per dimension.
     """
     logp, nfe = log_probs(model, x, seed=seed, stream=stream, batch_size=batch_size,
-                          solver=solver, share=share, gather=gather)  # fmt: skip
+                          solver=solver, share=share, gather=gather,
+                          context=context)  # fmt: skip
     nll, se = mean_and_se(-logp)
     kl = None if entropy is None else nll - entropy
     bpd = None

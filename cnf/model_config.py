@@ -132,6 +132,7 @@ class ModelConfig:
         "float32",
         f"parameters and densities in {' or '.join(DTYPES)}",
     )
+    embed: int = option(16, "conditional models of labels: the width of a label's embedding")
     solver: Solver = options.nested(
         Solver, "training solver", SOLVER_FLAGS, default=lambda: Solver("rk4", max_nfe=10_000)
     )
@@ -160,6 +161,7 @@ class ModelConfig:
         options.finite_floats(self)
         options.booleans(self)
         options.number("T", self.T)
+        options.integer("embed", self.embed, 1, "a positive integer")
         options.choice("activation", self.activation, sorted(ACTIVATIONS))
         options.choice("trace", self.trace, TRACES)
         options.choice("noise", self.noise, NOISES)
@@ -205,12 +207,13 @@ class ModelConfig:
 
 def _vector(cfg: ModelConfig, meta: dict[str, Any]) -> CNF:
     (dim,) = meta["event_shape"]
-    return CNF(dim, **_common(cfg))
+    return CNF(dim, **_common(cfg), **_condition(cfg, meta))
 
 
 def _tabular(cfg: ModelConfig, meta: dict[str, Any]) -> TabularCNF:
     (dim,) = meta["event_shape"]
-    return TabularCNF(dim, preprocess=(cfg.table or TableModel()).preprocess, **_common(cfg))
+    preprocess = (cfg.table or TableModel()).preprocess
+    return TabularCNF(dim, preprocess=preprocess, **_common(cfg), **_condition(cfg, meta))
 
 
 def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
@@ -224,6 +227,16 @@ def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
         field=image.field,
         **_common(cfg),
     )
+
+
+def _condition(cfg: ModelConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """A conditional model's arguments for data with conditions (``meta["context"]``)."""
+    context = meta.get("context")
+    if context is None:
+        return {}
+    if context["kind"] == "categorical":
+        return {"num_classes": context["classes"], "embed": cfg.embed}
+    return {"context": context["features"]}
 
 
 def _common(cfg: ModelConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from torch import Tensor
 from cnf.data import Dataset
 from cnf.evaluate import Evaluation, evaluate
 from cnf.flow import Flow
-from cnf.runtime import to_tensor
+from cnf.runtime import to_tensors
 from cnf.seeds import TEST
 from cnf.solvers import Solver
 from cnf.transport import like
@@ -71,21 +71,22 @@ def report(
     """
     say = say or (lambda text: None)
     p = like(model)
-    x = to_tensor(data.test(n), p.device, p.dtype)
+    x, c = to_tensors(data.test(n), p.device, p.dtype)
     say(f"evaluating {len(x)} test samples with {(solver or model.eval_solver).describe()}")
-    evaluation = evaluate(model, x, entropy=data.entropy, solver=solver,
-                          seed=seed, stream=TEST, share=share, gather=gather)  # fmt: skip
+    evaluation = evaluate(model, x, entropy=data.entropy, solver=solver, seed=seed,
+                          stream=TEST, share=share, gather=gather, context=c)  # fmt: skip
     validity = None
     if validity_n is not None:
         checked = checked or solver or model.solver
-        pool = x[: GROWTH * validity_n]
+        pool, pool_c = x[: GROWTH * validity_n], None if c is None else c[: GROWTH * validity_n]
         if len(pool) < GROWTH * validity_n and n is not None:  # --n does not shrink it
-            pool = to_tensor(data.test(GROWTH * validity_n), p.device, p.dtype)
+            pool, pool_c = to_tensors(data.test(GROWTH * validity_n), p.device, p.dtype)
         say(f"checking solver validity on {min(validity_n, len(pool))} test points (up to "
             f"{len(pool)} if undecided): {checked.describe()}, a finer one, and the float64 "
             f"reference {reference.describe()}")  # fmt: skip
         validity = solver_validity(model, pool, solver=checked, start=validity_n, seed=seed,
-                                   share=share, gather=gather, reference=reference)  # fmt: skip
+                                   share=share, gather=gather, reference=reference,
+                                   context=pool_c)  # fmt: skip
     return Report(evaluation, validity)
 
 

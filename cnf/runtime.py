@@ -88,3 +88,16 @@ def configure_cuda(device: torch.device, tf32: bool) -> None:
 def to_tensor(batch: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
     """A batch (numpy array or tensor) on ``device`` in ``dtype``."""
     return torch.as_tensor(batch).to(device=device, dtype=dtype)
+
+
+def to_tensors(
+    batch: Any, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """A batch's rows ``x`` on ``device`` in ``dtype``, and a conditional dataset's conditions
+    (its batches are pairs ``(x, c)``): labels as integers, features in ``dtype``; ``None``
+    for a dataset without them."""
+    if not hasattr(batch, "c"):
+        return to_tensor(batch, device, dtype), None
+    c = torch.as_tensor(batch.c)
+    c = c.to(device=device, dtype=dtype if c.is_floating_point() else torch.long)
+    return to_tensor(batch.x, device, dtype), c

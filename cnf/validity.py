@@ -137,13 +137,21 @@ class ValidityReport:
         )
 
 
-def _recon(model: Flow, x: Tensor, solver: Solver, block: int, share, gather) -> Tensor:
-    """``|x -> z -> x - x|`` per row, in blocks of ``block`` rows (each process its share)."""
+def _double(c: Tensor | None) -> Tensor | None:
+    """A condition for the float64 copy of a flow: features in float64, labels as they are."""
+    return c.double() if c is not None and c.is_floating_point() else c
+
+
+def _recon(model: Flow, x: Tensor, c, solver: Solver, block: int, share, gather) -> Tensor:
+    """``|x -> z -> x - x|`` per row (given its condition ``c``, or ``None``), in blocks of
+    ``block`` rows (each process its share)."""
     errors = [x.new_zeros(0, dtype=torch.float64)]
-    for chunk in x.split(block):
-        mine = chunk if share is None else chunk[share(len(chunk))]
-        z = model.to_latent(mine, solver=solver, logdet=False).value  # the map: no trace
-        back = model.to_data(z, solver=solver, logdet=False).value
+    for i, chunk in enumerate(x.split(block)):
+        part = slice(None) if share is None else share(len(chunk))
+        mine = chunk[part]
+        condition = {} if c is None else {"context": c[i * block : (i + 1) * block][part]}
+        z = model.to_latent(mine, solver=solver, logdet=False, **condition).value  # no trace
+        back = model.to_data(z, solver=solver, logdet=False, **condition).value
         error = (back - mine).flatten(1).double().norm(dim=1)
         errors.append(error if gather is None else gather(error))
     return torch.cat(errors)
@@ -158,15 +166,16 @@ class _Measured:
         self.errors: list[Tensor] = []
         self.nfe: list[int] = []
 
-    def add(self, x: Tensor, first: int, block: int, seed: int, share, gather) -> None:
-        """Rows ``x`` (blocks ``first, first + 1, ...`` of the sample: their probes)."""
+    def add(self, x: Tensor, c, first: int, block: int, seed: int, share, gather) -> None:
+        """Rows ``x`` (blocks ``first, first + 1, ...`` of the sample: their probes), with
+        their conditions ``c`` (or ``None``)."""
         logp, nfe = log_probs(self.model, x, seed=seed, stream=VALIDITY, first=first,
                               batch_size=block, solver=self.solver, share=share,
-                              gather=gather)  # fmt: skip
+                              gather=gather, context=c)  # fmt: skip
         self.logp.append(logp)
         self.nfe.append(nfe)
         if self.recon:
-            self.errors.append(_recon(self.model, x, self.solver, block, share, gather))
+            self.errors.append(_recon(self.model, x, c, self.solver, block, share, gather))
 
     def check(self) -> tuple[Tensor, SolverCheck]:
         logp = torch.cat(self.logp)
@@ -209,6 +218,7 @@ def solver_validity(
     batch_size: int = 1000,
     share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
+    context: Tensor | None = None,
 ) -> ValidityReport:
     """Check that ``flow`` is a flow: its likelihood must not depend on the solver.
 
@@ -227,6 +237,8 @@ def solver_validity(
         share: in distributed evaluation, this process's rows of a block of ``n``.
         gather: the join of every process's per-point tensors, in rank order: every process
             solves its share and gets the whole sample's report.
+        context: each row's condition, for a model of ``p(x | c)``: the check is then of the
+            conditional likelihood.
 
     Returns:
         A :class:`ValidityReport`.
@@ -243,9 +255,10 @@ def solver_validity(
     with evaluating(flow):
         while True:
             for m in measured:
-                part = x[done:target]
-                m.add(part if m.model is flow else part.double(), done // block, block, seed,
-                      share, gather)  # fmt: skip
+                part, c = x[done:target], None if context is None else context[done:target]
+                if m.model is not flow:  # the float64 copy
+                    part, c = part.double(), _double(c)
+                m.add(part, c, done // block, block, seed, share, gather)
             done = target
             (lp_train, train), (lp_finer, finer), (lp_ref, ref) = (m.check() for m in measured)
             diff = lp_ref - lp_train  # per-point NLL(checked) - NLL(reference)

@@ -19,6 +19,7 @@ from conftest import config
 import cnf
 from cnf.checkpoint import load_checkpoint
 from cnf.evaluate import log_probs
+from cnf.runtime import to_tensors
 from cnf.seeds import VALIDATION
 from cnf.training import setup
 from cnf.training.distributed import SINGLE, Distributed
@@ -50,15 +51,18 @@ CASES = {
         unet_width=8,
         unet_dropout=0.3,
     ),
+    # p(x | c): labels with the adapter's first check, features under condition dropout
+    "cond-labels-mle": config(data="8gaussians-given-component", **TINY, adapt_every=1),
+    "cond-features-fm": config(data="rotating-gaussian", **TINY, objective="fm", cond_dropout=0.5),
 }
 
 
 def _one_step(cfg, dist):
     run = setup(cfg, dist=dist)
-    x = run.data.train_batch(cfg.batch_size, 1)
-    x = torch.as_tensor(x).to(next(run.model.parameters()))
+    p = next(run.model.parameters())
+    x, c = to_tensors(run.data.train_batch(cfg.batch_size, 1), p.device, p.dtype)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    row = step(run.state, run.objective, x, cfg, dist, dist.wrap(Engine(run.model)))
+    row = step(run.state, run.objective, x, cfg, dist, dist.wrap(Engine(run.model)), context=c)
     grads = {n: p.grad.clone() for n, p in run.model.named_parameters()}
     check = row.get("adapt", {})
     return before, grads, run.model.state_dict(), row["loss"], (check.get("gap"), row["step_size"])

@@ -34,6 +34,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto")
+    p.add_argument("--context", metavar="C",
+                   help="a model of p(x | c): the condition of every sample, a label (3) or the "
+                        "features, comma-separated (0.5,-1)")  # fmt: skip
     solver_flags(p, "sample with")
 
 
@@ -57,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, flag="-o", force=args.force)
     run = load_run(args.run, args.device)
     model, meta = run.model, run.meta
+    condition = parse_context(meta, args.context, args.run)
+    p = next(model.parameters())
+    condition = {k: v.to(p.device, p.dtype if v.is_floating_point() else v.dtype)
+                 for k, v in condition.items()}  # fmt: skip
     if suffix == ".png":
         return _sample_grid(model, args)
     plan = ColumnPlan.from_meta(meta["plan"]) if "plan" in meta else None
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     width = len(names) + args.with_log_prob
     _check_room(args.output, args.n * width * (8 if suffix == ".npy" else 25), "-n", args.n)
     solver = solver_from_flags(model, args)
-    chunks = _sample_chunks(model, args.n, args.seed, args.with_log_prob, plan, solver)
+    chunks = _sample_chunks(model, args.n, args.seed, args.with_log_prob, plan, solver, condition)
     chunks = _with_progress(chunks, args.n, not args.no_progress)
     header = list(names) + (["log_prob"] if args.with_log_prob else [])
     digits = "%.17g" if next(model.parameters()).dtype == torch.float64 else "%.9g"
@@ -136,21 +143,52 @@ def _sample_chunks(
     with_log_prob: bool,
     plan: ColumnPlan | None,
     solver: Solver | None = None,
+    condition: dict[str, Any] | None = None,
 ) -> Iterator[np.ndarray]:
     """Samples in chunks of :data:`SAMPLE_CHUNK` rows (full table width: a table's dropped
-    columns are put back), with the log-density as the last column if asked."""
+    columns are put back), with the log-density as the last column if asked; ``condition``: a
+    conditional model's ``context``."""
+    condition = condition or {}
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for start in range(0, n, SAMPLE_CHUNK):
         size = min(SAMPLE_CHUNK, n - start)
         with torch.no_grad():
             if with_log_prob:
-                x, logp = model.sample_and_log_prob(size, generator=gen, solver=solver)
+                x, logp = model.sample_and_log_prob(size, generator=gen, solver=solver,
+                                                    **condition)  # fmt: skip
             else:
-                x, logp = model.sample(size, generator=gen, solver=solver), None
+                x, logp = model.sample(size, generator=gen, solver=solver, **condition), None
         x = x.flatten(1).cpu().double().numpy()
         if plan is not None:
             x = plan.restore(x)
         yield x if logp is None else np.column_stack([x, logp.cpu().double().numpy()])
+
+
+def parse_context(meta: dict[str, Any], text: str | None, run: Path) -> dict[str, Any]:
+    """``--context`` as the ``context`` keyword of a conditional model's calls (``{}`` for an
+    unconditional one), checked against what the model was trained on."""
+    spec = meta.get("context")
+    if spec is None:
+        if text is not None:
+            raise ValueError(f"--context {text}: {run} models p(x) without conditions; drop it")
+        return {}
+    if spec["kind"] == "categorical":
+        what = f"a label in 0..{spec['classes'] - 1}"
+    else:
+        what = f"{spec['features']} comma-separated feature value(s)"
+    if text is None:
+        raise ValueError(f"{run} models p(x | c): give --context, {what}")
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--context {text!r} is not {what}") from None
+    if spec["kind"] == "categorical":
+        if len(values) != 1 or values[0] not in range(spec["classes"]):
+            raise ValueError(f"--context {text!r} is not {what}")
+        return {"context": torch.tensor(int(values[0]))}
+    if len(values) != spec["features"] or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"--context {text!r} is not {what}")
+    return {"context": torch.tensor(values)}
 
 
 def _sample_grid(model: torch.nn.Module, args: argparse.Namespace) -> int:

@@ -12,13 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cnf.data import images, maf, tabular, toy  # noqa: F401  each registers its datasets
+from cnf.data import conditional_toys, images, maf, tabular, toy  # noqa: F401  each registers
 from cnf.data.base import REGISTRY, Dataset, DatasetInfo, content_hash, held_warnings, register
 from cnf.data.files import looks_like_path, read_table
 from cnf.data.tabular import TabularData, from_table
 
 __all__ = ["REGISTRY", "DataSpec", "Dataset", "DatasetInfo", "content_hash", "dataset_kind",
-           "from_file", "get_dataset", "held_warnings", "list_datasets", "register"]  # fmt: skip
+           "from_file", "get_dataset", "held_warnings", "is_conditional", "list_datasets",
+           "register"]  # fmt: skip
+
+
+def is_conditional(name: str) -> bool:
+    """Whether the dataset ``name`` gives pairs ``(x, c)``, for models of ``p(x | c)``."""
+    return name in conditional_toys.TASKS
 
 
 def list_datasets() -> list[DatasetInfo]:

@@ -18,7 +18,9 @@ import copy
 import time
 from dataclasses import dataclass
 
-from cnf.runtime import to_tensor
+from torch import Tensor
+
+from cnf.runtime import to_tensors
 from cnf.training.config import TrainConfig
 from cnf.training.loop import _enter_solving_phase, step
 from cnf.training.objectives import Objective
@@ -64,7 +66,8 @@ def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
     if share > 0:
         mle = cfg.mle
         probe.state.adapter = setup_run.state.adapter  # the phase starts at the largest valid step
-        _enter_solving_phase(probe.state, mle, probe.batch(), cfg, probe.state.iteration + 1)
+        x, c = probe.batch()
+        _enter_solving_phase(probe.state, mle, x, cfg, probe.state.iteration + 1, context=c)
         probe.state.adapter = None
         t_mle = _time(probe, mle, cfg, _PROBES["mle"]) * MLE_COST_AFTER_FM
     iters = max(1, round((1 - share) * cfg.budget / t_first))
@@ -82,17 +85,20 @@ class _Probe:
         self.state = TrainState.create(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                        iters=cfg.total_iters, schedule=cfg.schedule)  # fmt: skip
 
-    def batch(self):
+    def batch(self) -> tuple[Tensor, Tensor | None]:
+        """The next training batch's rows and their conditions (``None``: unconditional)."""
         p = next(self.state.model.parameters())
-        x = self.run.data.train_batch(self.run.cfg.batch_size, self.state.iteration + 1)
-        return to_tensor(x, p.device, p.dtype)
+        batch = self.run.data.train_batch(self.run.cfg.batch_size, self.state.iteration + 1)
+        return to_tensors(batch, p.device, p.dtype)
 
 
 def _time(probe: _Probe, objective: Objective, cfg: TrainConfig, n: int) -> float:
     """Seconds (CPU) per iteration of ``objective``, over ``n`` iterations after one warm-up
     (no step-size checks: the adapter's cost is amortized over ``adapt_every`` iterations)."""
-    step(probe.state, objective, probe.batch(), cfg)
+    x, c = probe.batch()
+    step(probe.state, objective, x, cfg, context=c)
     start = time.process_time()
     for _ in range(n):
-        step(probe.state, objective, probe.batch(), cfg)
+        x, c = probe.batch()
+        step(probe.state, objective, x, cfg, context=c)
     return (time.process_time() - start) / n

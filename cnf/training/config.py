@@ -9,7 +9,7 @@ from typing import Any
 
 from cnf import options
 from cnf.adaptation import Adaptation, StepAdapter
-from cnf.data import DataSpec, dataset_kind
+from cnf.data import DataSpec, dataset_kind, is_conditional
 from cnf.data.tabular import TABLE_DEFAULTS
 from cnf.model_config import ModelConfig
 from cnf.options import help_of, listed, option
@@ -164,7 +164,7 @@ class TrainConfig:
     fm: FlowMatching = options.nested(
         FlowMatching,
         "flow matching",
-        {name: name for name in ("coupling", "sigma_min", "time_sampling", "autocast")},
+        {n: n for n in ("coupling", "sigma_min", "time_sampling", "autocast", "cond_dropout")},
     )
     # keep the trained model an ODE flow (Ott et al. 2021)
     adaptation: Adaptation = options.nested(
@@ -357,6 +357,9 @@ def _idle_objective(cfg: TrainConfig) -> dict[str, str]:
     if cfg.objective != "fm":
         return {}
     idle = {}
+    if not is_conditional(cfg.data):
+        idle["cond_dropout"] = ("has no effect: the data have no conditions to drop (it is for "
+                                "models of p(x | c)): drop it")  # fmt: skip
     if cfg.fm.autocast == "bf16" and cfg.model.dtype == "float64":
         idle["autocast"] = ("has no effect with dtype float64: bfloat16 autocast lowers only "
                             "float32 operations: drop it, or train in float32")  # fmt: skip

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from cnf.adaptation import start_step
 from cnf.data import Dataset
 from cnf.evaluate import evaluate
-from cnf.runtime import to_tensor
+from cnf.runtime import to_tensors
 from cnf.seeds import ADAPT, PROBES, VALIDATION, generator, stream_seed
 from cnf.solvers import SolverError
 from cnf.training.config import TrainConfig
@@ -79,8 +79,8 @@ class Engine(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, objective: Objective, x: Tensor, generator, shard=None):
-        return objective.loss(self.model, x, generator, shard)
+    def forward(self, objective: Objective, x: Tensor, generator, shard=None, context=None):
+        return objective.loss(self.model, x, generator, shard, context)
 
 
 def step(
@@ -90,10 +90,12 @@ def step(
     cfg: TrainConfig,
     dist: Distributed = SINGLE,
     engine: nn.Module | None = None,
+    context: Tensor | None = None,
 ) -> dict:
     """One training iteration on the (global) batch ``x``; returns its log row. With several
     processes (``dist``), this one trains on its share of ``x`` through ``engine`` (the model's
-    :class:`Engine` in DistributedDataParallel)."""
+    :class:`Engine` in DistributedDataParallel). ``context``: the rows' conditions, for a
+    conditional model."""
     model, it = state.model, state.iteration + 1
     engine = engine or Engine(model)
     shard = dist.shard(len(x)) if dist.active else None
@@ -107,15 +109,14 @@ def step(
     error = None
     try:
         if active.adapts and objective.at(it - 1) is not active:
-            row["adapt"] = _enter_solving_phase(state, active, x, cfg, it, dist)
+            row["adapt"] = _enter_solving_phase(state, active, x, cfg, it, dist, context)
         if state.adapter is not None and active.adapts and _checks(objective, it, cfg):
             # Ott et al.: does a finer solver agree on this batch? If not, refine the step.
-            metric = _metric(
-                active, model, _adapt_rows(x, cfg), stream_seed(cfg.seed, ADAPT, it), dist
-            )
+            rows, seed = _adapt_rows(x, context, cfg), stream_seed(cfg.seed, ADAPT, it)
+            metric = _metric(active, model, rows[0], seed, dist, rows[1])
             solver, row["adapt"] = state.adapter.adapt(model.solver, metric)
             model.set_solver(solver)
-        loss, logs = engine(active, x, generator(x.device, cfg.seed, PROBES, it), shard)
+        loss, logs = engine(active, x, generator(x.device, cfg.seed, PROBES, it), shard, context)
     except SolverError as err:
         error = getattr(err, "problem", str(err))
     error = dist.first_error(error)  # every process stops, with the first failure's message
@@ -161,22 +162,24 @@ def _checks(objective: Objective, it: int, cfg: TrainConfig) -> bool:
     return entered and 0 < since < cfg.adaptation.every and since & (since - 1) == 0
 
 
-def _adapt_rows(x: Tensor, cfg: TrainConfig) -> Tensor:
-    """The rows of the batch that the adapter's checks score: the first ``adapt_size``."""
-    return x[: cfg.adaptation.size] if cfg.adaptation.size else x
+def _adapt_rows(x: Tensor, context: Tensor | None, cfg: TrainConfig) -> tuple[Tensor, Any]:
+    """The rows of the batch that the adapter's checks score, the first ``adapt_size``, and
+    their conditions."""
+    size = cfg.adaptation.size or len(x)
+    return x[:size], None if context is None else context[:size]
 
 
-def _metric(active: Objective, model, x: Tensor, seed: int, dist: Distributed):
+def _metric(active: Objective, model, x: Tensor, seed: int, dist: Distributed, context=None):
     """The adapter's metric; with several processes each scores its share of the rows (shares
     differ by at most one row, and a process may have none when there are fewer rows than
     processes) and every process gets the mean over all of them, the number one process would
     compute, or every process a SolverError when any one's solve failed."""
     if not dist.active:
-        return active.metric(model, x, seed)
+        return active.metric(model, x, seed, context=context)
     share = dist.share(len(x))
     local = None
     if share.stop > share.start:
-        local = active.metric(model, x, seed, shard=(share.start, share.stop))
+        local = active.metric(model, x, seed, shard=(share.start, share.stop), context=context)
     weight = (share.stop - share.start) * dist.world / len(x)  # dist.mean divides by world
 
     def agreed(solver) -> float:
@@ -201,17 +204,19 @@ def _enter_solving_phase(
     cfg: TrainConfig,
     it: int,
     dist: Distributed = SINGLE,
+    context: Tensor | None = None,
 ) -> dict[str, Any]:
     """A phase that solves begins after one that did not (maximum likelihood after flow
     matching): start at the largest step at which the field is valid on this batch (Hairer's
     step without the adapter)."""
     model = state.model
     if state.adapter is not None:
-        metric = _metric(active, model, _adapt_rows(x, cfg), stream_seed(cfg.seed, ADAPT, it), dist)
+        rows = _adapt_rows(x, context, cfg)
+        metric = _metric(active, model, rows[0], stream_seed(cfg.seed, ADAPT, it), dist, rows[1])
         model.set_solver(state.adapter.largest_valid(model.solver, metric))
     elif cfg.model.solver.step_size is None:
         given = cfg.model.solver
-        start_step(model, x, None, rtol=given.rtol, atol=given.atol)
+        start_step(model, x, None, rtol=given.rtol, atol=given.atol, context=context)
     return {"event": "start", "step_size": model.solver.step_size, "atol": model.solver.atol}
 
 
@@ -245,7 +250,7 @@ def fit(
     dist.check_batch(cfg.batch_size)
     hooks = hooks or Hooks()
     p = next(state.model.parameters())
-    x_val = to_tensor(data.validation(), p.device, p.dtype)
+    x_val, c_val = to_tensors(data.validation(), p.device, p.dtype)
     say = (lambda text: None) if quiet or not dist.main else _say
     engine = dist.wrap(Engine(state.model))
     has_validation = len(x_val) > 0
@@ -257,14 +262,16 @@ def fit(
              file=sys.stderr) as bar,
     ):  # fmt: skip
         while state.iteration < cfg.total_iters:
-            x = to_tensor(data.train_batch(cfg.batch_size, state.iteration + 1), p.device, p.dtype)
-            row = step(state, objective, x, cfg, dist, engine)
+            batch = data.train_batch(cfg.batch_size, state.iteration + 1)
+            x, c = to_tensors(batch, p.device, p.dtype)
+            row = step(state, objective, x, cfg, dist, engine, context=c)
             spent += row["time"]
             evaluated = has_validation and (
                 state.iteration % cfg.eval_every == 0 or state.iteration == cfg.total_iters
             )
             solves = objective.at(state.iteration).adapts  # flow matching has no solver
-            improved = evaluated and _validate(state, x_val, row, say, cfg.seed, dist, solves)
+            improved = evaluated and _validate(state, (x_val, c_val), row, say, cfg.seed, dist,
+                                               solves)  # fmt: skip
             hooks.row(state, row)
             if evaluated:
                 hooks.evaluated(state, improved)
@@ -291,13 +298,13 @@ def _say(text: str) -> None:
 
 
 def _validate(
-    state: TrainState, x_val: Tensor, row: dict, say, seed: int, dist: Distributed, solves: bool
+    state: TrainState, val: tuple, row: dict, say, seed: int, dist: Distributed, solves: bool
 ) -> bool:
     """The validation NLL under the evaluation solver (each process its share, joined), into
     the row; whether it is the best. Its probes are the same at every evaluation, whatever the
     number of processes: the run's validation stream."""
     shares = dict(share=dist.share, gather=dist.gather) if dist.active else {}
-    ev = evaluate(state.model, x_val, seed=seed, stream=VALIDATION, **shares)
+    ev = evaluate(state.model, val[0], seed=seed, stream=VALIDATION, context=val[1], **shares)
     row.update(val_nll=ev.nll, val_nll_se=ev.nll_se, val_nfe=ev.nfe)
     bpd = ""
     if ev.bits_per_dim is not None:

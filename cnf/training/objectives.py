@@ -25,6 +25,11 @@ from cnf.trace import RowsOfBatch
 Shard = tuple[int, int] | None  # rows (start, stop) of the batch that one process trains on
 
 
+def rows_of(value: Tensor | None, shard: tuple[int, int]) -> Tensor | None:
+    """The rows ``shard = (start, stop)`` of a batch's tensor (``None`` stays ``None``)."""
+    return None if value is None else value[shard[0] : shard[1]]
+
+
 class Objective:
     """The interface of an objective.
 
@@ -37,12 +42,18 @@ class Objective:
     adapts: ClassVar[bool]
 
     def loss(
-        self, model: Flow, x: Tensor, generator: torch.Generator, shard: Shard = None
+        self,
+        model: Flow,
+        x: Tensor,
+        generator: torch.Generator,
+        shard: Shard = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, dict]:
         """The scalar loss to minimize on the batch ``x``, and what to log of it (tensors or
         numbers). ``generator`` draws whatever the objective needs at random. With ``shard =
         (start, stop)`` (distributed training) the loss is the mean over those rows of ``x``,
-        the whole batch, with the randomness those rows get when the whole batch is drawn."""
+        the whole batch, with the randomness those rows get when the whole batch is drawn.
+        ``context`` is each row's condition, for a conditional model of ``p(x | c)``."""
         raise NotImplementedError
 
     def counts(self, model: Flow) -> dict[str, Any]:
@@ -50,11 +61,11 @@ class Objective:
         return {"nfe": model.nfe.forward, "nfe_backward": model.nfe.backward}
 
     def metric(
-        self, model: Flow, x: Tensor, seed: int, shard: Shard = None, reduce=None
+        self, model: Flow, x: Tensor, seed: int, shard: Shard = None, reduce=None, context=None
     ) -> Callable[[Solver], float]:
         """The adapter's measure of a solver on the batch ``x`` (for ``adapts`` objectives);
-        ``shard`` and ``reduce`` as in :func:`~cnf.adaptation.batch_nll_metric`."""
-        return batch_nll_metric(model, x, seed, shard, reduce)
+        ``shard``, ``reduce`` and ``context`` as in :func:`~cnf.adaptation.batch_nll_metric`."""
+        return batch_nll_metric(model, x, seed, shard, reduce, context=context)
 
     def at(self, iteration: int) -> Objective:
         """The objective that trains ``iteration`` (itself; :class:`Phases` has several)."""
@@ -93,13 +104,21 @@ class MaximumLikelihood(Objective):
             options.number(name, getattr(self, name), strict=False)
 
     def loss(
-        self, model: Flow, x: Tensor, generator: torch.Generator, shard: Shard = None
+        self,
+        model: Flow,
+        x: Tensor,
+        generator: torch.Generator,
+        shard: Shard = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, dict]:
         regularize = self.kinetic > 0 or self.jacobian > 0
         probes = None if shard is None else RowsOfBatch(generator, shard[0], len(x))
-        x = x if shard is None else x[shard[0] : shard[1]]
+        if shard is not None:
+            x, context = rows_of(x, shard), rows_of(context, shard)
+        condition = {} if context is None else {"context": context}
         with _without_dropout(model):  # a solve needs a deterministic field
-            out = model.to_latent(x, generator=generator, regularize=regularize, probes=probes)
+            out = model.to_latent(x, generator=generator, regularize=regularize, probes=probes,
+                                  **condition)  # fmt: skip
         nll = -(model.base_log_prob(out.value) + out.logdet).mean()
         loss = nll
         if regularize:
@@ -167,6 +186,11 @@ class FlowMatching(Objective):
     coupling: str = option("independent", "independent, or ot (minibatch optimal transport)")
     sigma_min: float = option(0.0, "width of the linear path at the data (0: rectified flow)")
     time_sampling: str = option("uniform", "path times, uniform or logit-normal")
+    cond_dropout: float = option(
+        0.0,
+        "conditional models: the share of rows trained on the learned null condition, for "
+        "classifier-free guidance when sampling",
+    )
     ot_chunk: int = 128
     autocast: str = option(
         "off",
@@ -182,9 +206,15 @@ class FlowMatching(Objective):
         options.choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
         options.within("sigma_min", self.sigma_min, 0, 1, closed=True)
         options.choice("autocast", self.autocast, AUTOCASTS)
+        options.within("cond_dropout", self.cond_dropout, 0, 1, closed=True)
 
     def loss(
-        self, model: Flow, x: Tensor, generator: torch.Generator, shard: Shard = None
+        self,
+        model: Flow,
+        x: Tensor,
+        generator: torch.Generator,
+        shard: Shard = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, dict]:
         block = _single_block(model)
         x0 = model.field_coordinates(x)  # the whole batch: its noise, pairing and times
@@ -193,9 +223,11 @@ class FlowMatching(Objective):
             chunks = zip(x0.split(self.ot_chunk), z.split(self.ot_chunk), strict=True)
             z = torch.cat([zc[ot_pairing(xc, zc)] for xc, zc in chunks])
         s = self.times(len(x0), generator, x0)
+        drop = self._dropped(context, generator, x0)
         total = len(x0)
         if shard is not None:  # this process's rows of it
             x0, z, s = (v[shard[0] : shard[1]] for v in (x0, z, s))
+            context, drop = rows_of(context, shard), rows_of(drop, shard)
         shape = (-1,) + (1,) * (x0.ndim - 1)
         a, b = (self.sigma_min + (1 - self.sigma_min) * s).reshape(shape), (1 - s).reshape(shape)
         T = block.T.detach()
@@ -204,9 +236,17 @@ class FlowMatching(Objective):
             torch.autocast(x0.device.type, torch.bfloat16, enabled=self.autocast == "bf16"),
             seeded_dropout(block.field, generator, shard, total),  # masks of (seed, iteration)
         ):
-            velocity = block.field(s * T, a * z + b * x0)
+            velocity = block.velocity(s * T, a * z + b * x0, context=context, drop=drop)
         loss = (velocity.to(target.dtype) - target).square().mean()
         return loss, {"fm_loss": loss.detach()}
+
+    def _dropped(self, context: Tensor | None, generator: torch.Generator, like: Tensor):
+        """The rows that train the null condition (``cond_dropout`` of them, drawn for the
+        whole batch), or ``None``."""
+        if context is None or not self.cond_dropout:
+            return None
+        u = torch.rand(len(like), generator=generator, device=like.device, dtype=like.dtype)
+        return u < self.cond_dropout
 
     def times(self, n: int, generator: torch.Generator, like: Tensor) -> Tensor:
         """``n`` path times ``s`` in ``[0, 1]``."""

@@ -12,7 +12,8 @@ from cnf.solvers import ADAPTIVE
 
 # the options of flow matching, at their defaults (a maximum-likelihood run refuses others)
 FM_ONLY = {"coupling": "independent", "sigma_min": 0.0, "time_sampling": "uniform",
-           "autocast": "off", "finetune_iters": 0, "finetune_lr": None}  # fmt: skip
+           "autocast": "off", "cond_dropout": 0.0, "finetune_iters": 0,
+           "finetune_lr": None}  # fmt: skip
 # the step of a fixed-step method, by the field that names the method
 STEPS = {"step_size": "method", "eval_step_size": "eval_method"}
 

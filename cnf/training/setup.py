@@ -16,7 +16,7 @@ from cnf.flow import Flow
 from cnf.model_config import DTYPES, build_model, model_shapes
 from cnf.options import ConfigError
 from cnf.report import GROWTH
-from cnf.runtime import check_memory, configure_cuda, configure_threads, resolve_device, to_tensor
+from cnf.runtime import check_memory, configure_cuda, configure_threads, resolve_device, to_tensors
 from cnf.training.config import TrainConfig
 from cnf.training.distributed import SINGLE, Distributed
 from cnf.training.objectives import Objective
@@ -112,9 +112,9 @@ def _start_step(model: Flow, data: Dataset, cfg: TrainConfig, device, dtype) -> 
     """A fixed-step solver without a step starts at Hairer's step, on the first batch."""
     given = cfg.model.solver
     if given.step_size is None and given.fixed_step:
-        x = to_tensor(data.train_batch(cfg.batch_size, 1), device, dtype)
+        x, c = to_tensors(data.train_batch(cfg.batch_size, 1), device, dtype)
         adapter = cfg.adapter(math.prod(data.event_shape))
-        start_step(model, x, adapter, rtol=given.rtol, atol=given.atol)
+        start_step(model, x, adapter, rtol=given.rtol, atol=given.atol, context=c)
 
 
 def _check_model_size(cfg: TrainConfig, meta: dict[str, Any]) -> None:

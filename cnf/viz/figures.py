@@ -17,14 +17,8 @@ from torch import Tensor, nn
 from cnf.io import save_figure, write_bytes
 from cnf.runs import load_run, read_log
 from cnf.transport import check_2d
-
-
-def grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """An ``n x n`` grid on ``[-lim, lim]^2``: the axis, and the points as an ``(n*n, 2)`` array
-    (x varying fastest)."""
-    g = np.linspace(-lim, lim, n)
-    xx, yy = np.meshgrid(g, g, indexing="xy")
-    return g, np.stack([xx.ravel(), yy.ravel()], 1)
+from cnf.viz.conditional import plot_conditional
+from cnf.viz.panels import grid, heat, scatter
 
 
 @torch.no_grad()
@@ -39,16 +33,6 @@ def model_density(model: nn.Module, lim: float, n: int = 200, batch: int = 10_00
     return logp.exp().cpu().numpy().reshape(n, n)
 
 
-def _heat(ax: Any, density: np.ndarray, lim: float, title: str) -> None:
-    ax.imshow(density, extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma")
-    ax.set(title=title, xticks=[], yticks=[])
-
-
-def _scatter(ax: Any, pts: np.ndarray, lim: float, title: str, color: str) -> None:
-    ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color=color, rasterized=True)
-    ax.set(title=title, xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[], aspect="equal")
-
-
 @torch.no_grad()
 def plot_density(
     model: nn.Module, data: Any, path: str | Path, n: int = 200, *, overwrite: bool = False
@@ -61,7 +45,7 @@ def plot_density(
         panels.insert(0, ("true density", np.exp(data.log_prob(pts)).reshape(n, n)))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, dens) in zip(axes[0], panels, strict=True):
-        _heat(ax, dens, lim, title)
+        heat(ax, dens, lim, title)
     fig.suptitle(data.name)
     fig.tight_layout()
     save_figure(fig, path, dpi=110, overwrite=overwrite)
@@ -79,8 +63,8 @@ def plot_samples(
     model.eval()
     samples = model.sample(n, generator=gen).cpu().numpy()
     fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
-    _scatter(axes[0], data.test(n), lim, "data", "C0")
-    _scatter(axes[1], samples, lim, "model samples", "C3")
+    scatter(axes[0], data.test(n), lim, "data", "C0")
+    scatter(axes[1], samples, lim, "model samples", "C3")
     fig.suptitle(data.name)
     fig.tight_layout()
     save_figure(fig, path, dpi=110, overwrite=overwrite)
@@ -113,7 +97,10 @@ def plot_run(
         written += [out / "training.png", out / "solver.png"]
         plot_training(log, written[0], overwrite=True, bits_per_dim=data.kind == "image")
         plot_solver(log, written[1], overwrite=True)
-    if data.kind == "toy":
+    if run.meta.get("context") is not None:  # p(x | c): per condition
+        written.append(out / "conditional.png")
+        plot_conditional(run.model, data, run.meta, written[-1], overwrite=True)
+    elif data.kind == "toy":
         written += [out / "density.png", out / "samples.png"]
         plot_density(run.model, data, written[-2], overwrite=True)
         plot_samples(run.model, data, written[-1], overwrite=True)

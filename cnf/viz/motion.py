@@ -20,7 +20,7 @@ from cnf import options
 from cnf.io import atomic_path, check_output, save_figure
 from cnf.solvers import Solver
 from cnf.transport import LATENT_LIM, Transport, check_2d, like, transport
-from cnf.viz.figures import grid
+from cnf.viz.panels import grid
 
 _ARROWS = 17  # arrows per side of the vector-field panel
 
