@@ -131,6 +131,13 @@ def test_the_command_line_trains_samples_given_a_condition_and_refuses_a_wrong_o
         assert main(["sample", str(out), "-n", "3", "-o", str(tmp_path / "t.csv"), *extra]) == 1
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+    for argv, message in [
+        (["eval", str(out), "--data", str(samples)], "--data scores rows of p(x), and"),
+        (["animate", str(out), "-o", str(tmp_path / "a.gif")], "cnf animate draws a flow of p(x)"),
+    ]:
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
     assert main(["train", "--data", "moons", "--objective", "fm", "--cond-dropout", "0.2",
                  "--out", str(tmp_path / "m")]) == 1  # fmt: skip
     assert "--cond-dropout has no effect" in capsys.readouterr().err

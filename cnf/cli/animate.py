@@ -102,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
         check_output(path, flag=flag, force=args.force)
     run = load_run(args.run, args.device)
     model = run.model
+    if run.meta.get("context") is not None:
+        raise ValueError(f"{run.path} models p(x | c), and cnf animate draws a flow of p(x) "
+                         "(conditions are not animated yet): see its conditional.png, or draw "
+                         "samples given a condition with cnf sample --context")  # fmt: skip
     check_2d(model)
     configure_threads(0, next(model.parameters()).device, 2)
     data = run_data(run, args)

@@ -122,6 +122,10 @@ def _check_eval_options(args: argparse.Namespace) -> None:
 def _score_file(run: Run, args: argparse.Namespace, validity_n: int | None, **kw: Any):
     """The NLL of the rows of ``--data`` (and their validity check), each row's log-density
     in ``--per-row``."""
+    if run.meta.get("context") is not None:
+        raise ValueError(f"--data scores rows of p(x), and {run.path} models p(x | c): score "
+                         "its test pairs with cnf eval alone (rows with their conditions from "
+                         "a file are not read yet)")  # fmt: skip
     p = next(run.model.parameters())
     x = torch.as_tensor(run.rows(args.data), dtype=p.dtype, device=p.device)
     if len(x) == 0:
