@@ -142,3 +142,34 @@ def test_the_command_line_trains_samples_given_a_condition_and_refuses_a_wrong_o
                  "--out", str(tmp_path / "m")]) == 1  # fmt: skip
     assert "--cond-dropout has no effect" in capsys.readouterr().err
     assert json.loads((out / "report.json").read_text())["validity"]["n"] >= 20
+
+
+def test_the_command_line_classifies_and_guides_a_label_model(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "labels"
+    argv = ["train", "--data", "8gaussians-given-component", "--objective", "fm", "--iters",
+            "30", "--eval-every", "30", "--test-size", "100", "--validity-size", "10",
+            "--hidden", "16,16", "--cond-dropout", "0.2", "--out", str(out),
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--classify", "--n", "40", "--json", "--method", "rk4",
+                 "--steps", "8"]) == 0  # fmt: skip
+    found = json.loads(capsys.readouterr().out)["classification"]
+    confusion = np.array(found["confusion"])
+    assert confusion.shape == (8, 8) and confusion.sum() == found["n"] == 40
+    assert found["accuracy"] == pytest.approx(np.trace(confusion) / 40)
+    assert 0.99 < found["bayes_accuracy"] <= 1.0
+    guided = tmp_path / "g.csv"
+    argv = ["sample", str(out), "-n", "5", "-o", str(guided), "--context", "2", "--guidance",
+            "1.5", "--with-log-prob", "--method", "rk4", "--steps", "8"]  # fmt: skip
+    assert main(argv) == 0
+    assert guided.read_text().splitlines()[0] == "x0,x1,guided_log_prob"
+    capsys.readouterr()
+    for argv, message in [
+        (["sample", str(out), "-n", "2", "-o", str(tmp_path / "h.csv"), "--context", "2",
+          "--guidance", "-1"], "--guidance must be a finite number >= 0"),
+        (["eval", str(out), "--classify", "--data", str(guided)], "--classify classifies the"),
+    ]:  # fmt: skip
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err

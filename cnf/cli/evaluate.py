@@ -48,6 +48,10 @@ def add_parser(sub: Any) -> None:
                    help="with --dequant-samples: P averaged Hutchinson probes per draw instead "
                    "of the exact trace (P times a Hutchinson solve; for large images), and the "
                    "estimate of the bias they leave (probe_bias_bits_per_dim_iw)")  # fmt: skip
+    p.add_argument("--classify", action="store_true",
+                   help="a model of p(x | label): also the generative classifier argmax_y log "
+                   "p(x | y) + log p(y) on the test pairs (exact likelihoods, one solve per "
+                   "class), its accuracy and confusion matrix")  # fmt: skip
     solver_flags(p, "evaluate with")
 
 
@@ -60,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     if args.n and run.meta.get("kind") == "toy":  # a toy draws as many as asked
         row = math.prod(run.model.event_shape) * 16
         check_memory(args.n * row, f"--n {args.n}: the test samples", "give a smaller --n")
+    if args.classify and (run.meta.get("context") or {}).get("kind") != "categorical":
+        raise ValueError(f"--classify needs a model of p(x | label), and {run.path} has no label "
+                         "condition: drop it")  # fmt: skip
     solver = solver_from_flags(run.model, args)
     checked = solver or used_solver(run.model, run.config)
     validity_n = run.config.get("validity_size", 2000) if args.validity else None
@@ -75,18 +82,52 @@ def run(args: argparse.Namespace) -> int:
         outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
                          validity_n=validity_n, **kw)  # fmt: skip
         result, validity = outcome.to_dict(), outcome.validity
+        if args.classify:
+            result["classification"] = _classification(run, data, args, solver)
         if args.dequant_samples is not None:
             result.update(_importance_weighted(run, data, args, solver))
     if args.json:
         print(json_text(result))
         return 0
     for key, value in result.items():
-        if key != "validity":
+        if key == "classification":
+            print(_confusion_text(value))
+        elif key != "validity":
             print(f"{key:>14}: {value:.5g}" if isinstance(value, float) else f"{key:>14}: {value}")
     if validity is not None:
         for line in validity.summary().splitlines():
             print(f"{'validity':>14}: {line}")
     return 0
+
+
+CLASSIFY_N = 2000  # test pairs classified by default: each costs one solve per class
+
+
+def _classification(run: Run, data: Any, args: argparse.Namespace, solver) -> dict[str, Any]:
+    """The Bayes classifier of a label-conditional model on test pairs, under the data's class
+    prior: accuracy, confusion (rows: true class) and, where the task knows it, the accuracy
+    of the true densities' own Bayes classifier."""
+    from cnf.classifier import classify
+    from cnf.runtime import to_tensors
+
+    p = next(run.model.parameters())
+    x, y = to_tensors(data.test(args.n or CLASSIFY_N), p.device, p.dtype)
+    spec = getattr(getattr(data, "task", None), "context", None)
+    prior = torch.tensor(spec.class_prior, dtype=torch.float64) if spec is not None else None
+    result = classify(run.model, x, prior=prior, solver=solver, seed=run.config.get("seed", 0))
+    out = {"n": len(x), "accuracy": result.accuracy(y), "confusion": result.confusion(y).tolist()}
+    if hasattr(getattr(data, "task", None), "bayes_accuracy"):
+        out["bayes_accuracy"] = data.task.bayes_accuracy(seed=1).value
+    return out
+
+
+def _confusion_text(result: dict[str, Any]) -> str:
+    lines = [f"{'accuracy':>14}: {result['accuracy']:.4f} on {result['n']} test pairs"]
+    if "bayes_accuracy" in result:
+        lines.append(f"{'bayes':>14}: {result['bayes_accuracy']:.4f} (the true densities' own)")
+    lines.append(f"{'confusion':>14}: rows are the true class, columns the predicted one")
+    lines += [" " * 16 + " ".join(f"{v:5d}" for v in row) for row in result["confusion"]]
+    return "\n".join(lines)
 
 
 def _moved(run: Run, args: argparse.Namespace):
@@ -105,6 +146,8 @@ def _check_eval_options(args: argparse.Namespace) -> None:
     in_range("--iw-probes", args.iw_probes, integer=True, low=2)
     if args.iw_probes is not None and args.dequant_samples is None:
         raise ValueError("--iw-probes is for the importance-weighted bound: add --dequant-samples")
+    if args.classify and args.data is not None:
+        raise ValueError("--classify classifies the run's test pairs: drop --data")
     if args.per_row is not None and args.data is None:
         raise ValueError("--per-row writes the log-density of each row of --data FILE: add it")
     if args.data is not None:

@@ -37,6 +37,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--context", metavar="C",
                    help="a model of p(x | c): the condition of every sample, a label (3) or the "
                         "features, comma-separated (0.5,-1)")  # fmt: skip
+    p.add_argument("--guidance", type=float, metavar="W",
+                   help="with --context: classifier-free guidance of weight W >= 0, the field "
+                   "(1 + W) f(c) - W f(null) (for a model trained with --cond-dropout); "
+                   "--with-log-prob is then the guided sampler's density, not "
+                   "p(x | c)")  # fmt: skip
     solver_flags(p, "sample with")
 
 
@@ -64,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     p = next(model.parameters())
     condition = {k: v.to(p.device, p.dtype if v.is_floating_point() else v.dtype)
                  for k, v in condition.items()}  # fmt: skip
+    if args.guidance is not None:
+        model = _guided(run, model, args.guidance)
     if suffix == ".png":
         return _sample_grid(model, args)
     plan = ColumnPlan.from_meta(meta["plan"]) if "plan" in meta else None
@@ -77,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     solver = solver_from_flags(model, args)
     chunks = _sample_chunks(model, args.n, args.seed, args.with_log_prob, plan, solver, condition)
     chunks = _with_progress(chunks, args.n, not args.no_progress)
-    header = list(names) + (["log_prob"] if args.with_log_prob else [])
+    column = "guided_log_prob" if args.guidance is not None else "log_prob"
+    header = list(names) + ([column] if args.with_log_prob else [])
     digits = "%.17g" if next(model.parameters()).dtype == torch.float64 else "%.9g"
     with atomic_path(args.output) as tmp:
         if suffix == ".npy":  # the header, then the rows as they come (no memory map: a full
@@ -162,6 +170,23 @@ def _sample_chunks(
         if plan is not None:
             x = plan.restore(x)
         yield x if logp is None else np.column_stack([x, logp.cpu().double().numpy()])
+
+
+def _guided(run: Any, model: torch.nn.Module, guidance: float) -> torch.nn.Module:
+    """The guided view of a conditional model (:func:`cnf.guidance.guided_flow`)."""
+    from cnf.guidance import guided_flow
+
+    if run.meta.get("context") is None:
+        raise ValueError(f"--guidance steers a model of p(x | c), and {run.path} has no "
+                         "condition: drop it")  # fmt: skip
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"--guidance must be a finite number >= 0 (0: no guidance), got "
+                         f"{guidance}")  # fmt: skip
+    if guidance and not run.config.get("fm", {}).get("cond_dropout"):
+        note("sample")(f"{run.path} was trained without --cond-dropout: its null condition is "
+                       "untrained, so guidance pushes away from an arbitrary "
+                       "field")  # fmt: skip
+    return guided_flow(model, guidance)
 
 
 def parse_context(meta: dict[str, Any], text: str | None, run: Path) -> dict[str, Any]:
