@@ -92,7 +92,7 @@ class Flow:
     num_classes: int | None = None  # class labels of p(x | c)
     preprocessed = False  # whether the flow fits a preprocessing layer (fit_preprocessing)
 
-    def fit_preprocessing(self, x: Any) -> None:
+    def fit_preprocessing(self, x: Any, context: Any = None) -> None:
         """Fit the flow's fixed preprocessing on the training rows (a table's normalizer); only
         flows with ``preprocessed`` have one."""
         raise TypeError(f"{type(self).__name__} has no preprocessing to fit")

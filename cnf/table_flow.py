@@ -149,15 +149,28 @@ class TabularCNF(CNF):
         default_field = kwargs.get("vector_field") is None
         super().__init__(dim, **kwargs)
         self.normalizer = Normalizer(self.dim, preprocess)
+        if self.context_features:  # features of p(x | c) are standardized the same way
+            self.context_normalizer = Normalizer(self.context_features, "standardize")
         if default_field:  # start at the identity flow: the Gaussian of the normalizer's fit
             for p in self.field.layers[-1].parameters():
                 nn.init.zeros_(p)
 
     preprocessed = True
 
-    def fit_preprocessing(self, x: np.ndarray | Tensor) -> None:
-        """Fit the normalizer on the training rows (never on validation or test data)."""
+    def fit_preprocessing(self, x: np.ndarray | Tensor, context: Any = None) -> None:
+        """Fit the normalizer on the training rows (never on validation or test data), and a
+        conditional flow's feature standardization on their conditions."""
         self.normalizer.fit(x)
+        if self.context_features and context is not None:
+            self.context_normalizer.fit(context)
+
+    def encode_context(self, context: object, n: int, drop: Tensor | None = None):
+        """Features standardized as the training conditions were, then encoded (a condition of
+        the wrong shape is left to the encoder's check, which says what it expects)."""
+        width = (self.context_features,)
+        if self.context_features and isinstance(context, Tensor) and context.shape[-1:] == width:
+            context = self.context_normalizer(context)
+        return super().encode_context(context, n, drop)
 
     def field_coordinates(self, x: Tensor) -> Tensor:
         """The normalized coordinates ``u`` in which the field moves the data."""
@@ -183,10 +196,17 @@ class TabularCNF(CNF):
         return super().log_prob(x, **kwargs)
 
     def sample(
-        self, n: int, *, generator: torch.Generator | None = None, solver: Solver | None = None
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        solver: Solver | None = None,
+        context: object = None,
+        drop: Tensor | None = None,
     ) -> Tensor:
-        """``n`` samples in the data's original units."""
-        return self.normalizer.inverse(super().sample(n, generator=generator, solver=solver))
+        """``n`` samples in the data's original units (given ``context`` for p(x | c))."""
+        z = super().sample(n, generator=generator, solver=solver, context=context, drop=drop)
+        return self.normalizer.inverse(z)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, preprocess={self.normalizer.kind!r}"

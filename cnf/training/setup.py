@@ -85,7 +85,11 @@ def setup(
     _check_model_size(cfg, data.meta())
     model = build_model(cfg.model, data.meta()).to(device)
     if model.preprocessed:  # statistics of the training split only
-        model.fit_preprocessing(data.train_data())
+        rows = data.train_data()  # a conditional table's are pairs (x, c)
+        if hasattr(rows, "c"):
+            model.fit_preprocessing(rows.x, context=rows.c)
+        else:
+            model.fit_preprocessing(rows)
     settings = dict(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
