@@ -173,3 +173,35 @@ def test_the_command_line_classifies_and_guides_a_label_model(tmp_path: Path, ca
         assert main(argv) == 1
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_table_models_its_target_given_the_other_columns() -> None:
+    from cnf.training import TrainConfig
+
+    cfg = TrainConfig.for_data("diabetes", target="target", iters=300, finetune_iters=0,
+                               eval_every=10**6, threads=1, device="cpu")  # fmt: skip
+    run = setup(cfg)
+    fit(run.state, run.data, run.objective, run.cfg, progress=False, quiet=True)
+    meta = run.data.meta()
+    assert meta["columns"] == ["target"] and meta["context"]["features"] == 10
+    assert "bmi" in meta["context"]["columns"] and "plan" not in meta
+    x, c = _test_pairs(run)
+    # the features are standardized inside the model: conditions in original units
+    train_c = torch.as_tensor(run.data.train_data().c)
+    torch.testing.assert_close(run.model.context_normalizer.loc, train_c.mean(0).float())
+    true = evaluate(run.model, x, context=c)
+    shuffled = evaluate(run.model, x, context=c[torch.randperm(len(c))])
+    assert true.nll < shuffled.nll - 0.1  # the features explain part of the target
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("glucose", "target 'glucose' is not a column of diabetes"),
+        ("target,target", "must name distinct columns"),
+        ("age,sex,bmi,bp,s1,s2,s3,s4,s5,s6,target", "leave at least one column"),
+    ],
+)
+def test_a_bad_target_is_named_with_the_columns_to_choose_from(target, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        get_dataset("diabetes", target=target)

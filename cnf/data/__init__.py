@@ -22,9 +22,10 @@ __all__ = ["REGISTRY", "DataSpec", "Dataset", "DatasetInfo", "content_hash", "da
            "register"]  # fmt: skip
 
 
-def is_conditional(name: str) -> bool:
-    """Whether the dataset ``name`` gives pairs ``(x, c)``, for models of ``p(x | c)``."""
-    return name in conditional_toys.TASKS
+def is_conditional(name: str, options: dict[str, Any] | None = None) -> bool:
+    """Whether the dataset ``name`` (with its ``options``) gives pairs ``(x, c)``, for models
+    of ``p(x | c)``: a conditional task, or a table with ``target`` columns."""
+    return name in conditional_toys.TASKS or bool((options or {}).get("target"))
 
 
 def list_datasets() -> list[DatasetInfo]:

@@ -206,7 +206,8 @@ class TabularData:
 
 # the options of every table, with their defaults (a config records only the changed ones)
 TABLE_DEFAULTS: dict[str, Any] = {"columns": "", "val_fraction": 0.1, "test_fraction": 0.1,
-                                  "dequantize": False, "drop_nan": False}  # fmt: skip
+                                  "dequantize": False, "drop_nan": False,
+                                  "target": ""}  # fmt: skip
 TABLE_OPTIONS = tuple(TABLE_DEFAULTS)
 
 
@@ -221,8 +222,11 @@ def from_table(
     dequantize: bool = False,
     drop_nan: bool = False,
     info: dict[str, Any] | None = None,
+    target: str = "",
 ) -> TabularData:
-    """Select, clean and split a table into a :class:`TabularData` (steps 1-5 of the module)."""
+    """Select, clean and split a table into a :class:`TabularData` (steps 1-5 of the module);
+    with ``target`` (columns), its pairs of those columns given the others
+    (:class:`~cnf.data.conditional_table.ConditionalTable`)."""
     table = to_float(select_columns(table, columns, name), name)
     x = drop_nan_rows(table.values, drop=drop_nan, source=name)
     train, val, test = split_indices(len(x), val_fraction, test_fraction, seed)
@@ -231,13 +235,20 @@ def from_table(
     kept = [table.columns[j] for j in plan.keep]
     info = {**(info or {}), "dropped": plan.dropped(table.columns),
             "all_columns": list(table.columns), "plan": plan.to_meta()}  # fmt: skip
-    return TabularData(name, splits, kept, seed=seed, dequantize=dequantize, info=info)
+    data = TabularData(name, splits, kept, seed=seed, dequantize=dequantize, info=info)
+    if not target:
+        return data
+    from cnf.data.conditional_table import ConditionalTable  # it builds on TabularData
+
+    return ConditionalTable(data, target)
 
 
 # --- sources: bundled, files, MAF -------------------------------------------------------------
 
 
-def _sklearn_table(name: str) -> Table:
+def _sklearn_table(name: str, with_target: bool = False) -> Table:
+    """A bundled set's features; ``with_target``: and scikit-learn's target as a last column,
+    ``target`` (a model of p(target | features) names it with ``--target target``)."""
     from sklearn import datasets
 
     if name == "diabetes":
@@ -246,7 +257,10 @@ def _sklearn_table(name: str) -> Table:
         loaders = {"breast_cancer": datasets.load_breast_cancer, "wine": datasets.load_wine,
                    "iris": datasets.load_iris, "digits-tabular": datasets.load_digits}  # fmt: skip
         bunch = loaders[name]()
-    return Table(np.asarray(bunch.data, dtype=np.float64), tuple(map(str, bunch.feature_names)))
+    values, names = np.asarray(bunch.data, dtype=np.float64), tuple(map(str, bunch.feature_names))
+    if with_target:
+        values, names = np.column_stack([values, bunch.target]), (*names, "target")
+    return Table(values, names)
 
 
 BUNDLED = {
@@ -259,8 +273,10 @@ BUNDLED = {
 
 
 def bundled(name: str, *, seed: int = 0, **options: Any) -> TabularData:
-    """One of the scikit-learn sets shipped with scikit-learn (no download)."""
-    return from_table(_sklearn_table(name), name, seed=seed, info={"source": "sklearn"}, **options)
+    """One of the scikit-learn sets shipped with scikit-learn (no download); with a ``target``
+    option, scikit-learn's target is a column too."""
+    table = _sklearn_table(name, with_target=bool(options.get("target")))
+    return from_table(table, name, seed=seed, info={"source": "sklearn"}, **options)
 
 
 for _name, (_dim, _note) in BUNDLED.items():

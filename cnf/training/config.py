@@ -136,6 +136,11 @@ class TrainConfig:
         "tables: fraction of rows held out for testing (seeded split)",
     )
     dequantize: bool = option(False, "tables: add U[0,1) noise to integer-valued columns")
+    target: str = option(
+        "",
+        "tables: model these columns (names or 0-based indices, comma-separated) given the "
+        "others, p(target | rest)",
+    )
     drop_nan: bool = option(False, "tables: drop rows with NaN/inf instead of refusing them")
     data_dir: str | None = option(
         None,

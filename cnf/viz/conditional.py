@@ -37,7 +37,10 @@ def plot_conditional(
     overwrite: bool = False,
 ) -> None:  # fmt: skip
     """For each of a few conditions (:func:`conditions`), the true :math:`p(x \\mid c)` above
-    the model's (2-D data; on an ``n x n`` grid), or true and model samples (other data)."""
+    the model's (2-D data; on an ``n x n`` grid), or true and model samples (other data); for
+    a table, each test row's target against a model sample given that row's condition."""
+    if data.kind == "tabular":
+        return _plot_table(model, data, path, overwrite=overwrite)
     cs = conditions(meta, data)
     fig, axes = plt.subplots(2, len(cs), figsize=(2.8 * len(cs), 5.6), squeeze=False)
     p = next(model.parameters())
@@ -63,6 +66,35 @@ def plot_conditional(
             scatter(axes[0, j], true[:, :2], lim, f"true, {label}", "C0")
             scatter(axes[1, j], samples[:, :2], lim, f"model, {label}", "C3")
     fig.suptitle(f"{data.name}: p(x | c)")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100, overwrite=overwrite)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def _plot_table(model: nn.Module, data: Any, path: str | Path, *, overwrite: bool) -> None:
+    """Per target column: the test rows' values against one model sample each, drawn given the
+    row's condition (on the diagonal when the model knows the row as well as its noise lets
+    it), and the test marginal against the samples' marginal."""
+    x, c = data.test(500)
+    p = next(model.parameters())
+    context = torch.as_tensor(c, dtype=p.dtype, device=p.device)
+    gen = torch.Generator(device=p.device).manual_seed(0)
+    model.eval()
+    samples = model.sample(len(x), generator=gen, context=context).cpu().numpy()
+    columns = min(len(data.columns), SHOWN)
+    fig, axes = plt.subplots(2, columns, figsize=(3.2 * columns, 6.2), squeeze=False)
+    for j in range(columns):
+        low, high = np.percentile(np.concatenate([x[:, j], samples[:, j]]), [0.5, 99.5])
+        ax = axes[0, j]
+        ax.scatter(x[:, j], samples[:, j], s=4, alpha=0.5, color="C3")
+        ax.plot([low, high], [low, high], color="0.5", lw=1)
+        ax.set(title=data.columns[j], xlabel="test value", ylabel="sample given its row")
+        bins = np.linspace(low, high, 40)
+        axes[1, j].hist(x[:, j], bins, density=True, alpha=0.5, label="test")
+        axes[1, j].hist(samples[:, j], bins, density=True, alpha=0.5, color="C3", label="model")
+        axes[1, j].legend(fontsize=7)
+    fig.suptitle(f"{data.name}: p(target | rest)")
     fig.tight_layout()
     save_figure(fig, path, dpi=100, overwrite=overwrite)
     plt.close(fig)

@@ -1,0 +1,86 @@
+"""A table read as pairs: ``target`` columns given the others, for a model of
+:math:`p(\\text{target} \\mid \\text{rest})` (``cnf train --data TABLE --target COLS``).
+
+The table is read, cleaned and split as for a model of all its columns
+(:func:`cnf.data.tabular.from_table`); the rows of every split are then cut into the modelled
+``x`` (the target columns) and the condition ``c`` (the other kept columns).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from cnf.data.conditional import Pairs
+from cnf.data.tabular import TabularData
+
+
+def target_columns(data: TabularData, target: str) -> list[int]:
+    """The kept columns ``target`` names (a comma list of names, or of 0-based indices into the
+    table's columns), by position among the kept ones."""
+    everything = data.info.get("all_columns", list(data.columns))
+    names = []
+    for item in (part.strip() for part in target.split(",")):
+        if item.isdigit() and int(item) < len(everything):
+            item = everything[int(item)]
+        if item not in data.columns:
+            why = "was dropped (constant or a repeat of another)" if item in everything else (
+                f"is not a column of {data.name}")  # fmt: skip
+            raise ValueError(f"target {item!r} {why}: choose among {', '.join(data.columns)}")
+        names.append(item)
+    if len(set(names)) != len(names) or len(names) >= len(data.columns):
+        raise ValueError(f"target {target!r} must name distinct columns and leave at least one "
+                         f"column of {data.name} to condition on")  # fmt: skip
+    return [data.columns.index(n) for n in names]
+
+
+class ConditionalTable:
+    """The pairs ``(x, c)`` of a :class:`~cnf.data.tabular.TabularData`: ``x`` its ``target``
+    columns, ``c`` the rest. Batches, splits and the fingerprint are the table's own."""
+
+    kind = "tabular"
+    entropy = None
+    support = None
+
+    def __init__(self, table: TabularData, target: str) -> None:
+        self.table = table
+        self.target = target_columns(table, target)
+        self.rest = [j for j in range(len(table.columns)) if j not in self.target]
+        self.name = table.name
+        self.columns = tuple(table.columns[j] for j in self.target)
+        self.event_shape = (len(self.target),)
+
+    def _pairs(self, rows: np.ndarray) -> Pairs:
+        return Pairs(rows[:, self.target], rows[:, self.rest])
+
+    def train_batch(self, batch_size: int, iteration: int) -> Pairs:
+        return self._pairs(self.table.train_batch(batch_size, iteration))
+
+    def train_data(self) -> Pairs:
+        return self._pairs(self.table.train_data())
+
+    def validation(self) -> Pairs:
+        return self._pairs(self.table.validation())
+
+    def test(self, n: int | None = None) -> Pairs:
+        return self._pairs(self.table.test(n))
+
+    def fingerprint(self) -> str:
+        return self.table.fingerprint()
+
+    def to(self, device: Any) -> ConditionalTable:
+        return self
+
+    def check_range(self, dtype: str) -> None:
+        self.table.check_range(dtype)
+
+    def meta(self) -> dict[str, Any]:
+        """The table's description for its target columns, and the condition: its columns,
+        ``{"kind": "continuous", "features": K, "columns": [...]}``. Rows of a file are read
+        as the whole table's (no column plan to restore on sampling)."""
+        meta = {k: v for k, v in self.table.meta().items() if k not in ("plan", "all_columns")}
+        names = [self.table.columns[j] for j in self.rest]
+        return {**meta, "event_shape": list(self.event_shape), "columns": list(self.columns),
+                "context": {"kind": "continuous", "features": len(self.rest),
+                            "columns": names}}  # fmt: skip
