@@ -1,6 +1,7 @@
 """The benchmarks' harness (bench/harness.py) and the tables' generator (bench/tables.py): the
 results file and its schema, the one table printer, where a file goes, and the regeneration of
-the docs' pages and of the README's marked block alone. No benchmark is run here."""
+the docs' pages and of the README's marked block alone. No benchmark is run here but one smoke
+run of the conditional benchmark (bench/bench_conditional.py --quick), where zuko is installed."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import json
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -200,3 +202,26 @@ def test_the_benchmark_pages_are_generated_from_the_results_files() -> None:
     stale = [str(p.relative_to(ROOT)) for p, text in made.items()
              if not p.is_file() or p.read_text() != text]  # fmt: skip
     assert not stale, f"out of date: {stale}: run `python bench/tables.py`"
+
+
+def test_the_conditional_benchmark_runs_a_smoke_run_against_zuko(tmp_path: Path) -> None:
+    """bench/bench_conditional.py --quick on one toy and the smallest simulation budget: both of
+    its tables, cnf and zuko's NSF each trained for the (1 s) budget and scored by a finite KL;
+    skipped without zuko, which it compares with."""
+    assert "bench_conditional" in tables.ORDER  # its place in docs/benchmarks/
+    pytest.importorskip("zuko")
+    target = tmp_path / "conditional.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_conditional.py"), "--quick", "--data",
+           "rotating-gaussian", "--simulations", "1000", "--systems", "cnf fm", "--results",
+           str(target)]  # fmt: skip
+    subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    record = json.loads(target.read_text(), parse_constant=pytest.fail)
+    assert record["benchmark"] == "bench_conditional" and record["settings"]["zuko"] is True
+    toys, posterior = record["tables"]
+    assert (toys["name"], posterior["name"]) == ("toys", "gaussian_linear")
+    (toy,), (sims,) = toys["rows"], posterior["rows"]
+    assert toy["dataset"] == "rotating-gaussian" and sims["simulations"] == 1000
+    for row in (toy, sims):
+        assert all(math.isfinite(row[m]) for m in ("cnf fm", "NSF")), row
+        assert all(s > 0 for s in row["se"]) and all(i > 0 for i in row["iters"])
+        assert all(0.5 < cpu < 5 for cpu in row["cpu"]), row  # the budget, 1 CPU s
