@@ -26,8 +26,16 @@ class ConvConfig:
     def __post_init__(self) -> None:
         options.choice("layer", self.layer, tuple(CONV_LAYERS))
 
-    def build(self, shape: Sequence[int], hidden: Sequence[int], activation: str) -> nn.Module:
-        """The field for images of ``shape`` ``(C, H, W)``."""
+    def build(
+        self, shape: Sequence[int], hidden: Sequence[int], activation: str, context: int = 0
+    ) -> nn.Module:
+        """The field for images of ``shape`` ``(C, H, W)``; it takes no condition
+        (``context`` must be 0)."""
+        if context:
+            raise ValueError(
+                f"the convolutional field takes no condition, but the model's is encoded in "
+                f"{context} features: use field='unet' (UNetConfig) for a conditional image model"
+            )
         return ConvField(shape[0], hidden=hidden, layer=self.layer, activation=activation)
 
 
@@ -59,10 +67,14 @@ class UNetConfig:
         if not options.is_number(self.dropout) or not 0 <= self.dropout < 1:
             raise options.ConfigError("dropout", f"must be in [0, 1), got {self.dropout!r}")
 
-    def build(self, shape: Sequence[int], hidden: Sequence[int], activation: str) -> nn.Module:
-        """The field for images of ``shape`` ``(C, H, W)`` (their height and width checked)."""
+    def build(
+        self, shape: Sequence[int], hidden: Sequence[int], activation: str, context: int = 0
+    ) -> nn.Module:
+        """The field for images of ``shape`` ``(C, H, W)`` (their height and width checked);
+        ``context``: the width of a conditional model's encoded condition (0: none)."""
         unet = UNet(shape[0], width=self.width, resolutions=self.resolutions, depth=self.depth,
-                    dropout=self.dropout, scale_shift=self.scale_shift)  # fmt: skip
+                    dropout=self.dropout, scale_shift=self.scale_shift,
+                    context=context)  # fmt: skip
         unet.check_size(shape[1], shape[2])
         return unet
 

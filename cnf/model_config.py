@@ -226,6 +226,7 @@ def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
         alpha=image.alpha,
         field=image.field,
         **_common(cfg),
+        **_condition(cfg, meta),
     )
 
 

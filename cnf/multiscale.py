@@ -77,7 +77,7 @@ class _Sum:
 
 
 class MultiscaleCNF(Flow, nn.Module):
-    """A multiscale continuous normalizing flow on images of dequantized pixels; ``log_prob`` is
+    r"""A multiscale continuous normalizing flow on images of dequantized pixels; ``log_prob`` is
     the density in integer pixel units (its log-det includes the rescaling to ``[0, 1]``).
 
     Arguments:
@@ -102,6 +102,14 @@ class MultiscaleCNF(Flow, nn.Module):
         learn_T: make ``T`` trained, as in :class:`~cnf.flow.CNF`.
         solver: every block's training solver, as in :class:`~cnf.flow.CNF`.
         eval_solver: every block's evaluation solver, as in :class:`~cnf.flow.CNF`.
+        num_classes: model :math:`p(x \mid c)` for class labels ``c`` in ``0..C-1``, as in
+            :class:`~cnf.flow.CNF`: every block is conditional on the same label (each through
+            its own embedding of width ``embed``); the field must take a condition (a U-Net).
+        context: model :math:`p(x \mid c)` for ``K`` continuous features, likewise.
+        embed: the labels' embedding width.
+
+    Every map, density and sample of a conditional model takes ``context=`` and ``drop=`` as in
+    :class:`~cnf.flow.CNF`, and passes them to every block.
 
     Example:
         >>> flow = MultiscaleCNF((1, 8, 8), levels=17, blocks=1, hidden=(8,),
@@ -128,9 +136,14 @@ class MultiscaleCNF(Flow, nn.Module):
         solver: Solver | Mapping[str, Any] | None = None,
         eval_solver: Solver | Mapping[str, Any] | None = None,
         field: FieldConfig | str = "conv",
+        num_classes: int | None = None,
+        context: int | None = None,
+        embed: int = 16,
     ) -> None:
         super().__init__()
         field = as_field_config(field)
+        self.num_classes, self.context_features = num_classes, context
+        encoded = embed if num_classes is not None else context or 0
         self.event_shape = _image_shape(event_shape)
         channels, height, width = self.event_shape
         self.dim = math.prod(self.event_shape)
@@ -143,8 +156,9 @@ class MultiscaleCNF(Flow, nn.Module):
 
         def cnfs(c: int, h: int, w: int) -> list[CNF]:
             block = dict(trace=trace, noise=noise, T=T, learn_T=learn_T, solver=solver,
-                         eval_solver=eval_solver)  # fmt: skip
-            return [CNF((c, h, w), field.build((c, h, w), hidden, activation), **block)
+                         eval_solver=eval_solver, num_classes=num_classes, context=context,
+                         embed=embed)  # fmt: skip
+            return [CNF((c, h, w), field.build((c, h, w), hidden, activation, encoded), **block)
                     for _ in range(blocks)]  # fmt: skip
 
         stages = []
@@ -186,11 +200,18 @@ class MultiscaleCNF(Flow, nn.Module):
     # --- densities ------------------------------------------------------------------------
 
     def sample(
-        self, n: int, *, generator: torch.Generator | None = None, solver: Solver | None = None
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        solver: Solver | None = None,
+        context: object = None,
+        drop: Tensor | None = None,
     ) -> Tensor:
-        """``n`` images of continuous pixel values (no traces integrated); ``quantize`` them
-        with ``self.dequantization.quantize``."""
-        return self._decode(self._base_noise(n, generator), solver=solver, logdet=False).value
+        """``n`` images of continuous pixel values (no traces integrated), of ``p(x | context)``
+        for a conditional model; ``quantize`` them with ``self.dequantization.quantize``."""
+        z = self._base_noise(n, generator)
+        return self._decode(z, solver=solver, logdet=False, context=context, drop=drop).value
 
     # --- maps -----------------------------------------------------------------------------
 
@@ -204,12 +225,15 @@ class MultiscaleCNF(Flow, nn.Module):
         regularize: bool = False,
         probes: ProbeSource | None = None,
         logdet: bool = True,
+        context: object = None,
+        drop: Tensor | None = None,
     ) -> FlowResult:
         """Map images to latents of the same shape; ``logdet = log|det dz/dx|`` summed over every
         step (without the blocks' traces with ``logdet=False``), ``kinetic`` and ``jacobian``
         over every block (with ``regularize``).
 
-        Keywords as in :meth:`cnf.CNF.to_latent`; ``generator`` draws every block's probe.
+        Keywords as in :meth:`cnf.CNF.to_latent`; ``generator`` draws every block's probe, and
+        every block sees the same ``context`` and ``drop``.
         """
         x = self.check_input(x, "x")
         y, ld_dequant = self.dequantization(x)
@@ -217,7 +241,7 @@ class MultiscaleCNF(Flow, nn.Module):
         y, ld = self.squash(y)
         acc = _Sum(ld_dequant + ld)
         kw = dict(solver=solver, trace=trace, generator=generator, regularize=regularize,
-                  probes=probes, logdet=logdet)  # fmt: skip
+                  probes=probes, logdet=logdet, context=context, drop=drop)  # fmt: skip
         factored = []
         for scale in self.scales:
             for block in scale.pre:
@@ -250,10 +274,13 @@ class MultiscaleCNF(Flow, nn.Module):
         trace: str | None = None,
         generator: torch.Generator | None = None,
         logdet: bool = True,
+        context: object = None,
+        drop: Tensor | None = None,
     ) -> FlowResult:
         """Map latents to images; ``logdet = log|det dx/dz|``. Keywords as in :meth:`to_latent`."""
         z = self.check_input(z, "z")
-        return self._decode(z, solver=solver, trace=trace, generator=generator, logdet=logdet)
+        return self._decode(z, solver=solver, trace=trace, generator=generator, logdet=logdet,
+                            context=context, drop=drop)  # fmt: skip
 
     def _decode(
         self,
@@ -263,6 +290,8 @@ class MultiscaleCNF(Flow, nn.Module):
         trace: str | None = None,
         generator: torch.Generator | None = None,
         logdet: bool = True,
+        context: object = None,
+        drop: Tensor | None = None,
     ) -> FlowResult:
         factored, y = [], z
         for _ in self.scales[:-1]:  # undo the reassembly: the halves each scale factored out
@@ -273,10 +302,11 @@ class MultiscaleCNF(Flow, nn.Module):
         def invert(blocks: nn.ModuleList, y: Tensor) -> Tensor:
             for block in reversed(blocks):
                 if logdet:
-                    y = acc.add(block.to_data(y, solver=solver, trace=trace, generator=generator))
+                    y = acc.add(block.to_data(y, solver=solver, trace=trace, generator=generator,
+                                              context=context, drop=drop))  # fmt: skip
                 else:
-                    times = block.times(y, reverse=True)
-                    y = block.integrate(block.dynamics, (y,), times, solver)[0][-1]
+                    c = block.encode_context(context, len(y), drop)
+                    y = block.solve_states(y, block.times(y, reverse=True), solver, c)[-1]
             return y
 
         for i in reversed(range(len(self.scales))):

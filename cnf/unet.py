@@ -142,6 +142,10 @@ class UNet(nn.Module):
         scale_shift: condition every block on the time by a per-channel scale and shift of its
             normalized features (adaptive GroupNorm, as in Dhariwal and Nichol's ADM U-Net and
             TorchCFM's ``use_scale_shift_norm``) instead of the default shift before the norm.
+        context: the width of the encoded condition of a conditional field (0: none), which is
+            then called as ``f(t, x, context=e)`` with ``e`` of shape ``(1 or n, context)``: a
+            linear map of ``e`` is added to the time embedding of every block (the class
+            embedding of Dhariwal and Nichol's class-conditional ADM U-Net and of TorchCFM's).
 
     Example:
         >>> f = UNet(1, width=8, resolutions=2)
@@ -158,6 +162,7 @@ class UNet(nn.Module):
         depth: int = 1,
         dropout: float = 0.0,
         scale_shift: bool = False,
+        context: int = 0,
     ) -> None:
         super().__init__()
         for name, value in (("width", width), ("resolutions", resolutions), ("depth", depth)):
@@ -168,7 +173,9 @@ class UNet(nn.Module):
             raise ValueError(f"U-Net dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(scale_shift, bool):
             raise ValueError(f"U-Net scale_shift must be True or False, got {scale_shift!r}")
-        self.resolutions = resolutions
+        if not isinstance(context, int) or isinstance(context, bool) or context < 0:
+            raise ValueError(f"U-Net context must be a width >= 0 (0: none), got {context!r}")
+        self.resolutions, self.context_features = resolutions, context
         emb = 4 * width
         self.embed = _TimeEmbedding(width, emb)
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
@@ -192,6 +199,8 @@ class UNet(nn.Module):
                                                                         padding=1))  # fmt: skip
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        if context:  # registered last: an unconditional U-Net keeps its keys and their order
+            self.condition = nn.Linear(context, emb)
 
     def check_size(self, height: int, width: int) -> None:
         factor = 2 ** (self.resolutions - 1)
@@ -202,8 +211,10 @@ class UNet(nn.Module):
                 "use fewer resolutions"
             )
 
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        emb = self.embed(t, len(x))
+    def forward(self, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The field at time ``t`` (0-d, or one per row) on images ``x``; ``context``: the
+        encoded condition ``(1 or n, context)`` of a conditional U-Net, else ``None``."""
+        emb = self._embedding(t, len(x), context)
         h, skips = self.inp(x), []
         for level, blocks in enumerate(self.down):
             for block in blocks:
@@ -219,3 +230,13 @@ class UNet(nn.Module):
             for block in blocks:
                 h = block(h, emb)
         return self.out(h)
+
+    def _embedding(self, t: Tensor, n: int, context: Tensor | None) -> Tensor:
+        emb = self.embed(t, n)
+        if (context is None) != (not self.context_features):
+            raise ValueError(
+                f"this U-Net was built with context={self.context_features} but was called "
+                f"{'without' if context is None else 'with'} a context: build it with "
+                "context=<the encoded width> to take one, or leave context out"
+            )
+        return emb if context is None else emb + self.condition(context.to(emb))

@@ -24,8 +24,10 @@ __all__ = ["REGISTRY", "DataSpec", "Dataset", "DatasetInfo", "content_hash", "da
 
 def is_conditional(name: str, options: dict[str, Any] | None = None) -> bool:
     """Whether the dataset ``name`` (with its ``options``) gives pairs ``(x, c)``, for models
-    of ``p(x | c)``: a conditional task, or a table with ``target`` columns."""
-    return name in conditional_toys.TASKS or bool((options or {}).get("target"))
+    of ``p(x | c)``: a conditional task, a table with ``target`` columns, or images with a
+    ``condition`` (their labels)."""
+    options = options or {}
+    return name in conditional_toys.TASKS or bool(options.get("target") or options.get("condition"))
 
 
 def list_datasets() -> list[DatasetInfo]:
@@ -53,7 +55,7 @@ def _unknown(name: str) -> str:
 
 
 # the dataset options that `cnf train` has flags for (the others come from a config's extra)
-FLAGGED = frozenset({*tabular.TABLE_OPTIONS, "data_dir"})
+FLAGGED = frozenset({*tabular.TABLE_OPTIONS, "data_dir", "condition"})
 
 
 def _option(name: str) -> str:

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from cnf.data.conditional import Pairs
-from cnf.data.tabular import TabularData
+
+TabularData = Any  # cnf.data.tabular.TabularData, which builds this module's tables
 
 
 def target_columns(data: TabularData, target: str) -> list[int]:

@@ -19,6 +19,10 @@ Nothing is downloaded. The files are read from ``data_dir`` (``cnf train --data-
 Splits: digits, a fixed permutation into 1257 training, 180 validation and 360 test images;
 mnist-5k, a fixed permutation into 3500 training, 500 validation and 1000 test images; the
 others, the official test set, and a fixed 5000 training images held out for validation.
+
+With labels (digits with ``condition="label"``) every batch, validation and test set is a
+:class:`~cnf.data.conditional.Pairs` ``(images, labels)``, the labels int64 and row for row the
+images' (for a model of :math:`p(x \mid c)`); the images are exactly the unlabelled set's.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from torch import Tensor
 
 from cnf.data.base import DatasetInfo, content_hash, register
+from cnf.data.conditional import Pairs
 from cnf.data.image_files import FASHION_MNIST_DIR, HOW_TO_GET, damaged, load_cifar10, load_idx_pair
 
 
@@ -47,6 +52,9 @@ class ImageData:
         seed: the run's seed: training batches and the dequantization noise depend on it.
         n_val: training images held out for validation (a fixed choice, whatever the seed).
         source: where the images came from (recorded in :meth:`meta`).
+        labels: the class labels of ``train`` and of ``test`` (integers ``0..classes-1``, one
+            per image), to serve pairs ``(images, labels)``; ``None``: images alone.
+        classes: the number of classes of ``labels``.
     """
 
     kind = "image"
@@ -63,6 +71,8 @@ class ImageData:
         seed: int = 0,
         n_val: int = 5000,
         source: str = "",
+        labels: tuple[np.ndarray, np.ndarray] | None = None,
+        classes: int = 0,
     ) -> None:
         if not isinstance(n_val, int) or not 0 < n_val < len(train):
             raise ValueError(
@@ -81,6 +91,17 @@ class ImageData:
         self._test_pixels = torch.from_numpy(test.astype(np.uint8))
         self._epoch: tuple[int, Tensor] | None = None
         self._fingerprint = content_hash(name, levels, train.astype(np.uint8, copy=False))
+        self.classes, self.labels = classes, None
+        if labels is not None:
+            if [len(a) for a in labels] != [len(train), len(test)]:
+                raise ValueError(
+                    f"{name}: expected one label per image, got "
+                    f"{[len(a) for a in labels]} for {len(train)} and {len(test)}"
+                )
+            train_labels, test_labels = (torch.as_tensor(np.asarray(a, dtype=np.int64))
+                                         for a in labels)  # fmt: skip
+            self.labels = train_labels[order[n_val:]]
+            self._val_labels, self._test_labels = train_labels[order[:n_val]], test_labels
 
     def fingerprint(self) -> str:
         """A hash of the training images (validation included): a resume refuses other images."""
@@ -90,15 +111,17 @@ class ImageData:
         """Keep the training images on ``device`` (one copy; batches are then cut and dequantized
         there). Returns ``self``."""
         self.pixels = self.pixels.to(device)
+        self.labels = None if self.labels is None else self.labels.to(device)
         self._epoch = None
         return self
 
     def check_range(self, dtype: str) -> None:
         """Nothing to check: pixels lie in ``0..levels - 1``."""
 
-    def train_batch(self, batch_size: int, iteration: int) -> Tensor:
+    def train_batch(self, batch_size: int, iteration: int) -> Tensor | Pairs:
         """Images ``(iteration - 1) * batch_size ...`` of a stream of seeded epoch permutations,
-        dequantized with noise seeded by ``(seed, iteration)`` (float32, on the data's device).
+        dequantized with noise seeded by ``(seed, iteration)`` (float32, on the data's device);
+        with their labels as :class:`Pairs` for labelled data.
 
         The noise is drawn by a generator on that device: a run repeats exactly on the same kind
         of device, not across CPU and GPU."""
@@ -108,7 +131,19 @@ class ImageData:
         offset = start % len(self.pixels)
         rows = idx[offset : offset + batch_size].to(self.pixels.device)
         gen = _generator(self.pixels.device, self.seed, 11, iteration)
-        return _dequantize(self.pixels[rows], gen)
+        return self._paired(_dequantize(self.pixels[rows], gen), self.labels, rows)
+
+    def _paired(self, x: Tensor, labels: Tensor | None, rows: Tensor | None = None):
+        """``x`` alone, or with the ``labels`` of its ``rows`` (all of them: ``None``)."""
+        if labels is None:
+            return x
+        return Pairs(x, labels if rows is None else labels[rows])  # type: ignore[arg-type]
+
+    def train_data(self) -> Tensor | Pairs:
+        """Every training image, dequantized once with fixed noise (float32), with its labels
+        for labelled data."""
+        x = _dequantize(self.pixels, _generator(self.pixels.device, self.seed, 14, 0))
+        return self._paired(x, self.labels)
 
     def _order(self, epoch: int) -> Tensor:
         if self._epoch is None or self._epoch[0] != epoch:
@@ -120,9 +155,10 @@ class ImageData:
     def _validation(self) -> Tensor:
         return _dequantize(self._val_pixels, _generator("cpu", self.seed, 12, 0))
 
-    def validation(self) -> Tensor:
-        """The held-out training images, dequantized once (float32, CPU)."""
-        return self._validation
+    def validation(self) -> Tensor | Pairs:
+        """The held-out training images, dequantized once (float32, CPU); with their labels
+        for labelled data."""
+        return self._paired(self._validation, None if self.labels is None else self._val_labels)
 
     def validation_pixels(self) -> Tensor:
         """The held-out training images as the integers they are (uint8, CPU)."""
@@ -132,10 +168,12 @@ class ImageData:
     def _test(self) -> Tensor:
         return _dequantize(self._test_pixels, _generator("cpu", self.seed, 13, 0))
 
-    def test(self, n: int | None = None) -> Tensor:
+    def test(self, n: int | None = None) -> Tensor | Pairs:
         """The first ``n`` test images (all of them when ``n`` is ``None`` or larger), dequantized
-        with fixed noise (float32, CPU)."""
-        return self._test if n is None else self._test[:n]
+        with fixed noise (float32, CPU); with their labels for labelled data."""
+        x = self._test if n is None else self._test[:n]
+        labels = None if self.labels is None else self._test_labels[: len(x)]
+        return self._paired(x, labels)
 
     def test_pixels(self, n: int | None = None) -> Tensor:
         """The first ``n`` test images as the integers they are (uint8, CPU): for the
@@ -144,8 +182,11 @@ class ImageData:
         return self._test_pixels if n is None else self._test_pixels[:n]
 
     def meta(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "event_shape": list(self.event_shape),
+        meta = {"name": self.name, "kind": self.kind, "event_shape": list(self.event_shape),
                 "levels": self.levels, "source": self.source}  # fmt: skip
+        if self.labels is not None:
+            meta["context"] = {"kind": "categorical", "classes": self.classes}
+        return meta
 
 
 def _check_images(name: str, part: str, images: np.ndarray, levels: int, shape: tuple) -> None:
@@ -172,14 +213,27 @@ def _dequantize(pixels: Tensor, generator: torch.Generator) -> Tensor:
 # --- the registered datasets -----------------------------------------------------------------
 
 
-def digits(seed: int = 0, n_val: int = 180) -> ImageData:
-    """sklearn's 1797 8x8 handwritten digits, pixel values 0..16 (17 levels)."""
+CONDITIONS = ("", "label")  # a labelled image set's ``condition`` option
+
+
+def digits(seed: int = 0, n_val: int = 180, condition: str = "") -> ImageData:
+    """sklearn's 1797 8x8 handwritten digits, pixel values 0..16 (17 levels); with
+    ``condition="label"``, pairs of images and their digits 0..9."""
     from sklearn.datasets import load_digits
 
-    images = load_digits().images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    if condition not in CONDITIONS:
+        raise ValueError(
+            f"condition must be one of {list(CONDITIONS)} ('label': model p(image | digit)), got "
+            f"{condition!r}"
+        )
+    bunch = load_digits()
+    images = bunch.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
     order = np.random.default_rng(0).permutation(len(images))
     test, train = images[order[:360]], images[order[360:]]
-    return ImageData("digits", train, test, 17, seed=seed, n_val=n_val, source="sklearn")
+    target = bunch.target.astype(np.int64)
+    labels = (target[order[360:]], target[order[:360]]) if condition == "label" else None
+    return ImageData("digits", train, test, 17, seed=seed, n_val=n_val, source="sklearn",
+                     labels=labels, classes=10)  # fmt: skip
 
 
 def _required(name: str, data_dir: str | Path | None) -> Path:
@@ -243,8 +297,9 @@ def cifar10(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000
                      source=str(directory.resolve()))  # fmt: skip
 
 
-register(DatasetInfo("digits", "image", 64, False, "sklearn 8x8 digits, 17 levels (bundled)",
-                     ("n_val",)), digits)  # fmt: skip
+register(DatasetInfo("digits", "image", 64, False,
+                     "sklearn 8x8 digits, 17 levels (bundled); condition=label: given the digit",
+                     ("n_val", "condition")), digits)  # fmt: skip
 register(DatasetInfo("fashion-mnist", "image", 784, False,
                      f"28x28, 256 levels; IDX files (default {FASHION_MNIST_DIR})",
                      ("data_dir", "n_val")), fashion_mnist)  # fmt: skip

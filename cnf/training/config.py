@@ -142,6 +142,10 @@ class TrainConfig:
         "others, p(target | rest)",
     )
     drop_nan: bool = option(False, "tables: drop rows with NaN/inf instead of refusing them")
+    condition: str = option(
+        "",
+        "images (digits): 'label' models each image given its class label, p(image | label)",
+    )
     data_dir: str | None = option(
         None,
         "directory of the dataset's files (mnist, fashion-mnist, cifar10)",
@@ -284,6 +288,8 @@ class TrainConfig:
         opts = {k: getattr(self, k) for k, v in TABLE_DEFAULTS.items() if getattr(self, k) != v}
         if self.data_dir:
             opts["data_dir"] = self.data_dir
+        if self.condition:
+            opts["condition"] = self.condition
         return DataSpec(self.data, self.seed, {**self.extra, **opts})
 
     def make_objective(self) -> Objective:

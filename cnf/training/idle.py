@@ -98,7 +98,7 @@ def _idle_budget(cfg: TrainConfig) -> dict[str, str]:
 
 def _idle_condition(cfg: TrainConfig) -> dict[str, str]:
     """The options of conditional models, for data without conditions."""
-    if is_conditional(cfg.data, {"target": cfg.target}):
+    if is_conditional(cfg.data, {"target": cfg.target, "condition": cfg.condition}):
         return {}
     why = "has no effect: the data have no conditions (it is for models of p(x | c)): drop it"
     return {"cond_dropout": why, "embed": why}

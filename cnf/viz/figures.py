@@ -97,7 +97,7 @@ def plot_run(
         written += [out / "training.png", out / "solver.png"]
         plot_training(log, written[0], overwrite=True, bits_per_dim=data.kind == "image")
         plot_solver(log, written[1], overwrite=True)
-    if run.meta.get("context") is not None:  # p(x | c): per condition
+    if run.meta.get("context") is not None and data.kind != "image":  # p(x | c): per condition
         written.append(out / "conditional.png")
         plot_conditional(run.model, data, run.meta, written[-1], overwrite=True)
     elif data.kind == "toy":
@@ -109,7 +109,10 @@ def plot_run(
         plot_marginals(run.model, data, written[-1], overwrite=True)
     elif data.kind == "image":
         written.append(out / "samples.png")
-        save_sample_grid(run.model, written[-1], overwrite=True)
+        if run.meta.get("context") is not None:  # p(image | label): one row per class
+            save_class_grid(run.model, run.meta["context"]["classes"], written[-1], overwrite=True)
+        else:
+            save_sample_grid(run.model, written[-1], overwrite=True)
     return written
 
 
@@ -258,3 +261,23 @@ def save_sample_grid(
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     model.eval()
     save_image_grid(model.sample(n, generator=gen), model.levels, path, overwrite=overwrite)
+
+
+@torch.no_grad()
+def save_class_grid(
+    model: nn.Module,
+    classes: int,
+    path: str | Path,
+    per_class: int = 8,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Draw ``per_class`` images given each label ``0..classes-1`` from a label-conditional
+    image flow (seeded) and write them as a PNG grid, one row per class."""
+    p = next(model.parameters())
+    gen = torch.Generator(device=p.device).manual_seed(seed)
+    labels = torch.arange(classes, device=p.device).repeat_interleave(per_class)
+    model.eval()
+    images = model.sample(len(labels), generator=gen, context=labels)
+    save_image_grid(images, model.levels, path, overwrite=overwrite, columns=per_class)
