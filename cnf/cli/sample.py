@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.guidance is not None:
         model = _guided(run, model, args.guidance)
     if suffix == ".png":
-        return _sample_grid(model, args)
+        return _sample_grid(model, args, condition)
     plan = ColumnPlan.from_meta(meta["plan"]) if "plan" in meta else None
     names = (
         meta.get("all_columns")
@@ -216,7 +216,7 @@ def parse_context(meta: dict[str, Any], text: str | None, run: Path) -> dict[str
     return {"context": torch.tensor(values)}
 
 
-def _sample_grid(model: torch.nn.Module, args: argparse.Namespace) -> int:
+def _sample_grid(model: torch.nn.Module, args: argparse.Namespace, condition: dict) -> int:
     from cnf import viz
 
     if model.levels is None:
@@ -227,7 +227,7 @@ def _sample_grid(model: torch.nn.Module, args: argparse.Namespace) -> int:
     solver = solver_from_flags(model, args)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     with torch.no_grad(), evaluating(model):
-        images = model.sample(args.n, generator=gen, solver=solver)
+        images = model.sample(args.n, generator=gen, solver=solver, **condition)
     viz.save_image_grid(images, model.levels, args.output, overwrite=args.force)
     used = (solver or model.eval_solver).describe()
     print(f"wrote a grid of {args.n} samples to {args.output}, solved with {used}")
