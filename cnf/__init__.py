@@ -16,6 +16,7 @@ _EXPORTS = {
     "CNF": "cnf.flow",
     "CNFDensity": "cnf.density",
     "CNFDensityWarning": "cnf.density",
+    "CNFRegressor": "cnf.regressor",
     "ConcatSquashLinear": "cnf.fields",
     "ConcatSquashMLP": "cnf.fields",
     "ContextEncoder": "cnf.context",

@@ -7,7 +7,8 @@ KernelDensity), ``sample(n_samples, random_state)``; plain constructor arguments
 column rules and dequantization of :mod:`cnf.data.tabular`, the model of :mod:`cnf.table_flow` (a
 fixed standardization layer whose log-det is included, so densities are in the units of ``X``)
 and the training loop of :mod:`cnf.training` (the same loss, optimizer, schedule, seeding and
-solver-step adaptation), with early stopping on a held-out part of ``X``.
+solver-step adaptation), with early stopping on a held-out part of ``X``. The parameters and
+that training are :class:`FlowEstimator`'s, shared with :class:`cnf.regressor.CNFRegressor`.
 
 scikit-learn's ``check_estimator`` passes in full, no check skipped or expected to fail
 (tests/test_estimator.py runs them on a small fixed-step float64 configuration;
@@ -31,6 +32,7 @@ from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from cnf.data.base import Dataset
 from cnf.data.columns import ColumnPlan
 from cnf.data.tabular import Splits, TabularData
 from cnf.model_config import DTYPES, ModelConfig
@@ -51,70 +53,11 @@ SKLEARN_NAMES = {
 }
 
 
-class CNFDensity(DensityMixin, BaseEstimator):
-    """Density estimation with a continuous normalizing flow, in the manner of KernelDensity.
-
-    Arguments:
-        hidden: hidden widths of the vector field (ConcatSquash MLP).
-        activation: its activation (``tanh``, ``softplus``, ...).
-        preprocess: the fixed affine layer fitted on the training rows: ``"standardize"``,
-            ``"whiten"`` (inverse Cholesky of the covariance; the flow starts at the identity,
-            so the untrained model is then the full-covariance Gaussian fit) or ``"none"``.
-            Its log-det is part of every density.
-        dequantize: add ``U[0, 1)`` noise to integer-valued columns while training (the density is
-            then that of the dequantized data; evaluate it at ``X + U`` for the bound on the
-            discrete likelihood).
-        max_iter: training iterations (AdamW steps): of flow matching with the default
-            ``objective="fm"``, which ``finetune_iter`` maximum-likelihood iterations follow.
-        batch_size: rows per step (at most the number of training rows).
-        lr: AdamW's learning rate (a cosine schedule down to 1% of it).
-        weight_decay: AdamW's decoupled weight decay.
-        kinetic: RNODE's kinetic-energy weight (arXiv:2002.02798), for maximum likelihood.
-        jacobian: RNODE's Jacobian weight, for maximum likelihood.
-        objective: ``"fm"`` (the default: flow matching, :class:`cnf.training.FlowMatching`,
-            for ``max_iter`` steps, then maximum likelihood for up to ``finetune_iter`` more,
-            stopped early on the validation NLL) or ``"mle"`` (maximum likelihood throughout).
-            The defaults are ``cnf train``'s tabular recipe (bench/bench_tabular.py).
-        coupling: flow matching's pairing of data and noise, ``"independent"`` or ``"ot"``.
-        finetune_iter: iterations of the maximum-likelihood phase after flow matching.
-        finetune_lr: the peak learning rate of that phase's own cosine schedule.
-        validation_fraction: part of ``X`` held out for early stopping (0, or fewer than 10
-            rows: none, train ``max_iter`` steps).
-        patience: stop after this many evaluations without a better validation NLL (0: never);
-            the best parameters are kept.
-        eval_every: iterations between validation evaluations.
-        trace: ``"auto"`` (exact up to 8 dimensions, Hutchinson above), ``"exact"`` or
-            ``"hutchinson"`` for training; ``score_samples`` uses the exact trace up to
-            :data:`cnf.table_flow.EXACT_EVAL_MAX_DIM` (64) dimensions.
-        method: the training solver: rk4 by default, from Hairer's step and adapted so that a
-            finer solver agrees (Ott et al. 2021).
-        tol: its tolerances, ``atol = rtol = tol``.
-        step_size: the step of fixed-step methods; with a ``step_size`` the same solver
-            scores rows.
-        eval_tol: tolerance of the solver used by ``score_samples`` and ``sample``.
-        dtype: ``"float32"`` or ``"float64"``.
-        device: torch device (``"cpu"``, ``"cuda"``).
-        random_state: seed (int), ``RandomState`` or None: split, initialization, batches.
-        verbose: show a progress bar with the validation NLL.
-
-    Attributes:
-        model_: the fitted :class:`~cnf.table_flow.TabularCNF` (eval mode).
-        columns_: the :class:`~cnf.data.columns.ColumnPlan`: constant and exactly duplicated
-            columns (on the training rows) are dropped, with a logged warning; ``score_samples``
-            is the density of the kept columns and ``sample`` fills the dropped ones back in.
-        n_features_in_: as in scikit-learn.
-        feature_names_in_: as in scikit-learn.
-        n_iter_: iterations run; ``validation_scores_``: mean validation log-likelihood at each
-            evaluation; ``best_validation_score_``: the best of them.
-
-    Example:
-        >>> import numpy as np
-        >>> X = np.random.default_rng(0).normal(size=(200, 2)) * [1.0, 100.0]
-        >>> est = CNFDensity(hidden=(16,), max_iter=20, finetune_iter=10, random_state=0).fit(X)
-        >>> est.score_samples(X[:3]).shape
-        (3,)
-        >>> est.sample(5, random_state=0).shape
-        (5, 2)
+class FlowEstimator(BaseEstimator):
+    """The parameters and the training that cnf's scikit-learn estimators share
+    (:class:`CNFDensity`, :class:`cnf.regressor.CNFRegressor`): one recipe, ``cnf train``'s on a
+    table, run by the one training loop with early stopping on a held-out part of the rows. The
+    parameters are documented on :class:`CNFDensity`.
     """
 
     def __init__(
@@ -213,39 +156,26 @@ class CNFDensity(DensityMixin, BaseEstimator):
             patience=self.patience,
         )
 
-    def fit(self, X: Any, y: Any = None) -> CNFDensity:
-        """Fit the flow to the rows of ``X`` (``y`` is ignored).
-
-        Returns:
-            ``self``.
-        """
-        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+    def _split(self, n: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """The run's seed (from ``random_state``), and the training and validation rows of ``n``
+        (a seeded permutation; no validation rows below 10)."""
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(
                 f"validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
             )
         seed = int(check_random_state(self.random_state).randint(2**31 - 1))
-        n_val = int(self.validation_fraction * len(X)) if len(X) >= 10 else 0
-        order = np.random.default_rng([seed, 7]).permutation(len(X))
-        names = [str(c) for c in getattr(self, "feature_names_in_", range(X.shape[1]))]
-        self.columns_ = ColumnPlan.fit(X[order[n_val:]], names, "CNFDensity.fit", note=_warn)
-        x = self.columns_.apply(X)
-        splits = Splits(x[order[n_val:]], x[order[:n_val]], x[:0])
-        cfg = self._config(seed, len(splits.train))
-        kept = [names[j] for j in self.columns_.keep]
-        data = TabularData("X", splits, kept, seed=seed, dequantize=self.dequantize, note=_warn,
-                           dequantize_hint="dequantize=True")  # fmt: skip
-        self.model_ = self._train(cfg, data)
-        return self
+        n_val = int(self.validation_fraction * n) if n >= 10 else 0
+        order = np.random.default_rng([seed, 7]).permutation(n)
+        return seed, order[n_val:], order[:n_val]
 
-    def _train(self, cfg: TrainConfig, data: TabularData) -> TabularCNF:
+    def _train(self, cfg: TrainConfig, data: Dataset) -> TabularCNF:
         threads = torch.get_num_threads()
         try:
             return self._fit_model(cfg, data)
         finally:
             torch.set_num_threads(threads)
 
-    def _fit_model(self, cfg: TrainConfig, data: TabularData) -> TabularCNF:
+    def _fit_model(self, cfg: TrainConfig, data: Dataset) -> TabularCNF:
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the global RNG
             run = setup(cfg, data=data)
             best = _KeepBest()
@@ -261,7 +191,7 @@ class CNFDensity(DensityMixin, BaseEstimator):
                 )
             except Diverged as err:
                 raise SolverError(
-                    f"CNFDensity {err}: lower lr, tighten tol or add kinetic/jacobian "
+                    f"{type(self).__name__} {err}: lower lr, tighten tol or add kinetic/jacobian "
                     "regularization"
                 ) from err
         self.n_iter_ = result.iteration
@@ -273,6 +203,97 @@ class CNFDensity(DensityMixin, BaseEstimator):
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.tensor(x, dtype=DTYPES[self.dtype], device=torch.device(self.device))
+
+    def _generator(self, random_state: Any) -> torch.Generator:
+        """A torch generator seeded from ``random_state`` (int, ``RandomState`` or None)."""
+        seed = int(check_random_state(random_state).randint(2**31 - 1))
+        return torch.Generator(device=torch.device(self.device)).manual_seed(seed)
+
+
+class CNFDensity(DensityMixin, FlowEstimator):
+    """Density estimation with a continuous normalizing flow, in the manner of KernelDensity.
+
+    Arguments:
+        hidden: hidden widths of the vector field (ConcatSquash MLP).
+        activation: its activation (``tanh``, ``softplus``, ...).
+        preprocess: the fixed affine layer fitted on the training rows: ``"standardize"``,
+            ``"whiten"`` (inverse Cholesky of the covariance; the flow starts at the identity,
+            so the untrained model is then the full-covariance Gaussian fit) or ``"none"``.
+            Its log-det is part of every density.
+        dequantize: add ``U[0, 1)`` noise to integer-valued columns while training (the density is
+            then that of the dequantized data; evaluate it at ``X + U`` for the bound on the
+            discrete likelihood).
+        max_iter: training iterations (AdamW steps): of flow matching with the default
+            ``objective="fm"``, which ``finetune_iter`` maximum-likelihood iterations follow.
+        batch_size: rows per step (at most the number of training rows).
+        lr: AdamW's learning rate (a cosine schedule down to 1% of it).
+        weight_decay: AdamW's decoupled weight decay.
+        kinetic: RNODE's kinetic-energy weight (arXiv:2002.02798), for maximum likelihood.
+        jacobian: RNODE's Jacobian weight, for maximum likelihood.
+        objective: ``"fm"`` (the default: flow matching, :class:`cnf.training.FlowMatching`,
+            for ``max_iter`` steps, then maximum likelihood for up to ``finetune_iter`` more,
+            stopped early on the validation NLL) or ``"mle"`` (maximum likelihood throughout).
+            The defaults are ``cnf train``'s tabular recipe (bench/bench_tabular.py).
+        coupling: flow matching's pairing of data and noise, ``"independent"`` or ``"ot"``.
+        finetune_iter: iterations of the maximum-likelihood phase after flow matching.
+        finetune_lr: the peak learning rate of that phase's own cosine schedule.
+        validation_fraction: part of ``X`` held out for early stopping (0, or fewer than 10
+            rows: none, train ``max_iter`` steps).
+        patience: stop after this many evaluations without a better validation NLL (0: never);
+            the best parameters are kept.
+        eval_every: iterations between validation evaluations.
+        trace: ``"auto"`` (exact up to 8 dimensions, Hutchinson above), ``"exact"`` or
+            ``"hutchinson"`` for training; ``score_samples`` uses the exact trace up to
+            :data:`cnf.table_flow.EXACT_EVAL_MAX_DIM` (64) dimensions.
+        method: the training solver: rk4 by default, from Hairer's step and adapted so that a
+            finer solver agrees (Ott et al. 2021).
+        tol: its tolerances, ``atol = rtol = tol``.
+        step_size: the step of fixed-step methods; with a ``step_size`` the same solver
+            scores rows.
+        eval_tol: tolerance of the solver used by ``score_samples`` and ``sample``.
+        dtype: ``"float32"`` or ``"float64"``.
+        device: torch device (``"cpu"``, ``"cuda"``).
+        random_state: seed (int), ``RandomState`` or None: split, initialization, batches.
+        verbose: show a progress bar with the validation NLL.
+
+    Attributes:
+        model_: the fitted :class:`~cnf.table_flow.TabularCNF` (eval mode).
+        columns_: the :class:`~cnf.data.columns.ColumnPlan`: constant and exactly duplicated
+            columns (on the training rows) are dropped, with a logged warning; ``score_samples``
+            is the density of the kept columns and ``sample`` fills the dropped ones back in.
+        n_features_in_: as in scikit-learn.
+        feature_names_in_: as in scikit-learn.
+        n_iter_: iterations run; ``validation_scores_``: mean validation log-likelihood at each
+            evaluation; ``best_validation_score_``: the best of them.
+
+    Example:
+        >>> import numpy as np
+        >>> X = np.random.default_rng(0).normal(size=(200, 2)) * [1.0, 100.0]
+        >>> est = CNFDensity(hidden=(16,), max_iter=20, finetune_iter=10, random_state=0).fit(X)
+        >>> est.score_samples(X[:3]).shape
+        (3,)
+        >>> est.sample(5, random_state=0).shape
+        (5, 2)
+    """
+
+    def fit(self, X: Any, y: Any = None) -> CNFDensity:
+        """Fit the flow to the rows of ``X`` (``y`` is ignored).
+
+        Returns:
+            ``self``.
+        """
+        X = validate_data(self, X, dtype=np.float64, ensure_min_samples=2)
+        seed, train, val = self._split(len(X))
+        names = [str(c) for c in getattr(self, "feature_names_in_", range(X.shape[1]))]
+        self.columns_ = ColumnPlan.fit(X[train], names, "CNFDensity.fit", note=_warn)
+        x = self.columns_.apply(X)
+        splits = Splits(x[train], x[val], x[:0])
+        cfg = self._config(seed, len(splits.train))
+        kept = [names[j] for j in self.columns_.keep]
+        data = TabularData("X", splits, kept, seed=seed, dequantize=self.dequantize, note=_warn,
+                           dequantize_hint="dequantize=True")  # fmt: skip
+        self.model_ = self._train(cfg, data)
+        return self
 
     # --- densities and samples -----------------------------------------------------------------
 
@@ -303,13 +324,10 @@ class CNFDensity(DensityMixin, BaseEstimator):
             in (constants, copies of the columns they repeated).
         """
         check_is_fitted(self, "model_")
-        if not isinstance(n_samples, int | np.integer) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        n = int(n_samples)
+        n = _count(n_samples)
         check_memory(n * self.columns_.width * 8 * 2, f"{n} samples",
                      "draw fewer at a time (n_samples)")  # fmt: skip
-        seed = int(check_random_state(random_state).randint(2**31 - 1))
-        gen = torch.Generator(device=torch.device(self.device)).manual_seed(seed)
+        gen = self._generator(random_state)
         out = np.empty((n, self.columns_.width))
         for start in range(0, n, SAMPLE_CHUNK):  # memory per solve stays bounded
             x = self.model_.sample(min(SAMPLE_CHUNK, n - start), generator=gen)
@@ -318,7 +336,14 @@ class CNFDensity(DensityMixin, BaseEstimator):
 
 
 class CNFDensityWarning(UserWarning):
-    """What ``CNFDensity.fit`` noticed about the data (dropped or integer columns)."""
+    """What ``CNFDensity.fit`` (or ``CNFRegressor.fit``, of ``y``) noticed about the data
+    (dropped or integer columns)."""
+
+
+def _count(n_samples: Any, name: str = "n_samples") -> int:
+    if not isinstance(n_samples, int | np.integer) or n_samples < 1:
+        raise ValueError(f"{name} must be a positive integer, got {n_samples!r}")
+    return int(n_samples)
 
 
 _WARNED: set[str] = set()  # what this process has been told: a grid search is told once

@@ -21,7 +21,7 @@ DATA = Path(__file__).parent / "data"
 # the layers above the core: training, plotting, and the user-facing front ends
 TRAINING = ("cnf.training",)
 PLOTTING = ("cnf.viz",)
-FRONT = ("cnf.cli", "cnf.__main__", "cnf.density")
+FRONT = ("cnf.cli", "cnf.__main__", "cnf.density", "cnf.regressor")
 
 
 def _module_name(path: Path) -> str:

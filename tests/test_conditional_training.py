@@ -205,3 +205,9 @@ def test_a_table_models_its_target_given_the_other_columns() -> None:
 def test_a_bad_target_is_named_with_the_columns_to_choose_from(target, message) -> None:
     with pytest.raises(ValueError, match=message):
         get_dataset("diabetes", target=target)
+
+
+def test_an_ot_coupling_is_refused_for_a_conditional_model() -> None:
+    # minibatch OT pairs noise across conditions: the base given c would no longer be N(0, I)
+    with pytest.raises(ValueError, match="coupling 'ot' pairs noise with data across rows"):
+        _trained("rotating-gaussian", 1, coupling="ot")

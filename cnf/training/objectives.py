@@ -217,6 +217,12 @@ class FlowMatching(Objective):
         context: Tensor | None = None,
     ) -> tuple[Tensor, dict]:
         block = _single_block(model)
+        if context is not None and self.coupling == "ot":
+            raise ValueError(
+                "coupling 'ot' pairs noise with data across rows of different conditions, which "
+                "changes the base given each condition: use coupling independent for a model of "
+                "p(x | c)"
+            )
         x0 = model.field_coordinates(x)  # the whole batch: its noise, pairing and times
         z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         if self.coupling == "ot":
