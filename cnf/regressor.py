@@ -61,13 +61,9 @@ EXPECTED_FAILED_CHECKS = {
 class CNFRegressor(RegressorMixin, FlowEstimator):
     r"""Regression with a full predictive density :math:`p(y \mid X)`, by a conditional CNF.
 
-    Arguments:
-        hidden, activation, preprocess, dequantize, max_iter, batch_size, lr, weight_decay,
-        kinetic, objective, coupling, finetune_iter, finetune_lr, jacobian,
-        validation_fraction, patience, eval_every, trace, method, tol, step_size, eval_tol,
-        dtype, device, random_state, verbose: those of :class:`cnf.CNFDensity`, with its
-        defaults; ``preprocess`` and ``dequantize`` are of ``y`` (the features ``X`` are
-        standardized, never dequantized), the validation rows are pairs.
+    Its parameters are those of :class:`cnf.CNFDensity`, with its defaults; ``preprocess`` and
+    ``dequantize`` are of ``y`` (the features ``X`` are standardized, never dequantized), and
+    the validation rows are pairs.
 
     Attributes:
         model_: the fitted :class:`~cnf.table_flow.TabularCNF` of ``y`` given ``X`` (eval mode).
