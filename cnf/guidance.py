@@ -284,3 +284,31 @@ def guided_log_prob(
     """
     view = guided_flow(flow, guidance)
     return view.log_prob(x, context=context, solver=solver, generator=generator, trace=trace)
+
+
+def given(flow: CNF, context: object) -> CNF:
+    r"""The flow of :math:`p(x \mid c)` for one condition ``c``, as a flow of :math:`p(x)`: a
+    view of ``flow`` (the same parameters, buffers and solvers) whose calls without ``context``
+    use ``context`` (calls with one use theirs), for code that draws flows of :math:`p(x)`,
+    such as :func:`cnf.viz.animate`. Build it again after changing ``flow``'s device or dtype.
+
+    Arguments:
+        flow: a conditional :class:`~cnf.flow.CNF`.
+        context: one condition, as the flow takes it for every row (a label, or the features).
+
+    Example:
+        >>> flow = CNF(2, hidden=(8,), num_classes=3)
+        >>> x = torch.zeros(4, 2)
+        >>> bool(torch.equal(given(flow, 1).log_prob(x), flow.log_prob(x, context=1)))
+        True
+    """
+    flow = check_conditional(flow)
+    flow.encode_context(context, 1)  # checked now, where the mistake is made
+    view = copy.copy(flow)
+    encode = flow.encode_context
+
+    def encode_given(condition: object, n: int, drop: Tensor | None = None) -> Tensor | None:
+        return encode(context if condition is None else condition, n, drop)
+
+    view.encode_context = encode_given  # type: ignore[method-assign]
+    return view

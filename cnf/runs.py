@@ -80,6 +80,46 @@ class Run:
         plan = self.meta.get("plan")
         return ColumnPlan.from_meta(plan).apply(x) if plan else x
 
+    def pairs(self, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """The rows ``(x, c)`` of a file for a model of :math:`p(x \\mid c)`: its modelled
+        columns and its condition's (a label, or the features), by name where a header names
+        them all, else by position (the modelled columns first). Labels must be classes of
+        the model; rows with NaN or inf are refused by number."""
+        spec = self.meta["context"]
+        text, key = str(path), None
+        if ".npz:" in text:
+            text, key = text.rsplit(":", 1)
+        table = read_table(Path(text).expanduser(), key)
+        width = math.prod(self.model.event_shape)
+        modelled = list(self.meta.get("columns") or [f"x{j}" for j in range(width)])
+        condition = list(condition_names(spec))
+        if set(modelled + condition) <= set(table.columns):
+            table = select_columns(table, modelled + condition, str(path))
+        elif len(table.columns) != len(modelled) + len(condition):
+            raise ValueError(
+                f"{path} has {len(table.columns)} columns but {self.path} models "
+                f"{', '.join(modelled)} given {', '.join(condition)}: give a file with those "
+                "columns (a header naming them, or the modelled ones first, then the condition)"
+            )
+        rows = drop_nan_rows(to_float(table, str(path)).values, drop=False, source=str(path))
+        x, c = rows[:, : len(modelled)], rows[:, len(modelled) :]
+        if spec["kind"] == "categorical":
+            bad = np.flatnonzero((c[:, 0] != np.round(c[:, 0])) | (c[:, 0] < 0)
+                                 | (c[:, 0] >= spec["classes"]))  # fmt: skip
+            if len(bad):
+                raise ValueError(f"{path}: row {bad[0] + 1} has label {c[bad[0], 0]:g}, not a "
+                                 f"class 0..{spec['classes'] - 1} of {self.path}")  # fmt: skip
+            c = c[:, 0].astype(np.int64)
+        return x, c
+
+
+def condition_names(spec: dict[str, Any]) -> tuple[str, ...]:
+    """The names of a conditional model's condition columns (its data's ``context`` meta):
+    ``label``, a table's condition columns, or ``c0, c1, ...``."""
+    if spec["kind"] == "categorical":
+        return ("label",)
+    return tuple(spec.get("columns") or [f"c{j}" for j in range(spec["features"])])
+
 
 def checkpoint_of(path: str | Path) -> Path:
     """The checkpoint a path names: a file as it is; a run directory's ``best.pt``, or its

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cnf.cli.common import TRUST_PICKLE, in_range, run_data
+from cnf.cli.contexts import read_contexts
 from cnf.io import check_output
 from cnf.runs import load_run
 from cnf.runtime import check_memory, configure_threads
@@ -50,6 +53,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+    p.add_argument("--context", metavar="C",
+                   help="a model of p(x | c): the condition whose flow to draw, a label (3) or "
+                        "the features (0.5 or c0=0.5)")  # fmt: skip
 
 
 def _check_animate_size(args: argparse.Namespace) -> None:
@@ -85,12 +91,10 @@ def _animate_solver(model: Any, args: argparse.Namespace) -> Solver:
     return model.eval_solver.replace(**tolerances)
 
 
-def run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+def _check_outputs(args: argparse.Namespace) -> list[Path]:
+    """The files to write, each checked before any work."""
+    from cnf import viz
 
-    from cnf import viz  # matplotlib only when drawing
-
-    _check_animate_options(args)
     if args.output.is_dir():
         raise IsADirectoryError(f"-o {args.output} is a directory: name a .gif or .mp4 file")
     outputs = [p for p in (args.output, args.trajectories, args.times) if p is not None]
@@ -100,17 +104,43 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{path}: the static figures are written as .png files")
     for path, flag in zip(outputs, ("-o", "--trajectories", "--times"), strict=False):
         check_output(path, flag=flag, force=args.force)
+    return outputs
+
+
+def _particles(data: Any, contexts: Any, n: int) -> Any:
+    """Test points to start ``--direction density`` from: given the condition, if there is one
+    (drawn from the true conditional where the data know it, else the test pairs with it)."""
+    if contexts is None:
+        return data.test(n)
+    c = contexts.row(0).numpy()
+    if hasattr(getattr(data, "task", None), "sample_x"):
+        return data.task.sample_x(np.repeat(c[None], n, 0), np.random.default_rng(0))
+    x, cs = data.test()
+    return x[(np.asarray(cs).reshape(len(x), -1) == c.reshape(1, -1)).all(1)][:n]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from cnf import viz  # matplotlib only when drawing
+
+    _check_animate_options(args)
+    outputs = _check_outputs(args)
     run = load_run(args.run, args.device)
     model = run.model
-    if run.meta.get("context") is not None:
-        raise ValueError(f"{run.path} models p(x | c), and cnf animate draws a flow of p(x) "
-                         "(conditions are not animated yet): see its conditional.png, or draw "
-                         "samples given a condition with cnf sample --context")  # fmt: skip
+    contexts = read_contexts(run.meta, args.context, args.run)
+    if contexts is not None and contexts.from_file:
+        raise ValueError(f"--context {args.context}: cnf animate draws one condition; give it "
+                         "as a label or its values, not a file")  # fmt: skip
     check_2d(model)
     configure_threads(0, next(model.parameters()).device, 2)
     data = run_data(run, args)
     lim = args.lim if args.lim is not None else data.support
-    samples = data.test(max(args.particles, 1))
+    samples = _particles(data, contexts, max(args.particles, 1))
+    if contexts is not None:  # the flow of p(x | c) for the one condition
+        from cnf.guidance import given
+
+        model = given(model, contexts.for_model(model, 0))
     for path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
     solver = _animate_solver(model, args)

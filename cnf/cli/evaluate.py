@@ -116,8 +116,9 @@ def _classification(run: Run, data: Any, args: argparse.Namespace, solver) -> di
     prior = torch.tensor(spec.class_prior, dtype=torch.float64) if spec is not None else None
     result = classify(run.model, x, prior=prior, solver=solver, seed=run.config.get("seed", 0))
     out = {"n": len(x), "accuracy": result.accuracy(y), "confusion": result.confusion(y).tolist()}
-    if hasattr(getattr(data, "task", None), "bayes_accuracy"):
-        out["bayes_accuracy"] = data.task.bayes_accuracy(seed=1).value
+    bayes = getattr(getattr(data, "task", None), "bayes_accuracy", lambda seed: None)(seed=1)
+    if bayes is not None:  # the true densities' own, where the task knows them
+        out["bayes_accuracy"] = bayes.value
     return out
 
 
@@ -165,22 +166,25 @@ def _check_eval_options(args: argparse.Namespace) -> None:
 def _score_file(run: Run, args: argparse.Namespace, validity_n: int | None, **kw: Any):
     """The NLL of the rows of ``--data`` (and their validity check), each row's log-density
     in ``--per-row``."""
-    if run.meta.get("context") is not None:
-        raise ValueError(f"--data scores rows of p(x), and {run.path} models p(x | c): score "
-                         "its test pairs with cnf eval alone (rows with their conditions from "
-                         "a file are not read yet)")  # fmt: skip
     p = next(run.model.parameters())
-    x = torch.as_tensor(run.rows(args.data), dtype=p.dtype, device=p.device)
+    c = None
+    if run.meta.get("context") is not None:  # rows with their conditions
+        x, c = run.pairs(args.data)
+        c = torch.as_tensor(c, device=p.device, dtype=None if c.dtype == np.int64 else p.dtype)
+    else:
+        x = run.rows(args.data)
+    x = torch.as_tensor(x, dtype=p.dtype, device=p.device)
     if len(x) == 0:
         raise ValueError(f"{args.data} has no rows to score")
-    logp, nfe = log_probs(run.model, x, seed=kw["seed"], solver=kw["solver"])
+    logp, nfe = log_probs(run.model, x, seed=kw["seed"], solver=kw["solver"], context=c)
     nll, se = mean_and_se(-logp)
     result: dict[str, Any] = {"data": str(args.data), "nll": nll, "nll_se": se, "nfe": nfe,
                               "n": len(logp)}  # fmt: skip
     validity = None
     if validity_n is not None:
         validity = solver_validity(run.model, x, solver=kw["checked"], start=validity_n,
-                                   seed=kw["seed"], reference=kw["reference"])  # fmt: skip
+                                   seed=kw["seed"], reference=kw["reference"],
+                                   context=c)  # fmt: skip
         result["validity"] = validity.to_dict()
     if args.per_row is not None:
         with atomic_path(args.per_row, overwrite=True) as tmp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import shutil
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from cnf.cli.common import in_range, note, solver_flags, solver_from_flags
+from cnf.cli.contexts import Contexts, read_contexts
 from cnf.data.columns import ColumnPlan
 from cnf.flow import evaluating
 from cnf.io import atomic_path, check_output
@@ -36,7 +38,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--context", metavar="C",
                    help="a model of p(x | c): the condition of every sample, a label (3) or the "
-                        "features, comma-separated (0.5,-1)")  # fmt: skip
+                        "features, comma-separated (0.5,-1) or by name (age=50,bmi=31); or a "
+                        ".csv file of conditions, one per row: -n samples for each, each "
+                        "output row led by its condition's row number and values")  # fmt: skip
     p.add_argument("--guidance", type=float, metavar="W",
                    help="with --context: classifier-free guidance of weight W >= 0, the field "
                    "(1 + W) f(c) - W f(null) (for a model trained with --cond-dropout); "
@@ -65,32 +69,31 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, flag="-o", force=args.force)
     run = load_run(args.run, args.device)
     model, meta = run.model, run.meta
-    condition = parse_context(meta, args.context, args.run)
-    p = next(model.parameters())
-    condition = {k: v.to(p.device, p.dtype if v.is_floating_point() else v.dtype)
-                 for k, v in condition.items()}  # fmt: skip
+    contexts = read_contexts(meta, args.context, args.run)
     if args.guidance is not None:
         model = _guided(run, model, args.guidance)
     if suffix == ".png":
-        return _sample_grid(model, args, condition)
+        return _sample_grid(model, args, contexts)
     plan = ColumnPlan.from_meta(meta["plan"]) if "plan" in meta else None
     names = (
         meta.get("all_columns")
         or meta.get("columns")
         or [f"x{i}" for i in range(math.prod(model.event_shape))]
     )
-    width = len(names) + args.with_log_prob
-    _check_room(args.output, args.n * width * (8 if suffix == ".npy" else 25), "-n", args.n)
+    lead = ["row", *contexts.names] if contexts is not None and contexts.from_file else []
+    width = len(lead) + len(names) + args.with_log_prob
+    total = args.n * (len(contexts) if lead else 1)
+    _check_room(args.output, total * width * (8 if suffix == ".npy" else 25), "-n", args.n)
     solver = solver_from_flags(model, args)
-    chunks = _sample_chunks(model, args.n, args.seed, args.with_log_prob, plan, solver, condition)
-    chunks = _with_progress(chunks, args.n, not args.no_progress)
+    chunks = _per_condition(model, args, plan, solver, contexts)
+    chunks = _with_progress(chunks, total, not args.no_progress)
     column = "guided_log_prob" if args.guidance is not None else "log_prob"
-    header = list(names) + ([column] if args.with_log_prob else [])
+    header = lead + list(names) + ([column] if args.with_log_prob else [])
     digits = "%.17g" if next(model.parameters()).dtype == torch.float64 else "%.9g"
     with atomic_path(args.output) as tmp:
         if suffix == ".npy":  # the header, then the rows as they come (no memory map: a full
             with open(tmp, "wb") as f:  # disk must be an error, not a SIGBUS)
-                header_ = {"descr": "<f8", "fortran_order": False, "shape": (args.n, width)}
+                header_ = {"descr": "<f8", "fortran_order": False, "shape": (total, width)}
                 np.lib.format.write_array_header_1_0(f, header_)
                 for chunk in chunks:
                     f.write(np.ascontiguousarray(chunk, dtype="<f8").tobytes())
@@ -100,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
                 for chunk in chunks:
                     np.savetxt(f, chunk, delimiter=",", fmt=digits)  # every digit there is
     used = (solver or model.eval_solver).describe()
-    print(f"wrote {args.n} samples to {args.output}, solved with {used}"
+    each = f" ({args.n} for each of {len(contexts)} conditions)" if lead else ""
+    print(f"wrote {total} samples{each} to {args.output}, solved with {used}"
           + ("" if solver is None else " (not the run's evaluation solver)"))  # fmt: skip
     return 0
 
@@ -142,6 +146,29 @@ def _check_room(path: Path, size: int, flag: str, value: int) -> None:
             f"{flag} {value} would write about {size / 1e9:.3g} GB to {path}, but its disk has "
             f"{free / 1e9:.3g} GB free: draw fewer samples"
         )
+
+
+def _per_condition(
+    model: torch.nn.Module, args: argparse.Namespace, plan: ColumnPlan | None,
+    solver: Solver | None, contexts: Contexts | None,
+) -> Iterator[np.ndarray]:  # fmt: skip
+    """The chunks of :func:`_sample_chunks`: for one condition (or none), as they are; for a
+    file of conditions, ``-n`` samples for each, each row led by the condition's row number
+    and values."""
+    draw = functools.partial(_sample_chunks, model, args.n, args.seed, args.with_log_prob, plan,
+                             solver)  # fmt: skip
+    if contexts is None or not contexts.from_file:
+        yield from draw(_condition(model, contexts, 0))
+        return
+    for i in range(len(contexts)):
+        lead = np.concatenate([[i], np.atleast_1d(contexts.row(i).double().numpy())])
+        for chunk in draw(_condition(model, contexts, i)):
+            yield np.column_stack([np.repeat(lead[None], len(chunk), 0), chunk])
+
+
+def _condition(model: torch.nn.Module, contexts: Contexts | None, i: int) -> dict[str, Any]:
+    """Condition ``i`` as the model's ``context`` keyword, on its device (``{}``: none)."""
+    return {} if contexts is None else {"context": contexts.for_model(model, i)}
 
 
 def _sample_chunks(
@@ -189,34 +216,8 @@ def _guided(run: Any, model: torch.nn.Module, guidance: float) -> torch.nn.Modul
     return guided_flow(model, guidance)
 
 
-def parse_context(meta: dict[str, Any], text: str | None, run: Path) -> dict[str, Any]:
-    """``--context`` as the ``context`` keyword of a conditional model's calls (``{}`` for an
-    unconditional one), checked against what the model was trained on."""
-    spec = meta.get("context")
-    if spec is None:
-        if text is not None:
-            raise ValueError(f"--context {text}: {run} models p(x) without conditions; drop it")
-        return {}
-    if spec["kind"] == "categorical":
-        what = f"a label in 0..{spec['classes'] - 1}"
-    else:
-        what = f"{spec['features']} comma-separated feature value(s)"
-    if text is None:
-        raise ValueError(f"{run} models p(x | c): give --context, {what}")
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--context {text!r} is not {what}") from None
-    if spec["kind"] == "categorical":
-        if len(values) != 1 or values[0] not in range(spec["classes"]):
-            raise ValueError(f"--context {text!r} is not {what}")
-        return {"context": torch.tensor(int(values[0]))}
-    if len(values) != spec["features"] or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"--context {text!r} is not {what}")
-    return {"context": torch.tensor(values)}
-
-
-def _sample_grid(model: torch.nn.Module, args: argparse.Namespace, condition: dict) -> int:
+def _sample_grid(model: torch.nn.Module, args: argparse.Namespace, contexts: Any) -> int:
+    """A .png grid: ``-n`` images, or for a file of conditions a row of ``-n`` per condition."""
     from cnf import viz
 
     if model.levels is None:
@@ -224,11 +225,18 @@ def _sample_grid(model: torch.nn.Module, args: argparse.Namespace, condition: di
             f"a .png grid is for image models; {args.run} holds a model of event shape "
             f"{tuple(model.event_shape)}: use a .npy or .csv output"
         )
+    rows = len(contexts) if contexts is not None and contexts.from_file else 1
+    if args.n * rows > GRID_MAX:
+        raise ValueError(f"-n {args.n} for each of {rows} conditions is {args.n * rows} images, "
+                         f"too many for one .png grid: at most {GRID_MAX}")  # fmt: skip
     solver = solver_from_flags(model, args)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     with torch.no_grad(), evaluating(model):
-        images = model.sample(args.n, generator=gen, solver=solver, **condition)
-    viz.save_image_grid(images, model.levels, args.output, overwrite=args.force)
+        images = torch.cat([model.sample(args.n, generator=gen, solver=solver,
+                                         **_condition(model, contexts, i))
+                            for i in range(rows)])  # fmt: skip
+    columns = args.n if rows > 1 else None
+    viz.save_image_grid(images, model.levels, args.output, overwrite=args.force, columns=columns)
     used = (solver or model.eval_solver).describe()
-    print(f"wrote a grid of {args.n} samples to {args.output}, solved with {used}")
+    print(f"wrote a grid of {len(images)} samples to {args.output}, solved with {used}")
     return 0

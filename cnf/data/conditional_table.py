@@ -1,5 +1,6 @@
 """A table read as pairs: ``target`` columns given the others, for a model of
-:math:`p(\\text{target} \\mid \\text{rest})` (``cnf train --data TABLE --target COLS``).
+:math:`p(\\text{target} \\mid \\text{rest})` (``cnf train --data TABLE --target COLS``), or
+the other way round, the others given the ``condition`` columns (``--condition COLS``).
 
 The table is read, cleaned and split as for a model of all its columns
 (:func:`cnf.data.tabular.from_table`); the rows of every split are then cut into the modelled
@@ -12,14 +13,15 @@ from typing import Any
 
 import numpy as np
 
+from cnf.data.columns import integer_columns, logger
 from cnf.data.conditional import Pairs
 
 TabularData = Any  # cnf.data.tabular.TabularData, which builds this module's tables
 
 
-def target_columns(data: TabularData, target: str) -> list[int]:
+def target_columns(data: TabularData, target: str, option: str = "target") -> list[int]:
     """The kept columns ``target`` names (a comma list of names, or of 0-based indices into the
-    table's columns), by position among the kept ones."""
+    table's columns), by position among the kept ones; ``option`` names the flag in errors."""
     everything = data.info.get("all_columns", list(data.columns))
     names = []
     for item in (part.strip() for part in target.split(",")):
@@ -28,28 +30,49 @@ def target_columns(data: TabularData, target: str) -> list[int]:
         if item not in data.columns:
             why = "was dropped (constant or a repeat of another)" if item in everything else (
                 f"is not a column of {data.name}")  # fmt: skip
-            raise ValueError(f"target {item!r} {why}: choose among {', '.join(data.columns)}")
+            raise ValueError(f"{option} {item!r} {why}: choose among {', '.join(data.columns)}")
         names.append(item)
     if len(set(names)) != len(names) or len(names) >= len(data.columns):
-        raise ValueError(f"target {target!r} must name distinct columns and leave at least one "
-                         f"column of {data.name} to condition on")  # fmt: skip
+        rest = "to condition on" if option == "target" else "to model"
+        raise ValueError(f"{option} {target!r} must name distinct columns and leave at least one "
+                         f"column of {data.name} {rest}")  # fmt: skip
     return [data.columns.index(n) for n in names]
 
 
 class ConditionalTable:
     """The pairs ``(x, c)`` of a :class:`~cnf.data.tabular.TabularData`: ``x`` its ``target``
-    columns, ``c`` the rest. Batches, splits and the fingerprint are the table's own."""
+    columns and ``c`` the rest, or ``c`` its ``condition`` columns and ``x`` the rest (one of
+    the two). Batches, splits and the fingerprint are the table's own."""
 
     kind = "tabular"
     entropy = None
     support = None
 
-    def __init__(self, table: TabularData, target: str) -> None:
+    def __init__(self, table: TabularData, target: str = "", condition: str = "") -> None:
+        if bool(target) == bool(condition):
+            raise ValueError(
+                "give the modelled columns (--target COLS) or the conditioning ones "
+                f"(--condition COLS), one of the two; got target {target!r}, condition "
+                f"{condition!r}"
+            )
         self.table = table
-        self.target = target_columns(table, target)
-        self.rest = [j for j in range(len(table.columns)) if j not in self.target]
+        every = range(len(table.columns))
+        if target:
+            self.target = target_columns(table, target)
+            self.rest = [j for j in every if j not in self.target]
+        else:
+            self.rest = target_columns(table, condition, "condition")
+            self.target = [j for j in every if j not in self.rest]
         self.name = table.name
         self.columns = tuple(table.columns[j] for j in self.target)
+        table.integer[self.rest] = False  # a condition is given as it is, never dequantized
+        integer = integer_columns(table.splits.train)[self.target]
+        if integer.any() and not table.integer.any():
+            names = [c for c, i in zip(self.columns, integer, strict=True) if i][:10]
+            logger.warning(
+                f"{self.name}: columns {', '.join(names)} take only integer values, "
+                "on which a continuous density is degenerate; consider --dequantize"
+            )
         self.event_shape = (len(self.target),)
 
     def _pairs(self, rows: np.ndarray) -> Pairs:

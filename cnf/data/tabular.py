@@ -207,7 +207,7 @@ class TabularData:
 # the options of every table, with their defaults (a config records only the changed ones)
 TABLE_DEFAULTS: dict[str, Any] = {"columns": "", "val_fraction": 0.1, "test_fraction": 0.1,
                                   "dequantize": False, "drop_nan": False,
-                                  "target": ""}  # fmt: skip
+                                  "target": "", "condition": ""}  # fmt: skip
 TABLE_OPTIONS = tuple(TABLE_DEFAULTS)
 
 
@@ -223,9 +223,11 @@ def from_table(
     drop_nan: bool = False,
     info: dict[str, Any] | None = None,
     target: str = "",
+    condition: str = "",
 ) -> TabularData:
     """Select, clean and split a table into a :class:`TabularData` (steps 1-5 of the module);
-    with ``target`` (columns), its pairs of those columns given the others
+    with ``target`` (columns), its pairs of those columns given the others, or with
+    ``condition``, of the others given those
     (:class:`~cnf.data.conditional_table.ConditionalTable`)."""
     table = to_float(select_columns(table, columns, name), name)
     x = drop_nan_rows(table.values, drop=drop_nan, source=name)
@@ -235,12 +237,14 @@ def from_table(
     kept = [table.columns[j] for j in plan.keep]
     info = {**(info or {}), "dropped": plan.dropped(table.columns),
             "all_columns": list(table.columns), "plan": plan.to_meta()}  # fmt: skip
-    data = TabularData(name, splits, kept, seed=seed, dequantize=dequantize, info=info)
-    if not target:
-        return data
+    if not (target or condition):
+        return TabularData(name, splits, kept, seed=seed, dequantize=dequantize, info=info)
+    # a conditional table warns of its modelled integer columns only
+    data = TabularData(name, splits, kept, seed=seed, dequantize=dequantize, info=info,
+                       note=lambda message: None)  # fmt: skip
     from cnf.data.conditional_table import ConditionalTable  # it builds on TabularData
 
-    return ConditionalTable(data, target)
+    return ConditionalTable(data, target, condition)
 
 
 # --- sources: bundled, files, MAF -------------------------------------------------------------
@@ -248,7 +252,8 @@ def from_table(
 
 def _sklearn_table(name: str, with_target: bool = False) -> Table:
     """A bundled set's features; ``with_target``: and scikit-learn's target as a last column,
-    ``target`` (a model of p(target | features) names it with ``--target target``)."""
+    ``target`` (a model of p(target | features) names it with ``--target target``, one of
+    p(features | target) with ``--condition target``)."""
     from sklearn import datasets
 
     if name == "diabetes":
@@ -274,8 +279,10 @@ BUNDLED = {
 
 def bundled(name: str, *, seed: int = 0, **options: Any) -> TabularData:
     """One of the scikit-learn sets shipped with scikit-learn (no download); with a ``target``
-    option, scikit-learn's target is a column too."""
-    table = _sklearn_table(name, with_target=bool(options.get("target")))
+    or ``condition`` option, scikit-learn's target is a column too."""
+    table = _sklearn_table(
+        name, with_target=bool(options.get("target") or options.get("condition"))
+    )
     return from_table(table, name, seed=seed, info={"source": "sklearn"}, **options)
 
 

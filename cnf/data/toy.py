@@ -27,16 +27,18 @@ from typing import Any
 import numpy as np
 from scipy.special import i0e, logsumexp
 
-from cnf.data.base import DatasetInfo, content_hash, register
+from cnf.data.base import content_hash
 
-Sampler = Callable[[int, np.random.Generator], np.ndarray]
+Labelled = tuple[np.ndarray, np.ndarray]  # points and their labels (component, ring, arm...)
+Sampler = Callable[[int, np.random.Generator], Labelled | np.ndarray]
 LogProb = Callable[[np.ndarray], np.ndarray]
+LabelLogProb = Callable[[np.ndarray, np.ndarray], np.ndarray]  # log p(x | label), row by row
 
 
-def _8gaussians(n: int, rng: np.random.Generator) -> np.ndarray:
+def _8gaussians(n: int, rng: np.random.Generator) -> Labelled:
     centres = _8GAUSS_CENTRES * 1.414  # FFJORD adds unit-circle centres * 4 then divides by 1.414
     idx = rng.integers(0, 8, n)
-    return ((rng.standard_normal((n, 2)) * 0.5 + centres[idx]) / 1.414).astype(np.float64)
+    return ((rng.standard_normal((n, 2)) * 0.5 + centres[idx]) / 1.414).astype(np.float64), idx
 
 
 _8GAUSS_CENTRES = (
@@ -50,54 +52,78 @@ _8GAUSS_CENTRES = (
 _8GAUSS_SIGMA = 0.5 / 1.414
 
 
-def _8gaussians_log_prob(x: np.ndarray) -> np.ndarray:
+def _8gaussians_log_comp(x: np.ndarray) -> np.ndarray:
+    """:math:`\\log p(x \\mid c)` for each component ``c``, shape ``(n, 8)``."""
     sq = ((x[:, None, :] - _8GAUSS_CENTRES[None]) ** 2).sum(-1)
-    log_comp = -sq / (2 * _8GAUSS_SIGMA**2) - math.log(2 * math.pi * _8GAUSS_SIGMA**2)
-    return logsumexp(log_comp, axis=1) - math.log(8)
+    return -sq / (2 * _8GAUSS_SIGMA**2) - math.log(2 * math.pi * _8GAUSS_SIGMA**2)
 
 
-def _checkerboard(n: int, rng: np.random.Generator) -> np.ndarray:
+def _8gaussians_log_prob(x: np.ndarray) -> np.ndarray:
+    return logsumexp(_8gaussians_log_comp(x), axis=1) - math.log(8)
+
+
+def _checkerboard(n: int, rng: np.random.Generator) -> Labelled:
     x1 = rng.random(n) * 4 - 2
-    x2 = rng.random(n) - rng.integers(0, 2, n) * 2
+    x2 = rng.random(n)
+    lower = rng.integers(0, 2, n)
+    x2 = x2 - lower * 2
     x2 = x2 + np.floor(x1) % 2
-    return np.stack([x1, x2], 1) * 2
+    # the square: its column 0..3, then lower or upper of the two filled in that column
+    return np.stack([x1, x2], 1) * 2, (np.floor(x1).astype(np.int64) + 2) * 2 + lower
 
 
 def _checkerboard_log_prob(x: np.ndarray) -> np.ndarray:
+    return np.where(_checkerboard_square(x) >= 0, -math.log(32.0), -np.inf)
+
+
+def _checkerboard_square(x: np.ndarray) -> np.ndarray:
+    """The filled square (label 0..7) each point of ``x`` lies in, or -1 outside them."""
     inside = (np.abs(x) < 4).all(1)
-    cell = np.floor(x / 2).astype(int)
+    cell = np.floor(x / 2).astype(np.int64)
     filled = (cell[:, 0] + cell[:, 1]) % 2 == 0  # the squares the sampler fills
-    return np.where(inside & filled, -math.log(32.0), -np.inf)
+    column = cell[:, 0] + 2
+    lower = (column % 2 - cell[:, 1]) // 2  # the row is column % 2 - 2 * lower
+    return np.where(inside & filled, column * 2 + lower, -1)
 
 
-def _ring_sample(n: int, rng: np.random.Generator, radii: np.ndarray, sigma: float) -> np.ndarray:
-    """Equal mixture of rings of the given radii, blurred with isotropic noise ``sigma``."""
-    r = radii[rng.integers(0, len(radii), n)]
+def _checkerboard_given_square(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.where(_checkerboard_square(x) == c, -math.log(4.0), -np.inf)
+
+
+def _ring_sample(n: int, rng: np.random.Generator, radii: np.ndarray, sigma: float) -> Labelled:
+    """Equal mixture of rings of the given radii, blurred with isotropic noise ``sigma``; the
+    label is the ring's index."""
+    ring = rng.integers(0, len(radii), n)
+    r = radii[ring]
     theta = rng.random(n) * 2 * math.pi
     pts = np.stack([r * np.cos(theta), r * np.sin(theta)], 1)
-    return pts + rng.standard_normal((n, 2)) * sigma
+    return pts + rng.standard_normal((n, 2)) * sigma, ring
 
 
-def _ring_log_prob(x: np.ndarray, radii: np.ndarray, sigma: float) -> np.ndarray:
+def _ring_log_comp(x: np.ndarray, radii: np.ndarray, sigma: float) -> np.ndarray:
+    """:math:`\\log p(x \\mid \\text{ring})` for each ring, shape ``(n, rings)``."""
     r = np.linalg.norm(x, axis=1)[:, None]
     R = radii[None, :]
     s2 = sigma**2
     # log I0(a) = log i0e(a) + a, so the Gaussian in (r - R) stays finite far from the origin
-    log_comp = -((r - R) ** 2) / (2 * s2) + np.log(i0e(r * R / s2)) - math.log(2 * math.pi * s2)
-    return logsumexp(log_comp, axis=1) - math.log(len(radii))
+    return -((r - R) ** 2) / (2 * s2) + np.log(i0e(r * R / s2)) - math.log(2 * math.pi * s2)
+
+
+def _ring_log_prob(x: np.ndarray, radii: np.ndarray, sigma: float) -> np.ndarray:
+    return logsumexp(_ring_log_comp(x, radii, sigma), axis=1) - math.log(len(radii))
 
 
 _CIRCLES = (np.array([3.0, 1.5]), 0.08 * 3)  # sklearn make_circles(factor=.5, noise=.08) * 3
 _RINGS = (np.array([3.0, 2.25, 1.5, 0.75]), 0.08)  # radii (1, .75, .5, .25) * 3, noise after
 
 
-def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
+def _moons(n: int, rng: np.random.Generator) -> Labelled:
     theta = rng.random(n) * math.pi
     upper = rng.random(n) < 0.5
     x = np.where(upper, np.cos(theta), 1 - np.cos(theta))
     y = np.where(upper, np.sin(theta), 1 - np.sin(theta) - 0.5)
     pts = np.stack([x, y], 1) + rng.standard_normal((n, 2)) * 0.1
-    return pts * 2 + np.array([-1, -0.2])
+    return pts * 2 + np.array([-1, -0.2]), (~upper).astype(np.int64)  # 0: the upper moon
 
 
 def _swissroll(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -106,14 +132,15 @@ def _swissroll(n: int, rng: np.random.Generator) -> np.ndarray:
     return pts / 5
 
 
-def _2spirals(n: int, rng: np.random.Generator) -> np.ndarray:
+def _2spirals(n: int, rng: np.random.Generator) -> Labelled:
     m = np.sqrt(rng.random((n, 1))) * 540 * (2 * math.pi) / 360
     arm = np.hstack([-np.cos(m) * m, np.sin(m) * m]) + rng.random((n, 2)) * 0.5
-    sign = np.where(rng.random((n, 1)) < 0.5, 1.0, -1.0)  # FFJORD mirrors each arm point instead
-    return sign * arm / 3 + rng.standard_normal((n, 2)) * 0.1
+    first = rng.random((n, 1)) < 0.5  # FFJORD mirrors each arm point instead
+    sign = np.where(first, 1.0, -1.0)
+    return sign * arm / 3 + rng.standard_normal((n, 2)) * 0.1, (~first[:, 0]).astype(np.int64)
 
 
-def _pinwheel(n: int, rng: np.random.Generator) -> np.ndarray:
+def _pinwheel(n: int, rng: np.random.Generator) -> Labelled:
     radial_std, tangential_std, num_classes, rate = 0.3, 0.1, 5, 0.25
     rads = np.linspace(0, 2 * math.pi, num_classes, endpoint=False)
     features = rng.standard_normal((n, 2)) * np.array([radial_std, tangential_std])
@@ -122,19 +149,29 @@ def _pinwheel(n: int, rng: np.random.Generator) -> np.ndarray:
     angles = rads[labels] + rate * np.exp(features[:, 0])
     c, s = np.cos(angles), np.sin(angles)
     rotations = np.stack([c, -s, s, c], 1).reshape(-1, 2, 2)
-    return 2 * np.einsum("ti,tij->tj", features, rotations)
+    return 2 * np.einsum("ti,tij->tj", features, rotations), labels
+
+
+def _pick(per_class: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Row ``i``'s entry ``c[i]`` of a ``(n, classes)`` array."""
+    return per_class[np.arange(len(per_class)), np.asarray(c, dtype=np.int64)]
 
 
 @dataclass(frozen=True)
 class ToyDensity:
-    """A 2-D toy distribution: a seedable sampler and, where known, its true log-density.
+    r"""A 2-D toy distribution: a seedable sampler and, where known, its true log-density.
 
     Attributes:
         name: the registry name.
-        sampler: ``sampler(n, rng) -> (n, 2)`` array.
+        sampler: ``sampler(n, rng) -> (n, 2)`` array, or with ``classes``, that array and the
+            points' labels ``(n,)`` (int64, equally likely).
         truth: ``truth(x) -> (n,)`` true log-density, or ``None`` if unknown.
         support: half-width of a square holding essentially all the mass (for quadrature/plots).
         exact_entropy: the entropy in closed form, where it has one.
+        classes: the number of labels the sampler gives (0: none).
+        given_label: ``given_label(x, c) -> (n,)`` the true :math:`\log p(x \mid c)`, where
+            known.
+        exact_conditional_entropy: :math:`H(X \mid C)` in closed form, where it has one.
     """
 
     name: str
@@ -142,11 +179,25 @@ class ToyDensity:
     truth: LogProb | None = None
     support: float = 4.5
     exact_entropy: float | None = None
+    classes: int = 0
+    given_label: LabelLogProb | None = None
+    exact_conditional_entropy: float | None = None
 
     def sample(self, n: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
         """``n`` samples as a float64 array of shape ``(n, 2)``."""
+        return self.sample_labelled(n, rng)[0] if self.classes else self._draw(n, rng)
+
+    def sample_labelled(self, n: int, rng: np.random.Generator | int | None = None) -> Labelled:
+        """``n`` samples and their labels (the very points :meth:`sample` draws)."""
+        if not self.classes:
+            raise ValueError(f"{self.name!r} has no labels")
+        x, labels = self._draw(n, rng)
+        return np.asarray(x, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+
+    def _draw(self, n: int, rng: np.random.Generator | int | None) -> Any:
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-        return np.asarray(self.sampler(int(n), rng), dtype=np.float64)
+        out = self.sampler(int(n), rng)
+        return out if self.classes else np.asarray(out, dtype=np.float64)
 
     @property
     def has_truth(self) -> bool:
@@ -169,27 +220,63 @@ class ToyDensity:
         p = np.exp(logp)
         return float(-(p * np.where(p > 0, logp, 0.0)).sum() * (g[1] - g[0]) ** 2)
 
+    @cached_property
+    def conditional_entropy(self) -> float | None:
+        r""":math:`H(X \mid C)` in nats over the equally likely labels (quadrature as for
+        :attr:`entropy`), where :math:`p(x \mid c)` is known."""
+        if self.exact_conditional_entropy is not None or self.given_label is None:
+            return self.exact_conditional_entropy
+        g = np.linspace(-self.support, self.support, 1500)
+        xx, yy = np.meshgrid(g, g, indexing="ij")
+        pts = np.stack([xx.ravel(), yy.ravel()], 1)
+        total = 0.0
+        for c in range(self.classes):
+            logp = self.given_label(pts, np.full(len(pts), c))
+            p = np.exp(logp)
+            total -= (p * np.where(p > 0, logp, 0.0)).sum() * (g[1] - g[0]) ** 2
+        return float(total / self.classes)
+
 
 TOY: dict[str, ToyDensity] = {
     d.name: d
     for d in [
-        ToyDensity("8gaussians", _8gaussians, _8gaussians_log_prob, support=5.0),
-        ToyDensity("2spirals", _2spirals, support=4.5),
-        ToyDensity("checkerboard", _checkerboard, _checkerboard_log_prob, 4.0, math.log(32.0)),
-        ToyDensity("moons", _moons, support=4.0),
+        ToyDensity(
+            "8gaussians",
+            _8gaussians,
+            _8gaussians_log_prob,
+            support=5.0,
+            classes=8,
+            given_label=lambda x, c: _pick(_8gaussians_log_comp(x), c),
+        ),
+        ToyDensity("2spirals", _2spirals, support=4.5, classes=2),
+        ToyDensity(
+            "checkerboard",
+            _checkerboard,
+            _checkerboard_log_prob,
+            4.0,
+            math.log(32.0),
+            classes=8,
+            given_label=_checkerboard_given_square,
+            exact_conditional_entropy=math.log(4.0),
+        ),
+        ToyDensity("moons", _moons, support=4.0, classes=2),
         ToyDensity(
             "circles",
             lambda n, rng: _ring_sample(n, rng, *_CIRCLES),
             lambda x: _ring_log_prob(x, *_CIRCLES),
             support=4.5,
+            classes=2,
+            given_label=lambda x, c: _pick(_ring_log_comp(x, *_CIRCLES), c),
         ),
-        ToyDensity("pinwheel", _pinwheel, support=4.5),
+        ToyDensity("pinwheel", _pinwheel, support=4.5, classes=5),
         ToyDensity("swissroll", _swissroll, support=4.5),
         ToyDensity(
             "rings",
             lambda n, rng: _ring_sample(n, rng, *_RINGS),
             lambda x: _ring_log_prob(x, *_RINGS),
             support=4.0,
+            classes=4,
+            given_label=lambda x, c: _pick(_ring_log_comp(x, *_RINGS), c),
         ),
     ]
 }
@@ -248,11 +335,3 @@ class ToyData:
     def fingerprint(self) -> str:
         """A hash of the validation samples: changes if the density's sampler does."""
         return content_hash(self.name, self._validation)
-
-
-# name -> (factory(seed, **options) -> Dataset, info)
-for _name, _density in TOY.items():
-    register(
-        DatasetInfo(_name, "toy", 2, _density.has_truth, "FFJORD toy density", ("n_val",)),
-        lambda seed=0, _d=_density, **kw: ToyData(_d, seed, **kw),
-    )

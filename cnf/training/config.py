@@ -144,7 +144,9 @@ class TrainConfig:
     drop_nan: bool = option(False, "tables: drop rows with NaN/inf instead of refusing them")
     condition: str = option(
         "",
-        "images (digits): 'label' models each image given its class label, p(image | label)",
+        "'label' models each point or image given its class label, p(x | label) (toys with "
+        "labels, image sets); tables: these columns (names or 0-based indices) are the "
+        "condition, p(rest | COLS)",
     )
     data_dir: str | None = option(
         None,

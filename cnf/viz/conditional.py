@@ -49,7 +49,7 @@ def plot_conditional(
         label = _describe(c, j)
         context = torch.as_tensor(c, device=p.device)
         context = context.to(p.dtype) if context.is_floating_point() else context
-        if data.event_shape == (2,):
+        if data.event_shape == (2,) and getattr(data, "has_truth", True):
             lim = data.support
             _, pts = grid(lim, n)
             rows = np.repeat(np.asarray(c)[None], len(pts), 0)
