@@ -1,19 +1,25 @@
 """Conditional densities p(x | c): cnf against zuko's conditional neural spline flow for the same
-CPU seconds, scored by the KL from the closed-form conditional density.
+CPU seconds, scored by the KL from the closed-form conditional density; on two tables, against
+it and the regressors and mixtures a user would reach for, by the test log-likelihood.
 
-    python bench/bench_conditional.py                    # 120 s a model (about 40 min on 2 cores)
-    python bench/bench_conditional.py --seconds 60 --gl-seconds 45 --n 1000   # about 20 minutes
+    python bench/bench_conditional.py                    # 120 s a model (about 45 min on 2 cores)
+    python bench/bench_conditional.py --seconds 60 --gl-seconds 45 --n 1000   # about 25 minutes
+    python bench/bench_conditional.py --parts tables     # the tables only (about 4 minutes)
     python bench/bench_conditional.py --seeds 0 1 2      # mean over seeds
     python bench/bench_conditional.py --quick            # a smoke run (about a minute)
 
-Two parts, each model trained from scratch in this process, on one thread:
+Three parts (``--parts``, all by default), each model trained from scratch in this process, on
+one thread:
 
 * the toys with a closed-form :math:`p(x \\mid c)` (``8gaussians-given-component``: 8 labels;
   ``rotating-gaussian``: one continuous feature), fresh pairs every batch, ``--seconds`` of
   training CPU time per model;
 * the posterior :math:`p(\\theta \\mid x)` of sbibm's 10-D Gaussian-linear task
   (``gaussian-linear``) from a fixed set of ``--simulations`` pairs (its ``n_train``), for
-  ``--gl-seconds`` each, validated on ``n_train / 10`` further simulations (at most 2,000).
+  ``--gl-seconds`` each, validated on ``n_train / 10`` further simulations (at most 2,000);
+* the tables (bench/conditional_tables.py): :math:`p(\\text{target} \\mid \\text{features})`
+  on scikit-learn's diabetes (442 rows, 10 features, original units) and
+  :math:`p(\\text{13 features} \\mid \\text{class})` on wine (178 rows, 3 classes), below.
 
 cnf trains through ``cnf.training`` (``TrainConfig.for_data``, the budget plan, ``fit``), its
 iterations planned for the budget from the CPU time of a few timed ones:
@@ -46,6 +52,31 @@ bins of :math:`[-1, 1]` (the prior is uniform); the 10 reference observations of
 exact trace, dopri5 at atol = rtol = 1e-6. With several ``--seeds`` (each its own simulations
 and initialization) the KL is the mean over seeds, its standard error that of the mean of the
 Monte-Carlo estimates, and "per seed" lists each.
+
+The tables have no closed-form density: each seed (``--seeds``, 0 to 4 by default for this part)
+splits the rows at random into training (60%), validation (20%) and test (20%) rows, and every
+system is scored by the mean test :math:`\\log p(x \\mid c)` per row, in nats in the units of
+the data (each standardization's log-det counted), with its standard error across the seeds and
+the paired difference "cnf - system". Every fit runs to its own stopping rule, its CPU seconds
+counted (one thread, BLAS included), on the training and validation rows:
+
+* ``cnf``: ``cnf.CNFRegressor`` with its defaults (``--cnf NAME=VALUE`` sets others) on the
+  training and validation rows together, holding out as many rows as the validation split for
+  its early stopping (its own seeded choice); wine's class one-hot; exact ``score_samples``;
+* ``NSF``: ``zuko.flows.NSF(features, context=K)`` (3 transforms, hidden 64-64) on z-scored rows
+  and features (the class one-hot), maximum likelihood with Adam 1e-3, batches of 256, stopped
+  after 20 validation evaluations (every 25 steps) without a better NLL, as in
+  bench/bench_tabular.py;
+* ``GP`` (diabetes): scikit-learn's ``GaussianProcessRegressor``, ``ConstantKernel * RBF +
+  WhiteKernel`` (a length scale per standardized feature, ``normalize_y``, 2 restarts) on the
+  training and validation rows; its predictive density is the normal of the predictive mean and
+  standard deviation, white noise included;
+* ``NGBoost`` (diabetes; ``pip install ngboost``, else left out): ``NGBRegressor`` with a normal
+  distribution and its defaults, stopped early on the validation rows (50 rounds),
+  ``pred_dist(X).logpdf(y)`` at its best iteration;
+* ``GMM`` (wine): a ``GaussianMixture`` per class on the standardized rows, its components
+  (1 to 3) and covariance type (full, tied, diag, spherical; one choice for all classes) those of
+  the best validation log-likelihood, :math:`p(x \\mid \\text{class})` directly.
 """
 
 from __future__ import annotations
@@ -56,10 +87,12 @@ import math
 import sys
 import time
 
+import conditional_tables as tables
 import harness
 import numpy as np
 import torch
 from harness import Column
+from threadpoolctl import threadpool_limits
 
 from cnf.data import get_dataset
 from cnf.data.conditional import GaussianLinear, conditional_kl
@@ -68,6 +101,8 @@ from cnf.training import Hooks, TrainConfig, fit, setup
 from cnf.training import budget as budgeting
 
 TOYS = ("8gaussians-given-component", "rotating-gaussian")
+PARTS = ("toys", "gl", "tables")
+SEEDS = {"toys": [0], "gl": [0], "tables": [0, 1, 2, 3, 4]}  # where --seeds is not given
 SIMULATIONS = (1_000, 10_000, 100_000)
 # cnf's systems as in bench/bench_objectives.py: options over the toys' recipe (for_data)
 SYSTEMS = {
@@ -261,10 +296,14 @@ def main() -> None:
                         help="training CPU seconds per model on Gaussian-linear")  # fmt: skip
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
                         help="cnf's systems on the toys (Gaussian-linear: cnf fm)")  # fmt: skip
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
+                        help="the toys, Gaussian-linear (gl), the tables")  # fmt: skip
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="default: 0 (toys, gl), 0 to 4 (tables)")  # fmt: skip
     parser.add_argument("--n", type=int, default=2000, help="KL draws per context")
     parser.add_argument("--quick", action="store_true", help="tiny models, 1 s budgets")
     parser.add_argument("--no-zuko", action="store_true", help="leave out zuko's NSF")
+    tables.add_arguments(parser)
     harness.add_arguments(parser)
     args = parser.parse_args()
     results = harness.start(__file__, parser, args, smoke=args.quick)
@@ -273,8 +312,29 @@ def main() -> None:
     zuko = not args.no_zuko and _have_zuko()
     results.settings.update(seconds=args.seconds, gl_seconds=args.gl_seconds, n=args.n, zuko=zuko)
     torch.set_num_threads(1)
+    with threadpool_limits(1):  # scikit-learn's BLAS on one thread too, as torch
+        _parts(results, args, zuko)
+    results.write()
 
-    # 1. the toys: every method for --seconds, on fresh pairs every batch
+
+def _parts(results: harness.Results, args: argparse.Namespace, zuko: bool) -> None:
+    """The parts that ``--parts`` names, in order, each adding its table to ``results``."""
+    if "toys" in args.parts:
+        _toys(results, _with_seeds(args, "toys"), zuko)
+    if "gl" in args.parts:
+        _gaussian_linear(results, _with_seeds(args, "gl"), zuko)
+    if "tables" in args.parts:
+        tables.run(results, _with_seeds(args, "tables"))
+
+
+def _with_seeds(args: argparse.Namespace, part: str) -> argparse.Namespace:
+    """``args`` with the part's seeds where ``--seeds`` is not given (the first one if quick)."""
+    seeds = args.seeds or (SEEDS[part][:1] if args.quick else SEEDS[part])
+    return argparse.Namespace(**{**vars(args), "seeds": seeds})
+
+
+def _toys(results: harness.Results, args: argparse.Namespace, zuko: bool) -> None:
+    """1. The toys: every method for ``--seconds``, on fresh pairs every batch."""
     methods = (*args.systems, *(("NSF",) if zuko else ()))
     rows = []
     for data_name in args.data:
@@ -292,7 +352,9 @@ def main() -> None:
                       f"CPU s per model, one thread, {_seeds(args.seeds)}",
                       columns(first, methods, len(args.seeds)), rows)  # fmt: skip
 
-    # 2. Gaussian-linear: the posterior p(theta | x) from a fixed number of simulations
+
+def _gaussian_linear(results: harness.Results, args: argparse.Namespace, zuko: bool) -> None:
+    """2. Gaussian-linear: the posterior p(theta | x) from a fixed number of simulations."""
     methods = (*GL_SYSTEMS, *(("NSF",) if zuko else ()))
     rows = []
     for n_train in args.simulations:
@@ -311,7 +373,6 @@ def main() -> None:
                       "posterior, mean over the 10 reference observations, after "
                       f"{args.gl_seconds:g} training CPU s per model, {_seeds(args.seeds)}",
                       columns(first, methods, len(args.seeds)), rows)  # fmt: skip
-    results.write()
 
 
 def _seeds(seeds: list[int]) -> str:

@@ -205,9 +205,10 @@ def test_the_benchmark_pages_are_generated_from_the_results_files() -> None:
 
 
 def test_the_conditional_benchmark_runs_a_smoke_run_against_zuko(tmp_path: Path) -> None:
-    """bench/bench_conditional.py --quick on one toy and the smallest simulation budget: both of
-    its tables, cnf and zuko's NSF each trained for the (1 s) budget and scored by a finite KL;
-    skipped without zuko, which it compares with."""
+    """bench/bench_conditional.py --quick on one toy and the smallest simulation budget: its
+    tables, cnf and zuko's NSF each trained for the (1 s) budget and scored by a finite KL, and
+    the tables' systems by a finite test log-likelihood; skipped without zuko, which it
+    compares with."""
     assert "bench_conditional" in tables.ORDER  # its place in docs/benchmarks/
     pytest.importorskip("zuko")
     target = tmp_path / "conditional.json"
@@ -217,8 +218,10 @@ def test_the_conditional_benchmark_runs_a_smoke_run_against_zuko(tmp_path: Path)
     subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, timeout=120)
     record = json.loads(target.read_text(), parse_constant=pytest.fail)
     assert record["benchmark"] == "bench_conditional" and record["settings"]["zuko"] is True
-    toys, posterior = record["tables"]
+    toys, posterior, tables_ = record["tables"]
     assert (toys["name"], posterior["name"]) == ("toys", "gaussian_linear")
+    assert {row["dataset"] for row in tables_["rows"]} == {"diabetes", "wine"}
+    assert all(math.isfinite(row["loglik"]) for row in tables_["rows"]), tables_["rows"]
     (toy,), (sims,) = toys["rows"], posterior["rows"]
     assert toy["dataset"] == "rotating-gaussian" and sims["simulations"] == 1000
     for row in (toy, sims):
