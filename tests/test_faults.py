@@ -20,6 +20,7 @@ import cnf.training.run
 from cnf.checkpoint import load_checkpoint
 from cnf.io import DiskFullError, save_figure, write_bytes
 from cnf.training import FlowMatching, MaximumLikelihood, TrainConfig, lr_factor, train
+from cnf.training.state import TrainState
 
 # 60 iterations with checkpoints at 20, 40, 60 and a step-size check at 50
 CONFIG = dict(data="8gaussians", iters=60, batch_size=64, eval_every=20, hidden=(16, 16),
@@ -330,3 +331,70 @@ def test_fm_then_mle_resumes_exactly(tmp_path: Path, monkeypatch, straight_fm, n
             train(config(**FM_MLE), run, progress=False)
     train(TrainConfig(), run, resume=True, progress=False)
     assert_same_run(run, straight_fm)
+
+
+# --- a first phase that stops improving -----------------------------------------------------
+
+FM_PATIENCE = {**FM_MLE, "patience": 2}
+
+
+def _plateau(monkeypatch) -> None:
+    """Every validation after iteration 10 is worse than the one at 10 (the same in every
+    process of a run and its resume: a function of the iteration)."""
+    real = TrainState.record
+    fake = lambda self, nll, keep=False: real(self, 1.0 if self.iteration <= 10 else 2.0, keep)  # noqa: E731
+    monkeypatch.setattr(TrainState, "record", fake)
+
+
+@pytest.fixture(scope="module")
+def straight_plateau(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults-plateau") / "straight"
+    with pytest.MonkeyPatch.context() as m:
+        _plateau(m)
+        train(config(**FM_PATIENCE), out, progress=False)
+    return out
+
+
+def test_a_stale_first_phase_ends_and_the_next_starts_from_its_best(
+    straight_plateau, straight_fm
+) -> None:
+    rows = _log(straight_plateau)
+    # evaluations at 10 (the best), 20 and 30 (stale twice: --patience 2), then maximum
+    # likelihood from iteration 41, the schedule's restart, from the weights of iteration 10
+    assert [r["iter"] for r in rows] == [*range(1, 31), *range(41, 61)]
+    assert rows[30]["objective"] == "mle" and rows[30]["from_best"] is True
+    assert not any(r.get("from_best") for r in rows[:30] + rows[31:])
+    full = {r["iter"]: r for r in _log(straight_fm)}  # the same recipe without the plateau
+    assert all(r["lr"] == pytest.approx(full[r["iter"]]["lr"], rel=1e-9) for r in rows)
+    assert "phase_best" not in load_checkpoint(straight_plateau / "last.pt")
+
+
+def test_the_next_phase_starts_from_the_best_weights(tmp_path: Path, monkeypatch) -> None:
+    """Killed at the first maximum-likelihood iteration, the run's saved first-phase best is the
+    checkpoint of iteration 10's weights (best.pt), which the next phase loads."""
+    run = tmp_path / "run"
+    _plateau(monkeypatch)
+    _kill_on(monkeypatch, "loss", 1)
+    with pytest.raises(Killed):
+        train(config(**FM_PATIENCE), run, progress=False)
+    saved = load_checkpoint(run / "last.pt")
+    best = load_checkpoint(run / "best.pt")
+    assert saved["iteration"] == 30 and best["iteration"] == 10
+    assert _equal(saved["phase_best"], best["model"])
+
+
+@pytest.mark.parametrize(
+    ("name", "call"), [("fm_loss", 15), ("loss", 1), ("loss", 12)],
+    ids=["in-flow-matching", "at-the-switch", "in-maximum-likelihood"],
+)  # fmt: skip
+def test_a_first_phase_ended_early_resumes_exactly(
+    tmp_path: Path, monkeypatch, straight_plateau, name, call
+) -> None:
+    run = tmp_path / "run"
+    _plateau(monkeypatch)
+    with monkeypatch.context() as m:
+        _kill_on(m, name, call)
+        with pytest.raises(Killed):
+            train(config(**FM_PATIENCE), run, progress=False)
+    train(TrainConfig(), run, resume=True, progress=False)
+    assert_same_run(run, straight_plateau)

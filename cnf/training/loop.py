@@ -108,6 +108,9 @@ def step(
     t0, c0 = time.perf_counter(), time.process_time()
     error = None
     try:
+        if objective.at(it - 1) is not active and state.phase_best is not None:
+            model.load_state_dict(state.phase_best)  # the last phase's best weights
+            state.phase_best, row["from_best"] = None, True
         if active.adapts and objective.at(it - 1) is not active:
             row["adapt"] = _enter_solving_phase(state, active, x, cfg, it, dist, context)
         if state.adapter is not None and active.adapts and _checks(objective, it, cfg):
@@ -262,6 +265,7 @@ def fit(
              file=sys.stderr) as bar,
     ):  # fmt: skip
         while state.iteration < cfg.total_iters:
+            _end_phase_early(state, objective, cfg, say, bar)
             batch = data.train_batch(cfg.batch_size, state.iteration + 1)
             x, c = to_tensors(batch, p.device, p.dtype)
             row = step(state, objective, x, cfg, dist, engine, context=c)
@@ -270,8 +274,9 @@ def fit(
                 state.iteration % cfg.eval_every == 0 or state.iteration == cfg.total_iters
             )
             solves = objective.at(state.iteration).adapts  # flow matching has no solver
+            keep = objective.ends(state.iteration) is not None  # a later phase starts from it
             improved = evaluated and _validate(state, (x_val, c_val), row, say, cfg.seed, dist,
-                                               solves)  # fmt: skip
+                                               solves, keep)  # fmt: skip
             hooks.row(state, row)
             if evaluated:
                 hooks.evaluated(state, improved)
@@ -297,9 +302,27 @@ def _say(text: str) -> None:
     tqdm.write(text, file=sys.stderr)
 
 
+def _end_phase_early(state: TrainState, objective: Objective, cfg: TrainConfig, say,
+                     bar: Any) -> None:  # fmt: skip
+    """A phase a later one follows ends when ``patience`` evaluations have not improved on its
+    best: the next begins at once, from that phase's best weights (taken where its first
+    iteration starts). Checked before each iteration, so a resume ends it where the run did."""
+    last = objective.ends(state.iteration + 1)
+    if last is None or not cfg.patience or state.stale < cfg.patience:
+        return
+    say(f"iteration {state.iteration}: no better validation NLL in {state.stale} evaluations "
+        f"(--patience): {objective.at(state.iteration + 1).name} ends here, and "
+        f"{objective.at(last + 1).name} starts from its best weights")  # fmt: skip
+    bar.update(last - state.iteration)
+    state.iteration = state.scheduler.last_epoch = last - 1
+    state.scheduler.step()  # the learning rate of the next phase's first iteration
+    state.iteration = last
+
+
 def _validate(
-    state: TrainState, val: tuple, row: dict, say, seed: int, dist: Distributed, solves: bool
-) -> bool:
+    state: TrainState, val: tuple, row: dict, say, seed: int, dist: Distributed, solves: bool,
+    keep: bool = False,
+) -> bool:  # fmt: skip
     """The validation NLL under the evaluation solver (each process its share, joined), into
     the row; whether it is the best. Its probes are the same at every evaluation, whatever the
     number of processes: the run's validation stream."""
@@ -313,7 +336,7 @@ def _validate(
     trained = f", training solver {state.model.solver.describe()}" if solves else ""
     say(f"iter {state.iteration}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f}{bpd} (NFE {ev.nfe}"
         f"{trained})")  # fmt: skip
-    return state.record(ev.nll)
+    return state.record(ev.nll, keep)
 
 
 class _StopRequest:

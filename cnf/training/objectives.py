@@ -75,6 +75,11 @@ class Objective:
         """The first iteration of the phase that trains ``iteration`` (1: there is one)."""
         return 1
 
+    def ends(self, iteration: int) -> int | None:
+        """The last iteration of the phase that trains ``iteration``, if a later phase follows
+        it (``None``: it is the last)."""
+        return None
+
     def check(self, model: Flow) -> None:
         """Refuse, before training starts, a model this objective cannot train."""
 
@@ -318,6 +323,12 @@ class Phases(Objective):
                 break
             first = last + 1
         return first
+
+    def ends(self, iteration: int) -> int | None:
+        for _, last in self.phases[:-1]:
+            if iteration <= last:
+                return last
+        return None
 
     def check(self, model: Flow) -> None:
         for objective, _ in self.phases:

@@ -200,7 +200,9 @@ def _prepare_directory(
 
 def _finished(run: Setup) -> bool:
     cfg, state = run.cfg, run.state
-    return state.iteration >= cfg.total_iters or bool(cfg.patience and state.stale >= cfg.patience)
+    stopped = bool(cfg.patience and state.stale >= cfg.patience)  # early, in the last phase
+    last_phase = run.objective.ends(state.iteration + 1) is None
+    return state.iteration >= cfg.total_iters or (stopped and last_phase)
 
 
 def _finished_result(out: Path, run: Setup, dist: Distributed = SINGLE) -> TrainResult:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from cnf.adaptation import StepAdapter
 from cnf.flow import Flow
@@ -47,6 +48,8 @@ class TrainState:
         adapter: Ott et al.'s step adapter, or ``None`` when the step is fixed.
         iteration: iterations done.
         best: the lowest validation NLL so far; ``stale``: evaluations since it improved.
+        phase_best: the weights of the best validation NLL of a phase a later one follows
+            (flow matching before maximum likelihood), which that phase starts from.
     """
 
     model: Flow
@@ -57,6 +60,7 @@ class TrainState:
     best: float = math.inf
     stale: int = 0
     schedule_start: list = field(default_factory=lambda: [0, 1.0])  # see lr_factor
+    phase_best: dict[str, Tensor] | None = None
 
     @classmethod
     def create(
@@ -94,11 +98,14 @@ class TrainState:
         state.load(ckpt, lr=settings["lr"], iters=settings["iters"], schedule=settings["schedule"])
         return state
 
-    def record(self, nll: float) -> bool:
-        """Note a validation NLL; whether it is the best so far."""
+    def record(self, nll: float, keep: bool = False) -> bool:
+        """Note a validation NLL; whether it is the best so far. ``keep``: a later phase
+        follows this one, and starts from its best weights (:attr:`phase_best`)."""
         improved = nll < self.best
         self.stale = 0 if improved else self.stale + 1
         self.best = min(self.best, nll)
+        if improved and keep:
+            self.phase_best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return improved
 
     def to_checkpoint(self) -> dict[str, Any]:
@@ -118,6 +125,7 @@ class TrainState:
             "best_val_nll": self.best,
             "stale_evals": self.stale,
             "schedule_start": list(self.schedule_start),
+            **({} if self.phase_best is None else {"phase_best": self.phase_best}),
         }
 
     def load(self, ckpt: dict[str, Any], *, lr: float, iters: int, schedule: str) -> None:
@@ -131,6 +139,7 @@ class TrainState:
         self.iteration = ckpt["iteration"]
         self.best, self.stale = ckpt["best_val_nll"], ckpt.get("stale_evals", 0)
         self.schedule_start[:] = ckpt.get("schedule_start", [0, 1.0])
+        self.phase_best = ckpt.get("phase_best")
         saved = ckpt.get("config", {})
         saved_iters = saved.get("iters", iters) + saved.get("finetune_iters", 0)
         if saved_iters != iters:  # go on from the factor the saved schedule had reached
