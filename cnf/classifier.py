@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cnf.context import INTEGER_DTYPES
 from cnf.evaluate import log_probs
-from cnf.flow import CNF
+from cnf.flow import CNF, Flow
 from cnf.solvers import Solver
 
 
@@ -74,16 +74,19 @@ class Classification:
 
 
 def check_label_flow(flow: object) -> int:
-    """The number of classes of a label-conditional :class:`~cnf.flow.CNF`."""
-    if not isinstance(flow, CNF) or flow.num_classes is None:
+    """The number of classes of a label-conditional flow (a :class:`~cnf.flow.CNF` or a
+    :class:`~cnf.multiscale.MultiscaleCNF` with ``num_classes``)."""
+    if not isinstance(flow, Flow) or getattr(flow, "num_classes", None) is None:
         what = type(flow).__name__
-        if isinstance(flow, CNF):
-            what = "a CNF of p(x) without conditions"
-            if flow.context_features is not None:
-                what = f"a CNF of p(x | c) for {flow.context_features} continuous features"
+        if isinstance(flow, Flow):
+            what = f"a {what} of p(x) without conditions"
+            if getattr(flow, "context_features", None) is not None:
+                what = (f"a {type(flow).__name__} of p(x | c) for {flow.context_features} "
+                        "continuous features")  # fmt: skip
         raise ValueError(
             f"flow must be a label-conditional CNF to classify, got {what}: build "
-            "CNF(dim, num_classes=C) and train it on labelled data"
+            "CNF(dim, num_classes=C) (or MultiscaleCNF(..., num_classes=C)) and train it on "
+            "labelled data"
         )
     return flow.num_classes
 

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from cnf.context import ContextEncoder
 from cnf.fields import call_field
 from cnf.flow import CNF
+from cnf.multiscale import MultiscaleCNF
 from cnf.solvers import Solver
 from cnf.trace import JacobianField
 
@@ -63,6 +64,13 @@ def check_guidance(guidance: object) -> float:
 
 def check_conditional(flow: object) -> CNF:
     """``flow`` if it is a conditional :class:`~cnf.flow.CNF`, whose null condition guides."""
+    if isinstance(flow, MultiscaleCNF):
+        if flow.num_classes is None and flow.context_features is None:
+            raise ValueError(
+                "flow models p(x) without conditions, so there is nothing to guide: build "
+                "MultiscaleCNF(..., num_classes=C) and train it with condition dropout"
+            )
+        return flow
     if not isinstance(flow, CNF):
         raise TypeError(
             f"flow must be a conditional cnf.CNF, got {type(flow).__name__}: guidance combines "
@@ -170,11 +178,28 @@ def guided_flow(flow: CNF, guidance: float) -> CNF:
     """
     w = check_guidance(guidance)
     flow = check_conditional(flow)
+    if isinstance(flow, MultiscaleCNF):  # every block guided, each with the same weight
+        return _guided_multiscale(flow, w)
     view = copy.copy(flow)  # a new module over the same tensors: flow itself is not changed
     view._modules = dict(flow._modules)  # its own table of submodules, so the swaps stay here
     kind = GuidedJacobianField if isinstance(flow.field, JacobianField) else GuidedField
     view.field = kind(flow.field, w)
     view.context_encoder = GuidedContext(flow.context_encoder)
+    return view
+
+
+def _guided_multiscale(flow: MultiscaleCNF, guidance: float) -> MultiscaleCNF:
+    """A view of a multiscale flow whose every block is :func:`guided_flow`'s."""
+    view = copy.copy(flow)
+    view._modules = dict(flow._modules)
+    scales = []
+    for scale in flow.scales:
+        part = copy.copy(scale)
+        part._modules = dict(scale._modules)
+        part.pre = nn.ModuleList(guided_flow(b, guidance) for b in scale.pre)
+        part.post = nn.ModuleList(guided_flow(b, guidance) for b in scale.post)
+        scales.append(part)
+    view.scales = nn.ModuleList(scales)
     return view
 
 

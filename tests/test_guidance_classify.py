@@ -15,6 +15,7 @@ from cnf.classifier import (
     classify,
     confusion,
 )
+from cnf.evaluate import log_probs
 from cnf.guidance import (
     GuidedField,
     GuidedJacobianField,
@@ -458,3 +459,32 @@ def test_empty_and_class_count_refusals() -> None:
     assert confusion(empty, empty, 2).tolist() == [[0, 0], [0, 0]]
     with pytest.raises(ValueError, match=r"classes must be a positive integer, got 0"):
         confusion(empty, empty, 0)
+
+
+def test_a_multiscale_image_flow_classifies_and_guides(float64) -> None:
+    """The multiscale model of images: its classes' log-likelihoods are its own log_prob per
+    class, and its guided view at w = 0 is the model (densities under the same probes, and
+    samples from the same noise); at w > 0 every block is guided."""
+    from cnf.multiscale import MultiscaleCNF
+
+    rk4 = Solver("rk4", step_size=0.5)
+    torch.manual_seed(0)
+    flow = MultiscaleCNF((1, 8, 8), levels=17, num_classes=3, scales=2, blocks=1, hidden=(8,),
+                         field="conv", solver=rk4, eval_solver=rk4).double()  # fmt: skip
+    x = flow.sample(4, context=torch.tensor([0, 1, 2, 0]))
+    table = class_log_likelihoods(flow, x, seed=3)
+    for y in range(3):
+        expected, _ = log_probs(flow, x, seed=3, context=torch.full((4,), y))
+        torch.testing.assert_close(table[:, y], expected)
+
+    def logp(f, **kw):
+        return f.log_prob(x, context=1, generator=torch.Generator().manual_seed(0), **kw)
+
+    torch.testing.assert_close(logp(guided_flow(flow, 0.0)), logp(flow))
+    draws = [f.sample(3, context=2, generator=torch.Generator().manual_seed(1))
+             for f in (flow, guided_flow(flow, 0.0))]  # fmt: skip
+    torch.testing.assert_close(draws[0], draws[1])
+    guided = guided_flow(flow, 2.0)
+    assert all(isinstance(b.field, GuidedField) for b in guided.ode_blocks())
+    assert not any(isinstance(b.field, GuidedField) for b in flow.ode_blocks())
+    assert not torch.allclose(logp(guided), logp(flow))

@@ -163,3 +163,20 @@ def test_training_on_cuda(tmp_path: Path) -> None:
     model = load_run(out, "cuda").model
     with torch.no_grad():
         assert model.sample(4).device.type == "cuda"
+
+
+def test_a_labelled_image_run_classifies_and_samples_guided(tmp_path: Path, capsys) -> None:
+    """The multiscale model given the digit's label: cnf eval --classify gives its generative
+    classifier, and cnf sample --guidance a guided grid of one class."""
+    out = tmp_path / "labels"
+    argv = ["train", "--data", "digits", "--condition", "label", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--classify", "--n", "20", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)["classification"]
+    assert found["n"] == 20 and len(found["confusion"]) == 10
+    grid = tmp_path / "threes.png"
+    assert main(["sample", str(out), "-n", "4", "-o", str(grid), "--context", "3", "--guidance",
+                 "1.5"]) == 0  # fmt: skip
+    assert grid.stat().st_size > 0
+    assert "trained without --cond-dropout" in capsys.readouterr().err
