@@ -24,8 +24,11 @@ one thread:
 cnf trains through ``cnf.training`` (``TrainConfig.for_data``, the budget plan, ``fit``), its
 iterations planned for the budget from the CPU time of a few timed ones:
 
-* ``cnf fm``: flow matching alone (independent coupling, lr 2e-3 cosine), the objective of sbi's
-  FMPE;
+* ``cnf fm``: flow matching alone (independent coupling, SiLU, lr 5e-3 cosine), the
+  objective of sbi's FMPE;
+* ``cnf fm wide``: the same with a field of two layers of 128 (``--hidden 128,128``), toys only
+  (``--systems "cnf fm wide"``): on 8gaussians-given-component it reached KL 0.00035 after 60
+  CPU s where the default field (three of 64) reached 0.0016 after 117;
 * ``cnf fm+mle``: ``cnf train --budget B`` as it is (flow matching for half the budget, then
   maximum likelihood from the largest valid step), toys only;
 * ``cnf mle``: maximum likelihood throughout (the toy recipe: rk4 with the adapted step, RNODE
@@ -106,7 +109,15 @@ SEEDS = {"toys": [0], "gl": [0], "tables": [0, 1, 2, 3, 4]}  # where --seeds is 
 SIMULATIONS = (1_000, 10_000, 100_000)
 # cnf's systems as in bench/bench_objectives.py: options over the toys' recipe (for_data)
 SYSTEMS = {
-    "cnf fm": dict(objective="fm", finetune_share=0.0, lr=2e-3, eval_every=1000),
+    "cnf fm": dict(objective="fm", finetune_share=0.0, lr=5e-3, activation="silu", eval_every=1000),
+    "cnf fm wide": dict(
+        objective="fm",
+        finetune_share=0.0,
+        lr=5e-3,
+        activation="silu",
+        hidden=(128, 128),
+        eval_every=1000,
+    ),
     "cnf fm+mle": {},  # cnf train --budget B as it is
     "cnf mle": dict(objective="mle"),
 }
