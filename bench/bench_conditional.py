@@ -100,7 +100,7 @@ from threadpoolctl import threadpool_limits
 from cnf.data import get_dataset
 from cnf.data.conditional import GaussianLinear, conditional_kl
 from cnf.solvers import Solver
-from cnf.training import Hooks, TrainConfig, fit, setup
+from cnf.training import KeepBest, TrainConfig, fit, setup
 from cnf.training import budget as budgeting
 
 TOYS = ("8gaussians-given-component", "rotating-gaussian")
@@ -130,20 +130,6 @@ EVALUATOR = Solver("dopri5", atol=1e-6, rtol=1e-6, max_nfe=200_000)
 QUICK = dict(hidden=(16, 16), eval_every=50)
 
 
-class _Keep(Hooks):
-    """The best weights by validation NLL and the training CPU seconds."""
-
-    def __init__(self) -> None:
-        self.cpu, self.weights = 0.0, None
-
-    def row(self, state, row) -> None:
-        self.cpu += row["cpu"]
-
-    def evaluated(self, state, improved: bool) -> None:
-        if improved:
-            self.weights = copy.deepcopy(state.model.state_dict())
-
-
 def train_cnf(data_name: str, system: str, seconds: float, seed: int, quick: bool, **extra):
     """One cnf model, its iterations planned for ``seconds`` of training CPU time; the model (its
     best weights), the training CPU seconds, iterations, the plan."""
@@ -154,7 +140,7 @@ def train_cnf(data_name: str, system: str, seconds: float, seed: int, quick: boo
     first = setup(cfg)
     cfg, plan = budgeting.plan(cfg, first)
     run = setup(cfg, data=first.data)
-    keep = _Keep()
+    keep = KeepBest()
     result = fit(run.state, run.data, run.objective, cfg, hooks=keep, progress=False, quiet=True)
     if keep.weights is not None:
         run.model.load_state_dict(keep.weights)

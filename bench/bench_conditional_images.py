@@ -35,9 +35,8 @@ takes them):
 * the generative classifier ``argmax_y log p(x | y) + log p(y)`` (:func:`cnf.classifier.bayes_rule`
   on the ten columns of log-likelihoods): its accuracy and confusion matrix;
 * guided sampling: for each ``--guidance`` weight ``w``, ``--per-class`` samples of each digit
-  from the field ``(1 + w) f(t, z, y) - w f(t, z, null)`` (:func:`cnf.guidance.guided_flow` on
-  the model's one ODE block, mapped back through its logit and dequantization as
-  ``MultiscaleCNF.sample`` does; at ``w = 0`` exactly the model's samples), from the same noise
+  from the field ``(1 + w) f(t, z, y) - w f(t, z, null)`` (:func:`cnf.guidance.guided_flow` of
+  the model; at ``w = 0`` exactly the model's samples), from the same noise
   for every ``w``, integrated with rk4 in ``--steps`` steps (default 32, 128 evaluations of the
   field), quantized to the 17 pixel levels and classified by a scikit-learn
   ``LogisticRegression`` trained on the real training digits (pixels / 16; its accuracy on the
@@ -55,7 +54,6 @@ agreement against ``w``.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 from dataclasses import dataclass
@@ -67,12 +65,12 @@ import torch
 from harness import Column
 from torch import Tensor
 
-from cnf.classifier import Classification, bayes_rule
+from cnf.classifier import Classification, bayes_rule, class_log_likelihoods
 from cnf.evaluate import bits_per_dim, log_probs, mean_and_se
 from cnf.guidance import guided_flow
 from cnf.runtime import to_tensors
 from cnf.solvers import Solver
-from cnf.training import Hooks, TrainConfig, fit, setup
+from cnf.training import KeepBest, TrainConfig, fit, setup
 from cnf.training import budget as budgeting
 
 CLASSES = 10
@@ -110,20 +108,6 @@ class Guided:
         return self.predicted == self.labels.numpy()
 
 
-class _Keep(Hooks):
-    """The best weights by validation NLL, and the training CPU seconds."""
-
-    def __init__(self) -> None:
-        self.cpu, self.weights = 0.0, None
-
-    def row(self, state, row) -> None:
-        self.cpu += row["cpu"]
-
-    def evaluated(self, state, improved: bool) -> None:
-        if improved:
-            self.weights = copy.deepcopy(state.model.state_dict())
-
-
 def recipe(conditional: bool, args: argparse.Namespace) -> TrainConfig:
     """``cnf train``'s image preset for the digits, with or without their label."""
     given = dict(budget=args.seconds, seed=args.seed, threads=1, device="cpu")
@@ -146,7 +130,7 @@ def plan_both(args: argparse.Namespace) -> tuple[TrainConfig, TrainConfig, str]:
 
 def train(cfg: TrainConfig) -> Trained:
     """Train ``cfg`` from scratch through ``fit``, keeping its best validation weights."""
-    keep = _Keep()
+    keep = KeepBest()
     with harness.timed() as t:
         run = setup(cfg)
         result = fit(run.state, run.data, run.objective, cfg, hooks=keep, progress=False,
@@ -157,15 +141,6 @@ def train(cfg: TrainConfig) -> Trained:
     print(f"  {tag}: {result.iteration:,} iterations, {keep.cpu:.0f} training CPU s "
           f"({t.cpu:.0f} in all)", file=sys.stderr, flush=True)  # fmt: skip
     return Trained(run.model.eval(), run.data, result.iteration, keep.cpu, t.cpu)
-
-
-@torch.no_grad()
-def class_log_likelihoods(model: torch.nn.Module, x: Tensor, seed: int) -> Tensor:
-    """``log p(x | y)`` for every digit ``y``, ``(n, 10)``, every column under the same probes:
-    :func:`cnf.classifier.class_log_likelihoods`, which takes a ``CNF`` of vectors only."""
-    rows = torch.ones(len(x), dtype=torch.long)
-    return torch.stack([log_probs(model, x, seed=seed, context=rows * y)[0]
-                        for y in range(CLASSES)], 1)  # fmt: skip
 
 
 def class_prior(labels: Tensor) -> Tensor:
@@ -208,27 +183,10 @@ def _features(pixels: Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def guided_digits(model, labels: Tensor, w: float, solver: Solver, seed: int) -> Tensor:
-    """Samples of ``p_w(x | y)``: :func:`cnf.guidance.guided_flow` takes a ``CNF``, so guide the
-    image model's one ODE block and map back through its logit and dequantization, as
-    ``MultiscaleCNF.sample`` does (the same draws at ``w = 0``)."""
-    (block,) = model.ode_blocks()
+    """Samples of ``p_w(x | y)`` from :func:`cnf.guidance.guided_flow` of the model, from the
+    same noise for every ``w`` (at ``w = 0`` the model's own samples)."""
     gen = torch.Generator().manual_seed(seed)
-    z = torch.randn((len(labels), *model.event_shape), generator=gen)
-    y = guided_flow(block, w).to_data(z, context=labels, solver=solver, logdet=False).value
-    y, _ = model.squash.inverse(y)
-    return model.dequantization.inverse(y)[0]
-
-
-def check_guided_view(model, solver: Solver, seed: int) -> None:
-    """At ``w = 0`` the guided samples must be the model's own (the same noise, the same ODE)."""
-    labels = torch.arange(4)
-    ours = guided_digits(model, labels, 0.0, solver, seed)
-    with torch.no_grad():
-        theirs = model.sample(4, context=labels, solver=solver,
-                              generator=torch.Generator().manual_seed(seed))  # fmt: skip
-    if not torch.allclose(ours, theirs, atol=1e-4):
-        raise RuntimeError("the guided view at w = 0 does not reproduce MultiscaleCNF.sample: "
-                           "guided_digits no longer matches the model's decoding")  # fmt: skip
+    return guided_flow(model, w).sample(len(labels), context=labels, solver=solver, generator=gen)
 
 
 def guide(model, clf, w: float, per_class: int, solver: Solver, seed: int) -> Guided:
@@ -372,7 +330,7 @@ def main() -> None:
     # 2. test densities and the generative classifier, every column under the same probes
     x, y = to_tensors(cond.data.test(test_n), torch.device("cpu"), torch.float32)
     with harness.timed() as t:
-        likelihoods = class_log_likelihoods(cond.model, x, args.seed)
+        likelihoods = class_log_likelihoods(cond.model, x, seed=args.seed)
         logp = log_probs(plain.model, x, seed=args.seed)[0]
     print(f"  test densities: {t.cpu:.0f} CPU s", file=sys.stderr, flush=True)
     result = bayes_rule(likelihoods, class_prior(cond.data.labels))
@@ -393,7 +351,6 @@ def main() -> None:
 
     # 3. guided samples, judged by the real-digit classifier
     solver = Solver("rk4", step_size=1 / args.steps)
-    check_guided_view(cond.model, solver, args.seed)
     guided = [guide(cond.model, clf, w, args.per_class, solver, args.seed) for w in args.guidance]
     rows = [guidance_row(g) for g in guided]
     results.table("guidance", f"Class agreement of {args.per_class} guided samples per digit "

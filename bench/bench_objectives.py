@@ -36,7 +36,7 @@ from harness import Column
 
 from cnf.data import get_dataset
 from cnf.solvers import Solver
-from cnf.training import Hooks, TrainConfig, fit, setup
+from cnf.training import KeepBest, TrainConfig, fit, setup
 from cnf.training import budget as budgeting
 
 SYSTEMS = {
@@ -48,20 +48,6 @@ SYSTEMS = {
 EVALUATOR = Solver("dopri5", atol=1e-7, rtol=1e-7, max_nfe=200_000)
 
 
-class _Keep(Hooks):
-    """The best weights by validation NLL and the training CPU seconds."""
-
-    def __init__(self) -> None:
-        self.cpu, self.weights = 0.0, None
-
-    def row(self, state, row) -> None:
-        self.cpu += row["cpu"]
-
-    def evaluated(self, state, improved: bool) -> None:
-        if improved:
-            self.weights = copy.deepcopy(state.model.state_dict())
-
-
 def train_one(data_name: str, system: str, seconds: float, quick: bool) -> dict:
     flat = {**SYSTEMS[system], "budget": seconds, "seed": 0, "threads": 1, "device": "cpu"}
     if quick:
@@ -70,7 +56,7 @@ def train_one(data_name: str, system: str, seconds: float, quick: bool) -> dict:
     first = setup(cfg)
     cfg, plan = budgeting.plan(cfg, first)
     run = setup(cfg, data=first.data)
-    keep = _Keep()
+    keep = KeepBest()
     fit(run.state, run.data, run.objective, cfg, hooks=keep, progress=False, quiet=True)
     if keep.weights is not None:
         run.model.load_state_dict(keep.weights)

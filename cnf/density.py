@@ -22,7 +22,6 @@ relative 1e-7) fails for that configuration.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any
 
@@ -39,7 +38,7 @@ from cnf.model_config import DTYPES, ModelConfig
 from cnf.runtime import SAMPLE_CHUNK, check_memory
 from cnf.solvers import SolverError
 from cnf.table_flow import TabularCNF
-from cnf.training import Diverged, Hooks, TrainConfig, TrainState, fit, setup
+from cnf.training import Diverged, KeepBest, TrainConfig, fit, setup
 
 # The estimator's parameters that keep scikit-learn's spelling, and the setting each is in cnf's
 # configs (cnf train's flags); every other parameter has the config's own name.
@@ -178,7 +177,7 @@ class FlowEstimator(BaseEstimator):
     def _fit_model(self, cfg: TrainConfig, data: Dataset) -> TabularCNF:
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the global RNG
             run = setup(cfg, data=data)
-            best = _KeepBest()
+            best = KeepBest()
             try:
                 result = fit(
                     run.state,
@@ -353,19 +352,3 @@ def _warn(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         warnings.warn(message, CNFDensityWarning, stacklevel=4)
-
-
-class _KeepBest(Hooks):
-    """Keeps the weights of the best validation NLL in memory, and every validation score."""
-
-    def __init__(self) -> None:
-        self.weights: dict[str, torch.Tensor] | None = None
-        self.scores: list[float] = []
-
-    def row(self, state: TrainState, row: dict[str, Any]) -> None:
-        if "val_nll" in row:
-            self.scores.append(-row["val_nll"])
-
-    def evaluated(self, state: TrainState, improved: bool) -> None:
-        if improved:
-            self.weights = copy.deepcopy(state.model.state_dict())

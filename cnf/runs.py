@@ -62,10 +62,7 @@ class Run:
         if self.meta.get("kind") == "image":
             raise ValueError(f"{self.path} models images: scoring rows of a file is for vector "
                              "data (toys and tables)")  # fmt: skip
-        text, key = str(path), None
-        if ".npz:" in text:  # file.npz:key picks an array
-            text, key = text.rsplit(":", 1)
-        table = read_table(Path(text).expanduser(), key)
+        table = _read(path)
         names = self.meta.get("all_columns") or self.meta.get("columns")
         width = len(names) if names else math.prod(self.model.event_shape)
         if names and set(names) <= set(table.columns):
@@ -85,11 +82,7 @@ class Run:
         columns and its condition's (a label, or the features), by name where a header names
         them all, else by position (the modelled columns first). Labels must be classes of
         the model; rows with NaN or inf are refused by number."""
-        spec = self.meta["context"]
-        text, key = str(path), None
-        if ".npz:" in text:
-            text, key = text.rsplit(":", 1)
-        table = read_table(Path(text).expanduser(), key)
+        spec, table = self.meta["context"], _read(path)
         width = math.prod(self.model.event_shape)
         modelled = list(self.meta.get("columns") or [f"x{j}" for j in range(width)])
         condition = list(condition_names(spec))
@@ -111,6 +104,14 @@ class Run:
                                  f"class 0..{spec['classes'] - 1} of {self.path}")  # fmt: skip
             c = c[:, 0].astype(np.int64)
         return x, c
+
+
+def _read(path: str | Path) -> Any:
+    """The table of a ``.csv``/``.npy``/``.npz`` file (``file.npz:key`` picks an array)."""
+    text, key = str(path), None
+    if ".npz:" in text:
+        text, key = text.rsplit(":", 1)
+    return read_table(Path(text).expanduser(), key)
 
 
 def condition_names(spec: dict[str, Any]) -> tuple[str, ...]:

@@ -175,6 +175,18 @@ class ColumnPlan:
         return out
 
 
+def warn_integer(
+    name: str, columns: Sequence[str], integer: np.ndarray, note: Callable[[str], None],
+    hint: str = "--dequantize",
+) -> None:  # fmt: skip
+    """Tell ``note`` of the columns marked ``integer``, on which a continuous density is
+    degenerate, and how to dequantize them (``hint``)."""
+    if integer.any():
+        names = [c for c, i in zip(columns, integer, strict=True) if i][:10]
+        note(f"{name}: columns {', '.join(names)} take only integer values, on which a "
+             f"continuous density is degenerate; consider {hint}")  # fmt: skip
+
+
 def integer_columns(x: np.ndarray) -> np.ndarray:
     """Boolean mask of the columns whose values are all integers."""
     return (x == np.round(x)).all(0)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cnf.data.columns import integer_columns, logger
+from cnf.data.columns import integer_columns, logger, warn_integer
 from cnf.data.conditional import Pairs
 
 TabularData = Any  # cnf.data.tabular.TabularData, which builds this module's tables
@@ -67,12 +67,8 @@ class ConditionalTable:
         self.columns = tuple(table.columns[j] for j in self.target)
         table.integer[self.rest] = False  # a condition is given as it is, never dequantized
         integer = integer_columns(table.splits.train)[self.target]
-        if integer.any() and not table.integer.any():
-            names = [c for c, i in zip(self.columns, integer, strict=True) if i][:10]
-            logger.warning(
-                f"{self.name}: columns {', '.join(names)} take only integer values, "
-                "on which a continuous density is degenerate; consider --dequantize"
-            )
+        if not table.integer.any():
+            warn_integer(self.name, self.columns, integer, logger.warning)
         self.event_shape = (len(self.target),)
 
     def _pairs(self, rows: np.ndarray) -> Pairs:

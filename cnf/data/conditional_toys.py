@@ -28,6 +28,7 @@ import numpy as np
 from cnf.data.base import DatasetInfo, content_hash, register
 from cnf.data.conditional import (
     ContextSpec,
+    Estimate,
     GaussianLinear,
     GaussiansGivenComponent,
     Pairs,
@@ -105,12 +106,10 @@ class ToyGivenLabel:
         c = self.check_context(c)
         return self.density.given_label(np.asarray(x, dtype=np.float64), c)
 
-    def bayes_accuracy(self, n: int = 100_000, seed: Any = 0) -> Any:
+    def bayes_accuracy(self, n: int = 100_000, seed: Any = 0) -> Estimate | None:
         """The accuracy of the Bayes classifier :math:`\\arg\\max_c p(x \\mid c)` (equal
         priors) on ``n`` fresh pairs, with its binomial standard error; ``None`` where
         :math:`p(x \\mid c)` is not known."""
-        from cnf.data.conditional import Estimate
-
         if not self.has_truth:
             return None
         x, c = self.sample(n, seed)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from cnf.data.base import content_hash
-from cnf.data.columns import check_range, check_rows, dequantize, integer_columns
+from cnf.data.columns import check_range, check_rows, dequantize, integer_columns, warn_integer
 from cnf.data.conditional import Pairs
 from cnf.data.tabular import Splits
 
@@ -78,10 +78,8 @@ class PairData:
         self._orders: dict[int, np.ndarray] = {}
         integer = integer_columns(train.x)
         self.integer = integer if dequantize else np.zeros_like(integer)
-        if integer.any() and not dequantize:
-            names = [c for c, i in zip(self.columns, integer, strict=True) if i][:10]
-            note(f"{name}: columns {', '.join(names)} take only integer values, on which a "
-                 f"continuous density is degenerate; consider {dequantize_hint}")  # fmt: skip
+        if not dequantize:
+            warn_integer(name, self.columns, integer, note, dequantize_hint)
 
     def _noisy(self, pairs: Pairs, *stream: int) -> Pairs:
         rng = np.random.default_rng([self.seed, *stream])

@@ -57,6 +57,7 @@ from cnf.data.columns import (
     integer_columns,
     select_columns,
     to_float,
+    warn_integer,
 )
 
 logger = logging.getLogger("cnf")
@@ -131,10 +132,8 @@ class TabularData:
         self._orders: dict[int, np.ndarray] = {}
         integer = integer_columns(splits.train)
         self.integer = integer if dequantize else np.zeros_like(integer)
-        if integer.any() and not dequantize:
-            names = [c for c, i in zip(self.columns, integer, strict=True) if i][:10]
-            note(f"{name}: columns {', '.join(names)} take only integer values, on which a "
-                 f"continuous density is degenerate; consider {dequantize_hint}")  # fmt: skip
+        if not dequantize:
+            warn_integer(name, self.columns, integer, note, dequantize_hint)
 
     def _noisy(self, x: np.ndarray, *stream: int) -> np.ndarray:
         return dequantize(x, self.integer, np.random.default_rng([self.seed, *stream]))

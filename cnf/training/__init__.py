@@ -9,7 +9,7 @@ from cnf.adaptation import Adaptation
 from cnf.options import ConfigError
 from cnf.seeds import stream_seed
 from cnf.training.config import TrainConfig
-from cnf.training.loop import Diverged, FitResult, Hooks, fit, step
+from cnf.training.loop import Diverged, FitResult, Hooks, KeepBest, fit, step
 from cnf.training.objectives import FlowMatching, MaximumLikelihood, Objective, Phases
 from cnf.training.presets import PRESETS
 from cnf.training.resume import RESUMABLE
@@ -26,6 +26,7 @@ __all__ = [
     "FitResult",
     "FlowMatching",
     "Hooks",
+    "KeepBest",
     "MaximumLikelihood",
     "Objective",
     "Phases",

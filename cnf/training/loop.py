@@ -61,6 +61,26 @@ class Hooks:
         evaluation)."""
 
 
+class KeepBest(Hooks):
+    """Keeps, in memory, the weights of the best validation NLL (``weights``), every validation
+    score (``scores``, the negated NLLs) and the training CPU seconds (``cpu``, the iterations'
+    own): what an estimator or a benchmark that trains through :func:`fit` keeps."""
+
+    def __init__(self) -> None:
+        self.weights: dict[str, Tensor] | None = None
+        self.scores: list[float] = []
+        self.cpu = 0.0
+
+    def row(self, state: TrainState, row: dict[str, Any]) -> None:
+        self.cpu += row["cpu"]
+        if "val_nll" in row:
+            self.scores.append(-row["val_nll"])
+
+    def evaluated(self, state: TrainState, improved: bool) -> None:
+        if improved:
+            self.weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+
 @dataclass(frozen=True)
 class FitResult:
     """How :func:`fit` ended: ``stopped`` is ``"done"``, ``"patience"`` (early stopping),
@@ -314,7 +334,7 @@ def _end_phase_early(state: TrainState, objective: Objective, cfg: TrainConfig, 
         f"(--patience): {objective.at(state.iteration + 1).name} ends here, and "
         f"{objective.at(last + 1).name} starts from its best weights")  # fmt: skip
     bar.update(last - state.iteration)
-    state.iteration = state.scheduler.last_epoch = last - 1
+    state.scheduler.last_epoch = last - 1
     state.scheduler.step()  # the learning rate of the next phase's first iteration
     state.iteration = last
 
