@@ -22,7 +22,7 @@ from cnf.evaluate import log_probs
 from cnf.runtime import to_tensors
 from cnf.seeds import VALIDATION
 from cnf.training import setup
-from cnf.training.distributed import SINGLE, Distributed
+from cnf.training.distributed import SINGLE, Distributed, shutdown
 from cnf.training.loop import Engine, step
 from cnf.validity import solver_validity
 
@@ -92,7 +92,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         if rank == 0:
             torch.save(results, out)
     finally:
-        torch.distributed.destroy_process_group()
+        shutdown()  # as the command line leaves the group
 
 
 def test_one_ddp_step_equals_one_process_step_on_the_same_global_batch(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ is logged, the step adapter's metric, a failed solve on any process, a stop sign
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -183,5 +184,9 @@ def is_main_process() -> bool:
 
 
 def shutdown() -> None:
+    """Leave the process group. DistributedDataParallel's reducers hold it and can outlive their
+    models in reference cycles; collected at interpreter exit, after the group is destroyed,
+    gloo's threads abort the process (one run in five of tests/test_distributed.py did)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
         torch.distributed.destroy_process_group()
