@@ -58,8 +58,7 @@ def train_one(data_name: str, system: str, seconds: float, quick: bool) -> dict:
     run = setup(cfg, data=first.data)
     keep = KeepBest()
     fit(run.state, run.data, run.objective, cfg, hooks=keep, progress=False, quiet=True)
-    if keep.weights is not None:
-        run.model.load_state_dict(keep.weights)
+    keep.restore(run.state)
     return dict(model=run.model, cpu=keep.cpu, plan=plan)
 
 

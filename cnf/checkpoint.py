@@ -14,6 +14,9 @@ The schema (version 3), defined here and nowhere else:
 ``solver``          the adapted training solver: ``method``, ``step_size``, ``atol``, ``rtol``
 ``optimizer``, ``scheduler``  their ``state_dict``
 ``iteration``, ``best_val_nll``, ``stale_evals``  where training stands
+``phase_best``      while a first phase's successor is pending: that phase's best weights
+``training_model``  with ``--ema``: the weights being trained (``model`` is their average,
+                    what is scored and used), and ``average_start``, where the average began
 ==================  =========================================================================
 
 It never holds code: loading cannot execute anything, and a file that is not a cnf checkpoint

@@ -195,8 +195,7 @@ class FlowEstimator(BaseEstimator):
                 ) from err
         self.n_iter_ = result.iteration
         self.validation_scores_ = best.scores
-        if best.weights is not None:
-            run.model.load_state_dict(best.weights)
+        best.restore(run.state)
         self.best_validation_score_ = -run.state.best if best.weights is not None else None
         return run.model.eval()
 

@@ -54,8 +54,8 @@ def assert_same_run(run: Path, straight: Path) -> None:
     for name in ("last.pt", "best.pt"):
         a, b = load_checkpoint(run / name), load_checkpoint(straight / name)
         assert a["iteration"] == b["iteration"], name
-        for part in ("model", "optimizer", "scheduler"):
-            assert _equal(a[part], b[part]), f"{name}: {part} differs"
+        for part in ("model", "optimizer", "scheduler", "training_model", "average_start"):
+            assert _equal(a.get(part), b.get(part)), f"{name}: {part} differs"
     assert _log(run) == _log(straight)  # every iteration exactly once, the same numbers
     report, expected = (json.loads((r / "report.json").read_text()) for r in (run, straight))
     assert report["nll"] == expected["nll"]
@@ -331,6 +331,33 @@ def test_fm_then_mle_resumes_exactly(tmp_path: Path, monkeypatch, straight_fm, n
             train(config(**FM_MLE), run, progress=False)
     train(TrainConfig(), run, resume=True, progress=False)
     assert_same_run(run, straight_fm)
+
+
+FM_MLE_EMA = {**FM_MLE, "ema": 0.9}
+
+
+@pytest.fixture(scope="module")
+def straight_ema(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("faults-ema") / "straight"
+    train(config(**FM_MLE_EMA), out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "call"), [("fm_loss", 25), ("loss", 1), ("loss", 12)],
+    ids=["in-flow-matching", "at-the-switch", "in-maximum-likelihood"],
+)  # fmt: skip
+def test_an_average_of_the_weights_resumes_exactly(
+    tmp_path: Path, monkeypatch, straight_ema, name, call
+) -> None:
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _kill_on(m, name, call)
+        with pytest.raises(Killed):
+            train(config(**FM_MLE_EMA), run, progress=False)
+    train(TrainConfig(), run, resume=True, progress=False)
+    assert_same_run(run, straight_ema)
+    assert load_checkpoint(run / "last.pt")["average_start"] == 40  # restarted at the switch
 
 
 # --- a first phase that stops improving -----------------------------------------------------

@@ -1301,6 +1301,8 @@ API_CASES = [
         "weight_decay",
         id="config-weight-decay-inf",
     ),
+    _api(lambda: _config(ema=1.0), ValueError, r"\bema\b", id="config-ema-one"),
+    _api(lambda: _config(ema=-0.5), ValueError, r"\bema\b", id="config-ema-negative"),
     _api(lambda: _config(method="rk5"), ValueError, "rk5", id="config-method-rk5"),
     _api(
         lambda: _write_bytes("/nonexistent-cnf-dir/x.bin", b"data"),

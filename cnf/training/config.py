@@ -60,6 +60,11 @@ class TrainConfig:
     batch_size: int = option(512, "samples per iteration")
     lr: float = option(5e-3, "AdamW learning rate, the peak of the schedule")
     weight_decay: float = option(0.0, "AdamW's decoupled weight decay")
+    ema: float = option(
+        0.0,
+        "decay of an exponential moving average of the weights (e.g. 0.999), which validation, "
+        "the checkpoints and the report use (0: off)",
+    )
     schedule: str = option(
         "cosine",
         f"learning-rate schedule: {listed(SCHEDULES)} (cosine: down to 1% of --lr)",
@@ -193,6 +198,7 @@ class TrainConfig:
             options.number(name, getattr(self, name), strict=False)
         for name in ("val_fraction", "test_fraction"):
             options.within(name, getattr(self, name), 0, 1)
+        options.within("ema", self.ema, 0, 1, closed=True)  # 0: off
         options.choice("schedule", self.schedule, SCHEDULES)
         self._check_objective()
         if "trust_pickle" in self.extra:

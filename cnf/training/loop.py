@@ -78,7 +78,12 @@ class KeepBest(Hooks):
 
     def evaluated(self, state: TrainState, improved: bool) -> None:
         if improved:
-            self.weights = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+            self.weights = {k: v.detach().clone() for k, v in state.weights().items()}
+
+    def restore(self, state: TrainState) -> None:
+        """Give the model the best weights (with no validation: the last, averaged if an
+        average was kept)."""
+        state.model.load_state_dict(self.weights if self.weights is not None else state.weights())
 
 
 @dataclass(frozen=True)
@@ -128,9 +133,8 @@ def step(
     t0, c0 = time.perf_counter(), time.process_time()
     error = None
     try:
-        if objective.at(it - 1) is not active and state.phase_best is not None:
-            model.load_state_dict(state.phase_best)  # the last phase's best weights
-            state.phase_best, row["from_best"] = None, True
+        if objective.at(it - 1) is not active:
+            _start_phase(state, row)
         if active.adapts and objective.at(it - 1) is not active:
             row["adapt"] = _enter_solving_phase(state, active, x, cfg, it, dist, context)
         if state.adapter is not None and active.adapts and _checks(objective, it, cfg):
@@ -153,6 +157,7 @@ def step(
     state.optimizer.step()
     state.scheduler.step()
     state.iteration = it
+    state.update_average()
     solver = model.solver
     values = dist.mean([loss.item(), *(float(v) for v in logs.values())])  # the batch's means
     row.update(
@@ -168,6 +173,17 @@ def step(
         cpu=time.process_time() - c0,
     )
     return row
+
+
+def _start_phase(state: TrainState, row: dict) -> None:
+    """A phase after the first starts from the last one's best weights (or, with no validation,
+    from its average of the weights, if it kept one), and averages its own from there."""
+    if state.phase_best is not None:
+        state.model.load_state_dict(state.phase_best)
+        state.phase_best, row["from_best"] = None, True
+    elif state.average is not None:
+        state.model.load_state_dict(state.weights())
+    state.restart_average()
 
 
 def _checks(objective: Objective, it: int, cfg: TrainConfig) -> bool:
@@ -347,7 +363,8 @@ def _validate(
     the row; whether it is the best. Its probes are the same at every evaluation, whatever the
     number of processes: the run's validation stream."""
     shares = dict(share=dist.share, gather=dist.gather) if dist.active else {}
-    ev = evaluate(state.model, val[0], seed=seed, stream=VALIDATION, context=val[1], **shares)
+    with state.averaged():  # the weights that are saved
+        ev = evaluate(state.model, val[0], seed=seed, stream=VALIDATION, context=val[1], **shares)
     row.update(val_nll=ev.nll, val_nll_se=ev.nll_se, val_nfe=ev.nfe)
     bpd = ""
     if ev.bits_per_dim is not None:

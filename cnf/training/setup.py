@@ -97,6 +97,7 @@ def setup(
         schedule=cfg.schedule,
         adapter=cfg.adapter(dim),
         restart=cfg.restart(),
+        ema=cfg.ema,
     )
     if checkpoint is None:
         state = TrainState.create(model, **settings)

@@ -10,6 +10,8 @@ needs no RNG positions of its own.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +52,9 @@ class TrainState:
         best: the lowest validation NLL so far; ``stale``: evaluations since it improved.
         phase_best: the weights of the best validation NLL of a phase a later one follows
             (flow matching before maximum likelihood), which that phase starts from.
+        ema_decay: with a decay in (0, 1), :attr:`average` holds an exponential moving average
+            of the parameters, updated after every step (:meth:`update_average`); it is what
+            validation scores and checkpoints give as ``"model"`` (:meth:`weights`).
     """
 
     model: Flow
@@ -61,6 +66,9 @@ class TrainState:
     stale: int = 0
     schedule_start: list = field(default_factory=lambda: [0, 1.0])  # see lr_factor
     phase_best: dict[str, Tensor] | None = None
+    ema_decay: float = 0.0
+    average: dict[str, Tensor] | None = None
+    average_start: int = 0  # the iteration the average (re)started at
 
     @classmethod
     def create(
@@ -73,10 +81,12 @@ class TrainState:
         schedule: str,
         adapter: StepAdapter | None = None,
         restart: tuple[int, float] | None = None,
+        ema: float = 0.0,
     ) -> TrainState:
         """A fresh state: AdamW at ``lr`` on the schedule over ``iters`` iterations; with
         ``restart = (iteration, factor)`` the schedule starts again after that iteration, from
-        ``factor * lr`` down to 1% of that (the maximum-likelihood phase after flow matching)."""
+        ``factor * lr`` down to 1% of that (the maximum-likelihood phase after flow matching).
+        ``ema``: the decay of an average of the weights (0: none)."""
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         start = [0, 1.0]  # shared with the schedule, which reads it at every step
 
@@ -88,7 +98,9 @@ class TrainState:
             return lr_factor(step, iters, schedule, begin, floor=0.01 * first[1])
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return cls(model, optimizer, scheduler, adapter, schedule_start=start)
+        state = cls(model, optimizer, scheduler, adapter, schedule_start=start, ema_decay=ema)
+        state.restart_average()
+        return state
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], model: Flow, **settings: Any) -> TrainState:
@@ -98,6 +110,52 @@ class TrainState:
         state.load(ckpt, lr=settings["lr"], iters=settings["iters"], schedule=settings["schedule"])
         return state
 
+    def restart_average(self) -> None:
+        """The average starts again from the current parameters (at the start, and where a
+        phase starts from the last one's best weights)."""
+        if self.ema_decay:
+            self.average = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            self.average_start = self.iteration
+
+    def update_average(self) -> None:
+        """One step of the average, after an optimizer step. Its decay warms up as
+        ``min(decay, (1 + k) / (10 + k))`` over the ``k`` steps since it started, so that a
+        short run is not held at its initial weights; a function of the iteration, so a resume
+        continues it exactly."""
+        if self.average is None:
+            return
+        k = self.iteration - self.average_start
+        decay = min(self.ema_decay, (1 + k) / (10 + k))
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                self.average[name].lerp_(p.detach(), 1 - decay)
+
+    def weights(self) -> dict[str, Tensor]:
+        """The weights that are scored and saved: the model's, the average in place of its
+        parameters when there is one."""
+        weights = dict(self.model.state_dict())
+        if self.average is not None:
+            weights.update(self.average)
+        return weights
+
+    @contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The model with the averaged parameters inside the block, its own after it."""
+        if self.average is None:
+            yield
+            return
+        own = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.average.items():
+                params[name].copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in own.items():
+                    params[name].copy_(value)
+
     def record(self, nll: float, keep: bool = False) -> bool:
         """Note a validation NLL; whether it is the best so far. ``keep``: a later phase
         follows this one, and starts from its best weights (:attr:`phase_best`)."""
@@ -105,14 +163,20 @@ class TrainState:
         self.stale = 0 if improved else self.stale + 1
         self.best = min(self.best, nll)
         if improved and keep:
-            self.phase_best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.phase_best = {k: v.detach().clone() for k, v in self.weights().items()}
         return improved
 
     def to_checkpoint(self) -> dict[str, Any]:
         """The training part of a checkpoint (:mod:`cnf.checkpoint` has the whole schema)."""
         solver = self.model.solver
+        # the average is "model"; the weights being trained are kept beside it
+        averaged: dict[str, Any] = {}
+        if self.average is not None:
+            averaged["training_model"] = self.model.state_dict()
+            averaged["average_start"] = self.average_start
         return {
-            "model": self.model.state_dict(),
+            "model": self.weights(),
+            **averaged,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "solver": {
@@ -132,7 +196,7 @@ class TrainState:
         """Continue from a checkpoint's training part. ``lr`` may differ from the saved one (a
         resume with a lower learning rate keeps the schedule's shape and scales it), and so may
         ``iters`` (the cosine then restarts from the factor it had reached)."""
-        self.model.load_state_dict(ckpt["model"])
+        self.model.load_state_dict(ckpt.get("training_model", ckpt["model"]))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.model.set_solver(self.model.solver.replace(**ckpt["solver"]))
@@ -140,6 +204,10 @@ class TrainState:
         self.best, self.stale = ckpt["best_val_nll"], ckpt.get("stale_evals", 0)
         self.schedule_start[:] = ckpt.get("schedule_start", [0, 1.0])
         self.phase_best = ckpt.get("phase_best")
+        self.restart_average()  # from the saved average where there is one
+        if self.average is not None and "training_model" in ckpt:
+            self.average = {n: ckpt["model"][n].clone() for n in self.average}
+            self.average_start = ckpt["average_start"]
         saved = ckpt.get("config", {})
         saved_iters = saved.get("iters", iters) + saved.get("finetune_iters", 0)
         if saved_iters != iters:  # go on from the factor the saved schedule had reached
