@@ -23,6 +23,7 @@ relative 1e-7) fails for that configuration.
 from __future__ import annotations
 
 import warnings
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from cnf.data.base import Dataset
 from cnf.data.columns import ColumnPlan
 from cnf.data.tabular import Splits, TabularData
 from cnf.model_config import DTYPES, ModelConfig
-from cnf.runtime import SAMPLE_CHUNK, check_memory
+from cnf.runtime import SAMPLE_CHUNK, check_memory, chosen_threads, thread_rule
 from cnf.solvers import SolverError
 from cnf.table_flow import TabularCNF
 from cnf.training import Diverged, KeepBest, TrainConfig, fit, setup
@@ -145,7 +146,7 @@ class FlowEstimator(BaseEstimator):
             eval_every=self.eval_every,
             seed=seed,
             device=self.device,
-            threads=0,  # cnf train's rule: one thread for small tables (restored after fit)
+            threads=chosen_threads(),  # 0: cnf train's rule (restored after fit)
             kinetic=self.kinetic,
             objective=self.objective,
             coupling=self.coupling,
@@ -198,6 +199,11 @@ class FlowEstimator(BaseEstimator):
         best.restore(run.state)
         self.best_validation_score_ = -run.state.best if best.weights is not None else None
         return run.model.eval()
+
+    def _threads(self) -> AbstractContextManager[None]:
+        """Training's rule for threads (one on a CPU for a small model: a second mostly
+        contends), unless the caller set a count of their own; theirs restored after."""
+        return thread_rule(torch.device(self.device), self.model_.dim)
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.tensor(x, dtype=DTYPES[self.dtype], device=torch.device(self.device))
@@ -306,7 +312,8 @@ class CNFDensity(DensityMixin, FlowEstimator):
         X = validate_data(self, X, dtype=np.float64, reset=False)
         x = self._tensor(self.columns_.apply(X))
         gen = torch.Generator(device=x.device).manual_seed(0)  # Hutchinson probes above 64 dims
-        logp = [self.model_.log_prob(batch, generator=gen) for batch in x.split(4096)]
+        with self._threads():
+            logp = [self.model_.log_prob(batch, generator=gen) for batch in x.split(4096)]
         return torch.cat(logp).double().cpu().numpy()
 
     def score(self, X: Any, y: Any = None) -> float:
@@ -327,9 +334,10 @@ class CNFDensity(DensityMixin, FlowEstimator):
                      "draw fewer at a time (n_samples)")  # fmt: skip
         gen = self._generator(random_state)
         out = np.empty((n, self.columns_.width))
-        for start in range(0, n, SAMPLE_CHUNK):  # memory per solve stays bounded
-            x = self.model_.sample(min(SAMPLE_CHUNK, n - start), generator=gen)
-            out[start : start + len(x)] = self.columns_.restore(x.double().cpu().numpy())
+        with self._threads():
+            for start in range(0, n, SAMPLE_CHUNK):  # memory per solve stays bounded
+                x = self.model_.sample(min(SAMPLE_CHUNK, n - start), generator=gen)
+                out[start : start + len(x)] = self.columns_.restore(x.double().cpu().numpy())
         return out
 
 

@@ -34,8 +34,7 @@ chooses its steps for the whole batch, within ``eval_tol``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,7 @@ from cnf.data.columns import ColumnPlan
 from cnf.data.conditional import Pairs
 from cnf.data.pairs import PairData
 from cnf.density import FlowEstimator, _count, _warn
-from cnf.runtime import SAMPLE_CHUNK, check_memory, configure_threads
+from cnf.runtime import SAMPLE_CHUNK, check_memory
 
 # the checks that call score_samples(X) without y (pass to check_estimator's
 # expected_failed_checks); tests/test_regressor.py checks predict's invariances itself
@@ -269,17 +268,6 @@ class CNFRegressor(RegressorMixin, FlowEstimator):
         context = c.repeat_interleave(len(z), dim=0)
         flow = self.model_.to_data(z.repeat(len(c), 1), context=context, logdet=False)
         return self.columns_.restore(flow.value.double().cpu().numpy()).reshape(len(c), len(z), -1)
-
-    @contextmanager
-    def _threads(self) -> Iterator[None]:
-        """Training's rule for threads (one on a CPU for a small ``y``: a second one mostly
-        contends, cnf.runtime.configure_threads), restored after."""
-        threads = torch.get_num_threads()
-        configure_threads(0, torch.device(self.device), self.model_.dim)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
 
     def _shaped(self, a: np.ndarray, axis: int) -> np.ndarray:
         """``a`` without its ``axis`` of the columns of ``y`` where ``y`` was 1-D at fit."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -65,6 +67,10 @@ def check_memory(nbytes: float, what: str, fix: str) -> None:
         )
 
 
+# torch's thread count when cnf was imported: a different one later is the user's own choice
+_IMPORT_THREADS = torch.get_num_threads()
+
+
 def configure_threads(threads: int, device: torch.device, dim: int) -> int:
     """Small CNFs on a CPU run fastest on one thread: the per-op work is too small to split, and
     on a shared 2-core machine a second thread mostly contends (bench/bench_threads.py).
@@ -73,6 +79,26 @@ def configure_threads(threads: int, device: torch.device, dim: int) -> int:
         threads = 1 if device.type == "cpu" and dim <= 16 else torch.get_num_threads()
     torch.set_num_threads(threads)
     return threads
+
+
+def chosen_threads() -> int:
+    """The thread count the caller chose (``torch.set_num_threads`` to a count other than the
+    one torch had when cnf was imported), or 0: none, so cnf's rule applies."""
+    now = torch.get_num_threads()
+    return now if now != _IMPORT_THREADS else 0
+
+
+@contextmanager
+def thread_rule(device: torch.device, dim: int) -> Iterator[None]:
+    """Inside the block, :func:`configure_threads`' rule, unless the caller chose a count of
+    their own (:func:`chosen_threads`); the caller's count is restored after. For the Python
+    entry points, which must not change the process's setting."""
+    before = torch.get_num_threads()
+    configure_threads(chosen_threads(), device, dim)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def configure_cuda(device: torch.device, tf32: bool) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from cnf.cli.common import TRUST_PICKLE, in_range, run_data
+from cnf.cli.common import TRUST_PICKLE, in_range, run_data, threads_flag, use_threads
 from cnf.cli.contexts import read_contexts
 from cnf.io import check_output
 from cnf.runs import load_run
-from cnf.runtime import check_memory, configure_threads
+from cnf.runtime import check_memory
 from cnf.solvers import Solver
 from cnf.transport import check_2d
 
@@ -52,6 +52,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto")
+    threads_flag(p)
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
     p.add_argument("--context", metavar="C",
                    help="a model of p(x | c): the condition whose flow to draw, a label (3) or "
@@ -68,6 +69,7 @@ def _check_animate_size(args: argparse.Namespace) -> None:
 
 def _check_animate_options(args: argparse.Namespace) -> None:
     in_range("--frames", args.frames, integer=True, low=2)
+    in_range("--threads", args.threads, integer=True)
     in_range("--fps", args.fps)
     in_range("--grid", args.grid, integer=True, low=2)
     in_range("--particles", args.particles, integer=True, low=1)
@@ -133,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--context {args.context}: cnf animate draws one condition; give it "
                          "as a label or its values, not a file")  # fmt: skip
     check_2d(model)
-    configure_threads(0, next(model.parameters()).device, 2)
+    use_threads(model, args)
     data = run_data(run, args)
     lim = args.lim if args.lim is not None else data.support
     samples = _particles(data, contexts, max(args.particles, 1))

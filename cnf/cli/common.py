@@ -10,6 +10,7 @@ from typing import Any
 
 from cnf import options
 from cnf.runs import Run
+from cnf.runtime import configure_threads
 from cnf.solvers import FIXED_STEP, METHODS, Solver
 
 TRUST_PICKLE = ("allow reading data that unpickles (the MAF GAS set), which can run code: only "
@@ -41,6 +42,19 @@ def in_range(flag: str, value: float | None, *, integer: bool = False, low: floa
             options.number(flag, value, low=low)
     except options.ConfigError as err:
         raise ValueError(f"{flag} {err.problem}") from None
+
+
+def threads_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads (default 0: automatic, one for models of up to 16 "
+                   "dimensions, where a second mostly contends)")  # fmt: skip
+
+
+def use_threads(model: Any, args: argparse.Namespace) -> None:
+    """The ``--threads`` of a command (0: cnf's rule for the model's size), checked."""
+    in_range("--threads", args.threads, integer=True)
+    device = next(model.parameters()).device
+    configure_threads(args.threads, device, math.prod(model.event_shape))
 
 
 def solver_flags(p: argparse.ArgumentParser, verb: str) -> None:

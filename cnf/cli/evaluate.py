@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnf.cli.common import TRUST_PICKLE, in_range, note, run_data, solver_flags, solver_from_flags
+from cnf.cli.common import (
+    TRUST_PICKLE,
+    in_range,
+    note,
+    run_data,
+    solver_flags,
+    solver_from_flags,
+    threads_flag,
+    use_threads,
+)
 from cnf.evaluate import dequantized_bound, log_probs, mean_and_se
 from cnf.io import atomic_path, check_output, json_text
 from cnf.report import report, used_solver
@@ -30,6 +39,7 @@ def add_parser(sub: Any) -> None:
                    "--method) with a finer one and a float64 dopri5 reference (Ott et al. "
                    "2021)")  # fmt: skip
     p.add_argument("--device", default="auto")
+    threads_flag(p)
     p.add_argument("--data", type=Path, metavar="FILE",
                    help="score the rows of this .csv/.npy/.npz file instead of the run's test "
                    "data (the columns the model was trained on: by name, or in the same "
@@ -58,6 +68,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_eval_options(args)
     run = load_run(args.run, args.device)
+    use_threads(run.model, args)
     if run.path.name == "last.pt" and args.run.is_dir():
         note("eval")(f"{args.run} has no best.pt (the run stopped before its first "
                       f"evaluation): evaluating last.pt, iteration {run.iteration}")  # fmt: skip
@@ -144,6 +155,7 @@ def _moved(run: Run, args: argparse.Namespace):
 
 def _check_eval_options(args: argparse.Namespace) -> None:
     in_range("--n", args.n, integer=True, low=1)
+    in_range("--threads", args.threads, integer=True)
     in_range("--iw-probes", args.iw_probes, integer=True, low=2)
     if args.iw_probes is not None and args.dequant_samples is None:
         raise ValueError("--iw-probes is for the importance-weighted bound: add --dequant-samples")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cnf.cli.common import TRUST_PICKLE, note
+from cnf.cli.common import TRUST_PICKLE, in_range, note, threads_flag
 from cnf.data import list_datasets
 
 
@@ -19,12 +19,15 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("run", type=Path, help="run directory")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE)
+    threads_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from cnf import viz  # matplotlib only when drawing
 
-    figures = viz.plot_run(args.run, trust_pickle=args.trust_pickle, say=note("plot"))
+    in_range("--threads", args.threads, integer=True)
+    figures = viz.plot_run(args.run, trust_pickle=args.trust_pickle, say=note("plot"),
+                           threads=args.threads)  # fmt: skip
     print(f"wrote {', '.join(str(p) for p in figures)}")
     return 0
 

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnf.cli.common import in_range, note, solver_flags, solver_from_flags
+from cnf.cli.common import (
+    in_range,
+    note,
+    solver_flags,
+    solver_from_flags,
+    threads_flag,
+    use_threads,
+)
 from cnf.cli.contexts import Contexts, read_contexts
 from cnf.data.columns import ColumnPlan
 from cnf.flow import evaluating
@@ -36,6 +43,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="auto")
+    threads_flag(p)
     p.add_argument("--context", metavar="C",
                    help="a model of p(x | c): the condition of every sample, a label (3) or the "
                         "features, comma-separated (0.5,-1) or by name (age=50,bmi=31); or a "
@@ -64,10 +72,12 @@ def run(args: argparse.Namespace) -> int:
     if suffix == ".png" and args.with_log_prob:
         raise ValueError("--with-log-prob needs a .npy or .csv output; a .png grid has no column")
     in_range("-n", args.n, integer=True, low=1)
+    in_range("--threads", args.threads, integer=True)
     if suffix == ".png" and args.n > GRID_MAX:
         raise ValueError(f"-n {args.n} is too many images for one .png grid: at most {GRID_MAX}")
     check_output(args.output, flag="-o", force=args.force)
     run = load_run(args.run, args.device)
+    use_threads(run.model, args)
     model, meta = run.model, run.meta
     contexts = read_contexts(meta, args.context, args.run)
     if args.guidance is not None:

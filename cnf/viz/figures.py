@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cnf.io import save_figure, write_bytes
 from cnf.runs import load_run, read_log
+from cnf.runtime import configure_threads
 from cnf.transport import check_2d
 from cnf.viz.conditional import plot_conditional
 from cnf.viz.panels import grid, heat, scatter
@@ -77,15 +78,20 @@ def plot_run(
     data: Any = None,
     trust_pickle: bool = False,
     say: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> list[Path]:
     """The figures of a run directory, from its best checkpoint and log: ``training.png`` (the
     curves), ``solver.png`` (the training solver), and by kind of data ``density.png`` and
     ``samples.png`` (2-D), ``marginals.png`` (tables) or ``samples.png`` (an image grid).
     ``data``: the run's dataset if it is at hand (else it is reopened). A figure that cannot
     be drawn (no log, or no row in it yet) is left out and ``say`` is told why. Returns the
-    paths written."""
+    paths written. ``threads``: set the process's CPU threads for the model (0: cnf's rule,
+    :func:`cnf.runtime.configure_threads`); ``None`` leaves them as they are."""
     out, say = Path(out), say or (lambda text: None)
     run = load_run(out)
+    if threads is not None:
+        configure_threads(threads, next(run.model.parameters()).device,
+                          math.prod(run.model.event_shape))  # fmt: skip
     data = data if data is not None else run.dataset(trust_pickle=trust_pickle)
     log = out / "log.jsonl"
     rows = read_log(log) if log.is_file() else None
