@@ -151,7 +151,8 @@ def step(
         raise Diverged(it, error)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()  # under DistributedDataParallel: the gradients averaged over processes
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf,
+                                               foreach=True)  # fmt: skip
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         raise Diverged(it, f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
     state.optimizer.step()

@@ -87,7 +87,9 @@ class TrainState:
         ``restart = (iteration, factor)`` the schedule starts again after that iteration, from
         ``factor * lr`` down to 1% of that (the maximum-likelihood phase after flow matching).
         ``ema``: the decay of an average of the weights (0: none)."""
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        # foreach: one kernel per step for all tensors, not one per tensor (the same update)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                                      foreach=True)  # fmt: skip
         start = [0, 1.0]  # shared with the schedule, which reads it at every step
 
         def factor(step: int) -> float:
