@@ -45,9 +45,10 @@ Both keep the weights of their best validation NLL (cnf at its ``eval_every``, 1
 under flow matching and 250 under maximum likelihood, and at the end, as ``cnf train`` keeps;
 zuko every 100 steps and at the end). "CPU s" is the training CPU time actually spent (the
 iterations' own: validation and the plan's timing excluded): zuko trains until it has spent the
-budget; cnf spends what its plan of the budget comes to, which can miss it (the
-maximum-likelihood phase after flow matching costs more than the plan expects), so read a row's
-KL with its CPU seconds.
+budget; cnf trains the iterations its plan of the budget comes to, and stops at the budget if
+the plan overruns it (maximum likelihood refines its step as the field sharpens, which the plan's
+timing of the first iterations cannot see; the schedule is then cut short), so read a row's KL
+with its CPU seconds.
 
 One evaluator for all: the Monte-Carlo KL of :func:`cnf.data.conditional.conditional_kl`,
 :math:`E[\\log p(x \\mid c) - \\log q(x \\mid c)]` over ``--n`` draws from the true conditional
@@ -148,7 +149,8 @@ def train_cnf(data_name: str, system: str, seconds: float, seed: int, quick: boo
     cfg, plan = budgeting.plan(cfg, first)
     run = setup(cfg, data=first.data)
     keep = KeepBest()
-    result = fit(run.state, run.data, run.objective, cfg, hooks=keep, progress=False, quiet=True)
+    result = fit(run.state, run.data, run.objective, cfg, hooks=keep, progress=False, quiet=True,
+                 seconds=seconds)  # fmt: skip
     keep.restore(run.state)
     return run.model, keep.cpu, result.iteration, plan.describe()
 

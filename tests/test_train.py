@@ -17,7 +17,7 @@ from conftest import SMALL, config
 from cnf import viz
 from cnf.checkpoint import KEYS, CheckpointError, load_checkpoint, save_checkpoint
 from cnf.runs import load_run
-from cnf.solvers import SolverError
+from cnf.solvers import Solver, SolverError
 from cnf.training import TrainConfig, lr_factor, train
 
 
@@ -325,3 +325,28 @@ def test_a_run_directory_is_marked_as_ours(tmp_path: Path) -> None:
     (tmp_path / "run" / MARKER).unlink()  # a run of an older cnf: its checkpoints prove it
     assert is_run(tmp_path / "run")
     assert not is_run(tmp_path)
+
+
+def test_maximum_likelihood_from_scratch_starts_at_the_largest_valid_step(tmp_path: Path):
+    """rk4 without a given step: the first iteration starts at the largest step (in halvings
+    from one step over T) whose NLL agrees with the float64 reference on its batch, then checks
+    1, 2, 4, ... iterations in; an untrained field is valid at one step."""
+    import copy
+
+    from cnf.runtime import to_tensors
+    from cnf.training import setup
+
+    cfg = config(data="8gaussians", iters=20, batch_size=128, eval_every=20, test_size=300,
+                 validity_size=200, hidden=(16, 16), adapt_every=25)  # fmt: skip
+    assert cfg.model.solver.step_size is None and cfg.model.solver.fixed_step
+    start = setup(cfg)
+    model = copy.deepcopy(start.model).double()
+    x, _ = to_tensors(start.data.train_batch(128, 1), torch.device("cpu"), torch.float64)
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["adapt"]["event"] == "start" and rows[0]["step_size"] == 1.0
+    assert [r["iter"] for r in rows if "adapt" in r] == [1, 2, 3, 5, 9, 17]
+    with torch.no_grad():  # one rk4 step of the initial field against dopri5 in float64
+        one = model.log_prob(x, solver=model.solver.replace(step_size=1.0)).mean()
+        exact = model.log_prob(x, solver=Solver("dopri5", atol=1e-9, rtol=1e-9)).mean()
+    assert abs(float(one - exact)) <= cfg.adaptation.threshold
