@@ -350,3 +350,24 @@ def test_maximum_likelihood_from_scratch_starts_at_the_largest_valid_step(tmp_pa
         one = model.log_prob(x, solver=model.solver.replace(step_size=1.0)).mean()
         exact = model.log_prob(x, solver=Solver("dopri5", atol=1e-9, rtol=1e-9)).mean()
     assert abs(float(one - exact)) <= cfg.adaptation.threshold
+
+
+def test_a_budget_times_maximum_likelihood_at_the_step_the_run_starts_at(monkeypatch) -> None:
+    import cnf.training.budget as budgeting
+    from cnf.training import fit, setup
+
+    seen = []
+    real = budgeting._time
+
+    def spy(probe, objective, cfg, n):
+        seen.append(probe.state.model.solver.step_size)
+        return real(probe, objective, cfg, n)
+
+    monkeypatch.setattr(budgeting, "_time", spy)
+    flat = dict(data="8gaussians", objective="mle", hidden=(16, 16), batch_size=64, seed=2)
+    planned, plan = budgeting.plan(config(**flat, budget=5), setup(config(**flat, budget=5)))
+    run = setup(config(**flat, iters=1))
+    hairer = run.model.solver.step_size  # where setup leaves it, before the first iteration
+    fit(run.state, run.data, run.objective, run.cfg, progress=False, quiet=True)
+    assert seen == [run.model.solver.step_size] and seen[0] != hairer
+    assert plan.iters == planned.iters and plan.seconds_per_iter > 0

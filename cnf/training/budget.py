@@ -7,9 +7,10 @@ it for the maximum-likelihood phase, the rest for flow matching. The plan is mad
 training, and saved in ``config.json``: the run itself, and its resume, are then as repeatable
 as any other (two budget runs on different machines plan different iteration counts).
 
-A maximum-likelihood iteration after flow matching costs more than one at initialization (the
-trained field needs more steps); :data:`MLE_COST_AFTER_FM` is that ratio, measured by
-``bench/bench_objectives.py``.
+Maximum likelihood starts at the largest valid step, timed there, and refines the step as the
+field sharpens, so its iterations cost more as training goes on: :data:`MLE_COST_AFTER_FM` is
+the ratio of their mean cost to the first ones' after flow matching (measured by
+``bench/bench_objectives.py``), :data:`MLE_COST_FROM_SCRATCH` from an untrained field.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from torch import Tensor
 
 from cnf.runtime import to_tensors
 from cnf.training.config import TrainConfig
-from cnf.training.loop import _enter_solving_phase, step
+from cnf.training.loop import _enter_solving_phase, _starts_largest, step
 from cnf.training.objectives import Objective
 from cnf.training.state import TrainState
 
 MLE_COST_AFTER_FM = 1.75  # measured on 8gaussians and checkerboard: 1.4 and 2.1
+# 1,000 iterations of cnf train: 3.2 on 8gaussians, 3.8 on checkerboard; 2.8 over 5,658 on
+# rotating-gaussian (mean CPU per iteration over the run / the first iterations' at the start)
+MLE_COST_FROM_SCRATCH = 3.3
 _PROBES = {"fm": 100, "mle": 4}  # iterations timed per phase
 
 
@@ -60,20 +64,33 @@ def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
     fresh :class:`~cnf.training.setup.Setup` of it, which the timing leaves untouched."""
     first = cfg.mle if cfg.objective == "mle" else cfg.fm
     probe = _Probe(setup_run)
+    adapter = setup_run.state.adapter
+    largest = first.adapts and _starts_largest(first, 1, cfg)
+    if largest:  # from the step the run starts at, with one iteration to get there
+        _enter(probe, first, cfg, adapter)
     t_first = _time(probe, first, cfg, _PROBES[first.name])
+    if largest and adapter is not None:  # whose steps then refine
+        t_first *= MLE_COST_FROM_SCRATCH
     share = cfg.budget_share
     t_mle = 0.0
     if share > 0:
         mle = cfg.mle
-        probe.state.adapter = setup_run.state.adapter  # the phase starts at the largest valid step
-        x, c = probe.batch()
-        _enter_solving_phase(probe.state, mle, x, cfg, probe.state.iteration + 1, context=c)
-        probe.state.adapter = None
+        _enter(probe, mle, cfg, adapter)  # the phase starts at the largest valid step
         t_mle = _time(probe, mle, cfg, _PROBES["mle"]) * MLE_COST_AFTER_FM
     iters = max(1, round((1 - share) * cfg.budget / t_first))
     finetune = round(share * cfg.budget / t_mle) if share > 0 else 0
     result = Plan(cfg.budget, iters, finetune, t_first, t_mle, first.name)
     return cfg.replace(iters=iters, finetune_iters=finetune), result
+
+
+def _enter(probe: _Probe, objective: Objective, cfg: TrainConfig, adapter) -> None:
+    """Start a phase that solves as the run will (the largest valid step, with its adapter),
+    counted as an iteration so that the timed ones do not start it again."""
+    probe.state.adapter = adapter
+    x, c = probe.batch()
+    _enter_solving_phase(probe.state, objective, x, cfg, probe.state.iteration + 1, context=c)
+    probe.state.adapter = None
+    probe.state.iteration += 1
 
 
 class _Probe:
