@@ -2,7 +2,7 @@
 ``cnf.training.fit`` against a bare loop on the same model, for flow matching and maximum
 likelihood on 8gaussians, in one process on one thread.
 
-    python bench/bench_speed.py                 # about 2 minutes on 2 cores
+    python bench/bench_speed.py                 # about 4 minutes on 2 cores
     python bench/bench_speed.py --repeats 5     # a steadier median on a busy machine
 
 The engine is everything ``fit`` does around the objective's loss and the optimizer's step: the
@@ -39,7 +39,7 @@ OBJECTIVES = {
     "fm": dict(objective="fm", activation="silu", lr=5e-3, batch_size=512),
     "mle": dict(objective="mle", adapt=False, batch_size=512),
 }
-LENGTHS = {"fm": (500, 2000), "mle": (5, 25)}  # (short, long) where --short/--long are not given
+LENGTHS = {"fm": (500, 4000), "mle": (5, 25)}  # (short, long) where --short/--long are not given
 COLUMNS = [
     Column("objective", "objective"),
     Column("bare", "bare loop ms/it", "{:.2f}", "ms", "a loop of loss, backward, AdamW step"),
@@ -94,7 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES),
                         choices=list(OBJECTIVES))  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating rounds (median)")
     parser.add_argument("--short", type=int, help="iterations of the short runs")
     parser.add_argument("--long", type=int, help="iterations of the long runs")
     harness.add_arguments(parser)

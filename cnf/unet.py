@@ -13,6 +13,7 @@ References:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -76,7 +77,7 @@ def seeded_dropout(
     """Within the block, every :class:`SeededDropout` of ``module`` draws its masks from
     ``generator``, for a batch of ``total`` rows of which the calls see ``rows = (start,
     stop)`` (``None``: all of them)."""
-    layers = [m for m in module.modules() if isinstance(m, SeededDropout)]
+    layers = _seeded_layers(module)
     for m in layers:
         m.draw = (generator, 0 if rows is None else rows[0], total)
     try:
@@ -84,6 +85,18 @@ def seeded_dropout(
     finally:
         for m in layers:
             m.draw = None
+
+
+_SEEDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _seeded_layers(module: nn.Module) -> list[SeededDropout]:
+    """``module``'s :class:`SeededDropout` layers, found once (a field's layers do not change;
+    the search costs as much as a small field's step)."""
+    found = _SEEDED.get(module)
+    if found is None:
+        found = _SEEDED[module] = [m for m in module.modules() if isinstance(m, SeededDropout)]
+    return found
 
 
 class _ResBlock(nn.Module):

@@ -103,6 +103,7 @@ ANIMATE_SMALL = {"--frames": "4", "--grid": "20", "--particles": "50", "--no-pro
 SCRIPT_SMALL: dict[str, dict[str, str | None]] = {
     "bench/bench_toy.py": {},
     "bench/bench_threads.py": {"--iters": "1"},
+    "bench/bench_speed.py": {"--repeats": "1", "--short": "2", "--long": "4"},
     "bench/bench_tabular.py": {"--quick": None},
     "bench/bench_conditional_images.py": {"--quick": None},
     "bench/bench_conditional.py": {

@@ -371,3 +371,40 @@ def test_a_budget_times_maximum_likelihood_at_the_step_the_run_starts_at(monkeyp
     fit(run.state, run.data, run.objective, run.cfg, progress=False, quiet=True)
     assert seen == [run.model.solver.step_size] and seen[0] != hairer
     assert plan.iters == planned.iters and plan.seconds_per_iter > 0
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("clip", [0.0, 1e-3, 1e6])
+def test_the_step_clips_gradients_as_clip_grad_norm_does(clip: float) -> None:
+    """The step reads the norm once and scales only above --grad-clip: the gradients the
+    optimizer sees, and the logged norm, are torch's clip_grad_norm_'s on the same loss."""
+    import copy
+
+    from cnf.runtime import to_tensors
+    from cnf.seeds import PROBES, generator
+    from cnf.training import setup
+    from cnf.training.loop import step
+
+    cfg = config(data="8gaussians", objective="fm", batch_size=64, hidden=(8,), grad_clip=clip,
+                 iters=1, seed=4)  # fmt: skip
+    run = setup(cfg)
+    twin = copy.deepcopy(run.model)
+    seen = {}
+    real = run.state.optimizer.step
+
+    def capture(*args, **kwargs):
+        seen.update({n: p.grad.clone() for n, p in run.model.named_parameters()})
+        return real(*args, **kwargs)
+
+    run.state.optimizer.step = capture
+    x, c = to_tensors(run.data.train_batch(64, 1), torch.device("cpu"), torch.float32)
+    row = step(run.state, run.objective, x, run.cfg, context=c)
+    loss, _ = run.objective.loss(twin, x, generator(x.device, cfg.seed, PROBES, 1))
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), clip or math.inf)
+    assert row["grad_norm"] == pytest.approx(float(norm), rel=1e-6)
+    for name, p in twin.named_parameters():
+        torch.testing.assert_close(seen[name], p.grad, rtol=1e-6, atol=0, msg=name)
+    if clip == 1e-3:  # it did clip
+        clipped = torch.linalg.vector_norm(torch.cat([g.flatten() for g in seen.values()]))
+        assert float(clipped) == pytest.approx(clip, rel=1e-3)

@@ -151,21 +151,25 @@ def step(
         raise Diverged(it, error)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()  # under DistributedDataParallel: the gradients averaged over processes
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf,
-                                               foreach=True)  # fmt: skip
-    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-        raise Diverged(it, f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}")
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    # one read from the device for both (a sync on a GPU)
+    loss_value, norm = torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).tolist()
+    if not (math.isfinite(loss_value) and math.isfinite(norm)):
+        raise Diverged(it, f"loss {loss_value:.4g}, gradient norm {norm:.4g}")
+    if cfg.grad_clip and norm > cfg.grad_clip:  # clip_grad_norm_'s scaling, where it scales
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm, foreach=True)
     state.optimizer.step()
     state.scheduler.step()
     state.iteration = it
     state.update_average()
     solver = model.solver
-    values = dist.mean([loss.item(), *(float(v) for v in logs.values())])  # the batch's means
+    values = dist.mean([loss_value, *(float(v) for v in logs.values())])  # the batch's means
     row.update(
         loss=values[0],
         **dict(zip(logs, values[1:], strict=True)),
         **active.counts(model),  # this process's
-        grad_norm=grad_norm.item(),
+        grad_norm=norm,
         lr=state.scheduler.get_last_lr()[0],
         step_size=solver.step_size,
         atol=solver.atol,

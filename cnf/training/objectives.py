@@ -7,7 +7,7 @@ solving, such as flow matching, does not need it) and what it logs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -243,8 +243,9 @@ class FlowMatching(Objective):
         a, b = (self.sigma_min + (1 - self.sigma_min) * s).reshape(shape), (1 - s).reshape(shape)
         T = block.T.detach()
         target = ((1 - self.sigma_min) * z - x0) / T
+        bf16 = self.autocast == "bf16"
         with (
-            torch.autocast(x0.device.type, torch.bfloat16, enabled=self.autocast == "bf16"),
+            torch.autocast(x0.device.type, torch.bfloat16) if bf16 else nullcontext(),
             seeded_dropout(block.field, generator, shard, total),  # masks of (seed, iteration)
         ):
             velocity = block.velocity(s * T, a * z + b * x0, context=context, drop=drop)
