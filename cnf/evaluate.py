@@ -77,6 +77,7 @@ def log_probs(
     share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
     context: Tensor | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> tuple[Tensor, int]:
     """``log p`` of every row of ``x`` (float64, in eval mode) and the mean forward NFE per
     solve, in batches of ``batch_size`` rows.
@@ -87,12 +88,13 @@ def log_probs(
     processes, where each solves its rows of every batch (``share(n)``: this process's rows
     of a batch of ``n``) and ``gather`` joins every process's, in rank order. ``context``: each
     row's condition, for a model of ``p(x | c)`` (the result is then ``log p(x | c)``).
+    ``progress`` is told the rows of each batch once it is solved.
     """
     logps, nfes = [], []
     conditions = [None] * len(x.split(batch_size)) if context is None else context.split(batch_size)
     with evaluating(model):
         for i, (batch, c) in enumerate(zip(x.split(batch_size), conditions, strict=True)):
-            gen = generator(x.device, seed, stream, first + i)
+            gen, rows = generator(x.device, seed, stream, first + i), len(batch)
             probes = None
             if share is not None:
                 part = share(len(batch))
@@ -104,6 +106,8 @@ def log_probs(
             logps.append(logp if gather is None else gather(logp))
             if len(batch):  # a process with no rows of this batch solved nothing
                 nfes.append(model.nfe.forward)
+            if progress is not None:
+                progress(rows)
     nfe = sum(nfes) / max(len(nfes), 1)
     if gather is not None:  # every process reports the largest, the solves' real cost
         nfe = float(gather(torch.tensor([nfe], dtype=torch.float64, device=x.device)).max())
@@ -123,6 +127,7 @@ def evaluate(
     share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
     context: Tensor | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> Evaluation:
     """NLL of ``x`` under ``model`` in eval mode (its evaluation solver unless ``solver``).
 
@@ -140,6 +145,7 @@ def evaluate(
             gets the whole set's numbers.
         context: each row's condition, for a model of ``p(x | c)``: the NLL is then the
             conditional one, ``-log p(x | c)``.
+        progress: told the rows of each batch once it is solved (a progress bar's update).
 
     Returns:
         The mean NLL, its standard error over rows, the mean forward NFE per batch, where the
@@ -147,8 +153,8 @@ def evaluate(
         the NLL in bits per dimension.
     """
     logp, nfe = log_probs(model, x, seed=seed, stream=stream, batch_size=batch_size,
-                          solver=solver, share=share, gather=gather,
-                          context=context)  # fmt: skip
+                          solver=solver, share=share, gather=gather, context=context,
+                          progress=progress)  # fmt: skip
     nll, se = mean_and_se(-logp)
     kl = None if entropy is None else nll - entropy
     bpd = None

@@ -3,6 +3,7 @@ and the solver-validity verdict. One function for the end of ``cnf train`` and `
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,7 @@ def report(
     share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
     reference: Solver = REFERENCE,
+    progress: bool | None = False,
 ) -> Report:
     """Evaluate ``model`` on ``n`` test samples of ``data`` (all, for a fixed test split, when
     ``None``) with its evaluation solver (or ``solver``), and check the solver validity of
@@ -67,14 +69,17 @@ def report(
     undecided, whatever ``n`` is. The Hutchinson probes come from ``seed``'s test and validity
     streams (:mod:`cnf.seeds`): the same numbers every time. ``say`` is told what each phase
     does (they can take a while). In distributed evaluation, ``share(n)`` is this process's
-    rows of ``n`` and ``gather`` joins every process's results.
+    rows of ``n`` and ``gather`` joins every process's results. ``progress``: a bar on stderr
+    for each phase (``None``: where stderr is a terminal).
     """
     say = say or (lambda text: None)
     p = like(model)
     x, c = to_tensors(data.test(n), p.device, p.dtype)
     say(f"evaluating {len(x)} test samples with {(solver or model.eval_solver).describe()}")
-    evaluation = evaluate(model, x, entropy=data.entropy, solver=solver, seed=seed,
-                          stream=TEST, share=share, gather=gather, context=c)  # fmt: skip
+    with _bar(progress, len(x), "test NLL") as bar:
+        evaluation = evaluate(model, x, entropy=data.entropy, solver=solver, seed=seed,
+                              stream=TEST, share=share, gather=gather, context=c,
+                              progress=bar.update)  # fmt: skip
     validity = None
     if validity_n is not None:
         checked = checked or solver or model.solver
@@ -84,10 +89,30 @@ def report(
         say(f"checking solver validity on {min(validity_n, len(pool))} test points (up to "
             f"{len(pool)} if undecided): {checked.describe()}, a finer one, and the float64 "
             f"reference {reference.describe()}")  # fmt: skip
-        validity = solver_validity(model, pool, solver=checked, start=validity_n, seed=seed,
-                                   share=share, gather=gather, reference=reference,
-                                   context=pool_c)  # fmt: skip
+        with _bar(progress, 3 * min(validity_n, len(pool)), "validity") as bar:
+            validity = solver_validity(model, pool, solver=checked, start=validity_n, seed=seed,
+                                       share=share, gather=gather, reference=reference,
+                                       context=pool_c, progress=_growing(bar))  # fmt: skip
     return Report(evaluation, validity)
+
+
+def _bar(progress: bool | None, total: int, what: str):
+    """A progress bar of rows on stderr (``progress`` as tqdm's ``disable``, negated)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=what, unit="rows", file=sys.stderr, mininterval=0.5,
+                disable=None if progress is None else not progress, leave=False)  # fmt: skip
+
+
+def _growing(bar) -> Callable[[int], None]:
+    """``bar.update`` for a check whose sample may double while the verdict is undecided."""
+
+    def update(rows: int) -> None:
+        if bar.total is not None and bar.n + rows > bar.total:
+            bar.total = bar.n + rows
+        bar.update(rows)
+
+    return update
 
 
 def used_solver(model: Flow, config: dict[str, Any]) -> Solver:

@@ -166,12 +166,13 @@ class _Measured:
         self.errors: list[Tensor] = []
         self.nfe: list[int] = []
 
-    def add(self, x: Tensor, c, first: int, block: int, seed: int, share, gather) -> None:
+    def add(self, x: Tensor, c, first: int, block: int, seed: int, share, gather,
+            progress=None) -> None:  # fmt: skip
         """Rows ``x`` (blocks ``first, first + 1, ...`` of the sample: their probes), with
         their conditions ``c`` (or ``None``)."""
         logp, nfe = log_probs(self.model, x, seed=seed, stream=VALIDITY, first=first,
                               batch_size=block, solver=self.solver, share=share,
-                              gather=gather, context=c)  # fmt: skip
+                              gather=gather, context=c, progress=progress)  # fmt: skip
         self.logp.append(logp)
         self.nfe.append(nfe)
         if self.recon:
@@ -219,6 +220,7 @@ def solver_validity(
     share: Callable[[int], slice] | None = None,
     gather: Callable[[Tensor], Tensor] | None = None,
     context: Tensor | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> ValidityReport:
     """Check that ``flow`` is a flow: its likelihood must not depend on the solver.
 
@@ -239,6 +241,8 @@ def solver_validity(
             solves its share and gets the whole sample's report.
         context: each row's condition, for a model of ``p(x | c)``: the check is then of the
             conditional likelihood.
+        progress: told the rows of each block once a solver has scored them (three solvers
+            score every row).
 
     Returns:
         A :class:`ValidityReport`.
@@ -258,7 +262,7 @@ def solver_validity(
                 part, c = x[done:target], None if context is None else context[done:target]
                 if m.model is not flow:  # the float64 copy
                     part, c = part.double(), _double(c)
-                m.add(part, c, done // block, block, seed, share, gather)
+                m.add(part, c, done // block, block, seed, share, gather, progress)
             done = target
             (lp_train, train), (lp_finer, finer), (lp_ref, ref) = (m.check() for m in measured)
             diff = lp_ref - lp_train  # per-point NLL(checked) - NLL(reference)

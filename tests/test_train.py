@@ -408,3 +408,12 @@ def test_the_step_clips_gradients_as_clip_grad_norm_does(clip: float) -> None:
     if clip == 1e-3:  # it did clip
         clipped = torch.linalg.vector_norm(torch.cat([g.flatten() for g in seen.values()]))
         assert float(clipped) == pytest.approx(clip, rel=1e-3)
+
+
+def test_the_report_shows_its_progress(tmp_path: Path, capsys) -> None:
+    """The test NLL and the validity check each get a bar of rows when training shows one."""
+    train(config(data="8gaussians", **SMALL), tmp_path / "bars", progress=True)
+    err = capsys.readouterr().err
+    assert "test NLL" in err and "validity" in err and "rows" in err
+    train(config(data="8gaussians", **SMALL), tmp_path / "quiet", progress=False)
+    assert "rows" not in capsys.readouterr().err

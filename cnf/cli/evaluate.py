@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dequant_samples is not None:  # checked before the evaluation, not after it
             _check_dequant_samples(run, data, args)
         outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
-                         validity_n=validity_n, **kw)  # fmt: skip
+                         validity_n=validity_n, progress=None, **kw)  # fmt: skip
         result, validity = outcome.to_dict(), outcome.validity
         if args.classify:
             result["classification"] = _classification(run, data, args, solver)

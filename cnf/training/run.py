@@ -114,7 +114,8 @@ def train(
     result = _fit_into(out, run, dist, progress, writer)
     if result.stopped == "signal":
         return TrainResult(out, result.iteration, result.signal, None, run.data)
-    return TrainResult(out, result.iteration, None, final_report(out, run, dist), run.data)
+    return TrainResult(out, result.iteration, None, final_report(out, run, dist, progress),
+                       run.data)  # fmt: skip
 
 
 def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: Any):
@@ -213,12 +214,15 @@ def _finished_result(out: Path, run: Setup, dist: Distributed = SINGLE) -> Train
             print(f"the run in {out} has finished (iteration {run.state.iteration}); its "
                   f"report is {path}", file=sys.stderr)  # fmt: skip
         return TrainResult(out, run.state.iteration, None, json.loads(path.read_text()), run.data)
-    return TrainResult(out, run.state.iteration, None, final_report(out, run, dist), run.data)
+    return TrainResult(out, run.state.iteration, None, final_report(out, run, dist),
+                       run.data)  # fmt: skip
 
 
-def final_report(out: Path, run: Setup, dist: Distributed = SINGLE) -> dict[str, Any]:
+def final_report(out: Path, run: Setup, dist: Distributed = SINGLE,
+                 progress: bool = False) -> dict[str, Any]:  # fmt: skip
     """Evaluate the best checkpoint on the test data, with the solver-validity verdict, as
-    ``cnf eval --validity`` does (each process its share); write ``report.json``."""
+    ``cnf eval --validity`` does (each process its share, progress bars on rank 0's stderr);
+    write ``report.json``."""
     dist.barrier()  # rank 0 has written best.pt
     best = load_run(out / "best.pt", run.device)
 
@@ -231,7 +235,7 @@ def final_report(out: Path, run: Setup, dist: Distributed = SINGLE) -> dict[str,
     checked = used_solver(best.model, best.config)
     result = report(best.model, run.data, n=run.cfg.test_size, validity_n=run.cfg.validity_size,
                     say=say, reference=reference, checked=checked, seed=run.cfg.seed,
-                    **shares)  # fmt: skip
+                    progress=progress and dist.main, **shares)  # fmt: skip
     if dist.main:
         write_text(out / "report.json", json_text(result.to_dict(), indent=2) + "\n")
         write_text(out / "summary.txt", result.summary(run.cfg.data) + "\n")
