@@ -311,53 +311,40 @@ FM_MLE = {**CONFIG, "objective": "fm", "iters": 40, "finetune_iters": 20, "eval_
           "finetune_lr": 2e-3}  # fmt: skip
 
 
+FM_MLE_EMA = {**FM_MLE, "ema": 0.9}  # the same with an average of the weights
+RECIPES = {"fm+mle": FM_MLE, "fm+mle ema": FM_MLE_EMA}
+
+
 @pytest.fixture(scope="module")
-def straight_fm(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults-fm") / "straight"
-    train(config(**FM_MLE), out, progress=False)
-    return out
+def straights(tmp_path_factory) -> dict[str, Path]:
+    """Each recipe of :data:`RECIPES` trained without a stop."""
+    runs = {name: tmp_path_factory.mktemp("faults-fm") / "straight" for name in RECIPES}
+    for name, out in runs.items():
+        train(config(**RECIPES[name]), out, progress=False)
+    return runs
 
 
+@pytest.fixture(scope="module")
+def straight_fm(straights) -> Path:
+    return straights["fm+mle"]
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
 @pytest.mark.parametrize(
     ("name", "call"),
     [("fm_loss", 25), ("loss", 1), ("loss", 12)],
     ids=["in-flow-matching", "at-the-switch", "in-maximum-likelihood"],
 )
-def test_fm_then_mle_resumes_exactly(tmp_path: Path, monkeypatch, straight_fm, name, call):
+def test_fm_then_mle_resumes_exactly(tmp_path: Path, monkeypatch, straights, recipe, name, call):
     run = tmp_path / "run"
     with monkeypatch.context() as m:
         _kill_on(m, name, call)
         with pytest.raises(Killed):
-            train(config(**FM_MLE), run, progress=False)
+            train(config(**RECIPES[recipe]), run, progress=False)
     train(TrainConfig(), run, resume=True, progress=False)
-    assert_same_run(run, straight_fm)
-
-
-FM_MLE_EMA = {**FM_MLE, "ema": 0.9}
-
-
-@pytest.fixture(scope="module")
-def straight_ema(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults-ema") / "straight"
-    train(config(**FM_MLE_EMA), out, progress=False)
-    return out
-
-
-@pytest.mark.parametrize(
-    ("name", "call"), [("fm_loss", 25), ("loss", 1), ("loss", 12)],
-    ids=["in-flow-matching", "at-the-switch", "in-maximum-likelihood"],
-)  # fmt: skip
-def test_an_average_of_the_weights_resumes_exactly(
-    tmp_path: Path, monkeypatch, straight_ema, name, call
-) -> None:
-    run = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _kill_on(m, name, call)
-        with pytest.raises(Killed):
-            train(config(**FM_MLE_EMA), run, progress=False)
-    train(TrainConfig(), run, resume=True, progress=False)
-    assert_same_run(run, straight_ema)
-    assert load_checkpoint(run / "last.pt")["average_start"] == 40  # restarted at the switch
+    assert_same_run(run, straights[recipe])
+    if "ema" in recipe:  # the average restarted where maximum likelihood began
+        assert load_checkpoint(run / "last.pt")["average_start"] == 40
 
 
 # --- a first phase that stops improving -----------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from cnf import options
 from cnf.runs import Run
 from cnf.runtime import configure_threads
 from cnf.solvers import FIXED_STEP, METHODS, Solver
+from cnf.training.config import TrainConfig
 
 TRUST_PICKLE = ("allow reading data that unpickles (the MAF GAS set), which can run code: only "
                 "for files you trust; never taken from a checkpoint")  # fmt: skip
@@ -45,14 +47,14 @@ def in_range(flag: str, value: float | None, *, integer: bool = False, low: floa
 
 
 def threads_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="CPU threads (default 0: automatic, one for models of up to 16 "
-                   "dimensions, where a second mostly contends)")  # fmt: skip
+    """``--threads``, as ``cnf train``'s (its help is the training config's)."""
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "threads")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help=options.help_of(field))
 
 
 def use_threads(model: Any, args: argparse.Namespace) -> None:
-    """The ``--threads`` of a command (0: cnf's rule for the model's size), checked."""
-    in_range("--threads", args.threads, integer=True)
+    """The ``--threads`` of a command (0: cnf's rule for the model's size), checked already
+    with the command's other options."""
     device = next(model.parameters()).device
     configure_threads(args.threads, device, math.prod(model.event_shape))
 

@@ -153,8 +153,11 @@ def step(
     loss.backward()  # under DistributedDataParallel: the gradients averaged over processes
     params = [p for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-    # one read from the device for both (a sync on a GPU)
-    loss_value, norm = torch.stack([loss.detach(), grad_norm.to(loss.dtype)]).tolist()
+    # one read from the device for the step's numbers (a sync on a GPU)
+    logged = [torch.as_tensor(v).detach().to(loss) for v in logs.values()]
+    loss_value, norm, *log_values = torch.stack(
+        [loss.detach(), grad_norm.to(loss), *logged]
+    ).tolist()
     if not (math.isfinite(loss_value) and math.isfinite(norm)):
         raise Diverged(it, f"loss {loss_value:.4g}, gradient norm {norm:.4g}")
     if cfg.grad_clip and norm > cfg.grad_clip:  # clip_grad_norm_'s scaling, where it scales
@@ -164,7 +167,7 @@ def step(
     state.iteration = it
     state.update_average()
     solver = model.solver
-    values = dist.mean([loss_value, *(float(v) for v in logs.values())])  # the batch's means
+    values = dist.mean([loss_value, *log_values])  # the batch's means
     row.update(
         loss=values[0],
         **dict(zip(logs, values[1:], strict=True)),
