@@ -17,6 +17,7 @@ _EXPORTS = {
     "CNFDensity": "cnf.density",
     "CNFDensityWarning": "cnf.density",
     "CNFRegressor": "cnf.regressor",
+    "ConcatMLP": "cnf.fields",
     "ConcatSquashLinear": "cnf.fields",
     "ConcatSquashMLP": "cnf.fields",
     "ContextEncoder": "cnf.context",

@@ -153,10 +153,7 @@ class ConcatSquashMLP(nn.Module):
         context: int = 0,
     ) -> None:
         super().__init__()
-        if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in hidden):
-            raise ValueError(f"hidden must hold positive integer widths, got {list(hidden)}")
-        if not isinstance(context, int) or isinstance(context, bool) or context < 0:
-            raise ValueError(f"context must be a width >= 0 (0: unconditional), got {context!r}")
+        _check_widths(hidden, context)
         widths = [dim, *hidden, dim]
         self.layers = nn.ModuleList(
             ConcatSquashLinear(a, b, context) for a, b in itertools.pairwise(widths)
@@ -211,6 +208,95 @@ class ConcatSquashMLP(nn.Module):
             h, slope = _with_derivative(self.activation, pre)
             tangents = tangents * slope.unsqueeze(1)
         raise AssertionError("unreachable: the MLP has at least one layer")
+
+
+def _check_widths(hidden: Sequence[int], context: int) -> None:
+    if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in hidden):
+        raise ValueError(f"hidden must hold positive integer widths, got {list(hidden)}")
+    if not isinstance(context, int) or isinstance(context, bool) or context < 0:
+        raise ValueError(f"context must be a width >= 0 (0: unconditional), got {context!r}")
+
+
+class ConcatMLP(nn.Module):
+    r"""A plain MLP that reads the time (and a conditional field's encoded context :math:`c`)
+    once, concatenated to its input: :math:`f(t, z) = \mathrm{MLP}([z, t, c])`, the field of
+    the peers' toy examples (Meta's flow_matching, TorchCFM), with plain linear layers.
+
+    Arguments:
+        dim: the data dimension (the output width; the input is ``dim + 1 + context`` wide).
+        hidden: the hidden widths, e.g. ``(64, 64, 64)``.
+        activation: a name from :data:`ACTIVATIONS`.
+        context: the width of the encoded context of a conditional field, which then is called
+            as ``f(t, z, context=c)`` (0: unconditional, ``f(t, z)``).
+
+    Example:
+        >>> f = ConcatMLP(2, hidden=(16, 16))
+        >>> f(torch.tensor(0.5), torch.zeros(3, 2)).shape
+        torch.Size([3, 2])
+        >>> g = ConcatMLP(2, hidden=(16, 16), context=4)
+        >>> g(torch.tensor(0.5), torch.zeros(3, 2), context=torch.ones(3, 4)).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (64, 64, 64),
+        *,
+        activation: str = "tanh",
+        context: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_widths(hidden, context)
+        widths = [dim + 1 + context, *hidden, dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+        self.activations = nn.ModuleList(make_activation(activation) for _ in hidden)
+        self.activation = activation
+        self.context_features = context
+
+    check_context = ConcatSquashMLP.check_context  # the same contract
+
+    def forward(self, t: Tensor, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """``t``: one time (a 0-d tensor) or one per row (shape ``(n,)``)."""
+        self.check_context(context, z.shape[0])
+        h = self._input(t, z, context)
+        for layer, act in zip(self.layers[:-1], self.activations, strict=True):
+            h = act(layer(h))
+        return self.layers[-1](h)
+
+    @staticmethod
+    def _input(t: Tensor, z: Tensor, context: Tensor | None) -> Tensor:
+        parts = [z, t.reshape(-1, 1).to(z).expand(len(z), 1)]
+        return torch.cat(parts if context is None else [*parts, context.expand(len(z), -1)], 1)
+
+    def value_and_jacobian(
+        self, t: Tensor, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``f(t, z)`` and its Jacobian ``J[n, i, j] = df_i/dz_j`` by forward mode, as
+        :meth:`ConcatSquashMLP.value_and_jacobian`: the first layer's tangents are its weight's
+        columns of ``z``, then the value and the tangents ``(n, d, width)`` go through together."""
+        n, d = z.shape
+        self.check_context(context, n)
+        first, *rest = self.layers
+        pre = first(self._input(t, z, context))
+        tangents = first.weight[:, :d].T.expand(n, d, -1)
+        for layer in rest:
+            h, slope = _with_derivative(self.activation, pre)
+            pre, tangents = layer(h), (tangents * slope.unsqueeze(1)) @ layer.weight.T
+        return pre, tangents.transpose(1, 2)
+
+
+# the fields of vector data by name: the model's ``mlp`` option
+MLPS: dict[str, type[nn.Module]] = {"concatsquash": ConcatSquashMLP, "concat": ConcatMLP}
+
+
+def make_mlp(
+    name: str, dim: int, hidden: Sequence[int], *, activation: str, context: int = 0
+) -> nn.Module:
+    """The vector field ``name`` of :data:`MLPS`; unknown names list the valid ones."""
+    if name not in MLPS:
+        raise ValueError(f"unknown mlp {name!r}; valid choices: {list(MLPS)}")
+    return MLPS[name](dim, hidden, activation=activation, context=context)
 
 
 class ConcatConv2d(nn.Module):

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from cnf.context import ContextEncoder, check_field_context, encode_context, make_context_encoder
-from cnf.fields import ConcatSquashMLP, call_field
+from cnf.fields import call_field, make_mlp
 from cnf.ode import ODEBlock
 from cnf.solvers import Solver
 from cnf.trace import JointDynamics, ProbeSource, make_trace
@@ -164,8 +164,10 @@ class CNF(Flow, ODEBlock):
 
     Arguments:
         dim: the data dimension, or an event shape such as ``(1, 8, 8)`` for images.
-        vector_field: an ``nn.Module`` ``f(t, z)``; by default a :class:`ConcatSquashMLP` with
-            widths ``hidden`` and ``activation`` (vector data only).
+        vector_field: an ``nn.Module`` ``f(t, z)``; by default the field ``mlp`` names
+            (``"concatsquash"``: a :class:`~cnf.fields.ConcatSquashMLP`, ``"concat"``: a
+            :class:`~cnf.fields.ConcatMLP`) with widths ``hidden`` and ``activation`` (vector
+            data only).
         trace: ``"exact"``, ``"hutchinson"`` or ``"auto"`` (exact up to
             :data:`cnf.trace.AUTO_EXACT_MAX_DIM` dimensions).
         noise: the Hutchinson probe, ``"rademacher"`` or ``"gaussian"``.
@@ -199,6 +201,7 @@ class CNF(Flow, ODEBlock):
         *,
         hidden: Sequence[int] = (64, 64, 64),
         activation: str = "tanh",
+        mlp: str = "concatsquash",
         trace: str = "auto",
         noise: str = "rademacher",
         T: float = 1.0,
@@ -218,8 +221,8 @@ class CNF(Flow, ODEBlock):
                     f"the default vector field is for vector data; for event shape {event_shape} "
                     "pass vector_field= (a convolutional one: cnf.ConvField)"
                 )
-            vector_field = ConcatSquashMLP(event_shape[0], hidden, activation=activation,
-                                           context=width)  # fmt: skip
+            vector_field = make_mlp(mlp, event_shape[0], hidden, activation=activation,
+                                    context=width)  # fmt: skip
         check_field_context(vector_field, width)
         super().__init__(vector_field, T=T, learn_T=learn_T, solver=solver, eval_solver=eval_solver)
         self.context_encoder: ContextEncoder | None = encoder  # after the field: keys keep order

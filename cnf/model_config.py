@@ -17,7 +17,7 @@ import torch
 
 from cnf import options
 from cnf.field_configs import FIELD_CONFIGS, ConvConfig, FieldConfig, UNetConfig, as_field_config
-from cnf.fields import ACTIVATIONS, CONV_LAYERS
+from cnf.fields import ACTIVATIONS, CONV_LAYERS, MLPS
 from cnf.flow import CNF, Flow
 from cnf.multiscale import MultiscaleCNF
 from cnf.options import help_of, listed, option
@@ -118,6 +118,12 @@ class ModelConfig:
         "tanh",
         f"activation of the vector field: {listed(sorted(ACTIVATIONS))}",
     )
+    mlp: str = option(
+        "concatsquash",
+        f"vector data: the field's MLP, {listed(MLPS)} (concatsquash: FFJORD's, every layer "
+        "gated and shifted by the time; concat: a plain MLP with the time concatenated to its "
+        "input once, about 0.6 times the cost of a flow-matching iteration)",
+    )
     trace: str = option(
         "auto",
         f"divergence: {listed(TRACES)} (auto: exact up to 8 dimensions)",
@@ -163,6 +169,7 @@ class ModelConfig:
         options.number("T", self.T)
         options.integer("embed", self.embed, 1, "a positive integer")
         options.choice("activation", self.activation, sorted(ACTIVATIONS))
+        options.choice("mlp", self.mlp, tuple(MLPS))
         options.choice("trace", self.trace, TRACES)
         options.choice("noise", self.noise, NOISES)
         options.choice("dtype", self.dtype, tuple(DTYPES))
@@ -173,6 +180,11 @@ class ModelConfig:
         if isinstance(self.eval_solver, dict):
             self.eval_solver = options.from_dict(Solver, self.eval_solver)
         self._check_solvers()
+        if self.image is not None and self.mlp != "concatsquash":
+            raise options.ConfigError(
+                "mlp", "is for vector data (toys and tables), and these data are images (their "
+                "field is a conv or unet one): drop it"
+            )  # fmt: skip
 
     def _check_solvers(self) -> None:
         for flags, solver in ((SOLVER_FLAGS, self.solver), (EVAL_SOLVER_FLAGS, self.eval_solver)):
@@ -207,13 +219,14 @@ class ModelConfig:
 
 def _vector(cfg: ModelConfig, meta: dict[str, Any]) -> CNF:
     (dim,) = meta["event_shape"]
-    return CNF(dim, **_common(cfg), **_condition(cfg, meta))
+    return CNF(dim, mlp=cfg.mlp, **_common(cfg), **_condition(cfg, meta))
 
 
 def _tabular(cfg: ModelConfig, meta: dict[str, Any]) -> TabularCNF:
     (dim,) = meta["event_shape"]
     preprocess = (cfg.table or TableModel()).preprocess
-    return TabularCNF(dim, preprocess=preprocess, **_common(cfg), **_condition(cfg, meta))
+    return TabularCNF(dim, preprocess=preprocess, mlp=cfg.mlp, **_common(cfg),
+                      **_condition(cfg, meta))  # fmt: skip
 
 
 def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:
