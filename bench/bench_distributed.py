@@ -18,7 +18,6 @@ whole torchrun job, all processes, start-up and evaluation included.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 import harness
 import torch
 from harness import Column
+
+from cnf.runs import read_log
 
 COLUMNS = [
     Column("model", "model"),
@@ -86,9 +87,9 @@ def run(flags: list[str], procs: int, device: str) -> float:
                "--device", device, "--eval-every", str(iters), "--test-size", "100",
                "--validity-size", "20", "--no-adapt", "--no-progress"]  # fmt: skip
         subprocess.run(cmd, check=True, capture_output=True)
-        rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        rows = read_log(out / "log.jsonl").rows  # a row per interval, its seconds summed
         rows = rows[len(rows) // 5 :]  # after the warm-up
-        return len(rows) / sum(r["time"] for r in rows)
+        return sum(r.get("iters", 1) for r in rows) / sum(r["time"] for r in rows)
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ Rows:
   the flow-matching half is printed too (evaluated outside the budget).
 
 ``--dequant-samples K`` also reports the importance-weighted bound over K dequantizations
-(:func:`cnf.evaluate.dequantized_bound`, exact trace) on the ``--eval-n`` first test images, the
+(:func:`cnf.dequantize.dequantized_bound`, exact trace) on the ``--eval-n`` first test images, the
 K = 1 bound on the same draws, and what a log-mean-exp of Hutchinson estimates of the same
 log-densities would claim instead, with the probe's noise (why the bound takes the exact trace).
 The exact trace makes it ``D`` times the cost of the Hutchinson evaluation; ``--iw-steps N``
@@ -79,7 +79,8 @@ import harness
 import torch
 from harness import Column
 
-from cnf.evaluate import bits_per_dim, dequantization_draws, dequantized_bound, evaluate
+from cnf.dequantize import dequantization_draws, dequantized_bound
+from cnf.evaluate import bits_per_dim, evaluate
 from cnf.flow import evaluating
 from cnf.runtime import to_tensor
 from cnf.solvers import Solver

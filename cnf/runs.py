@@ -189,11 +189,50 @@ def _check_shapes(expected: dict[str, torch.Size], weights: Any) -> None:
 class RunLog:
     """A run's ``log.jsonl``: its rows (``lines``: their text, newline included) and the text
     of an incomplete last line that was left out (``""``: none), what a kill or a full disk
-    leaves in the middle of a write."""
+    leaves in the middle of a write.
+
+    A row covers ``iters`` consecutive iterations up to its ``iter`` (``cnf train
+    --log-every``; a log written before that option has a row per iteration and no ``iters``):
+    their ``time`` and ``cpu`` summed, their losses, NFE and gradient norms averaged, the
+    settings (``lr``, ``step_size``) and the evaluation (``val_nll``, ...) of its last
+    iteration (:class:`cnf.training.logrows.LogRows`)."""
 
     rows: list[dict[str, Any]]
     lines: list[str]
     incomplete: str = ""
+
+    @property
+    def iterations(self) -> int:
+        """The iterations the rows cover."""
+        return sum(row.get("iters", 1) for row in self.rows)
+
+    def total(self, key: str) -> float:
+        """The sum of ``key`` over the rows: for ``time`` and ``cpu``, the training's seconds."""
+        return math.fsum(row[key] for row in self.rows if key in row)
+
+    def mean(self, key: str) -> float:
+        """The mean over iterations of an averaged ``key`` (``loss``, ``nfe``, ...: each row
+        weighted by the iterations it covers), over the rows that have it; NaN if none has.
+        Seconds a row sums: ``total("time") / iterations``."""
+        pairs = [(row[key], row.get("iters", 1)) for row in self.rows if key in row]
+        weight = sum(n for _, n in pairs)
+        return math.fsum(v * n for v, n in pairs) / weight if weight else math.nan
+
+    def checks(self) -> list[dict[str, Any]]:
+        """The step-size checks of the run, in order: each its record (``event``, ``gap``, ...)
+        with its ``iter`` and the ``step_size`` and ``atol`` it left."""
+        return [check for row in self.rows for check in adaptation_checks(row)]
+
+
+def adaptation_checks(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The step-size checks of a log row (its ``adapt``: a list, or in a log of a row per
+    iteration written before ``--log-every``, one record), each with its ``iter`` and the
+    ``step_size`` and ``atol`` it left."""
+    checks = row.get("adapt", [])
+    if isinstance(checks, dict):  # the row of its one iteration
+        solver = {k: row[k] for k in ("step_size", "atol") if k in row}
+        checks = [{"iter": row["iter"], **checks, **solver}]
+    return checks
 
 
 def read_log(path: str | Path) -> RunLog:

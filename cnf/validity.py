@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -91,6 +91,10 @@ class ValidityReport:
     se: float
     threshold: float
     verdict: str
+    # the reference's log p of each point checked, and the rows of a solve (their probes), for
+    # :func:`loosest_agreeing`; not part of the report's numbers
+    reference_logp: Tensor | None = field(default=None, repr=False, compare=False)
+    block: int = field(default=1000, repr=False, compare=False)
 
     @property
     def valid(self) -> bool:
@@ -109,7 +113,8 @@ class ValidityReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "valid": self.valid, "interval": list(self.interval),
+        numbers = {k: v for k, v in asdict(self).items() if k not in ("reference_logp", "block")}
+        return {**numbers, "valid": self.valid, "interval": list(self.interval),
                 "recon_error": self.recon_error}  # fmt: skip
 
     def summary(self) -> str:
@@ -275,5 +280,49 @@ def solver_validity(
         train=train, finer=finer, reference=ref, dim=dim, n=len(diff), delta_nll=delta,
         delta_nll_finer=float((lp_finer - lp_train).mean()), delta_nats_per_dim=delta / dim,
         delta_bits_per_dim=delta / dim / math.log(2), se=se, threshold=threshold,
-        verdict=verdict,
+        verdict=verdict, reference_logp=lp_ref, block=block,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far one solver's log-likelihood is from the reference's on the same points."""
+
+    solver: str
+    delta: float  # mean of log p(reference) - log p(solver): the NLL's error, nats
+    se: float
+    agrees: bool
+
+
+@torch.no_grad()
+def loosest_agreeing(
+    flow: Flow,
+    x: Tensor,
+    check: ValidityReport,
+    candidates: list[Solver],
+    tolerance: float,
+    *,
+    seed: int = 0,
+    share: Callable[[int], slice] | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
+    context: Tensor | None = None,
+) -> tuple[Solver | None, list[Agreement]]:
+    """The first of ``candidates`` (loosest first) whose NLL on the points ``check`` measured
+    (the first rows of ``x``, with their probes) is within ``tolerance`` nats of the float64
+    reference's: ``|delta| + 2 se <= tolerance``; ``None`` if none is. Each candidate tried
+    is in the list returned."""
+    if check.reference_logp is None:
+        raise ValueError("loosest_agreeing needs a ValidityReport made by solver_validity")
+    rows = x[: check.n]
+    c = None if context is None else context[: check.n]
+    tried = []
+    with evaluating(flow):
+        for solver in candidates:
+            logp, _ = log_probs(flow, rows, seed=seed, stream=VALIDITY, batch_size=check.block,
+                                solver=solver, share=share, gather=gather, context=c)  # fmt: skip
+            delta, se = mean_and_se(check.reference_logp - logp)
+            agrees = math.isfinite(se) and abs(delta) + Z * se <= tolerance
+            tried.append(Agreement(solver.describe(), delta, se, agrees))
+            if agrees:
+                return solver, tried
+    return None, tried

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from cnf.runs import read_log
 from cnf.training import TrainConfig, train
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -47,8 +48,7 @@ for name, solver in RUNS.items():
     else:
         print(f"training {name} -> {out}", flush=True)
         report = train(cfg, out, force=out.exists(), progress=False).report
-    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    results[name] = dict(report=report, rows=rows)
+    results[name] = dict(report=report, log=read_log(out / "log.jsonl"))
 
 print(
     "\n| training solver | NLL, own solver | NLL, reference | valid | x->z->x error (own) "
@@ -56,12 +56,12 @@ print(
 )
 print("|---|---:|---:|---|---:|---:|---:|---:|")
 for name, r in results.items():
-    v, rows = r["report"]["validity"], r["rows"]
-    nfe = np.mean([row["nfe"] for row in rows])
-    sec = np.mean([row["time"] for row in rows])
+    v, log = r["report"]["validity"], r["log"]
+    nfe = log.mean("nfe")  # a log row averages its iterations' NFE and sums their seconds
+    sec = log.total("time") / log.iterations
     print(f"| {name} | {v['train']['nll']:.3f} | {v['reference']['nll']:.3f} | "
           f"{'yes' if v['valid'] else 'NO'} | {v['train']['recon_max']:.1e} | {nfe:.1f} | "
-          f"{rows[-1]['step_size']:.4f} | {sec * 1e3:.0f} ms |")  # fmt: skip
+          f"{log.rows[-1]['step_size']:.4f} | {sec * 1e3:.0f} ms |")  # fmt: skip
 print("8gaussians entropy (the best possible NLL): 2.832 nats")
 
 fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(15, 4.0))
@@ -85,7 +85,7 @@ ax3.set(yscale="log", ylabel="|NLL own - NLL reference| (nats/dim)",
         title="solver dependence (green: valid)")  # fmt: skip
 ax3.legend(fontsize=8)
 for name in names:
-    rows = results[name]["rows"]
+    rows = results[name]["log"].rows
     ax2.plot([r["iter"] for r in rows], [r["step_size"] for r in rows], label=name)
 ax2.set(xlabel="iteration", ylabel="training step size", yscale="log",
         title="step size during training")  # fmt: skip

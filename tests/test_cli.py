@@ -32,6 +32,8 @@ def test_train_command(tmp_path: Path, capsys) -> None:
         printed[-1].startswith(f"run saved in {out}: report.json") and "training.png" in printed[-1]
     )
     assert len(printed) <= 6  # a summary, not a dump
+    assert printed[-3].startswith("report: ") and " CPU s (validity check " in printed[-3]
+    assert printed[-2].startswith("CPU seconds: ") and "the run's training " in printed[-2]
     report = json.loads((out / "report.json").read_text())
     assert {"nll", "nll_se", "nfe"} <= report.keys() and "kl" not in report  # moons: no truth
     assert main([*argv[:4], str(tmp_path / "r2"), *argv[5:], "--json"]) == 0
@@ -182,11 +184,12 @@ def test_tensorboard_gets_every_row(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(cnf.training.run, "_summary_writer", lambda: _FakeWriter)
     out = tmp_path / "r"
     assert main(["train", "--data", "moons", "--out", str(out), "--tensorboard",
-                 *cli_flags(**SMALL), "--no-progress"]) == 0  # fmt: skip
+                 *cli_flags(**SMALL, log_every=4), "--no-progress"]) == 0  # fmt: skip
     writer = _FakeWriter.made[-1]
     assert writer.logdir == str(out / "tensorboard") and writer.closed
     losses = [(step, value) for tag, value, step in writer.scalars if tag == "loss"]
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [4, 6, 8, 12]  # a row per 4, and at each evaluation
     assert losses == [(r["iter"], r["loss"]) for r in rows]
     assert {"val_nll", "nfe", "lr", "step_size"} <= {tag for tag, _, _ in writer.scalars}
 

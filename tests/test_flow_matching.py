@@ -171,7 +171,7 @@ def test_flow_matching_from_the_command_line(fm_run: Path, tmp_path: Path, capsy
     assert rows[0]["nfe"] == 1 and "fm_loss" in rows[0] and "val_nll" in rows[299]
     flags = ["--data", "8gaussians", "--out", str(tmp_path / "x"), "--no-progress"]
     for extra, word in (
-        (["--coupling", "ot"], "--coupling is an option of flow matching"),
+        (["--objective", "mle", "--coupling", "ot"], "--coupling is an option of flow matching"),
         (["--objective", "fm", "--learn-T"], "--learn-T has no meaning for flow matching"),
         (["--objective", "sde"], "--objective 'sde' is unknown"),
     ):
@@ -196,7 +196,7 @@ def test_fm_then_mle_starts_the_mle_phase_at_the_largest_valid_step(tmp_path: Pa
     train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["objective"] for r in rows[299:301]] == ["fm", "mle"]
-    start = rows[300]["adapt"]
+    [start] = rows[300]["adapt"]  # the log's list of the row's step-size checks
     assert start["event"] == "start" and rows[300]["nfe"] > 1
     assert rows[300]["lr"] == pytest.approx(1e-3, rel=1e-3)  # the schedule starts again
     assert rows[-1]["lr"] == pytest.approx(1e-5)

@@ -601,7 +601,7 @@ CASES = [
     case("train-seed-huge", TRAIN + " --seed 12345678901234567890123", 1, "--seed"),
     case("train-iters-0", TRAIN + " --iters 0", 1, "--iters"),
     case("train-batch-size-0", TRAIN + " --batch-size 0", 1, "--batch-size"),
-    case("train-eval-every-0", TRAIN + " --eval-every 0", 1, "--eval-every"),
+    case("train-eval-every-negative", TRAIN + " --eval-every -1", 1, "--eval-every"),
     case("train-test-size-0", TRAIN + " --test-size 0", 1, "--test-size"),
     case("train-max-nfe-0", TRAIN + " --max-nfe 0", 1, "--max-nfe"),
     case("train-patience-negative", TRAIN + " --patience -1", 1, "--patience"),

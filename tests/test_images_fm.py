@@ -9,7 +9,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 from cnf import Solver
-from cnf.evaluate import dequantized_bound, logmeanexp_noise_bias
+from cnf.dequantize import dequantized_bound, logmeanexp_noise_bias
 from cnf.field_configs import UNetConfig
 from cnf.fields import UNet, _ResBlock
 from cnf.multiscale import MultiscaleCNF

@@ -21,9 +21,10 @@ from cnf.cli.common import (
     threads_flag,
     use_threads,
 )
-from cnf.evaluate import dequantized_bound, log_probs, mean_and_se
+from cnf.dequantize import dequantized_bound
+from cnf.evaluate import log_probs, mean_and_se
 from cnf.io import atomic_path, check_output, json_text
-from cnf.report import report, used_solver
+from cnf.report import SE, report, reported_solver, used_solver
 from cnf.runs import Run, load_run
 from cnf.runtime import check_memory
 from cnf.validity import REFERENCE, solver_validity
@@ -32,7 +33,9 @@ from cnf.validity import REFERENCE, solver_validity
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a run on fresh test data")
     p.add_argument("run", type=Path, help="run directory or checkpoint file")
-    p.add_argument("--n", type=int, help="test samples (default: the run's test_size)")
+    p.add_argument("--n", type=int,
+                   help="test samples (default: as many as the run's report_se needs, up to its "
+                   "test_size)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--validity", action="store_true",
                    help="also compare the solver (the training one, or the one given with "
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
     checked = solver or used_solver(run.model, run.config)
     validity_n = run.config.get("validity_size", 2000) if args.validity else None
     tol = run.config.get("validity_tol", REFERENCE.atol)
+    if solver is None and validity_n is None:  # the solver the run's report validated
+        solver = reported_solver(run.path.parent, run.iteration)
     kw = dict(solver=solver, checked=checked, seed=run.config.get("seed", 0),
               reference=REFERENCE.replace(atol=tol, rtol=tol))  # fmt: skip
     if args.data is not None:
@@ -90,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         data = _moved(run, args)
         if args.dequant_samples is not None:  # checked before the evaluation, not after it
             _check_dequant_samples(run, data, args)
+        se = None if args.n else run.config.get("report_se", SE) or None  # --n: all of them
         outcome = report(run.model, data, n=args.n or run.config.get("test_size"),
-                         validity_n=validity_n, progress=None, **kw)  # fmt: skip
+                         validity_n=validity_n, progress=None, se=se, **kw)  # fmt: skip
         result, validity = outcome.to_dict(), outcome.validity
         if args.classify:
             result["classification"] = _classification(run, data, args, solver)
@@ -103,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
     for key, value in result.items():
         if key == "classification":
             print(_confusion_text(value))
-        elif key != "validity":
+        elif key == "cost":
+            print(f"{'cost':>14}: " + ", ".join(f"{k} {v:.1f} CPU s" for k, v in value.items()))
+        elif key not in ("validity", "evaluation_solver", "solver_choice"):
             print(f"{key:>14}: {value:.5g}" if isinstance(value, float) else f"{key:>14}: {value}")
     if validity is not None:
         for line in validity.summary().splitlines():

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from cnf.cli.common import TRUST_PICKLE
 from cnf.cli.flags import add_config_flags, config_fields, flag_text
 from cnf.io import json_text
+from cnf.runs import read_log
 from cnf.training import PRESETS, RESUMABLE, TrainConfig, train
 from cnf.training.distributed import is_main_process
 
@@ -43,6 +45,15 @@ def add_parser(sub: Any) -> None:
     add_config_flags(p)
 
 
+def _spent(result: Any, drawn: float) -> str:
+    """Where the command's CPU seconds went: training, validation, report, figures."""
+    log = read_log(result.out / "log.jsonl")
+    report = sum((result.report or {}).get("cost", {}).values())
+    return (f"CPU seconds: {time.process_time():.0f} this command; the run's training "
+            f"{log.total('cpu'):.1f} and validation {log.total('val_cpu'):.1f}, the report "
+            f"{report:.1f}, the figures {drawn:.1f}")  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
     from cnf import viz  # matplotlib only when drawing
 
@@ -69,11 +80,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.no_progress:
         print("drawing the figures", file=sys.stderr)
+    start = time.process_time()
     figures = viz.plot_run(result.out, data=result.data, trust_pickle=args.trust_pickle)
+    drawn = time.process_time() - start
     if args.json:
         print(json_text(result.report))
         return 0
     print((result.out / "summary.txt").read_text().rstrip())
+    print(_spent(result, drawn))
     names = ", ".join(p.name for p in figures)
     print(f"run saved in {result.out}: report.json (every number), best.pt, last.pt, log.jsonl; "
           f"figures {names}")  # fmt: skip

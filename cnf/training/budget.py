@@ -1,9 +1,13 @@
-"""A training-time budget, planned into iterations: ``cnf train --budget SECONDS``.
+"""A budget of CPU seconds, planned into iterations: ``cnf train --budget SECONDS``.
 
 The plan times a few iterations of each phase of the recipe on a throwaway copy of the run
-(the same data and model, on this machine), then sets ``iters`` (and, after flow matching,
-``finetune_iters``) so that the phases fill their shares of the budget: ``finetune_share`` of
-it for the maximum-likelihood phase, the rest for flow matching. The plan is made once, before
+(the same data and model, on this machine), and a validation NLL. For ``cnf train`` the budget
+is the whole command's (``whole``): what the process has spent so far, the timing itself, the
+validation NLLs, and the report with its figures, estimated as :data:`REPORT_SOLVES` solves of
+a validation row each, come off it first. The rest is training: ``iters`` (and, after flow
+matching, ``finetune_iters``) fill their shares of it, ``finetune_share`` for the
+maximum-likelihood phase. With ``eval_every`` 0 the validation NLLs are as many as
+:data:`VALIDATION_SHARE` of the budget pays for (at most 20). The plan is made once, before
 training, and saved in ``config.json``: the run itself, and its resume, are then as repeatable
 as any other (two budget runs on different machines plan different iteration counts).
 
@@ -16,22 +20,39 @@ the ratio of their mean cost to the first ones' after flow matching (measured by
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
+from cnf.evaluate import evaluate
 from cnf.runtime import to_tensors
-from cnf.training.config import TrainConfig
+from cnf.seeds import VALIDATION
+from cnf.training.config import EVALUATIONS, TrainConfig
 from cnf.training.loop import _enter_solving_phase, _starts_largest, step
 from cnf.training.objectives import Objective
 from cnf.training.state import TrainState
+from cnf.training.validation import validation_solver
 
 MLE_COST_AFTER_FM = 1.75  # measured on 8gaussians and checkerboard: 1.4 and 2.1
 # 1,000 iterations of cnf train: 3.2 on 8gaussians, 3.8 on checkerboard; 2.8 over 5,658 on
 # rotating-gaussian (mean CPU per iteration over the run / the first iterations' at the start)
 MLE_COST_FROM_SCRATCH = 3.3
-_PROBES = {"fm": 100, "mle": 4}  # iterations timed per phase
+_PROBES = {"fm": 100, "mle": 4}  # iterations timed per phase, at most
+PROBE_SHARE = 0.01  # the timing of a phase stops after this share of the budget (3 iterations)
+VALIDATION_SHARE = 0.05  # of the budget, at most, for validation NLLs (eval_every 0)
+# a trained field's solves cost more than the probe's barely trained one's (validation NFE on
+# 8gaussians: ~30 at the start, ~60 at the end)
+NFE_GROWTH = 2.0
+# the report and its figures, in solves of one validation row: the validity check (the checked
+# solver, a finer one and the float64 reference on 2,000 points), the choice of the evaluation
+# solver and the test NLL (~10,000 rows for a standard error of 0.01 nats), and the figures (a
+# 120 x 120 density grid and 5,000 samples on a toy): python bench/bench_budget.py prints the
+# report's and the rest's CPU seconds against what the plan set aside
+REPORT_SOLVES = {"toy": 35_000, "tabular": 10_000, "image": 2_000}
+TIMED_ROWS = 500  # rows of the solve that times a row
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,8 @@ class Plan:
     seconds_per_iter: float
     seconds_per_finetune_iter: float
     first: str = "fm"  # the first phase's objective: "fm" or "mle"
+    eval_every: int = 0  # the validation interval planned (0: as configured)
+    others: dict[str, float] | None = None  # the CPU seconds planned beside training
 
     def describe(self) -> str:
         text = (
@@ -52,16 +75,29 @@ class Plan:
         if self.finetune_iters:
             text += (f" then {self.finetune_iters:,} maximum-likelihood iterations "
                      f"({1e3 * self.seconds_per_finetune_iter:.0f} ms each)")  # fmt: skip
-        return f"planned {self.seconds:g} s of training on this machine: {text}"
+        if not self.others:
+            return f"planned {self.seconds:g} s of training on this machine: {text}"
+        other = ", ".join(f"{k} {v:.1f}" for k, v in self.others.items())
+        trained = self.seconds - sum(self.others.values())
+        if trained <= 0:
+            return (f"a budget of {self.seconds:g} CPU s is less than the command needs beside "
+                    f"training on this machine ({other}): planned the shortest run, {text}; "
+                    "give a larger --budget")  # fmt: skip
+        return (f"planned {self.seconds:g} CPU s on this machine: {trained:.0f} s of training, "
+                f"{text}; the rest for {other}")  # fmt: skip
 
 
 def _kind(plan: Plan) -> str:
     return "flow-matching" if plan.first == "fm" else "maximum-likelihood"
 
 
-def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
+def plan(cfg: TrainConfig, setup_run, *, whole: bool = False,
+         spent: float = 0.0) -> tuple[TrainConfig, Plan]:  # fmt: skip
     """The recipe ``cfg`` with its iterations set for ``cfg.budget`` seconds; ``setup_run`` is a
-    fresh :class:`~cnf.training.setup.Setup` of it, which the timing leaves untouched."""
+    fresh :class:`~cnf.training.setup.Setup` of it, which the timing leaves untouched.
+    ``whole``: the budget is the whole command's, of which ``spent`` CPU seconds are gone
+    already (``cnf train``); else it is the training's alone (the benchmarks' budgets)."""
+    began = time.process_time()
     first = cfg.mle if cfg.objective == "mle" else cfg.fm
     probe = _Probe(setup_run)
     adapter = setup_run.state.adapter
@@ -77,10 +113,48 @@ def plan(cfg: TrainConfig, setup_run) -> tuple[TrainConfig, Plan]:
         mle = cfg.mle
         _enter(probe, mle, cfg, adapter)  # the phase starts at the largest valid step
         t_mle = _time(probe, mle, cfg, _PROBES["mle"]) * MLE_COST_AFTER_FM
-    iters = max(1, round((1 - share) * cfg.budget / t_first))
-    finetune = round(share * cfg.budget / t_mle) if share > 0 else 0
-    result = Plan(cfg.budget, iters, finetune, t_first, t_mle, first.name)
-    return cfg.replace(iters=iters, finetune_iters=finetune), result
+    t_val, t_row = _time_validation(probe, cfg)
+    evaluations = EVALUATIONS
+    if cfg.eval_every == 0 and t_val > 0:  # as many as their share pays for
+        evaluations = max(1, min(EVALUATIONS, math.floor(VALIDATION_SHARE * cfg.budget / t_val)))
+    others = {}
+    if whole:
+        others = {"setup and timing": spent + time.process_time() - began,
+                  "validation": evaluations * t_val,
+                  "report": REPORT_SOLVES.get(setup_run.data.kind, 10_000) * t_row}  # fmt: skip
+    training = max(cfg.budget - sum(others.values()), 0.0)
+    iters = max(1, round((1 - share) * training / t_first))
+    finetune = round(share * training / t_mle) if share > 0 else 0
+    eval_every = cfg.eval_every or max(1, math.ceil((iters + finetune) / evaluations))
+    result = Plan(cfg.budget, iters, finetune, t_first, t_mle, first.name, eval_every, others)
+    return cfg.replace(iters=iters, finetune_iters=finetune, eval_every=eval_every), result
+
+
+def _time_validation(probe: _Probe, cfg: TrainConfig) -> tuple[float, float]:
+    """CPU seconds of one validation NLL of the run, and of a row of a large solve (the report's
+    are: the validation rows repeated to :data:`TIMED_ROWS`), at the validation solver, on the
+    probe's model and scaled by :data:`NFE_GROWTH`."""
+    model = probe.state.model
+    x, c = to_tensors(probe.run.data.validation(), *_where(model))
+    if len(x) == 0:
+        return 0.0, 0.0
+    solver = validation_solver(model.eval_solver, cfg.val_tol)
+
+    def seconds(rows: int) -> float:
+        index = torch.arange(rows, device=x.device) % len(x)
+        start = time.process_time()
+        evaluate(model, x[index], seed=cfg.seed, stream=VALIDATION, solver=solver,
+                 context=None if c is None else c[index])  # fmt: skip
+        return NFE_GROWTH * (time.process_time() - start)
+
+    per_row = seconds(TIMED_ROWS) / TIMED_ROWS
+    whole = seconds(len(x)) if len(x) < TIMED_ROWS else per_row * len(x)
+    return whole, per_row
+
+
+def _where(model) -> tuple:
+    p = next(model.parameters())
+    return p.device, p.dtype
 
 
 def _enter(probe: _Probe, objective: Objective, cfg: TrainConfig, adapter) -> None:
@@ -110,12 +184,14 @@ class _Probe:
 
 
 def _time(probe: _Probe, objective: Objective, cfg: TrainConfig, n: int) -> float:
-    """Seconds (CPU) per iteration of ``objective``, over ``n`` iterations after one warm-up
-    (no step-size checks: the adapter's cost is amortized over ``adapt_every`` iterations)."""
+    """Seconds (CPU) per iteration of ``objective``, over ``n`` iterations after one warm-up, or
+    fewer (3 at least) once they took :data:`PROBE_SHARE` of the budget (no step-size checks:
+    the adapter's cost is amortized over ``adapt_every`` iterations)."""
     x, c = probe.batch()
     step(probe.state, objective, x, cfg, context=c)
-    start = time.process_time()
-    for _ in range(n):
+    start, done = time.process_time(), 0
+    while done < n and (done < 3 or time.process_time() - start < PROBE_SHARE * cfg.budget):
         x, c = probe.batch()
         step(probe.state, objective, x, cfg, context=c)
-    return (time.process_time() - start) / n
+        done += 1
+    return (time.process_time() - start) / done

@@ -4,6 +4,7 @@ and the defaults per kind of data (:data:`PRESETS`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from cnf.training.presets import BUDGET_PRESETS, FM_ONLY, PRESETS, STEPS, method
 
 SCHEDULES = ("cosine", "constant")
 OBJECTIVES = ("mle", "fm")
+EVALUATIONS = 20  # validation NLLs in a run of --eval-every 0
 # the configs a TrainConfig holds, by field
 NESTED = {"mle": MaximumLikelihood, "fm": FlowMatching, "adaptation": Adaptation,
           "model": ModelConfig}  # fmt: skip
@@ -70,7 +72,17 @@ class TrainConfig:
         f"learning-rate schedule: {listed(SCHEDULES)} (cosine: down to 1% of --lr)",
     )
     grad_clip: float = option(5.0, "clip the gradient's norm to this (0: off)")
-    eval_every: int = option(250, "iterations between validation NLLs (and checkpoints)")
+    eval_every: int = option(
+        250,
+        "iterations between validation NLLs (and checkpoints) (0: automatic, 20 a run; with "
+        "--budget, as many as a twentieth of the budget pays for, at most 20)",
+    )
+    log_every: int = option(
+        0,
+        "iterations a row of log.jsonl covers: their seconds summed, their losses, NFE and "
+        "gradient norms averaged; an evaluation, a phase's end and the last iteration end a row "
+        "early (0: automatic, iterations // 1000, at least 1: about 1,000 rows a run)",
+    )
     seed: int = option(
         0,
         "seed of the initialization, the data split, batches and probes (0..2**63-1)",
@@ -103,10 +115,10 @@ class TrainConfig:
     # finetune_share of it) before training (cnf.training.budget); 0: iters as given
     budget: float = option(
         0.0,
-        "seconds of training to plan the run for, on this machine: times a few iterations, then "
-        "sets --iters (and --finetune-iters); unless --objective is given, trains the recipe "
-        "measured best for a budget (flow matching, then maximum likelihood for the toys) (0: "
-        "off)",
+        "CPU seconds the whole command may take, on this machine: times a few iterations and a "
+        "validation, prices the report and figures, then sets --iters (and --finetune-iters, "
+        "and --eval-every if 0); unless --objective is given, trains the recipe measured best "
+        "for a budget (flow matching, then maximum likelihood for the toys) (0: off)",
     )
     finetune_share: float = option(
         0.5,
@@ -122,6 +134,17 @@ class TrainConfig:
     validity_tol: float = option(
         1e-8,
         "tolerance of the validity check's reference solver (dopri5, float64)",
+    )
+    report_se: float = option(
+        0.01,
+        "the final report draws test samples (up to --test-size) until the test NLL's standard "
+        "error is this many nats (0: every one)",
+    )
+    val_tol: float = option(
+        1e-5,
+        "validation NLLs solve at this tolerance (the evaluation solver's method; its own "
+        "tolerance if tighter): they only rank checkpoints, the report is exact (0: the "
+        "evaluation solver as it is)",
     )
     patience: int = option(
         0,
@@ -184,9 +207,9 @@ class TrainConfig:
                 setattr(self, name, options.from_dict(kind, getattr(self, name)))
         options.finite_floats(self)
         options.booleans(self)
-        for name in ("iters", "batch_size", "eval_every", "test_size", "validity_size"):
+        for name in ("iters", "batch_size", "test_size", "validity_size"):
             options.integer(name, getattr(self, name), 1, "a positive integer")
-        for name in ("threads", "patience"):
+        for name in ("threads", "patience", "log_every", "eval_every"):
             options.integer(name, getattr(self, name), 0, "an integer >= 0 (0: automatic/off)")
         if not options.is_int(self.seed) or not 0 <= self.seed < 2**63:
             raise options.ConfigError(
@@ -194,6 +217,8 @@ class TrainConfig:
             )
         options.number("lr", self.lr)
         options.number("validity_tol", self.validity_tol)
+        options.number("report_se", self.report_se, strict=False)
+        options.number("val_tol", self.val_tol, strict=False)
         for name in ("weight_decay", "grad_clip"):
             options.number(name, getattr(self, name), strict=False)
         for name in ("val_fraction", "test_fraction"):
@@ -231,6 +256,12 @@ class TrainConfig:
         if not self.finetune_iters:
             return None
         return (self.iters, (self.finetune_lr or self.lr) / self.lr)
+
+    @property
+    def evaluation_interval(self) -> int:
+        """Iterations between validation NLLs: ``eval_every``, or, where that is 0, a
+        twentieth of the run."""
+        return self.eval_every or max(1, math.ceil(self.total_iters / EVALUATIONS))
 
     @property
     def total_iters(self) -> int:

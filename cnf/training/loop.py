@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 
 from cnf.adaptation import start_step
 from cnf.data import Dataset
-from cnf.evaluate import evaluate
 from cnf.runtime import to_tensors
-from cnf.seeds import ADAPT, PROBES, VALIDATION, generator, stream_seed
+from cnf.seeds import ADAPT, PROBES, generator, stream_seed
 from cnf.solvers import SolverError
 from cnf.training.config import TrainConfig
 from cnf.training.distributed import SINGLE, Distributed
 from cnf.training.objectives import Objective
 from cnf.training.state import TrainState
+from cnf.training.validation import validate
 
 
 class Diverged(SolverError):
@@ -327,12 +327,12 @@ def fit(
             row = step(state, objective, x, cfg, dist, engine, context=c)
             spent += row["cpu"] if p.device.type == "cpu" else row["time"]
             evaluated = has_validation and (
-                state.iteration % cfg.eval_every == 0 or state.iteration == cfg.total_iters
+                state.iteration % cfg.evaluation_interval == 0 or state.iteration == cfg.total_iters
             )
             solves = objective.at(state.iteration).adapts  # flow matching has no solver
             keep = objective.ends(state.iteration) is not None  # a later phase starts from it
-            improved = evaluated and _validate(state, (x_val, c_val), row, say, cfg.seed, dist,
-                                               solves, keep)  # fmt: skip
+            improved = evaluated and validate(state, (x_val, c_val), row, say, cfg, dist, solves,
+                                              keep, progress=_shown(bar, len(x_val)))  # fmt: skip
             hooks.row(state, row)
             if evaluated:
                 hooks.evaluated(state, improved)
@@ -354,6 +354,17 @@ def fit(
     return FitResult(state.iteration, "done")
 
 
+def _shown(bar, total: int):
+    """Tells the training bar how far a validation NLL has come (it may take a while)."""
+    done = [0]
+
+    def update(rows: int) -> None:
+        done[0] += rows
+        bar.set_postfix_str(f"validation {done[0]:,}/{total:,} rows", refresh=True)
+
+    return update
+
+
 def _say(text: str) -> None:
     tqdm.write(text, file=sys.stderr)
 
@@ -373,27 +384,6 @@ def _end_phase_early(state: TrainState, objective: Objective, cfg: TrainConfig, 
     state.scheduler.last_epoch = last - 1
     state.scheduler.step()  # the learning rate of the next phase's first iteration
     state.iteration = last
-
-
-def _validate(
-    state: TrainState, val: tuple, row: dict, say, seed: int, dist: Distributed, solves: bool,
-    keep: bool = False,
-) -> bool:  # fmt: skip
-    """The validation NLL under the evaluation solver (each process its share, joined), into
-    the row; whether it is the best. Its probes are the same at every evaluation, whatever the
-    number of processes: the run's validation stream."""
-    shares = dict(share=dist.share, gather=dist.gather) if dist.active else {}
-    with state.averaged():  # the weights that are saved
-        ev = evaluate(state.model, val[0], seed=seed, stream=VALIDATION, context=val[1], **shares)
-    row.update(val_nll=ev.nll, val_nll_se=ev.nll_se, val_nfe=ev.nfe)
-    bpd = ""
-    if ev.bits_per_dim is not None:
-        row["val_bits_per_dim"] = ev.bits_per_dim
-        bpd = f", {ev.bits_per_dim:.4f} bits/dim"
-    trained = f", training solver {state.model.solver.describe()}" if solves else ""
-    say(f"iter {state.iteration}: val NLL {ev.nll:.4f} ± {ev.nll_se:.4f}{bpd} (NFE {ev.nfe}"
-        f"{trained})")  # fmt: skip
-    return state.record(ev.nll, keep)
 
 
 class _StopRequest:

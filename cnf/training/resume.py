@@ -26,7 +26,10 @@ RESUMABLE = frozenset(
         "grad_clip",
         "patience",
         "eval_every",
+        "log_every",
         "test_size",
+        "report_se",
+        "val_tol",
         "validity_size",
         "eval_method",
         "eval_atol",
@@ -80,7 +83,10 @@ def resumed_config(ckpt: dict[str, Any], changes: dict[str, Any]) -> TrainConfig
 def truncate_log(path: Path, log: RunLog, iteration: int) -> None:
     """Rewrite the log at ``path`` (read as ``log``) without the rows past the checkpoint (a
     hard kill can leave some) and an incomplete last line (the remains of an interrupted
-    write), saying so."""
+    write), saying so. A row covers ``iters`` iterations up to its ``iter``; none straddles the
+    checkpoint, since the recorder writes the row of what it holds before each checkpoint
+    (:class:`~cnf.training.logrows.LogRows`), so the rows kept cover iterations 1 to
+    ``iteration`` once each."""
     if log.incomplete:
         print(f"{path}: dropped an incomplete last line ({len(log.incomplete)} characters, the "
               "remains of an interrupted write)", file=sys.stderr)  # fmt: skip

@@ -5,9 +5,9 @@ a resume (:mod:`cnf.training.resume`). Figures are drawn by the caller
 
 ``train(TrainConfig.for_data("8gaussians"), "runs/8g")`` fits a flow by maximum likelihood,
 evaluates on held-out data every ``eval_every`` iterations, keeps ``best.pt`` and ``last.pt``,
-logs every iteration to ``log.jsonl`` and ends with ``report.json`` (test NLL, KL where the truth
-is known, the solver-validity verdict). A resumed run ends exactly where an uninterrupted one
-would.
+logs to ``log.jsonl`` a row per ``log_every`` iterations (about 1,000 rows a run by default:
+:mod:`cnf.training.logrows`) and ends with ``report.json`` (test NLL, KL where the truth is
+known, the solver-validity verdict). A resumed run ends exactly where an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from cnf.runs import RunLog, load_run, read_log
 from cnf.training import budget, rundir
 from cnf.training.config import TrainConfig
 from cnf.training.distributed import SINGLE, Distributed, from_environment
+from cnf.training.logrows import LogRows, log_interval
 from cnf.training.loop import Diverged, Hooks, fit
 from cnf.training.resume import last_checkpoint, resumed_config, truncate_log
 from cnf.training.setup import Setup, check_report_size, setup
@@ -104,7 +106,11 @@ def train(
     if ckpt is not None and _finished(run):
         return _finished_result(out, run, dist)
     if ckpt is None and cfg.budget:  # plan the iterations on a copy, then start afresh
-        cfg, made = dist.broadcast(budget.plan(cfg, run))  # rank 0's plan, for every process
+        if dist.main and progress:
+            print(f"timing the recipe for a budget of {cfg.budget:g} CPU s on this machine",
+                  file=sys.stderr)  # fmt: skip
+        made = budget.plan(cfg, run, whole=True, spent=time.process_time())
+        cfg, made = dist.broadcast(made)  # rank 0's plan, for every process
         if dist.main:
             print(made.describe(), file=sys.stderr)
         run = setup(cfg, data=run.data, dist=dist)
@@ -125,8 +131,11 @@ def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: 
     try:
         with open_append(out / "log.jsonl") if dist.main else contextlib.nullcontext() as log:
             recorder.log = log
-            return fit(run.state, run.data, run.objective, run.cfg, hooks=recorder,
-                       progress=progress, dist=dist)  # fmt: skip
+            try:
+                return fit(run.state, run.data, run.objective, run.cfg, hooks=recorder,
+                           progress=progress, dist=dist)  # fmt: skip
+            finally:  # what is pending: after a divergence, the iterations up to it
+                recorder.flush()
     except Diverged as err:
         raise _with_advice(err, out, recorder.saved, run.cfg) from err
     finally:
@@ -134,25 +143,38 @@ def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: 
 
 
 class _Recorder(Hooks):
-    """The run directory's side of the loop: a log row per iteration, then the checkpoints
-    (and, with ``--tensorboard``, the row's numbers as TensorBoard scalars)."""
+    """The run directory's side of the loop: the log, a row per ``log_every`` iterations
+    (:class:`~cnf.training.logrows.LogRows`), then the checkpoints (and, with
+    ``--tensorboard``, each row's numbers as TensorBoard scalars)."""
 
     def __init__(self, out: Path, run: Setup, tensorboard: Any = None, write: bool = True):
         self.out, self.run, self.tensorboard, self.write = out, run, tensorboard, write
         self.saved: int | None = run.state.iteration if run.state.iteration else None
         self.log: Any = None
+        self.rows = LogRows(log_interval(run.cfg.log_every, run.cfg.total_iters), self._ends)
+
+    def _ends(self, it: int) -> bool:
+        """Whether the run or a phase ends at iteration ``it`` (so does a log row)."""
+        return it == self.run.cfg.total_iters or self.run.objective.ends(it) == it
 
     def row(self, state: TrainState, row: dict[str, Any]) -> None:
-        if not self.write:  # a process other than rank 0 writes nothing
-            return
-        # the log row goes first: a kill before the checkpoint leaves an extra row, which the
-        # resume drops, never a missing one
-        self.log.write(json_text(row) + "\n")
-        self.log.flush()
-        if self.tensorboard is not None:
-            for key, value in row.items():
-                if key != "iter" and isinstance(value, int | float):
-                    self.tensorboard.add_scalar(key, value, row["iter"])
+        if self.write:  # a process other than rank 0 writes nothing
+            self._write(self.rows.add(row))
+
+    def flush(self) -> None:
+        """Write the row of the iterations held (the log rows go first: a kill before the
+        checkpoint leaves an extra row, which the resume drops, never a missing one)."""
+        if self.write:
+            self._write(self.rows.flush())
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            self.log.write(json_text(row) + "\n")
+            self.log.flush()
+            if self.tensorboard is not None:
+                for key, value in row.items():
+                    if key not in ("iter", "iters") and isinstance(value, int | float):
+                        self.tensorboard.add_scalar(key, value, row["iter"])
 
     def close(self) -> None:
         if self.tensorboard is not None:
@@ -171,6 +193,7 @@ class _Recorder(Hooks):
                   f"with cnf train --resume {self.out}", file=sys.stderr)  # fmt: skip
 
     def checkpoint(self, name: str) -> None:
+        self.flush()  # the log on disk covers the checkpoint's iterations, no more
         if self.write:
             save_checkpoint(self.out / name, self.run.checkpoint())
         if name == "last.pt":
@@ -235,12 +258,14 @@ def final_report(out: Path, run: Setup, dist: Distributed = SINGLE,
     checked = used_solver(best.model, best.config)
     result = report(best.model, run.data, n=run.cfg.test_size, validity_n=run.cfg.validity_size,
                     say=say, reference=reference, checked=checked, seed=run.cfg.seed,
-                    progress=progress and dist.main, **shares)  # fmt: skip
+                    progress=progress and dist.main, se=run.cfg.report_se or None,
+                    **shares)  # fmt: skip
     if dist.main:
-        write_text(out / "report.json", json_text(result.to_dict(), indent=2) + "\n")
+        numbers = {"iteration": best.iteration, **result.to_dict()}
+        write_text(out / "report.json", json_text(numbers, indent=2) + "\n")
         write_text(out / "summary.txt", result.summary(run.cfg.data) + "\n")
     dist.barrier()  # every process returns once the report is on disk
-    return result.to_dict()
+    return {"iteration": best.iteration, **result.to_dict()}
 
 
 def _with_advice(err: Diverged, out: Path, saved: int | None, cfg: TrainConfig) -> Diverged:
@@ -256,8 +281,8 @@ def _with_advice(err: Diverged, out: Path, saved: int | None, cfg: TrainConfig) 
     elif saved is None:
         advice = (
             f"no checkpoint was saved yet (the first comes at iteration "
-            f"{min(cfg.eval_every, cfg.total_iters)}): start again with --force and a lower --lr "
-            f"(e.g. {lower}), a finer solver or --kinetic/--jacobian regularization"
+            f"{min(cfg.evaluation_interval, cfg.total_iters)}): start again with --force and a "
+            f"lower --lr (e.g. {lower}), a finer solver or --kinetic/--jacobian regularization"
         )
     else:
         advice = (

@@ -17,7 +17,8 @@ def grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def heat(ax: Any, density: np.ndarray, lim: float, title: str) -> None:
-    ax.imshow(density, extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma")
+    ax.imshow(density, extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma",
+              interpolation="bilinear")  # fmt: skip
     ax.set(title=title, xticks=[], yticks=[])
 
 

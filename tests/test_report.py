@@ -1,0 +1,131 @@
+"""The report priced by what it must say: a test NLL drawn until its standard error, under the
+loosest evaluation solver that agrees with the float64 reference, each phase's CPU seconds; the
+validation NLL's looser solver; a budget that prices the whole command."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import config
+
+from cnf import CNF
+from cnf.data import get_dataset
+from cnf.evaluate import evaluate, log_probs
+from cnf.report import AGREEMENT, SE, candidates, report, reported_solver
+from cnf.solvers import Solver
+from cnf.validity import loosest_agreeing, solver_validity
+
+
+def flow(seed: int = 0) -> CNF:
+    torch.manual_seed(seed)
+    model = CNF(2, hidden=(16, 16), eval_solver=Solver("dopri5", atol=1e-7, rtol=1e-7))
+    with torch.no_grad():  # a field that bends the density, so that tolerances matter
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.eval()
+
+
+def points(n: int) -> torch.Tensor:
+    return torch.as_tensor(get_dataset("8gaussians").test(n), dtype=torch.float32) / 2
+
+
+def test_the_test_nll_stops_at_its_standard_error_on_the_rows_it_scored() -> None:
+    model, x = flow(), points(6000)
+    fixed = Solver("rk4", step_size=0.1)  # an adaptive step would depend on the batch
+    full = evaluate(model, x, solver=fixed)
+    target = 2.5 * full.nll_se  # needs roughly a sixth of the rows
+    part = evaluate(model, x, solver=fixed, se=target, least=500)
+    assert 500 <= part.n < len(x) and part.nll_se <= target
+    # the exact trace has no probes: the rows scored have the numbers of any other evaluation
+    same = log_probs(model, x[: part.n], solver=fixed)[0]
+    assert part.nll == pytest.approx(-float(same.mean()), abs=1e-9)
+    assert evaluate(model, x[:700], se=1e-9, least=500).n == 700  # capped by the rows there are
+
+
+def test_the_evaluation_solver_is_the_loosest_that_agrees_with_the_reference() -> None:
+    model, x = flow(), points(400)
+    check = solver_validity(model, x, solver=model.eval_solver, seed=0)
+    tried_all = candidates(model.eval_solver)
+    assert [s.atol for s in tried_all] == [1e-4, 1e-5, 1e-6]
+    chosen, tried = loosest_agreeing(model, x, check, tried_all, tolerance=1.0)
+    assert chosen == tried_all[0] and len(tried) == 1 and tried[0].agrees
+    chosen, tried = loosest_agreeing(model, x, check, tried_all, tolerance=1e-12)
+    assert chosen is None and [t.agrees for t in tried] == [False] * 3
+    # an agreement is measured, not assumed: the loosest's error is a real, nonzero number
+    reference = -check.reference_logp.mean()
+    loose = -log_probs(model, x, solver=tried_all[0])[0].mean()
+    assert tried[0].delta == pytest.approx(float(loose - reference), abs=1e-3)
+    assert abs(tried[0].delta) > abs(tried[2].delta) > 0
+
+
+def test_a_report_says_what_it_cost_and_which_solver_it_used(tmp_path) -> None:
+    model, data = flow(), get_dataset("8gaussians")
+    made = report(model, data, n=4000, validity_n=300, se=0.05)
+    out = made.to_dict()
+    assert set(out["cost"]) == {"validity check", "evaluation solver", "test NLL"}
+    assert all(v >= 0 for v in out["cost"].values())
+    used = Solver(**out["evaluation_solver"])
+    agreed = [c for c in out["solver_choice"] if c["agrees"]]
+    assert used.describe() == out["solver"] == (agreed[0]["solver"] if agreed else
+                                                 model.eval_solver.describe())  # fmt: skip
+    assert out["n"] < 4000 and out["nll_se"] <= 0.05
+    assert "report:" in made.summary("8gaussians") and AGREEMENT * SE < 0.01
+    # the figures use the report's solver, for the checkpoint it was made from only
+    (tmp_path / "report.json").write_text(json.dumps({"iteration": 7, **out}))
+    assert reported_solver(tmp_path, 7) == used
+    assert reported_solver(tmp_path, 8) is None
+    (tmp_path / "report.json").write_text(json.dumps({"iteration": 7, "evaluation_solver": 3}))
+    assert reported_solver(tmp_path, 7) is None
+
+
+def test_a_report_without_a_validity_check_keeps_the_evaluation_solver() -> None:
+    model = flow()
+    made = report(model, get_dataset("8gaussians"), n=1000, validity_n=None)
+    assert made.solver == model.eval_solver and made.tried == [] and made.evaluation.n == 1000
+
+
+def test_validation_solves_at_val_tol_and_records_its_cost(tmp_path) -> None:
+    from cnf.training import train
+
+    cfg = config(data="8gaussians", iters=4, eval_every=2, hidden=(8,), batch_size=32,
+                 test_size=300, validity_size=100, val_tol=1e-3)  # fmt: skip
+    train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if "val_nll" in r]
+    assert [r["iter"] for r in evaluated] == [2, 4] and all(r["val_cpu"] > 0 for r in evaluated)
+    from cnf.training.validation import validation_solver
+
+    loose = validation_solver(Solver("dopri5", atol=1e-7, rtol=1e-7), 1e-3)
+    assert (loose.atol, loose.rtol) == (1e-3, 1e-3)
+    assert validation_solver(Solver("dopri5", atol=1e-7, rtol=1e-7), 0).atol == 1e-7
+    assert validation_solver(Solver("rk4", step_size=0.1), 1e-3).step_size == 0.1
+
+
+def test_eval_every_zero_is_a_twentieth_of_the_run() -> None:
+    assert config(iters=1000, eval_every=0).evaluation_interval == 50
+    assert config(iters=7, eval_every=0).evaluation_interval == 1
+    assert config(iters=1000).evaluation_interval == 250
+
+
+def test_a_whole_budget_prices_validation_and_the_report_before_training() -> None:
+    from cnf.training import budget as budgeting
+    from cnf.training import setup
+
+    flat = dict(data="8gaussians", objective="fm", hidden=(16, 16), batch_size=64, budget=20.0,
+                eval_every=0)  # fmt: skip
+    alone, plan_alone = budgeting.plan(config(**flat), setup(config(**flat)))
+    whole, plan = budgeting.plan(config(**flat), setup(config(**flat)), whole=True, spent=5.0)
+    assert plan_alone.others == {} and set(plan.others) == {"setup and timing", "validation",
+                                                             "report"}  # fmt: skip
+    assert plan.others["setup and timing"] >= 5.0
+    trained = 20.0 - sum(plan.others.values())
+    share = config(**flat).budget_share  # the maximum-likelihood phase's
+    assert whole.iters == max(1, round((1 - share) * trained / plan.seconds_per_iter))
+    assert whole.iters < alone.iters
+    for cfg in (alone, whole):  # validation as often as a twentieth of the budget pays for
+        assert 1 <= math.ceil(cfg.total_iters / cfg.eval_every) <= 20
+    short, made = budgeting.plan(config(**{**flat, "budget": 0.5}),
+                                 setup(config(**{**flat, "budget": 0.5})), whole=True,
+                                 spent=5.0)  # fmt: skip
+    assert short.iters == 1 and "give a larger --budget" in made.describe()
