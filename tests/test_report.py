@@ -129,3 +129,29 @@ def test_a_whole_budget_prices_validation_and_the_report_before_training() -> No
                                  setup(config(**{**flat, "budget": 0.5})), whole=True,
                                  spent=5.0)  # fmt: skip
     assert short.iters == 1 and "give a larger --budget" in made.describe()
+
+
+def test_a_deadline_stops_training_validated_at_the_iteration_that_spends_it() -> None:
+    from cnf.training import fit, setup
+    from cnf.training.loop import Hooks
+
+    class Seen(Hooks):
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def evaluated(self, state, improved: bool) -> None:
+            self.seen.append(state.iteration)
+
+    seen = Seen()
+    cfg = config(data="8gaussians", objective="fm", iters=100_000, eval_every=10**6,
+                 hidden=(8,), batch_size=32)  # fmt: skip
+    run = setup(cfg)
+    result = fit(run.state, run.data, run.objective, cfg, hooks=seen, seconds=0.3,
+                 progress=False, quiet=True)  # fmt: skip
+    assert result.stopped == "budget" and 1 <= result.iteration < 100_000
+    assert seen.seen == [result.iteration]  # its last weights validated and checkpointed
+    from cnf.training.budget import SLACK, Plan
+
+    plan = Plan(60.0, 10, 0, 1.0, 0.0, others={"report": 10.0, "validation": 5.0})
+    assert plan.deadline == pytest.approx(45.0 + SLACK * 60.0)
+    assert Plan(60.0, 10, 0, 1.0, 0.0).deadline is None  # a budget of training alone

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -36,13 +37,18 @@ from cnf.training.objectives import Objective
 from cnf.training.state import TrainState
 from cnf.training.validation import validation_solver
 
-MLE_COST_AFTER_FM = 1.75  # measured on 8gaussians and checkerboard: 1.4 and 2.1
+# measured on 8gaussians and checkerboard: 1.4 and 2.1 after the ConcatSquash field's flow
+# matching, 2.6 and 5.1 after the plain MLP's (bench/bench_budget.py, 120 s, 2 cores at load 4);
+# 2.0, not more, since the deadline (Plan.deadline) ends a phase that costs more than planned,
+# where a low estimate would leave a run's seconds unspent
+MLE_COST_AFTER_FM = 2.0
 # 1,000 iterations of cnf train: 3.2 on 8gaussians, 3.8 on checkerboard; 2.8 over 5,658 on
 # rotating-gaussian (mean CPU per iteration over the run / the first iterations' at the start)
 MLE_COST_FROM_SCRATCH = 3.3
 _PROBES = {"fm": 100, "mle": 4}  # iterations timed per phase, at most
 PROBE_SHARE = 0.01  # the timing of a phase stops after this share of the budget (3 iterations)
 VALIDATION_SHARE = 0.05  # of the budget, at most, for validation NLLs (eval_every 0)
+SLACK = 0.05  # of the budget: what training may spend over its share before it stops
 # a trained field's solves cost more than the probe's barely trained one's (validation NFE on
 # 8gaussians: ~30 at the start, ~60 at the end)
 NFE_GROWTH = 2.0
@@ -67,6 +73,14 @@ class Plan:
     first: str = "fm"  # the first phase's objective: "fm" or "mle"
     eval_every: int = 0  # the validation interval planned (0: as configured)
     others: dict[str, float] | None = None  # the CPU seconds planned beside training
+
+    @property
+    def deadline(self) -> float | None:
+        """The training's CPU seconds at most: its share of a whole command's budget, and
+        :data:`SLACK` of the budget more (``None``: a budget of training alone)."""
+        if not self.others:
+            return None
+        return max(self.seconds - sum(self.others.values()), 0.0) + SLACK * self.seconds
 
     def describe(self) -> str:
         text = (
@@ -184,14 +198,16 @@ class _Probe:
 
 
 def _time(probe: _Probe, objective: Objective, cfg: TrainConfig, n: int) -> float:
-    """Seconds (CPU) per iteration of ``objective``, over ``n`` iterations after one warm-up, or
-    fewer (3 at least) once they took :data:`PROBE_SHARE` of the budget (no step-size checks:
-    the adapter's cost is amortized over ``adapt_every`` iterations)."""
+    """Seconds (CPU) of an iteration of ``objective``: the median over ``n`` iterations after
+    one warm-up, or fewer (3 at least) once they took :data:`PROBE_SHARE` of the budget (the
+    median, since another job's burst inflates a few; no step-size checks: the adapter's cost
+    is amortized over ``adapt_every`` iterations)."""
     x, c = probe.batch()
     step(probe.state, objective, x, cfg, context=c)
-    start, done = time.process_time(), 0
-    while done < n and (done < 3 or time.process_time() - start < PROBE_SHARE * cfg.budget):
+    times: list[float] = []
+    while len(times) < n and (len(times) < 3 or sum(times) < PROBE_SHARE * cfg.budget):
         x, c = probe.batch()
+        began = time.process_time()
         step(probe.state, objective, x, cfg, context=c)
-        done += 1
-    return (time.process_time() - start) / done
+        times.append(time.process_time() - began)
+    return statistics.median(times)

@@ -301,7 +301,8 @@ def fit(
         hooks: what to do with each log row and evaluation (:class:`Hooks`).
         progress: show a progress bar (loss, NFE, it/s, ETA); ``quiet``: no messages either.
         seconds: a training-time budget (evaluations not counted; CPU seconds on a CPU, where
-            the machine may be shared, else wall seconds), for benchmarks.
+            the machine may be shared, else wall seconds): the run then stops, validated and
+            checkpointed, at the iteration that spends it (``cnf train --budget``'s deadline).
         dist: this process's place in a distributed job (:mod:`cnf.training.distributed`):
             each trains on its share of every batch and evaluates its share of the validation
             set; every decision (stop, early stop, divergence) is taken by all together.
@@ -326,9 +327,11 @@ def fit(
             x, c = to_tensors(batch, p.device, p.dtype)
             row = step(state, objective, x, cfg, dist, engine, context=c)
             spent += row["cpu"] if p.device.type == "cpu" else row["time"]
-            evaluated = has_validation and (
-                state.iteration % cfg.evaluation_interval == 0 or state.iteration == cfg.total_iters
-            )
+            over = seconds is not None and bool(dist.maximum([spent >= seconds])[0])
+            evaluated = has_validation and (  # and the last weights of a run out of time
+                state.iteration % cfg.evaluation_interval == 0
+                or state.iteration == cfg.total_iters or over
+            )  # fmt: skip
             solves = objective.at(state.iteration).adapts  # flow matching has no solver
             keep = objective.ends(state.iteration) is not None  # a later phase starts from it
             improved = evaluated and validate(state, (x_val, c_val), row, say, cfg, dist, solves,
@@ -349,7 +352,8 @@ def fit(
             if signum:
                 hooks.interrupted(state, evaluated, signum)
                 return FitResult(state.iteration, "signal", signum)
-            if seconds is not None and spent >= seconds:
+            if over:
+                say(f"iteration {state.iteration}: the training's {seconds:.0f} CPU s are spent")
                 return FitResult(state.iteration, "budget")
     return FitResult(state.iteration, "done")
 

@@ -105,6 +105,7 @@ def train(
     check_report_size(cfg, run.data)
     if ckpt is not None and _finished(run):
         return _finished_result(out, run, dist)
+    deadline = None
     if ckpt is None and cfg.budget:  # plan the iterations on a copy, then start afresh
         if dist.main and progress:
             print(f"timing the recipe for a budget of {cfg.budget:g} CPU s on this machine",
@@ -114,18 +115,21 @@ def train(
         if dist.main:
             print(made.describe(), file=sys.stderr)
         run = setup(cfg, data=run.data, dist=dist)
+        deadline = made.deadline
     if dist.main:  # only now, with everything checked, does the directory change
         _prepare_directory(out, cfg, ckpt, log)
     dist.barrier()
-    result = _fit_into(out, run, dist, progress, writer)
+    result = _fit_into(out, run, dist, progress, writer, deadline)
     if result.stopped == "signal":
         return TrainResult(out, result.iteration, result.signal, None, run.data)
     return TrainResult(out, result.iteration, None, final_report(out, run, dist, progress),
                        run.data)  # fmt: skip
 
 
-def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: Any):
-    """Train ``run`` with its log and checkpoints in ``out`` (written by rank 0 alone)."""
+def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: Any,
+              deadline: float | None = None):  # fmt: skip
+    """Train ``run`` with its log and checkpoints in ``out`` (written by rank 0 alone), for at
+    most ``deadline`` seconds of training (a budget's)."""
     tensorboard = None if writer is None or not dist.main else writer(str(out / "tensorboard"))
     recorder = _Recorder(out, run, tensorboard, write=dist.main)
     try:
@@ -133,7 +137,7 @@ def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: 
             recorder.log = log
             try:
                 return fit(run.state, run.data, run.objective, run.cfg, hooks=recorder,
-                           progress=progress, dist=dist)  # fmt: skip
+                           progress=progress, dist=dist, seconds=deadline)  # fmt: skip
             finally:  # what is pending: after a divergence, the iterations up to it
                 recorder.flush()
     except Diverged as err:
