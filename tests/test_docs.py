@@ -74,9 +74,8 @@ EXEMPT = {
     "torchrun --standalone --nproc_per_node=2 -m cnf train --data 8gaussians --out runs/8g-ddp": (
         "several processes: tests/test_distributed.py runs torchrun on tiny runs"
     ),
-    "torchrun --standalone --nproc_per_node=2 -m cnf train --resume runs/8g-ddp --iters 4000": (
-        "several processes: tests/test_distributed.py resumes a torchrun job"
-    ),
+    "torchrun --standalone --nproc_per_node=2 -m cnf train --resume runs/8g-ddp "
+    "--finetune-iters 600": ("several processes: tests/test_distributed.py resumes a torchrun job"),
     "torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 "
     "--rdzv-id=job1 -m cnf train --data fashion-mnist --device cuda --out runs/fmnist": (
         "two machines with 8 GPUs each"
@@ -104,6 +103,7 @@ SCRIPT_SMALL: dict[str, dict[str, str | None]] = {
     "bench/bench_toy.py": {},
     "bench/bench_threads.py": {"--iters": "1"},
     "bench/bench_speed.py": {"--repeats": "1", "--short": "2", "--long": "4"},
+    "bench/bench_budget.py": {"--quick": None, "--no-baseline": None},
     "bench/bench_tabular.py": {"--quick": None},
     "bench/bench_conditional_images.py": {"--quick": None},
     "bench/bench_conditional.py": {
@@ -401,6 +401,8 @@ def _small_extras(words) -> dict[str, str | None]:
     extra: dict[str, str | None] = {}
     if cfg.objective == "fm" and (cfg.finetune_iters or "--finetune-iters" in words):
         extra.update(FM_SMALL)
+    if not {"--objective", "--iters", "--finetune-iters", "--budget"} & set(words):
+        extra.update({"--objective": cfg.objective})  # the quick recipe, at the small lengths
     if cfg.model.image is not None:
         extra.update(IMAGE_SMALL)
     if cfg.model.image is not None and cfg.model.image.field.kind == "unet":
@@ -414,10 +416,14 @@ def cnf_argv(words: list[str], cwd: Path) -> list[str]:
         return words
     if words[0] == "train" and "--resume" in words:
         extra: dict[str, str | None] = {"--no-progress": None}
+        run = cwd / _value(words, "--resume")
+        done = json.loads((run / "log.jsonl").read_text().splitlines()[-1])["iter"]
         if "--iters" in words:  # "or further than planned": past what the run has done
-            log = (cwd / _value(words, "--resume") / "log.jsonl").read_text().splitlines()
-            extra = {"--iters": str(json.loads(log[-1])["iter"] + RESUME_EXTRA), **extra}
-        return _append(words, extra, always=("--iters",))
+            extra = {"--iters": str(done + RESUME_EXTRA), **extra}
+        if "--finetune-iters" in words:  # the same, in the maximum-likelihood phase
+            first = json.loads((run / "config.json").read_text())["iters"]
+            extra = {"--finetune-iters": str(done - first + RESUME_EXTRA), **extra}
+        return _append(words, extra, always=("--iters", "--finetune-iters"))
     if words[0] == "train":
         small = {**TRAIN_SMALL, **_small_extras(words)}
         if "--budget" in words:  # a budget plans its own iterations: one second of them
@@ -598,7 +604,8 @@ class _Shrink(ast.NodeTransformer):
         data = node.args[0] if node.args else getattr(given.get("data"), "value", None)
         if not (isinstance(data, ast.Constant) and isinstance(data.value, str)):
             return False
-        return TrainConfig.for_data(data.value).objective == "fm"
+        lengths = {k: 1 for k in ("iters", "finetune_iters", "budget") if k in given}
+        return TrainConfig.for_data(data.value, **lengths).objective == "fm"  # the quick recipe
 
 
 # ---------------------------------------------------------------------------------------------

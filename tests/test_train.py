@@ -19,6 +19,7 @@ from cnf.checkpoint import KEYS, CheckpointError, load_checkpoint, save_checkpoi
 from cnf.runs import load_run
 from cnf.solvers import Solver, SolverError
 from cnf.training import TrainConfig, lr_factor, train
+from cnf.training.presets import QUICK_FINETUNE, QUICK_ITERS
 
 
 def _states_equal(a: Path, b: Path) -> None:
@@ -212,7 +213,13 @@ def test_bad_config(kwargs: dict, match: str) -> None:
 
 
 def test_presets_per_kind_of_data() -> None:
-    assert TrainConfig.for_data("8gaussians") == config(data="8gaussians")
+    quick = TrainConfig.for_data("8gaussians")  # given no length, the quick recipe
+    assert (quick.objective, quick.iters, quick.finetune_iters, quick.eval_every) == (
+        "fm", QUICK_ITERS, QUICK_FINETUNE, 0)  # fmt: skip
+    assert quick.evaluation_interval == math.ceil((QUICK_ITERS + QUICK_FINETUNE) / 20)
+    for given in (dict(iters=100), dict(objective="mle")):
+        assert TrainConfig.for_data("8gaussians", **given) == config(data="8gaussians", **given)
+    assert TrainConfig.for_data("8gaussians", objective="mle").iters == 3000
     image = TrainConfig.for_data("digits")  # flow matching on one U-Net field
     assert (image.objective, image.model.image.field.kind, image.model.image.scales) == (
         "fm", "unet", 1)  # fmt: skip
@@ -344,7 +351,7 @@ def test_maximum_likelihood_from_scratch_starts_at_the_largest_valid_step(tmp_pa
     x, _ = to_tensors(start.data.train_batch(128, 1), torch.device("cpu"), torch.float64)
     train(cfg, tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert rows[0]["adapt"]["event"] == "start" and rows[0]["step_size"] == 1.0
+    assert rows[0]["adapt"][0]["event"] == "start" and rows[0]["step_size"] == 1.0
     assert [r["iter"] for r in rows if "adapt" in r] == [1, 2, 3, 5, 9, 17]
     with torch.no_grad():  # one rk4 step of the initial field against dopri5 in float64
         one = model.log_prob(x, solver=model.solver.replace(step_size=1.0)).mean()

@@ -27,8 +27,13 @@ def recipe(data: str, given: dict[str, Any]) -> dict[str, Any]:
     budget = BUDGET_PRESETS.get(kind, {}) if given.get("budget") else {}
     if "objective" in given:  # a recipe the user chose: the budget only plans its length
         budget = {}
-    flat = {**PRESETS.get(kind, {}), **budget, **given}
+    quick = {} if given.keys() & LENGTHS else QUICK_PRESETS.get(kind, {})
+    flat = {**PRESETS.get(kind, {}), **budget, **quick, **given}
     return {k: v for k, v in flat.items() if k in given or not _overruled(k, flat)}
+
+
+# options that say how a run is trained or for how long: given any, the quick recipe steps aside
+LENGTHS = frozenset({"objective", "iters", "finetune_iters", "budget"})
 
 
 def _overruled(name: str, flat: dict[str, Any]) -> bool:
@@ -132,14 +137,30 @@ PRESETS: dict[str, dict[str, Any]] = {
 BUDGET_PRESETS: dict[str, dict[str, Any]] = {
     # SiLU and lr 5e-3 for flow matching: KL after 30 CPU s of it (one seed, bench
     # experiments of 2026-12-06) 0.021 against tanh and 2e-3's 0.027 on 8gaussians, 0.285 against
-    # 0.314 on checkerboard, 0.0013 against 0.0126 on 8gaussians-given-component
+    # 0.314 on checkerboard, 0.0013 against 0.0126 on 8gaussians-given-component. The plain MLP
+    # with the time concatenated (mlp="concat", 0.58 times the ConcatSquash MLP's CPU an
+    # iteration) against ConcatSquash, at equal training CPU (python bench/bench_objectives.py
+    # --fields concatsquash concat): this recipe's KL after 30 and 120 s, 0.013 and 0.006 against
+    # 0.023 and 0.006 on 8gaussians, 0.155 and 0.057 against 0.277 and 0.106 on checkerboard
     "toy": dict(
         objective="fm",
+        mlp="concat",
         finetune_share=0.5,
         lr=5e-3,
         activation="silu",
         finetune_lr=1e-3,
-        eval_every=1000,
+        eval_every=0,
     ),
     "tabular": dict(finetune_share=0.3),
+}
+
+# What a toy trains when no option says how or for how long (``cnf train --data 8gaussians``):
+# the budget recipe at fixed lengths, so that the same command trains the same flow on any
+# machine. QUICK_ITERS flow-matching iterations, then QUICK_FINETUNE of maximum likelihood:
+# the whole command 89 to 111 CPU s on one core (2 cores at load 1 to 3), KL 0.0068 on
+# 8gaussians (python bench/bench_budget.py --parts quickstart); in training alone, 30,000 then
+# 200 reached 0.0104, 30,000 of flow matching alone 0.0083
+QUICK_ITERS, QUICK_FINETUNE = 24_000, 600
+QUICK_PRESETS: dict[str, dict[str, Any]] = {
+    "toy": {**BUDGET_PRESETS["toy"], "iters": QUICK_ITERS, "finetune_iters": QUICK_FINETUNE},
 }
