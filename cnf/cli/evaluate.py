@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     checked = solver or used_solver(run.model, run.config)
     validity_n = run.config.get("validity_size", 2000) if args.validity else None
     tol = run.config.get("validity_tol", REFERENCE.atol)
-    if solver is None and validity_n is None:  # the solver the run's report validated
-        solver = reported_solver(run.path.parent, run.iteration)
+    if solver is None and validity_n is None and args.data is None:  # the test NLL's mean:
+        solver = reported_solver(run.path.parent, run.iteration)  # as the report validated
     kw = dict(solver=solver, checked=checked, seed=run.config.get("seed", 0),
               reference=REFERENCE.replace(atol=tol, rtol=tol))  # fmt: skip
     if args.data is not None:
