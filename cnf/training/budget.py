@@ -146,7 +146,8 @@ def plan(cfg: TrainConfig, setup_run, *, whole: bool = False,
 
 def _time_validation(probe: _Probe, cfg: TrainConfig) -> tuple[float, float]:
     """CPU seconds of one validation NLL of the run, and of a row of a large solve (the report's
-    are: the validation rows repeated to :data:`TIMED_ROWS`), at the validation solver, on the
+    are: the validation rows repeated, 8 then 4 times as many up to :data:`TIMED_ROWS` while a
+    solve takes under :data:`PROBE_SHARE` of the budget), at the validation solver, on the
     probe's model and scaled by :data:`NFE_GROWTH`."""
     model = probe.state.model
     x, c = to_tensors(probe.run.data.validation(), *_where(model))
@@ -161,8 +162,12 @@ def _time_validation(probe: _Probe, cfg: TrainConfig) -> tuple[float, float]:
                  context=None if c is None else c[index])  # fmt: skip
         return NFE_GROWTH * (time.process_time() - start)
 
-    per_row = seconds(TIMED_ROWS) / TIMED_ROWS
-    whole = seconds(len(x)) if len(x) < TIMED_ROWS else per_row * len(x)
+    rows, took = 8, seconds(8)  # then 4 times as many, while that is cheap (an image is not)
+    while rows < TIMED_ROWS and took < PROBE_SHARE * cfg.budget:
+        rows *= 4
+        took = seconds(rows)
+    per_row = took / rows
+    whole = seconds(len(x)) if len(x) < rows else per_row * len(x)
     return whole, per_row
 
 
