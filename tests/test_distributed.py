@@ -23,7 +23,7 @@ from cnf.runtime import to_tensors
 from cnf.seeds import VALIDATION
 from cnf.training import setup
 from cnf.training.distributed import SINGLE, Distributed, shutdown
-from cnf.training.loop import Engine, step
+from cnf.training.loop import Engine, fit, step
 from cnf.validity import solver_validity
 
 TINY = dict(iters=4, batch_size=8, hidden=(8, 8), method="rk4", step_size=0.25,
@@ -82,6 +82,24 @@ def _evaluations(dist) -> dict:
     return out
 
 
+def _out_of_time(dist) -> tuple[int, str]:
+    """Where a budgeted fit stops when only rank 0's training seconds are spent: every process
+    must stop after the same iteration, or the next collective call hangs."""
+    cfg = CASES["mle"].replace(iters=50)
+    run = setup(cfg, dist=dist)
+    seconds = 0.0 if dist.rank == 0 else 1e9
+    done = fit(run.state, run.data, run.objective, cfg, progress=False, quiet=True,
+               seconds=seconds, dist=dist)  # fmt: skip
+    return done.iteration, done.stopped
+
+
+def _gathered(results: dict, rank: int, world: int) -> dict:
+    """Every process's results, merged (rank 0's where they share a key)."""
+    every: list = [None] * world
+    torch.distributed.all_gather_object(every, results)
+    return {k: v for r in reversed(every) for k, v in r.items()}
+
+
 def _worker(rank: int, world: int, store: str, out: str) -> None:
     # a file rendezvous: a free TCP port picked beforehand can be taken before rank 0 binds it
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
@@ -89,6 +107,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     try:
         results = {name: _one_step(cfg, Distributed(rank, world)) for name, cfg in CASES.items()}
         results["evaluations"] = _evaluations(Distributed(rank, world))
+        results[f"budget {rank}"] = _out_of_time(Distributed(rank, world))
+        results = _gathered(results, rank, world)
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -105,6 +125,7 @@ def test_one_ddp_step_equals_one_process_step_on_the_same_global_batch(tmp_path:
         torch.testing.assert_close(d_logp, logp, rtol=0, atol=1e-9, msg=name)
         # the float64 reference (dopri5 at 1e-8) picks its steps for the rows it solves
         assert d_delta == pytest.approx(delta, abs=1e-6) and d_n == n, name
+    assert ddp["budget 0"] == ddp["budget 1"] == (1, "budget")  # rank 1 stops with rank 0
     for name, cfg in CASES.items():
         before, grads, after, loss, (gap, step) = _one_step(cfg, SINGLE)
         d_before, d_grads, d_after, d_loss, (d_gap, d_step) = ddp[name]

@@ -327,7 +327,11 @@ def fit(
             x, c = to_tensors(batch, p.device, p.dtype)
             row = step(state, objective, x, cfg, dist, engine, context=c)
             spent += row["cpu"] if p.device.type == "cpu" else row["time"]
-            over = seconds is not None and bool(dist.maximum([spent >= seconds])[0])
+            # one collective call for both (all stop after the same iteration): a signal, and
+            # the training's seconds spent
+            out = seconds is not None and spent >= seconds
+            signum, over = dist.maximum([stop.signal or 0, out])
+            signum, over = int(signum), bool(over)
             evaluated = has_validation and (  # and the last weights of a run out of time
                 state.iteration % cfg.evaluation_interval == 0
                 or state.iteration == cfg.total_iters or over
@@ -348,7 +352,6 @@ def fit(
                 say(f"early stop at iteration {state.iteration}: no better validation NLL in "
                     f"{state.stale} evaluations (--patience)")  # fmt: skip
                 return FitResult(state.iteration, "patience")
-            signum = int(dist.maximum([stop.signal or 0])[0])  # all stop after the same one
             if signum:
                 hooks.interrupted(state, evaluated, signum)
                 return FitResult(state.iteration, "signal", signum)
