@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -48,7 +47,6 @@ MLE_COST_FROM_SCRATCH = 3.3
 _PROBES = {"fm": 100, "mle": 4}  # iterations timed per phase, at most
 PROBE_SHARE = 0.01  # the timing of a phase stops after this share of the budget (3 iterations)
 VALIDATION_SHARE = 0.05  # of the budget, at most, for validation NLLs (eval_every 0)
-SLACK = 0.05  # of the budget: what training may spend over its share before it stops
 # a trained field's solves cost more than the probe's barely trained one's (validation NFE on
 # 8gaussians: ~30 at the start, ~60 at the end)
 NFE_GROWTH = 2.0
@@ -76,11 +74,11 @@ class Plan:
 
     @property
     def deadline(self) -> float | None:
-        """The training's CPU seconds at most: its share of a whole command's budget, and
-        :data:`SLACK` of the budget more (``None``: a budget of training alone)."""
+        """The training's CPU seconds at most: its share of a whole command's budget, the
+        loop's own work included (``None``: a budget of training alone)."""
         if not self.others:
             return None
-        return max(self.seconds - sum(self.others.values()), 0.0) + SLACK * self.seconds
+        return max(self.seconds - sum(self.others.values()), 0.0)
 
     def describe(self) -> str:
         text = (
@@ -203,16 +201,19 @@ class _Probe:
 
 
 def _time(probe: _Probe, objective: Objective, cfg: TrainConfig, n: int) -> float:
-    """Seconds (CPU) of an iteration of ``objective``: the median over ``n`` iterations after
-    one warm-up, or fewer (3 at least) once they took :data:`PROBE_SHARE` of the budget (the
-    median, since another job's burst inflates a few; no step-size checks: the adapter's cost
-    is amortized over ``adapt_every`` iterations)."""
+    """Seconds (CPU) of an iteration of ``objective``, its batch included: the lower quintile
+    of ``n`` iterations after one warm-up, or fewer (3 at least) once they took
+    :data:`PROBE_SHARE` of the budget. Not the mean nor the median: another job's burst inflates
+    the CPU seconds of the iterations it overlaps, and the timing is short enough for a burst to
+    cover half of it (an estimate too low costs the run its last iterations, to the deadline; too
+    high, its unspent seconds). No step-size checks: the adapter's cost is amortized over
+    ``adapt_every`` iterations."""
     x, c = probe.batch()
     step(probe.state, objective, x, cfg, context=c)
     times: list[float] = []
     while len(times) < n and (len(times) < 3 or sum(times) < PROBE_SHARE * cfg.budget):
+        began = time.process_time()  # the batch too, as the loop's deadline counts it
         x, c = probe.batch()
-        began = time.process_time()
         step(probe.state, objective, x, cfg, context=c)
         times.append(time.process_time() - began)
-    return statistics.median(times)
+    return sorted(times)[len(times) // 5]

@@ -300,8 +300,9 @@ def fit(
         cfg: the recipe (iterations, batch size, clipping, evaluation, adaptation, patience).
         hooks: what to do with each log row and evaluation (:class:`Hooks`).
         progress: show a progress bar (loss, NFE, it/s, ETA); ``quiet``: no messages either.
-        seconds: a training-time budget (evaluations not counted; CPU seconds on a CPU, where
-            the machine may be shared, else wall seconds): the run then stops, validated and
+        seconds: a training-time budget (the iterations' seconds, the loop's own work
+            included, validations and their checkpoints not; CPU seconds on a CPU, where the
+            machine may be shared, else wall seconds): the run then stops, validated and
             checkpointed, at the iteration that spends it (``cnf train --budget``'s deadline).
         dist: this process's place in a distributed job (:mod:`cnf.training.distributed`):
             each trains on its share of every batch and evaluates its share of the validation
@@ -314,7 +315,8 @@ def fit(
     say = (lambda text: None) if quiet or not dist.main else _say
     engine = dist.wrap(Engine(state.model))
     has_validation = len(x_val) > 0
-    spent = 0.0
+    clock = time.process_time if p.device.type == "cpu" else time.perf_counter
+    began, aside = clock(), 0.0  # aside: the seconds of validations and their checkpoints
     with (
         _stop_on_signals() as stop,
         tqdm(total=cfg.total_iters, initial=state.iteration, disable=not progress or not dist.main,
@@ -326,10 +328,9 @@ def fit(
             batch = data.train_batch(cfg.batch_size, state.iteration + 1)
             x, c = to_tensors(batch, p.device, p.dtype)
             row = step(state, objective, x, cfg, dist, engine, context=c)
-            spent += row["cpu"] if p.device.type == "cpu" else row["time"]
             # one collective call for both (all stop after the same iteration): a signal, and
-            # the training's seconds spent
-            out = seconds is not None and spent >= seconds
+            # the training's seconds spent (the loop's own work, batches and log, included)
+            out = seconds is not None and clock() - began - aside >= seconds
             signum, over = dist.maximum([stop.signal or 0, out])
             signum, over = int(signum), bool(over)
             evaluated = has_validation and (  # and the last weights of a run out of time
@@ -338,11 +339,13 @@ def fit(
             )  # fmt: skip
             solves = objective.at(state.iteration).adapts  # flow matching has no solver
             keep = objective.ends(state.iteration) is not None  # a later phase starts from it
+            mark = clock()
             improved = evaluated and validate(state, (x_val, c_val), row, say, cfg, dist, solves,
                                               keep, progress=_shown(bar, len(x_val)))  # fmt: skip
             hooks.row(state, row)
             if evaluated:
                 hooks.evaluated(state, improved)
+                aside += clock() - mark
             best = "-" if math.isinf(state.best) else f"{state.best:.3f}"
             bar.set_postfix(loss=f"{row['loss']:.3f}", nfe=f"{row['nfe']}/{row['nfe_backward']}",
                             best=best, refresh=False)  # fmt: skip
