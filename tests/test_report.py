@@ -131,6 +131,33 @@ def test_a_whole_budget_prices_validation_and_the_report_before_training() -> No
     assert short.iters == 1 and "give a larger --budget" in made.describe()
 
 
+def test_a_budget_run_goes_on_from_its_timed_iterations() -> None:
+    """The timing's flow-matching iterations are the run's first: trained on its own state (the
+    same weights as stepping a fresh run through the same batches), logged, and counted in the
+    planned iterations, which go on from them."""
+    from cnf.runtime import to_tensors
+    from cnf.training import budget as budgeting
+    from cnf.training import setup
+    from cnf.training.loop import step
+
+    flat = dict(data="8gaussians", objective="fm", hidden=(16, 16), batch_size=64, budget=20.0,
+                eval_every=0)  # fmt: skip
+    run = setup(config(**flat))
+    planned, plan = budgeting.plan(config(**flat), run, whole=True, keep=True)
+    assert plan.kept == run.state.iteration >= 4 and planned.iters > plan.kept
+    assert [r["iter"] for r in plan.rows] == list(range(1, plan.kept + 1))
+    assert f"the first {plan.kept} of them the timing's" in plan.describe()
+    fresh = setup(config(**flat))
+    for it in range(1, plan.kept + 1):
+        x, c = to_tensors(fresh.data.train_batch(64, it), torch.device("cpu"), torch.float32)
+        step(fresh.state, fresh.cfg.fm, x, fresh.cfg, context=c)
+    for name, value in fresh.model.state_dict().items():
+        torch.testing.assert_close(run.model.state_dict()[name], value, rtol=0, atol=0)
+    untouched = setup(config(**flat))
+    _, made = budgeting.plan(config(**flat), untouched, whole=True)  # without keep
+    assert made.kept == 0 and made.rows == () and untouched.state.iteration == 0
+
+
 def test_a_deadline_stops_training_validated_at_the_iteration_that_spends_it() -> None:
     from cnf.training import fit, setup
     from cnf.training.loop import Hooks

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -71,6 +71,8 @@ class Plan:
     first: str = "fm"  # the first phase's objective: "fm" or "mle"
     eval_every: int = 0  # the validation interval planned (0: as configured)
     others: dict[str, float] | None = None  # the CPU seconds planned beside training
+    kept: int = 0  # the timed iterations that the run goes on from (``plan(keep=True)``)
+    rows: tuple = field(default=(), repr=False, compare=False)  # their log rows
 
     @property
     def deadline(self) -> float | None:
@@ -81,9 +83,9 @@ class Plan:
         return max(self.seconds - sum(self.others.values()), 0.0)
 
     def describe(self) -> str:
-        text = (
-            f"{self.iters:,} {_kind(self)} iterations ({1e3 * self.seconds_per_iter:.1f} ms each)"
-        )
+        timed = f", the first {self.kept} of them the timing's" if self.kept else ""
+        text = (f"{self.iters:,} {_kind(self)} iterations ({1e3 * self.seconds_per_iter:.1f} ms "
+                f"each{timed})")  # fmt: skip
         if self.finetune_iters:
             text += (f" then {self.finetune_iters:,} maximum-likelihood iterations "
                      f"({1e3 * self.seconds_per_finetune_iter:.0f} ms each)")  # fmt: skip
@@ -103,22 +105,30 @@ def _kind(plan: Plan) -> str:
     return "flow-matching" if plan.first == "fm" else "maximum-likelihood"
 
 
-def plan(cfg: TrainConfig, setup_run, *, whole: bool = False,
-         spent: float = 0.0) -> tuple[TrainConfig, Plan]:  # fmt: skip
+def plan(cfg: TrainConfig, setup_run, *, whole: bool = False, spent: float = 0.0,
+         keep: bool = False) -> tuple[TrainConfig, Plan]:  # fmt: skip
     """The recipe ``cfg`` with its iterations set for ``cfg.budget`` seconds; ``setup_run`` is a
-    fresh :class:`~cnf.training.setup.Setup` of it, which the timing leaves untouched.
-    ``whole``: the budget is the whole command's, of which ``spent`` CPU seconds are gone
-    already (``cnf train``); else it is the training's alone (the benchmarks' budgets)."""
+    fresh :class:`~cnf.training.setup.Setup` of it, which the timing leaves untouched unless
+    ``keep``. ``whole``: the budget is the whole command's, of which ``spent`` CPU seconds are
+    gone already (``cnf train``); else it is the training's alone (the benchmarks' budgets).
+    ``keep``: a first phase that starts as any iteration does (flow matching) is timed on the
+    run itself, whose first iterations these then are (``Plan.kept``, with their log rows): the
+    run goes on from them (``Setup.checkpoint``) rather than throwing them away."""
     began = time.process_time()
     first = cfg.mle if cfg.objective == "mle" else cfg.fm
-    probe = _Probe(setup_run)
     adapter = setup_run.state.adapter
     largest = first.adapts and _starts_largest(first, 1, cfg)
+    keep = keep and not largest  # a largest-step start is timed past a step no run takes
+    probe = _Probe(setup_run, own=keep)
     if largest:  # from the step the run starts at, with one iteration to get there
         _enter(probe, first, cfg, adapter)
     t_first = _time(probe, first, cfg, _PROBES[first.name])
     if largest and adapter is not None:  # whose steps then refine
         t_first *= MLE_COST_FROM_SCRATCH
+    kept, rows = (probe.state.iteration, tuple(probe.rows)) if keep else (0, ())
+    if keep:  # from here on, a copy: what it trains is thrown away
+        probe = _Probe(setup_run)
+        probe.state.iteration = kept
     share = cfg.budget_share
     t_mle = 0.0
     if share > 0:
@@ -135,10 +145,11 @@ def plan(cfg: TrainConfig, setup_run, *, whole: bool = False,
                   "validation": evaluations * t_val,
                   "report": REPORT_SOLVES.get(setup_run.data.kind, 10_000) * t_row}  # fmt: skip
     training = max(cfg.budget - sum(others.values()), 0.0)
-    iters = max(1, round((1 - share) * training / t_first))
+    iters = kept + max(1, round((1 - share) * training / t_first))
     finetune = round(share * training / t_mle) if share > 0 else 0
     eval_every = cfg.eval_every or max(1, math.ceil((iters + finetune) / evaluations))
-    result = Plan(cfg.budget, iters, finetune, t_first, t_mle, first.name, eval_every, others)
+    result = Plan(cfg.budget, iters, finetune, t_first, t_mle, first.name, eval_every, others,
+                  kept, rows)  # fmt: skip
     return cfg.replace(iters=iters, finetune_iters=finetune, eval_every=eval_every), result
 
 
@@ -185,10 +196,15 @@ def _enter(probe: _Probe, objective: Objective, cfg: TrainConfig, adapter) -> No
 
 
 class _Probe:
-    """A copy of a run's model and optimizer for timing: what it trains is thrown away."""
+    """A copy of a run's model and optimizer for timing, what it trains thrown away; or, with
+    ``own``, the run's state itself, with the log rows of what it trains."""
 
-    def __init__(self, run) -> None:
+    def __init__(self, run, own: bool = False) -> None:
         self.run, cfg = run, run.cfg
+        self.rows: list[dict] = []
+        if own:
+            self.state = run.state
+            return
         model = copy.deepcopy(run.model)
         self.state = TrainState.create(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                        iters=cfg.total_iters, schedule=cfg.schedule)  # fmt: skip
@@ -209,11 +225,11 @@ def _time(probe: _Probe, objective: Objective, cfg: TrainConfig, n: int) -> floa
     high, its unspent seconds). No step-size checks: the adapter's cost is amortized over
     ``adapt_every`` iterations."""
     x, c = probe.batch()
-    step(probe.state, objective, x, cfg, context=c)
+    probe.rows.append(step(probe.state, objective, x, cfg, context=c))
     times: list[float] = []
     while len(times) < n and (len(times) < 3 or sum(times) < PROBE_SHARE * cfg.budget):
         began = time.process_time()  # the batch too, as the loop's deadline counts it
         x, c = probe.batch()
-        step(probe.state, objective, x, cfg, context=c)
+        probe.rows.append(step(probe.state, objective, x, cfg, context=c))
         times.append(time.process_time() - began)
     return sorted(times)[len(times) // 5]

@@ -105,36 +105,51 @@ def train(
     check_report_size(cfg, run.data)
     if ckpt is not None and _finished(run):
         return _finished_result(out, run, dist)
-    deadline = None
-    if ckpt is None and cfg.budget:  # plan the iterations on a copy, then start afresh
+    deadline, kept_rows = None, ()
+    if ckpt is None and cfg.budget:  # plan the iterations, then train them
         if dist.main and progress:
             print(f"timing the recipe for a budget of {cfg.budget:g} CPU s on this machine",
                   file=sys.stderr)  # fmt: skip
-        made = budget.plan(cfg, run, whole=True, spent=time.process_time())
+        # one process goes on from the timed iterations; several start afresh, as one
+        made = budget.plan(cfg, run, whole=True, spent=time.process_time(), keep=not dist.active)
         cfg, made = dist.broadcast(made)  # rank 0's plan, for every process
         if dist.main:
             print(made.describe(), file=sys.stderr)
-        run = setup(cfg, data=run.data, dist=dist)
-        deadline = made.deadline
+        timed = run.checkpoint() if made.kept else None
+        run = setup(cfg, data=run.data, dist=dist, checkpoint=timed)
+        deadline, kept_rows = made.deadline, _as_logged(made.rows, run.objective)
     if dist.main:  # only now, with everything checked, does the directory change
         _prepare_directory(out, cfg, ckpt, log)
     dist.barrier()
-    result = _fit_into(out, run, dist, progress, writer, deadline)
+    result = _fit_into(out, run, dist, progress, writer, deadline, kept_rows)
     if result.stopped == "signal":
         return TrainResult(out, result.iteration, result.signal, None, run.data)
     return TrainResult(out, result.iteration, None, final_report(out, run, dist, progress),
                        run.data)  # fmt: skip
 
 
+def _as_logged(rows: tuple, objective) -> tuple:
+    """The timing's rows as the loop logs its own: with the phase's name where there are
+    several (the timing trains the first alone)."""
+    if objective.at(1) is objective:
+        return rows
+    return tuple({"iter": r["iter"], "objective": objective.at(r["iter"]).name, **r} for r in rows)
+
+
 def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: Any,
-              deadline: float | None = None):  # fmt: skip
+              deadline: float | None = None, kept_rows: tuple = ()):  # fmt: skip
     """Train ``run`` with its log and checkpoints in ``out`` (written by rank 0 alone), for at
-    most ``deadline`` seconds of training (a budget's)."""
+    most ``deadline`` seconds of training (a budget's); ``kept_rows``: the log rows of the
+    iterations a budget's timing trained (the run starts after them, none of them saved)."""
     tensorboard = None if writer is None or not dist.main else writer(str(out / "tensorboard"))
     recorder = _Recorder(out, run, tensorboard, write=dist.main)
+    if kept_rows:
+        recorder.saved = None  # no checkpoint of them yet
     try:
         with open_append(out / "log.jsonl") if dist.main else contextlib.nullcontext() as log:
             recorder.log = log
+            for row in kept_rows:
+                recorder.row(run.state, row)
             try:
                 return fit(run.state, run.data, run.objective, run.cfg, hooks=recorder,
                            progress=progress, dist=dist, seconds=deadline)  # fmt: skip
