@@ -1,7 +1,8 @@
 """A budget of CPU seconds, planned into iterations: ``cnf train --budget SECONDS``.
 
-The plan times a few iterations of each phase of the recipe on a throwaway copy of the run
-(the same data and model, on this machine), and a validation NLL. For ``cnf train`` the budget
+The plan times a few iterations of each phase of the recipe (the same data and model, on this
+machine) and a validation NLL: ``cnf train``'s first phase of flow matching on the run itself,
+which goes on from those iterations (``keep``), the rest on a throwaway copy. For ``cnf train`` the budget
 is the whole command's (``whole``): what the process has spent so far, the timing itself, the
 validation NLLs, and the report with its figures, estimated as :data:`REPORT_SOLVES` solves of
 a validation row each, come off it first. The rest is training: ``iters`` (and, after flow
