@@ -1,18 +1,23 @@
-"""CPU threads for small CNFs: iterations per second with 1 or 2 threads, alone and shared.
+"""CPU threads by model size: calls per second with one thread, torch's default, and cnf's rule,
+alone and beside a busy process.
 
-    python bench/bench_threads.py              # 60 timed iterations per job
-    python bench/bench_threads.py --iters 20   # fewer
+    python bench/bench_threads.py                 # 5 s of each job
+    python bench/bench_threads.py --seconds 2     # quicker, noisier
+    python bench/bench_threads.py --quick         # a smoke run
 
-One training iteration of the default 2-D CNF (ConcatSquash MLP 64-64-64, exact trace, rk4 with 8
-steps, batch 512), timed in fresh processes: one job alone, then two identical jobs at once (a
-shared machine: two runs, or a run beside other work). The rates are of wall time, on purpose:
-what two jobs at once lose to each other is the point. The trainer's ``--threads 0`` (automatic)
-picks from this table.
+Each job is a fresh process doing what a command does with the model that ``cnf train --data
+NAME`` builds (its preset, untrained): a training iteration (``cnf train``) or the log-density
+of a batch under the model's evaluation solver (``cnf eval``). It runs at ``--threads`` 1, at
+torch's default (as many threads as cores), and at 0, cnf's rule (one thread up to 16
+dimensions; above, as many as the machine has idle cores when the job starts). "Busy" runs it
+beside a process that spins on one core, as another user's job would. The rates are of wall
+time, on purpose: what a job loses to the other is the point.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -21,55 +26,106 @@ import harness
 import torch
 from harness import Column
 
-from cnf import CNF, Solver
+from cnf.runtime import to_tensors
+from cnf.training import setup
+from cnf.training.config import TrainConfig
+from cnf.training.loop import step
 
+# (name, dataset, what): what a command does with the model of that dataset's preset
+JOBS = [
+    ("toy train", "8gaussians", "train"),  # maximum likelihood, exact trace (--objective mle)
+    ("toy eval", "8gaussians", "eval"),
+    ("table train", "breast_cancer", "train"),
+    ("image train", "digits", "train"),
+    ("image eval", "digits", "eval"),
+]
+EVAL_ROWS = {"toy": 512, "tabular": 512, "image": 16}
 COLUMNS = [
-    Column("threads", "threads per job"),
-    Column("alone", "it/s, one job alone", "{:.2f}", "it/s"),
-    Column("shared", "it/s per job, two jobs at once", "{:.2f}", "it/s", "mean of the two jobs"),
+    Column("job", "job"),
+    Column("dim", "dim"),
+    Column("machine", "machine", about="alone, or beside a process spinning on one core"),
+    Column("one", "1 thread", "{:.2f}", "calls/s"),
+    Column("default", "torch's default", "{:.2f}", "calls/s", "as many threads as cores"),
+    Column("rule", "cnf's rule", "{:.2f}", "calls/s", "--threads 0"),
+    Column("chose", "threads chosen", about="by the rule"),
+    Column("rule_vs_one", "rule / 1 thread", "{:.2f}"),
 ]
 
 
-def child(threads: int, iters: int) -> None:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    flow = CNF(2, solver=Solver("rk4", step_size=0.125))
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
-    x = torch.randn(512, 2)
-    for i in range(iters + 5):
-        if i == 5:  # warm-up done
-            start = time.perf_counter()
-        opt.zero_grad()
-        (-flow.log_prob(x).mean()).backward()
-        opt.step()
-    print(iters / (time.perf_counter() - start))
+def child(data: str, what: str, threads: int, seconds: float, quick: bool) -> None:
+    given = dict(objective="mle") if data == "8gaussians" else {}
+    if quick:
+        given.update(hidden=(8,), batch_size=16)
+    cfg = TrainConfig.for_data(data, threads=threads, **given)
+    run = setup(cfg)  # applies --threads
+    p = next(run.model.parameters())
+    if what == "eval":
+        rows = run.data.validation()[: EVAL_ROWS[run.data.kind]]
+        x, _ = to_tensors(rows, p.device, p.dtype)
+
+        def call(i: int) -> None:
+            with torch.no_grad():
+                run.model.log_prob(x, solver=run.model.eval_solver)
+    else:
+
+        def call(i: int) -> None:
+            x, c = to_tensors(run.data.train_batch(cfg.batch_size, i), p.device, p.dtype)
+            step(run.state, run.objective, x, cfg, context=c)
+
+    call(1)  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or n < 2:
+        n += 1
+        call(n + 1)
+    rate = n / (time.perf_counter() - start)
+    print(json.dumps({"rate": rate, "threads": torch.get_num_threads(), "dim": run.model.dim}))
 
 
-def spawn(threads: int, iters: int, jobs: int) -> list[float]:
-    cmd = [sys.executable, __file__, "--child", str(threads), "--iters", str(iters)]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(jobs)]
-    return [float(p.communicate()[0]) for p in procs]
+def job(data: str, what: str, threads: int, seconds: float, busy: bool, quick: bool) -> dict:
+    spin = None
+    if busy:  # another user's job, started before this one as it would be
+        spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)
+    try:
+        argv = [sys.executable, __file__, "--child", data, what, str(threads), "--seconds",
+                str(seconds), *(["--quick"] if quick else [])]  # fmt: skip
+        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    finally:
+        if spin is not None:
+            spin.kill()
+            spin.wait()
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iters", type=int, default=60)
-    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=5.0, help="wall seconds of each job")
+    parser.add_argument(
+        "--quick", action="store_true", help="the toy's training alone, tiny, 0.5 s"
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     harness.add_arguments(parser)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.iters)
+        data, what, threads = args.child
+        child(data, what, int(threads), args.seconds, args.quick)
         return
-    results = harness.start(__file__, parser, args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} cores available")
+    seconds = 0.5 if args.quick else args.seconds
+    results = harness.start(__file__, parser, args, smoke=args.quick)
+    cores = torch.get_num_threads()
     rows = []
-    for threads in (1, 2):
-        alone = spawn(threads, args.iters, 1)[0]
-        shared = spawn(threads, args.iters, 2)
-        rows.append(dict(threads=threads, alone=alone, shared=sum(shared) / 2))
-        print(f"  {threads} thread(s): {alone:.2f} it/s alone", file=sys.stderr, flush=True)
-    results.table("threads", f"One training iteration of the default 2-D CNF, {args.iters} "
-                  "iterations per job", COLUMNS, rows)  # fmt: skip
+    for name, data, what in JOBS[:1] if args.quick else JOBS:
+        for busy in (False, True):
+            seen = {t: job(data, what, t, seconds, busy, args.quick) for t in (1, cores, 0)}
+            one, rule = seen[1]["rate"], seen[0]["rate"]
+            row = dict(job=name, dim=seen[1]["dim"], machine="busy" if busy else "alone",
+                       one=one, default=seen[cores]["rate"], rule=rule,
+                       chose=seen[0]["threads"], rule_vs_one=rule / one)  # fmt: skip
+            rows.append(row)
+            print(harness.format_table(COLUMNS, [row]).splitlines()[-1], file=sys.stderr,
+                  flush=True)  # fmt: skip
+    results.table("threads", f"Calls per second (wall) of each job, {seconds:g} s each; "
+                  f"torch's default here: {cores} threads", COLUMNS, rows)  # fmt: skip
     results.write()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -71,14 +72,51 @@ def check_memory(nbytes: float, what: str, fix: str) -> None:
 _IMPORT_THREADS = torch.get_num_threads()
 
 
+SMALL = 16  # dimensions up to which a model runs on one CPU thread
+
+
 def configure_threads(threads: int, device: torch.device, dim: int) -> int:
-    """Small CNFs on a CPU run fastest on one thread: the per-op work is too small to split, and
-    on a shared 2-core machine a second thread mostly contends (bench/bench_threads.py).
-    ``threads`` 0 chooses so; returns the number set."""
+    """``threads`` 0 chooses for a model of ``dim`` dimensions on ``device``: on a CPU, one
+    thread for a small model (its per-op work is too small to split), and for a larger one as
+    many as the machine has idle cores, at most torch's default: a thread whose core another job
+    holds makes every step wait for it, 10 to 35 times slower than one thread
+    (bench/bench_threads.py). Returns the number set."""
     if threads == 0:
-        threads = 1 if device.type == "cpu" and dim <= 16 else torch.get_num_threads()
+        threads = _IMPORT_THREADS
+        if device.type == "cpu":
+            idle = idle_cores() if dim > SMALL else 1.0
+            threads = threads if idle is None else max(1, min(threads, round(idle)))
     torch.set_num_threads(threads)
     return threads
+
+
+_IDLE: list[float] = []  # the last measurement: [when, idle cores]
+IDLE_WINDOW, IDLE_FOR = 0.1, 10.0  # seconds measured over, and how long a measurement holds
+
+
+def idle_cores() -> float | None:
+    """How many of the machine's cores were idle over :data:`IDLE_WINDOW` seconds (Linux's
+    ``/proc/stat``, measured again after :data:`IDLE_FOR` seconds; ``None`` where the system
+    does not say)."""
+    if _IDLE and time.monotonic() - _IDLE[0] < IDLE_FOR:
+        return _IDLE[1]
+    try:
+        idle0, all0 = _cpu_times()
+        time.sleep(IDLE_WINDOW)
+        idle1, all1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    if all1 <= all0:
+        return None
+    _IDLE[:] = [time.monotonic(), (idle1 - idle0) / (all1 - all0) * (os.cpu_count() or 1)]
+    return _IDLE[1]
+
+
+def _cpu_times() -> tuple[float, float]:
+    """The machine's idle and total CPU time so far (clock ticks, every core)."""
+    with open("/proc/stat") as f:
+        ticks = [float(v) for v in f.readline().split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks[:8])  # idle and iowait; user to steal
 
 
 def chosen_threads() -> int:

@@ -2,6 +2,10 @@
 where a second mostly contends); the Python entry points apply the same rule inside their calls
 and restore the caller's count, and a count the caller set is theirs to keep."""
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +88,29 @@ def test_a_negative_thread_count_is_one_line(run: Path, tmp_path: Path, capsys, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--threads" in err, err
     assert not (tmp_path / "s.npy").exists() and not (tmp_path / "a.gif").exists()
+
+
+@pytest.mark.parametrize(("idle", "expected"), [(0.2, 1), (1.4, 1), (1.6, 2), (2.9, 3), (8.0, 3),
+                                                (None, 3)])  # fmt: skip
+def test_a_large_model_takes_the_idle_cores(threads, monkeypatch, idle, expected: int) -> None:
+    """Above 16 dimensions, as many threads as cores are idle (at least one, at most torch's
+    default; torch's default where the system does not say); a small model, one."""
+    monkeypatch.setattr(cnf.runtime, "idle_cores", lambda: idle)
+    cpu = torch.device("cpu")
+    assert cnf.runtime.configure_threads(0, cpu, 64) == expected == torch.get_num_threads()
+    assert cnf.runtime.configure_threads(0, cpu, 2) == 1
+    assert cnf.runtime.configure_threads(2, cpu, 64) == 2  # asked for: always
+
+
+def test_idle_cores_counts_a_busy_core(monkeypatch) -> None:
+    """/proc/stat over a short window: a process that spins holds about a core."""
+    if not Path("/proc/stat").exists():
+        pytest.skip("no /proc/stat on this system: the rule falls back to torch's default")
+    monkeypatch.setattr(cnf.runtime, "_IDLE", [])
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        idle = cnf.runtime.idle_cores()
+    finally:
+        spin.kill()
+    assert idle is not None and 0 <= idle <= (os.cpu_count() or 1) - 0.5

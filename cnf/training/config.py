@@ -88,7 +88,11 @@ class TrainConfig:
         "seed of the initialization, the data split, batches and probes (0..2**63-1)",
     )
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
-    threads: int = option(0, "CPU threads (0: automatic, 1 for models of up to 16 dimensions)")
+    threads: int = option(
+        0,
+        "CPU threads (0: automatic: 1 for models of up to 16 dimensions, "
+        "else as many as the machine has idle cores)",
+    )
     tf32: bool = option(
         True,
         "allow TF32 matmuls and convolutions on CUDA (--no-tf32: full float32)",
