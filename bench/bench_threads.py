@@ -1,5 +1,5 @@
 """CPU threads by model size: calls per second with one thread, torch's default, and cnf's rule,
-alone and beside a busy process.
+on the machine as found and beside a busy process.
 
     python bench/bench_threads.py                 # 5 s of each job
     python bench/bench_threads.py --seconds 2     # quicker, noisier
@@ -9,9 +9,10 @@ Each job is a fresh process doing what a command does with the model that ``cnf 
 NAME`` builds (its preset, untrained): a training iteration (``cnf train``) or the log-density
 of a batch under the model's evaluation solver (``cnf eval``). It runs at ``--threads`` 1, at
 torch's default (as many threads as cores), and at 0, cnf's rule (one thread up to 16
-dimensions; above, as many as the machine has idle cores when the job starts). "Busy" runs it
-beside a process that spins on one core, as another user's job would. The rates are of wall
-time, on purpose: what a job loses to the other is the point.
+dimensions; above, as many as the machine has idle cores when the job starts), on the machine
+as found (its load is in the results' header) and with a process spinning on one core besides,
+as another user's job would. The rates are of wall time, on purpose: what a job loses to the
+other is the point.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ EVAL_ROWS = {"toy": 512, "tabular": 512, "image": 16}
 COLUMNS = [
     Column("job", "job"),
     Column("dim", "dim"),
-    Column("machine", "machine", about="alone, or beside a process spinning on one core"),
+    Column(
+        "machine",
+        "machine",
+        about="as found (its load in the header), or with a process spinning on one core besides",
+    ),
     Column("one", "1 thread", "{:.2f}", "calls/s"),
     Column("default", "torch's default", "{:.2f}", "calls/s", "as many threads as cores"),
     Column("rule", "cnf's rule", "{:.2f}", "calls/s", "--threads 0"),
@@ -118,7 +123,8 @@ def main() -> None:
         for busy in (False, True):
             seen = {t: job(data, what, t, seconds, busy, args.quick) for t in (1, cores, 0)}
             one, rule = seen[1]["rate"], seen[0]["rate"]
-            row = dict(job=name, dim=seen[1]["dim"], machine="busy" if busy else "alone",
+            machine = "+ busy process" if busy else "as found"
+            row = dict(job=name, dim=seen[1]["dim"], machine=machine,
                        one=one, default=seen[cores]["rate"], rule=rule,
                        chose=seen[0]["threads"], rule_vs_one=rule / one)  # fmt: skip
             rows.append(row)

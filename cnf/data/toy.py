@@ -287,6 +287,11 @@ TOY: dict[str, ToyDensity] = {
 }
 
 
+# the rows drawn at once for training batches: one draw serves this many rows' iterations (a
+# draw per batch cost 0.19 ms an iteration in the training loop, a tenth of a flow-matching step)
+CHUNK_ROWS = 32_768
+
+
 class ToyData:
     """A 2-D toy density as a dataset: fresh samples every iteration, seeded per iteration.
 
@@ -302,9 +307,18 @@ class ToyData:
     def __init__(self, density: ToyDensity, seed: int = 0, n_val: int = 2000) -> None:
         self.density, self.seed, self.n_val = density, seed, n_val
         self.name = density.name
+        self._drawn: tuple[tuple[int, int], np.ndarray] | None = None  # the last chunk's
 
     def train_batch(self, batch_size: int, iteration: int) -> np.ndarray:
-        return self.density.sample(batch_size, np.random.default_rng([self.seed, 0, iteration]))
+        """The batch of ``iteration``: its rows of one draw for a chunk of consecutive
+        iterations (:data:`CHUNK_ROWS` rows), seeded by the chunk, so that an iteration's batch
+        is the same whenever and in whatever order it is asked for."""
+        per = max(1, CHUNK_ROWS // batch_size)
+        chunk, at = divmod(iteration, per)
+        if self._drawn is None or self._drawn[0] != (batch_size, chunk):
+            rng = np.random.default_rng([self.seed, 0, batch_size, chunk])
+            self._drawn = ((batch_size, chunk), self.density.sample(per * batch_size, rng))
+        return self._drawn[1][at * batch_size : (at + 1) * batch_size].copy()
 
     @cached_property
     def _validation(self) -> np.ndarray:
