@@ -2,15 +2,16 @@
 
 The plan times a few iterations of each phase of the recipe (the same data and model, on this
 machine) and a validation NLL: ``cnf train``'s first phase of flow matching on the run itself,
-which goes on from those iterations (``keep``), the rest on a throwaway copy. For ``cnf train`` the budget
-is the whole command's (``whole``): what the process has spent so far, the timing itself, the
-validation NLLs, and the report with its figures, estimated as :data:`REPORT_SOLVES` solves of
-a validation row each, come off it first. The rest is training: ``iters`` (and, after flow
-matching, ``finetune_iters``) fill their shares of it, ``finetune_share`` for the
-maximum-likelihood phase. With ``eval_every`` 0 the validation NLLs are as many as
-:data:`VALIDATION_SHARE` of the budget pays for (at most 20). The plan is made once, before
-training, and saved in ``config.json``: the run itself, and its resume, are then as repeatable
-as any other (two budget runs on different machines plan different iteration counts).
+which goes on from those iterations (``keep``), the rest on a throwaway copy. For ``cnf train``
+the budget is the whole command's (``whole``): what the process has spent so far, the timing
+itself, the validation NLLs, and the report with its figures, estimated as
+:data:`REPORT_SOLVES` solves of a validation row each, come off it first. The rest is
+training: ``iters`` (and, after flow matching, ``finetune_iters``) fill their shares of it,
+``finetune_share`` for the maximum-likelihood phase. With ``eval_every`` 0 the validation NLLs
+are as many as :data:`VALIDATION_SHARE` of the budget pays for (at most 20). The plan is made
+once, before training, and saved in ``config.json``: the run itself, and its resume, are then
+as repeatable as any other (two budget runs on different machines plan different iteration
+counts).
 
 Maximum likelihood starts at the largest valid step, timed there, and refines the step as the
 field sharpens, so its iterations cost more as training goes on: :data:`MLE_COST_AFTER_FM` is
