@@ -292,6 +292,13 @@ TOY: dict[str, ToyDensity] = {
 CHUNK_ROWS = 32_768
 
 
+def batch_chunk(batch_size: int, iteration: int) -> tuple[int, int, int]:
+    """Where an iteration's training batch lies in the draws of :data:`CHUNK_ROWS` rows: how
+    many batches a draw holds, which draw, and the batch's place in it."""
+    per = max(1, CHUNK_ROWS // batch_size)
+    return (per, *divmod(iteration, per))
+
+
 class ToyData:
     """A 2-D toy density as a dataset: fresh samples every iteration, seeded per iteration.
 
@@ -313,8 +320,7 @@ class ToyData:
         """The batch of ``iteration``: its rows of one draw for a chunk of consecutive
         iterations (:data:`CHUNK_ROWS` rows), seeded by the chunk, so that an iteration's batch
         is the same whenever and in whatever order it is asked for."""
-        per = max(1, CHUNK_ROWS // batch_size)
-        chunk, at = divmod(iteration, per)
+        per, chunk, at = batch_chunk(batch_size, iteration)
         if self._drawn is None or self._drawn[0] != (batch_size, chunk):
             rng = np.random.default_rng([self.seed, 0, batch_size, chunk])
             self._drawn = ((batch_size, chunk), self.density.sample(per * batch_size, rng))
