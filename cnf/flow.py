@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from cnf.context import ContextEncoder, check_field_context, encode_context, make_context_encoder
 from cnf.fields import call_field, make_mlp
 from cnf.ode import ODEBlock
+from cnf.runtime import ruled
 from cnf.solvers import Solver
 from cnf.trace import JointDynamics, ProbeSource, make_trace
 
@@ -92,6 +93,14 @@ class Flow:
     num_classes: int | None = None  # class labels of p(x | c)
     preprocessed = False  # whether the flow fits a preprocessing layer (fit_preprocessing)
 
+    # the public maps, under cnf's thread rule when a user's code calls them (cnf.runtime.ruled)
+    RULED = ("log_prob", "sample", "sample_and_log_prob", "to_latent", "to_data", "trajectory")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in set(Flow.RULED) & set(vars(cls)):
+            setattr(cls, name, ruled(vars(cls)[name]))
+
     def fit_preprocessing(self, x: Any, context: Any = None) -> None:
         """Fit the flow's fixed preprocessing on the training rows (a table's normalizer); only
         flows with ``preprocessed`` have one."""
@@ -115,6 +124,7 @@ class Flow:
         flat = z.flatten(1)
         return -0.5 * (flat.square().sum(1) + self.dim * math.log(2 * math.pi))
 
+    @ruled
     def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
         """``log p(x)`` per sample: ``log N(z(T)) + log|det dz(T)/dx|``.
 
@@ -126,6 +136,7 @@ class Flow:
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
         return self.log_prob(x, **kwargs)
 
+    @ruled
     def sample_and_log_prob(
         self,
         n: int,

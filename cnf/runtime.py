@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -80,7 +81,13 @@ def configure_threads(threads: int, device: torch.device, dim: int) -> int:
     thread for a small model (its per-op work is too small to split), and for a larger one as
     many as the machine has idle cores, at most torch's default: a thread whose core another job
     holds makes every step wait for it, 10 to 35 times slower than one thread
-    (bench/bench_threads.py). Returns the number set."""
+    (bench/bench_threads.py). Sets the count for the process (a command's, or training's) and
+    returns it."""
+    _SET[:] = [_rule(threads, device, dim)]
+    return _SET[0]
+
+
+def _rule(threads: int, device: torch.device, dim: int) -> int:
     if threads == 0:
         threads = _IMPORT_THREADS
         if device.type == "cpu":
@@ -88,6 +95,10 @@ def configure_threads(threads: int, device: torch.device, dim: int) -> int:
             threads = threads if idle is None else max(1, min(threads, round(idle)))
     torch.set_num_threads(threads)
     return threads
+
+
+_SET: list[int] = []  # the count configure_threads last set for the process
+_RULING = [0]  # how many thread_rule blocks are open (a flow's calls inside one are ruled)
 
 
 _IDLE: list[float] = []  # the last measurement: [when, idle cores]
@@ -132,11 +143,31 @@ def thread_rule(device: torch.device, dim: int) -> Iterator[None]:
     their own (:func:`chosen_threads`); the caller's count is restored after. For the Python
     entry points, which must not change the process's setting."""
     before = torch.get_num_threads()
-    configure_threads(chosen_threads(), device, dim)
+    _rule(chosen_threads(), device, dim)
+    _RULING[0] += 1
     try:
         yield
     finally:
+        _RULING[0] -= 1
         torch.set_num_threads(before)
+
+
+def ruled(method: Callable) -> Callable:
+    """A flow's public ``method`` (``log_prob``, ``sample``, ...) under :func:`thread_rule` when
+    a user's own code calls it on a CPU model in eval mode, as after ``cnf.load_run``. Not in
+    training mode (a user's training loop sets its own count), inside an entry point that
+    already rules (``CNFDensity``, nested calls), or where a command or ``train`` has set the
+    process's count and it still holds."""
+
+    @functools.wraps(method)
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        device = self._like().device
+        if self.training or _RULING[0] or _SET == [torch.get_num_threads()] or device.type != "cpu":
+            return method(self, *args, **kwargs)
+        with thread_rule(device, self.dim):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def configure_cuda(device: torch.device, tf32: bool) -> None:

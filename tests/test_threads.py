@@ -114,3 +114,23 @@ def test_idle_cores_counts_a_busy_core(monkeypatch) -> None:
     finally:
         spin.kill()
     assert idle is not None and 0 <= idle <= (os.cpu_count() or 1) - 0.5
+
+
+def test_a_loaded_flow_runs_under_the_rule_from_python(run, threads, monkeypatch) -> None:
+    """``cnf.load_run(...).model`` called from a user's own code (the rule not set by a command):
+    its 2-D flow's log_prob and sample run on one thread and leave the caller's count; a count
+    the caller set, and a model in training mode, keep theirs."""
+    monkeypatch.setattr(cnf.runtime, "_SET", [])
+    model = cnf.load_run(run).model
+    inside = _seen(monkeypatch, model, "base_log_prob")
+    drawn = _seen(monkeypatch, model, "_base_noise")
+    x = torch.zeros(3, 2)
+    model.log_prob(x)
+    model.sample(4)
+    assert inside == [1] and drawn == [1] and torch.get_num_threads() == 3
+    torch.set_num_threads(2)  # the caller's own choice
+    model.log_prob(x)
+    model.train()
+    torch.set_num_threads(3)
+    model.log_prob(x)
+    assert inside == [1, 2, 3] and torch.get_num_threads() == 3
