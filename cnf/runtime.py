@@ -78,11 +78,12 @@ SMALL = 16  # dimensions up to which a model runs on one CPU thread
 
 def configure_threads(threads: int, device: torch.device, dim: int) -> int:
     """``threads`` 0 chooses for a model of ``dim`` dimensions on ``device``: on a CPU, one
-    thread for a small model (its per-op work is too small to split), and for a larger one as
-    many as the machine has idle cores, at most torch's default: a thread whose core another job
-    holds makes every step wait for it, 10 to 35 times slower than one thread
-    (bench/bench_threads.py). Sets the count for the process (a command's, or training's) and
-    returns it."""
+    thread for a small model, and for a larger one as many as the machine has idle cores, at
+    most torch's default. A thread whose core another job holds makes every step wait for it:
+    beside one busy process on 2 cores, two threads were 2.2 to 3.5 times slower than one for
+    every model size; on the idle machine they gained 1.2 to 1.3 times on the 2-D toys, too
+    little for that risk, and up to 1.5 on a U-Net (bench/bench_threads.py). Sets the count
+    for the process (a command's, or training's) and returns it."""
     _SET[:] = [_rule(threads, device, dim)]
     return _SET[0]
 
