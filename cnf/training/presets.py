@@ -107,24 +107,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         jacobian=0.0,
     ),
     # small tables (a few hundred rows): whitening makes the untrained flow the Gaussian fit; a
-    # small field with weight decay and early stopping keeps it from memorizing the rows
-    # flow matching for 1500 iterations (about 5 ms each), then maximum likelihood from that
-    # field until the validation NLL stops improving (bench/bench_tabular.py: lower test NLL
-    # than maximum likelihood alone on every bundled table, in a fraction of its time)
+    # field with strong weight decay, a moving average of its weights and early stopping keeps it
+    # from memorizing the rows. Flow matching for 1500 iterations, then maximum likelihood from
+    # that field until the validation NLL stops improving. Chosen on validation NLL over seeds
+    # 10 to 15 of wine, iris, breast_cancer and diabetes (bench/bench_tabular.py --seeds 10 ...);
+    # the benchmark's own seeds are 0 to 2
     "tabular": dict(
         objective="fm",
         iters=1500,
-        finetune_iters=3000,
-        finetune_lr=1e-3,
+        finetune_iters=400,
+        finetune_lr=2e-3,
         batch_size=256,
-        lr=2e-3,
-        weight_decay=1e-2,
-        hidden=(64, 64),
+        lr=5e-3,
+        weight_decay=0.3,
+        ema=0.99,
+        hidden=(128, 128),
         preprocess="whiten",
         kinetic=0.0,
         jacobian=0.0,
         eval_every=50,
-        patience=8,
+        patience=4,
+        adapt_size=64,  # the step adapter's checks: 64 rows every 100 iterations
+        adapt_every=100,
         eval_atol=1e-6,
         eval_rtol=1e-6,
         test_size=1_000_000,
