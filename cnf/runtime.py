@@ -162,8 +162,10 @@ def ruled(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def run(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training or _RULING[0] or _SET == [torch.get_num_threads()]:
+            return method(self, *args, **kwargs)
         device = self._like().device
-        if self.training or _RULING[0] or _SET == [torch.get_num_threads()] or device.type != "cpu":
+        if device.type != "cpu":
             return method(self, *args, **kwargs)
         with thread_rule(device, self.dim):
             return method(self, *args, **kwargs)

@@ -35,7 +35,7 @@ from cnf.data.conditional import (
     RotatingGaussian,
     _labels,
 )
-from cnf.data.toy import TOY, ToyData, ToyDensity, batch_chunk
+from cnf.data.toy import TOY, Chunks, ToyData, ToyDensity
 
 
 def _gaussian_entropy(cov: np.ndarray) -> float:
@@ -152,7 +152,7 @@ class ConditionalToyData:
             )
         self.event_shape = (self.task.dim,)
         self.condition = "label" if task is not None else ""
-        self._drawn: tuple[tuple[int, int], Pairs] | None = None  # the last chunk's pairs
+        self._chunks = Chunks(self._draw)
 
     def _draw(self, n: int, *stream: int) -> Pairs:
         return self.task.sample(n, np.random.default_rng([self.seed, *stream]))
@@ -162,15 +162,11 @@ class ConditionalToyData:
         return self._draw(self.n_train, 3)
 
     def train_batch(self, batch_size: int, iteration: int) -> Pairs:
-        """Fresh pairs as a toy's batches are drawn (a labelled toy's points are the toy's own:
-        :func:`~cnf.data.toy.batch_chunk`), or ``batch_size`` of the training set's."""
+        """Fresh pairs drawn as a toy's batches are (:class:`~cnf.data.toy.Chunks`: a labelled
+        toy's points are the toy's own), or ``batch_size`` of the training set's."""
         if not self.n_train:
-            per, chunk, at = batch_chunk(batch_size, iteration)
-            if self._drawn is None or self._drawn[0] != (batch_size, chunk):
-                self._drawn = ((batch_size, chunk), self._draw(per * batch_size, 0, batch_size,
-                                                               chunk))  # fmt: skip
-            rows = slice(at * batch_size, (at + 1) * batch_size)
-            return Pairs(self._drawn[1].x[rows].copy(), self._drawn[1].c[rows].copy())
+            drawn, rows = self._chunks.batch(batch_size, iteration)
+            return Pairs(drawn.x[rows].copy(), drawn.c[rows].copy())
         rows = np.random.default_rng([self.seed, 0, iteration]).integers(
             0, self.n_train, batch_size
         )

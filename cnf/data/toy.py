@@ -292,11 +292,23 @@ TOY: dict[str, ToyDensity] = {
 CHUNK_ROWS = 32_768
 
 
-def batch_chunk(batch_size: int, iteration: int) -> tuple[int, int, int]:
-    """Where an iteration's training batch lies in the draws of :data:`CHUNK_ROWS` rows: how
-    many batches a draw holds, which draw, and the batch's place in it."""
-    per = max(1, CHUNK_ROWS // batch_size)
-    return (per, *divmod(iteration, per))
+class Chunks:
+    """Training batches as slices of one draw per :data:`CHUNK_ROWS` rows: ``draw(n, 0,
+    batch_size, chunk)`` draws a chunk of consecutive iterations' rows from the stream of those
+    numbers, so an iteration's batch is the same whenever and in whatever order it is asked
+    for. The last draw is kept."""
+
+    def __init__(self, draw: Callable[..., Any]) -> None:
+        self.draw = draw
+        self._last: tuple[tuple[int, int], Any] | None = None
+
+    def batch(self, batch_size: int, iteration: int) -> tuple[Any, slice]:
+        """The draw that holds ``iteration``'s batch, and the batch's rows in it."""
+        per = max(1, CHUNK_ROWS // batch_size)
+        chunk, at = divmod(iteration, per)
+        if self._last is None or self._last[0] != (batch_size, chunk):
+            self._last = ((batch_size, chunk), self.draw(per * batch_size, 0, batch_size, chunk))
+        return self._last[1], slice(at * batch_size, (at + 1) * batch_size)
 
 
 class ToyData:
@@ -314,17 +326,15 @@ class ToyData:
     def __init__(self, density: ToyDensity, seed: int = 0, n_val: int = 2000) -> None:
         self.density, self.seed, self.n_val = density, seed, n_val
         self.name = density.name
-        self._drawn: tuple[tuple[int, int], np.ndarray] | None = None  # the last chunk's
+        self._chunks = Chunks(self._draw)
+
+    def _draw(self, n: int, *stream: int) -> np.ndarray:
+        return self.density.sample(n, np.random.default_rng([self.seed, *stream]))
 
     def train_batch(self, batch_size: int, iteration: int) -> np.ndarray:
-        """The batch of ``iteration``: its rows of one draw for a chunk of consecutive
-        iterations (:data:`CHUNK_ROWS` rows), seeded by the chunk, so that an iteration's batch
-        is the same whenever and in whatever order it is asked for."""
-        per, chunk, at = batch_chunk(batch_size, iteration)
-        if self._drawn is None or self._drawn[0] != (batch_size, chunk):
-            rng = np.random.default_rng([self.seed, 0, batch_size, chunk])
-            self._drawn = ((batch_size, chunk), self.density.sample(per * batch_size, rng))
-        return self._drawn[1][at * batch_size : (at + 1) * batch_size].copy()
+        """The batch of ``iteration``, its rows of a :class:`Chunks` draw."""
+        drawn, rows = self._chunks.batch(batch_size, iteration)
+        return drawn[rows].copy()
 
     @cached_property
     def _validation(self) -> np.ndarray:
