@@ -39,7 +39,7 @@ from cnf.model_config import DTYPES, ModelConfig
 from cnf.runtime import SAMPLE_CHUNK, check_memory, chosen_threads, thread_rule
 from cnf.solvers import SolverError
 from cnf.table_flow import TabularCNF
-from cnf.training import Diverged, KeepBest, TrainConfig, fit, setup
+from cnf.training import PRESETS, Diverged, KeepBest, TrainConfig, fit, setup
 
 # The estimator's parameters that keep scikit-learn's spelling, and the setting each is in cnf's
 # configs (cnf train's flags); every other parameter has the config's own name.
@@ -52,6 +52,10 @@ SKLEARN_NAMES = {
     "random_state": "seed",
 }
 
+# cnf train's recipe for a table (PRESETS["tabular"], chosen by bench/bench_tabular.py's
+# methods): the estimators' defaults are read from it, so the two cannot drift apart
+TABLE = PRESETS["tabular"]
+
 
 class FlowEstimator(BaseEstimator):
     """The parameters and the training that cnf's scikit-learn estimators share
@@ -63,28 +67,29 @@ class FlowEstimator(BaseEstimator):
     def __init__(
         self,
         *,
-        hidden: tuple[int, ...] = (64, 64),
+        hidden: tuple[int, ...] = TABLE["hidden"],
         activation: str = "tanh",
         preprocess: str = "whiten",
         dequantize: bool = False,
-        max_iter: int = 1500,
-        batch_size: int = 256,
-        lr: float = 2e-3,
-        weight_decay: float = 1e-2,
+        max_iter: int = TABLE["iters"],
+        batch_size: int = TABLE["batch_size"],
+        lr: float = TABLE["lr"],
+        weight_decay: float = TABLE["weight_decay"],
+        ema: float = TABLE["ema"],
         kinetic: float = 0.0,
         objective: str = "fm",
         coupling: str = "independent",
-        finetune_iter: int = 2000,
-        finetune_lr: float = 1e-3,
+        finetune_iter: int = TABLE["finetune_iters"],
+        finetune_lr: float = TABLE["finetune_lr"],
         jacobian: float = 0.0,
         validation_fraction: float = 0.1,
-        patience: int = 4,
-        eval_every: int = 50,
+        patience: int = TABLE["patience"],
+        eval_every: int = TABLE["eval_every"],
         trace: str = "auto",
         method: str = "rk4",
         tol: float = 1e-5,
         step_size: float | None = None,
-        eval_tol: float = 1e-7,
+        eval_tol: float = TABLE["eval_atol"],
         dtype: str = "float32",
         device: str = "cpu",
         random_state: int | np.random.RandomState | None = None,
@@ -98,6 +103,7 @@ class FlowEstimator(BaseEstimator):
         self.batch_size = batch_size
         self.lr = lr
         self.weight_decay = weight_decay
+        self.ema = ema
         self.kinetic = kinetic
         self.objective = objective
         self.coupling = coupling
@@ -143,6 +149,7 @@ class FlowEstimator(BaseEstimator):
             batch_size=min(self.batch_size, n_train),
             lr=self.lr,
             weight_decay=self.weight_decay,
+            ema=self.ema,
             eval_every=self.eval_every,
             seed=seed,
             device=self.device,
@@ -154,6 +161,8 @@ class FlowEstimator(BaseEstimator):
             finetune_lr=self.finetune_lr if fm else None,
             jacobian=self.jacobian,
             patience=self.patience,
+            adapt_size=TABLE["adapt_size"],
+            adapt_every=TABLE["adapt_every"],
         )
 
     def _split(self, n: int) -> tuple[int, np.ndarray, np.ndarray]:
@@ -232,12 +241,16 @@ class CNFDensity(DensityMixin, FlowEstimator):
         batch_size: rows per step (at most the number of training rows).
         lr: AdamW's learning rate (a cosine schedule down to 1% of it).
         weight_decay: AdamW's decoupled weight decay.
+        ema: the decay of an exponential moving average of the weights, which validation
+            scores and the fitted model keeps (0: off).
         kinetic: RNODE's kinetic-energy weight (arXiv:2002.02798), for maximum likelihood.
         jacobian: RNODE's Jacobian weight, for maximum likelihood.
         objective: ``"fm"`` (the default: flow matching, :class:`cnf.training.FlowMatching`,
             for ``max_iter`` steps, then maximum likelihood for up to ``finetune_iter`` more,
             stopped early on the validation NLL) or ``"mle"`` (maximum likelihood throughout).
-            The defaults are ``cnf train``'s tabular recipe (bench/bench_tabular.py).
+            The defaults are ``cnf train``'s tabular recipe, read from
+            ``cnf.training.PRESETS["tabular"]``, chosen on tables of 120 to 450 training rows
+            (bench/bench_tabular.py); for other tables ``GridSearchCV`` chooses.
         coupling: flow matching's pairing of data and noise, ``"independent"`` or ``"ot"``.
         finetune_iter: iterations of the maximum-likelihood phase after flow matching.
         finetune_lr: the peak learning rate of that phase's own cosine schedule.

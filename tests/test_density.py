@@ -143,3 +143,13 @@ def test_the_default_trains_by_flow_matching_then_maximum_likelihood() -> None:
     gaussian = cnf.CNFDensity(hidden=(16,), max_iter=1, finetune_iter=0, random_state=0).fit(x)
     # whitening starts the flow at the Gaussian fit; training must not make the density worse
     assert est.score(x) >= gaussian.score(x) - 1.0
+
+
+def test_the_defaults_are_cnf_trains_tabular_recipe() -> None:
+    # what CNFDensity() trains is what `cnf train --data wine` trains: every option the recipe
+    # sets, from the config the estimator builds (not from its parameters' defaults alone)
+    ours = cnf.CNFDensity()._config(seed=0, n_train=1000).flat_options()
+    theirs = cnf.training.TrainConfig.for_data("wine").flat_options()
+    recipe = set(cnf.training.PRESETS["tabular"]) - {"test_size"}  # no test split in a fit
+    assert {k: ours[k] for k in recipe} == {k: theirs[k] for k in recipe}
+    assert (ours["activation"], ours["mlp"]) == (theirs["activation"], theirs["mlp"])

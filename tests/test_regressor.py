@@ -29,9 +29,9 @@ def test_sklearn_estimator_checks(estimator, check) -> None:
 
 # Flow matching alone, every step (no validation split: on 200 held-out rows the validation
 # NLL is too noisy to stop on); fixed-step rk4 in float64 for training, densities and draws.
-RECIPE = dict(hidden=(32, 32), max_iter=1500, finetune_iter=0, lr=1e-2, batch_size=512,
-              validation_fraction=0.0, method="rk4", step_size=0.25, dtype="float64",
-              random_state=0)  # fmt: skip
+RECIPE = dict(hidden=(32, 32), max_iter=1500, finetune_iter=0, lr=1e-2, weight_decay=1e-2,
+              batch_size=512, validation_fraction=0.0, method="rk4", step_size=0.25,
+              dtype="float64", random_state=0)  # fmt: skip
 A, B, SIGMA = np.array([1.0, -0.5]), 0.5, 0.4  # y = A.X + B + SIGMA eps, X ~ U(-1, 1)^2
 
 
