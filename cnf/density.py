@@ -249,7 +249,7 @@ class CNFDensity(DensityMixin, FlowEstimator):
             for ``max_iter`` steps, then maximum likelihood for up to ``finetune_iter`` more,
             stopped early on the validation NLL) or ``"mle"`` (maximum likelihood throughout).
             The defaults are ``cnf train``'s tabular recipe, read from
-            ``cnf.training.PRESETS["tabular"]``, chosen on tables of 120 to 450 training rows
+            ``cnf.training.PRESETS["tabular"]``, chosen on tables of 120 to 455 training rows
             (bench/bench_tabular.py); for other tables ``GridSearchCV`` chooses.
         coupling: flow matching's pairing of data and noise, ``"independent"`` or ``"ot"``.
         finetune_iter: iterations of the maximum-likelihood phase after flow matching.
