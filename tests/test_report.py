@@ -122,7 +122,9 @@ def test_a_whole_budget_prices_validation_and_the_report_before_training() -> No
     trained = 20.0 - sum(plan.others.values())
     share = config(**flat).budget_share  # the maximum-likelihood phase's
     assert whole.iters == max(1, round((1 - share) * trained / plan.seconds_per_iter))
-    assert whole.iters < alone.iters
+    # the training's budget alone is all 20 s (each plan times its own iterations: the two
+    # timings differ on a busy machine, so each is checked against its own)
+    assert alone.iters == max(1, round((1 - share) * 20.0 / plan_alone.seconds_per_iter))
     for cfg in (alone, whole):  # validation as often as a twentieth of the budget pays for
         assert 1 <= math.ceil(cfg.total_iters / cfg.eval_every) <= 20
     short, made = budgeting.plan(config(**{**flat, "budget": 0.5}),
