@@ -16,6 +16,8 @@ and counts that map's log-det, so all NLLs are in the original units of the data
   early on the validation NLL), the best checkpoint evaluated on the test split (exact trace);
 * cnf mle: the same with maximum likelihood throughout (``--objective mle``, the earlier preset:
   2000 iterations, validation every 25, patience 8);
+* cnf fm: the preset's flow matching alone (``--finetune-iters 0``): what its maximum-likelihood
+  phase adds, per table;
 * zuko NSF and MAF (``pip install zuko``; ``--no-zuko`` to leave them out): zuko's neural spline
   and masked autoregressive flows (3 transforms, hidden 64-64), Adam 1e-3, batch 256, early
   stopping on the validation NLL (patience 20 evaluations of 25 steps), on the standardized data;
@@ -113,7 +115,7 @@ def baselines(data, seed: int, quick: bool) -> dict[str, Result]:
 def fit_cnf(name: str, seed: int, quick: bool, **overrides) -> Result:
     # cnf train's settings for tables (cnf.training.PRESETS["tabular"]), all test rows evaluated
     flat = {**overrides, **(QUICK if quick else {})}
-    if quick and flat.get("objective", "fm") == "fm":
+    if quick and flat.get("objective", "fm") == "fm" and "finetune_iters" not in overrides:
         flat.update(finetune_iters=10)
     cfg = TrainConfig.for_data(name, seed=seed, dequantize=name in DEQUANTIZE, **flat)
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +178,8 @@ def main() -> None:
 
     zuko = not args.no_zuko and _have_zuko()
     results.settings["zuko"] = zuko
-    methods = ("cnf", "cnf mle", "GMM", "KDE", "Gaussian", *(("NSF", "MAF") if zuko else ()))
+    methods = ("cnf", "cnf mle", "cnf fm", "GMM", "KDE", "Gaussian",
+               *(("NSF", "MAF") if zuko else ()))  # fmt: skip
     methods = tuple(m for m in methods if args.methods is None or m in args.methods)
     rows = [dataset_row(name, methods, args) for name in args.datasets]
     columns = [
@@ -234,7 +237,8 @@ def dataset_row(name: str, methods: tuple[str, ...], args: argparse.Namespace) -
     n_test = len(get_dataset(name, seed=args.seeds[0], dequantize=name in DEQUANTIZE).test())
     dim = get_dataset(name, seed=args.seeds[0]).event_shape[0]
     choices = "; ".join(f"{m}: {', '.join(r.choice for r in per_seed[m])}"
-                        for m in ("cnf", "cnf mle", "GMM", "KDE") if m in methods)  # fmt: skip
+                        for m in ("cnf", "cnf mle", "cnf fm", "GMM", "KDE")
+                        if m in methods)  # fmt: skip
     nll = {m: float(np.mean([r.nll for r in per_seed[m]])) for m in methods}
     row = dict(dataset=name, dim=dim, test_rows=n_test, seeds=",".join(map(str, args.seeds)),
                **nll, fit_s=[float(np.mean([r.seconds for r in per_seed[m]])) for m in methods],
@@ -246,7 +250,8 @@ def dataset_row(name: str, methods: tuple[str, ...], args: argparse.Namespace) -
     return row
 
 
-FITS = ("cnf", "cnf mle", "NSF", "MAF")  # one fit each; the scikit-learn baselines go together
+# one fit each; the scikit-learn baselines go together
+FITS = ("cnf", "cnf mle", "cnf fm", "NSF", "MAF")
 
 
 def fit_one(method: str, name: str, data, seed: int, quick: bool) -> Result:
@@ -256,6 +261,8 @@ def fit_one(method: str, name: str, data, seed: int, quick: bool) -> Result:
             result = fit_cnf(name, seed, quick)
         elif method == "cnf mle":
             result = fit_cnf(name, seed, quick, **MLE_PRESET)
+        elif method == "cnf fm":
+            result = fit_cnf(name, seed, quick, finetune_iters=0)
         else:
             result = fit_zuko(method, data, seed, quick)
     result.seconds = t.cpu
