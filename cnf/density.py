@@ -70,6 +70,7 @@ class FlowEstimator(BaseEstimator):
         hidden: tuple[int, ...] = TABLE["hidden"],
         activation: str = "tanh",
         preprocess: str = TABLE["preprocess"],
+        log_columns: str = "none",
         dequantize: bool = False,
         max_iter: int = TABLE["iters"],
         batch_size: int = TABLE["batch_size"],
@@ -98,6 +99,7 @@ class FlowEstimator(BaseEstimator):
         self.hidden = hidden
         self.activation = activation
         self.preprocess = preprocess
+        self.log_columns = log_columns
         self.dequantize = dequantize
         self.max_iter = max_iter
         self.batch_size = batch_size
@@ -143,6 +145,7 @@ class FlowEstimator(BaseEstimator):
             eval_rtol=self.eval_tol,
             eval_step_size=self.step_size,
             preprocess=self.preprocess,
+            log_columns=self.log_columns,
         )
         return TrainConfig(data="array", model=model).replace(
             iters=self.max_iter,
@@ -233,6 +236,11 @@ class CNFDensity(DensityMixin, FlowEstimator):
             ``"whiten"`` (inverse Cholesky of the covariance; the flow starts at the identity,
             so the untrained model is then the full-covariance Gaussian fit) or ``"none"``.
             Its log-det is part of every density.
+        log_columns: ``"none"``, or ``"positive"``: the log of every column positive on the
+            training rows is taken before ``preprocess`` (for skewed positive measurements:
+            sizes, concentrations, counts), its Jacobian part of every density. Rows at or
+            below zero in such a column lie outside the support: ``score_samples`` gives them
+            ``-inf``.
         dequantize: add ``U[0, 1)`` noise to integer-valued columns while training (the density is
             then that of the dequantized data; evaluate it at ``X + U`` for the bound on the
             discrete likelihood).

@@ -22,7 +22,7 @@ from cnf.flow import CNF, Flow
 from cnf.multiscale import MultiscaleCNF
 from cnf.options import help_of, listed, option
 from cnf.solvers import METHODS, Solver
-from cnf.table_flow import PREPROCESS, TabularCNF
+from cnf.table_flow import LOG_COLUMNS, PREPROCESS, TabularCNF
 from cnf.trace import NOISES, TRACES
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -40,9 +40,15 @@ class TableModel:
         "standardize",
         f"fixed affine layer fitted on the training rows: {listed(PREPROCESS)}",
     )
+    log_columns: str = option(
+        "none",
+        "columns taken on a log scale before it: none, or positive (every column positive on "
+        "the training rows; rows at or below zero there then have density zero)",
+    )
 
     def __post_init__(self) -> None:
         options.choice("preprocess", self.preprocess, PREPROCESS)
+        options.choice("log_columns", self.log_columns, LOG_COLUMNS)
 
 
 @dataclass
@@ -151,7 +157,7 @@ class ModelConfig:
     table: TableModel | None = options.nested(
         TableModel,
         "tables",
-        {"preprocess": ("preprocess", "tables: " + help_of(_fields(TableModel)["preprocess"]))},
+        {name: (name, f"tables: {help_of(f)}") for name, f in _fields(TableModel).items()},
         optional="is for tables, and these data are not a table: drop it",
     )
     image: ImageModel | None = options.nested(
@@ -224,9 +230,9 @@ def _vector(cfg: ModelConfig, meta: dict[str, Any]) -> CNF:
 
 def _tabular(cfg: ModelConfig, meta: dict[str, Any]) -> TabularCNF:
     (dim,) = meta["event_shape"]
-    preprocess = (cfg.table or TableModel()).preprocess
-    return TabularCNF(dim, preprocess=preprocess, mlp=cfg.mlp, **_common(cfg),
-                      **_condition(cfg, meta))  # fmt: skip
+    table = cfg.table or TableModel()
+    return TabularCNF(dim, preprocess=table.preprocess, log_columns=table.log_columns,
+                      mlp=cfg.mlp, **_common(cfg), **_condition(cfg, meta))  # fmt: skip
 
 
 def _image(cfg: ModelConfig, meta: dict[str, Any]) -> MultiscaleCNF:

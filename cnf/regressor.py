@@ -60,9 +60,9 @@ EXPECTED_FAILED_CHECKS = {
 class CNFRegressor(RegressorMixin, FlowEstimator):
     r"""Regression with a full predictive density :math:`p(y \mid X)`, by a conditional CNF.
 
-    Its parameters are those of :class:`cnf.CNFDensity`, with its defaults; ``preprocess`` and
-    ``dequantize`` are of ``y`` (the features ``X`` are standardized, never dequantized), and
-    the validation rows are pairs.
+    Its parameters are those of :class:`cnf.CNFDensity`, with its defaults; ``preprocess``,
+    ``log_columns`` and ``dequantize`` are of ``y`` (the features ``X`` are standardized, never
+    dequantized), and the validation rows are pairs.
 
     Attributes:
         model_: the fitted :class:`~cnf.table_flow.TabularCNF` of ``y`` given ``X`` (eval mode).

@@ -139,7 +139,9 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     ckpt = load_checkpoint(path)
     try:
         model_args = ModelConfig.from_dict(ckpt["model_args"])
-        _check_shapes(model_shapes(model_args, ckpt["data"]), ckpt["model"])  # before building
+        expected = model_shapes(model_args, ckpt["data"])
+        _fill_added(expected, ckpt["model"])
+        _check_shapes(expected, ckpt["model"])  # before building
         model = build_model(model_args, ckpt["data"])
         model.load_state_dict(ckpt["model"])
         model.set_solver(model.solver.replace(**ckpt["solver"]))
@@ -164,6 +166,21 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
         ckpt["iteration"],
         ckpt.get("data_fingerprint"),
     )
+
+
+# tensors a model gained after checkpoints were written without them, with what such a
+# checkpoint means: a table normalizer's log columns (none before there were any)
+ADDED_TENSORS = {"normalizer.log_mask": torch.bool}
+
+
+def _fill_added(expected: dict[str, torch.Size], weights: Any) -> None:
+    """Give an older checkpoint's weights the tensors of :data:`ADDED_TENSORS` it lacks (all
+    zero: what it was trained with)."""
+    if not isinstance(weights, dict):
+        return
+    for key in set(expected) - set(weights):
+        if key in ADDED_TENSORS:
+            weights[key] = torch.zeros(expected[key], dtype=ADDED_TENSORS[key])
 
 
 def _check_shapes(expected: dict[str, torch.Size], weights: Any) -> None:

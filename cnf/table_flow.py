@@ -26,6 +26,7 @@ noise (one forward-mode Jacobian per function evaluation: affordable without a b
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,9 @@ from cnf.flow import CNF, FlowResult
 from cnf.solvers import Solver
 
 PREPROCESS = ("standardize", "whiten", "none")
+# which columns a table's normalizer takes the log of first: none, or every column positive on
+# the training rows (the model's support is then x > 0 in those columns)
+LOG_COLUMNS = ("none", "positive")
 
 # In eval mode, log-densities up to this dimension use the exact trace (covers every bundled and
 # MAF set: digits 64, BSDS300 63); above it, the flow's own (Hutchinson) estimate.
@@ -43,11 +47,16 @@ EXACT_EVAL_MAX_DIM = 64
 
 
 class Normalizer(nn.Module):
-    """The fixed affine map ``u = (x - loc) @ weight.T`` with ``weight`` lower triangular.
+    """The fixed map ``u = (y - loc) @ weight.T`` with ``weight`` lower triangular, where ``y``
+    is ``x`` with the log taken of the columns in ``log_mask`` (none unless ``log``).
 
     Arguments:
         dim: the number of columns.
         kind: ``"standardize"``, ``"whiten"`` or ``"none"`` (identity).
+        log: ``"none"``, or ``"positive"``: :meth:`fit` takes the log of every column whose
+            training values are all positive (skewed positive measurements, sizes or
+            concentrations, are nearer a Gaussian on that scale). Rows with a value at or below
+            zero in such a column lie outside the model's support (density zero).
 
     Example:
         >>> norm = Normalizer(2)
@@ -58,21 +67,26 @@ class Normalizer(nn.Module):
         -2.3026
     """
 
-    def __init__(self, dim: int, kind: str = "standardize") -> None:
+    def __init__(self, dim: int, kind: str = "standardize", log: str = "none") -> None:
         super().__init__()
         if kind not in PREPROCESS:
             raise ValueError(f"unknown preprocess {kind!r}; valid choices: {list(PREPROCESS)}")
-        self.kind = kind
+        if log not in LOG_COLUMNS:
+            raise ValueError(f"unknown log_columns {log!r}; valid choices: {list(LOG_COLUMNS)}")
+        self.kind, self.log = kind, log
         self.register_buffer("loc", torch.zeros(dim))
         self.register_buffer("weight", torch.eye(dim))
+        self.register_buffer("log_mask", torch.zeros(dim, dtype=torch.bool))
 
     def fit(self, x: np.ndarray | Tensor) -> None:
-        """Set the statistics from training rows ``x`` (computed in float64)."""
+        """Set the log columns and the statistics from training rows ``x`` (in float64)."""
         x = torch.as_tensor(np.asarray(x, dtype=np.float64))
         if x.ndim != 2 or x.shape[1] != len(self.loc) or len(x) < 2:
             raise ValueError(
                 f"expected at least 2 rows of {len(self.loc)} columns, got {tuple(x.shape)}"
             )
+        self.log_mask.copy_((x > 0).all(0) if self.log == "positive" else False)
+        x = self._logs(x)
         weight = torch.eye(x.shape[1], dtype=torch.float64)
         loc = x.mean(0) if self.kind != "none" else torch.zeros(x.shape[1], dtype=torch.float64)
         if self.kind == "standardize":
@@ -84,16 +98,46 @@ class Normalizer(nn.Module):
 
     @property
     def logdet(self) -> Tensor:
-        """``log|det du/dx| = sum_i log|W_ii|`` (``W`` is triangular)."""
+        """The affine part's ``log|det du/dy| = sum_i log|W_ii|`` (``W`` is triangular)."""
         return self.weight.diagonal().abs().log().sum()
 
+    def log_jacobian(self, x: Tensor) -> Tensor:
+        """``log|det du/dx|`` per row: :attr:`logdet`, less ``log x_j`` for each log column."""
+        if not self.log_mask.any():
+            return self.logdet.expand(x.shape[:-1])
+        return self.logdet - x[..., self.log_mask].log().sum(-1)
+
+    def inside(self, x: Tensor) -> Tensor | None:
+        """Which rows lie in the support (positive in every log column); ``None``: all rows
+        do, as without log columns."""
+        if not self.log_mask.any():
+            return None
+        return (x[..., self.log_mask] > 0).all(-1)
+
+    def _logs(self, x: Tensor) -> Tensor:
+        if not self.log_mask.any():
+            return x
+        return torch.where(self.log_mask, torch.where(self.log_mask, x, 1).log(), x)
+
     def forward(self, x: Tensor) -> Tensor:
-        return (x - self.loc) @ self.weight.T
+        return (self._logs(x) - self.loc) @ self.weight.T
 
     def inverse(self, u: Tensor) -> Tensor:
-        """``x = W^{-1} u + loc`` by a triangular solve."""
-        x = torch.linalg.solve_triangular(self.weight, u.T, upper=False).T
-        return x + self.loc
+        """``y = W^{-1} u + loc`` by a triangular solve, then ``exp`` of the log columns."""
+        y = torch.linalg.solve_triangular(self.weight, u.T, upper=False).T + self.loc
+        return torch.where(self.log_mask, y.exp(), y) if self.log_mask.any() else y
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints from before log columns: none of their columns had one
+        state_dict.setdefault(prefix + "log_mask", torch.zeros_like(self.log_mask))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _outside(x: Tensor, mask: Tensor) -> tuple[int, int]:
+    """The first row, and its column, at or below zero in a log column."""
+    bad = (x <= 0) & mask
+    row = int(bad.any(-1).nonzero()[0])
+    return row, int(bad[row].nonzero()[0])
 
 
 def _nonzero_std(std: Tensor) -> Tensor:
@@ -130,6 +174,9 @@ class TabularCNF(CNF):
     Arguments:
         dim: the number of columns.
         preprocess: ``"standardize"`` (default), ``"whiten"`` or ``"none"``.
+        log_columns: ``"none"`` (default) or ``"positive"``: the log of every column positive on
+            the training rows is taken before ``preprocess`` (:class:`Normalizer`); rows at or
+            below zero in such a column then have density zero (``log_prob`` is ``-inf``).
         **kwargs: those of :class:`~cnf.flow.CNF` (``hidden``, ``trace``, solvers, ...).
 
     The default field's last layer starts at zero, so the untrained flow is the identity and the
@@ -145,10 +192,11 @@ class TabularCNF(CNF):
         torch.Size([4, 3])
     """
 
-    def __init__(self, dim: int, *, preprocess: str = "standardize", **kwargs: Any) -> None:
+    def __init__(self, dim: int, *, preprocess: str = "standardize", log_columns: str = "none",
+                 **kwargs: Any) -> None:  # fmt: skip
         default_field = kwargs.get("vector_field") is None
         super().__init__(dim, **kwargs)
-        self.normalizer = Normalizer(self.dim, preprocess)
+        self.normalizer = Normalizer(self.dim, preprocess, log_columns)
         if self.context_features:  # features of p(x | c) are standardized the same way
             self.context_normalizer = Normalizer(self.context_features, "standardize")
         if default_field:  # start at the identity flow: the Gaussian of the normalizer's fit
@@ -178,22 +226,43 @@ class TabularCNF(CNF):
 
     def to_latent(self, x: Tensor, **kwargs: Any) -> FlowResult:
         """Data (original units) to latents; ``logdet`` includes the normalizer's."""
-        u = self.normalizer(self.check_input(x, "x"))
-        out = super().to_latent(u, **kwargs)
-        return dataclasses.replace(out, logdet=out.logdet + self.normalizer.logdet)
+        x = self.check_input(x, "x")
+        inside = self.normalizer.inside(x)
+        if inside is not None and not bool(inside.all()):
+            row, col = _outside(x, self.normalizer.log_mask)
+            raise ValueError(
+                f"row {row} has {x[row, col].item():g} in column {col}, which this model takes "
+                "the log of (log_columns='positive': positive on every training row): it lies "
+                "outside the support; log_prob gives such rows -inf, or fit with "
+                "log_columns='none'"
+            )
+        out = super().to_latent(self.normalizer(x), **kwargs)
+        return dataclasses.replace(out, logdet=out.logdet + self.normalizer.log_jacobian(x))
 
     def to_data(self, z: Tensor, **kwargs: Any) -> FlowResult:
         """Latents to data in original units; ``logdet = log|det dx/dz|``."""
         out = super().to_data(z, **kwargs)
         x = self.normalizer.inverse(out.value)
-        return dataclasses.replace(out, value=x, logdet=out.logdet - self.normalizer.logdet)
+        return dataclasses.replace(
+            out, value=x, logdet=out.logdet - self.normalizer.log_jacobian(x)
+        )
 
     def log_prob(self, x: Tensor, **kwargs: Any) -> Tensor:
-        """``log p(x)`` in original units; exact trace in eval mode up to
-        :data:`EXACT_EVAL_MAX_DIM` dimensions unless ``trace`` is given."""
+        """``log p(x)`` in original units (``-inf`` for rows outside the support of a model
+        with log columns); exact trace in eval mode up to :data:`EXACT_EVAL_MAX_DIM`
+        dimensions unless ``trace`` is given."""
         if not self.training and kwargs.get("trace") is None and self.dim <= EXACT_EVAL_MAX_DIM:
             kwargs["trace"] = "exact"
-        return super().log_prob(x, **kwargs)
+        inside = self.normalizer.inside(self.check_input(x, "x"))
+        if inside is None or bool(inside.all()):
+            return super().log_prob(x, **kwargs)
+        out = x.new_full(x.shape[:1], -math.inf)
+        if bool(inside.any()):  # the rest, with their conditions
+            context = kwargs.get("context")
+            if isinstance(context, Tensor) and context.shape[:1] == x.shape[:1]:
+                kwargs["context"] = context[inside]
+            out[inside] = super().log_prob(x[inside], **kwargs)
+        return out
 
     def sample(
         self,
@@ -209,4 +278,5 @@ class TabularCNF(CNF):
         return self.normalizer.inverse(z)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, preprocess={self.normalizer.kind!r}"
+        log = f", log_columns={self.normalizer.log!r}" if self.normalizer.log != "none" else ""
+        return f"{super().extra_repr()}, preprocess={self.normalizer.kind!r}{log}"

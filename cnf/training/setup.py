@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from cnf.adaptation import start_step
@@ -90,6 +91,7 @@ def setup(
             model.fit_preprocessing(rows.x, context=rows.c)
         else:
             model.fit_preprocessing(rows)
+        _check_support(model, data)
     settings = dict(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -129,6 +131,25 @@ def _check_model_size(cfg: TrainConfig, meta: dict[str, Any]) -> None:
     nbytes = count * DTYPES[cfg.model.dtype].itemsize * 4
     check_memory(nbytes, f"the model's {count:,} parameters (with their gradients and "
                  "optimizer state)", "choose a smaller model")  # fmt: skip
+
+
+def _check_support(model, data: Dataset) -> None:
+    """Refuse, before training, validation or test rows that a table's log columns (positive on
+    every training row) leave outside the model's support: their density would be zero."""
+    normalizer = getattr(model, "normalizer", None)
+    if normalizer is None or not bool(normalizer.log_mask.any()):
+        return
+    for split, rows in (("validation", data.validation()), ("test", data.test())):
+        x = torch.as_tensor(np.asarray(getattr(rows, "x", rows)), dtype=torch.float64)
+        inside = normalizer.inside(x.to(normalizer.log_mask.device))
+        if len(x) and not bool(inside.all()):
+            col = int(((x <= 0) & normalizer.log_mask.cpu()).any(0).nonzero()[0])
+            name = data.columns[col] if hasattr(data, "columns") else f"column {col}"
+            raise ValueError(
+                f"{name} is positive on every training row, so --log-columns positive takes its "
+                f"log, but the {split} split has rows at or below zero there (density zero): "
+                "use --log-columns none"
+            )
 
 
 def check_report_size(cfg: TrainConfig, data: Dataset) -> None:

@@ -1,0 +1,155 @@
+"""A table's log columns (``log_columns="positive"``): the log taken before the affine layer,
+its Jacobian in every density, and rows outside the support."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from cnf.solvers import Solver
+from cnf.table_flow import Normalizer, TabularCNF
+from cnf.training.setup import _check_support
+
+
+def _data(n: int = 200, seed: int = 0) -> np.ndarray:
+    """Two log-normal columns (one of them with a wide range) and one that crosses zero."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 3))
+    return np.column_stack([np.exp(1.0 + 0.2 * z[:, 0]), np.exp(2.0 * z[:, 1]), z[:, 2] - 0.5])
+
+
+def _flow(log_columns: str = "positive", preprocess: str = "whiten", seed: int = 0,
+          trained: bool = True) -> TabularCNF:  # fmt: skip
+    torch.manual_seed(seed)
+    flow = TabularCNF(3, preprocess=preprocess, log_columns=log_columns, hidden=(16,),
+                      solver=Solver("rk4", step_size=0.1))  # fmt: skip
+    if trained:  # a clearly non-identity flow
+        for p in flow.parameters():
+            p.data.normal_(0, 0.5)
+    return flow.eval()
+
+
+@pytest.mark.parametrize("kind", ["standardize", "whiten", "none"])
+def test_log_jacobian_is_the_log_abs_det_of_the_jacobian(float64, kind: str) -> None:
+    norm = Normalizer(3, kind, log="positive")
+    x = _data()
+    norm.fit(x)
+    assert norm.log_mask.tolist() == [True, True, False]  # the third column crosses zero
+    rows = torch.tensor(x[:5])
+    for row, expected in zip(rows, norm.log_jacobian(rows), strict=True):
+        jac = torch.autograd.functional.jacobian(lambda v: norm(v[None])[0], row)
+        assert expected.item() == pytest.approx(torch.linalg.slogdet(jac)[1].item(), abs=1e-10)
+    u = norm(torch.tensor(x))
+    np.testing.assert_allclose(norm.inverse(u).numpy(), x, rtol=1e-10, atol=1e-12)
+    if kind == "whiten":  # the logged training rows, whitened: identity covariance
+        np.testing.assert_allclose(np.cov(u.numpy().T, bias=True), np.eye(3), atol=1e-6)
+
+
+def test_the_untrained_flow_of_a_positive_column_is_the_fitted_log_normal(float64) -> None:
+    """The field starts at zero: with a log column and standardization, the model is the
+    log-normal of the training rows' log mean and sd, whose density is known in closed form."""
+    x = _data()[:, :1]
+    flow = TabularCNF(1, log_columns="positive", hidden=(8,), solver=Solver("rk4", step_size=0.5))
+    flow.fit_preprocessing(x)
+    mu, sd = np.log(x).mean(), np.log(x).std()
+    grid = np.linspace(0.5, 8.0, 7)[:, None]
+    with torch.no_grad():
+        logp = flow.eval().log_prob(torch.tensor(grid)).numpy()
+    np.testing.assert_allclose(logp, stats.lognorm.logpdf(grid[:, 0], s=sd, scale=np.exp(mu)),
+                               rtol=1e-9)  # fmt: skip
+
+
+def test_nll_changes_by_log_c_when_a_log_column_is_scaled_by_c(float64) -> None:
+    """On a log scale, a change of units is a shift, which the normalizer's mean absorbs: each
+    row's NLL moves by exactly log c, as for the affine layer alone."""
+    x, c = _data(100), np.array([1000.0, 0.01, 3.0])
+    a, b = _flow(), _flow()
+    a.fit_preprocessing(x)
+    b.fit_preprocessing(x * c)
+    with torch.no_grad():
+        la, lb = a.log_prob(torch.tensor(x[:20])), b.log_prob(torch.tensor(x[:20] * c))
+    np.testing.assert_allclose((la - lb).numpy(), np.log(c).sum(), atol=1e-8)
+
+
+def test_a_trained_density_integrates_to_one_over_the_positive_half_line(float64) -> None:
+    x = _data()[:, 1:2]
+    torch.manual_seed(0)
+    flow = TabularCNF(1, log_columns="positive", hidden=(16,), solver=Solver("rk4", step_size=0.05))
+    for p in flow.parameters():
+        p.data.normal_(0, 0.5)
+    flow.fit_preprocessing(x)
+    t = torch.linspace(-12.0, 8.0, 4001, dtype=torch.float64)  # x = e^t covers the support
+    with torch.no_grad():
+        logp = flow.eval().log_prob(t.exp()[:, None])
+    mass = torch.trapezoid((logp + t).exp(), t).item()  # dx = e^t dt
+    assert mass == pytest.approx(1.0, abs=2e-3)
+
+
+def test_samples_are_positive_and_their_log_density_is_log_prob(float64) -> None:
+    flow = _flow()
+    flow.fit_preprocessing(_data())
+    with torch.no_grad():
+        x, logp = flow.sample_and_log_prob(50, generator=torch.Generator().manual_seed(1))
+        again = flow.log_prob(x, trace="exact")
+    assert bool((x[:, :2] > 0).all()) and bool((x[:, 2] < 0).any())
+    np.testing.assert_allclose(logp.numpy(), again.numpy(), atol=1e-4)
+
+
+def test_rows_outside_the_support_have_density_zero(float64) -> None:
+    flow = _flow()
+    flow.fit_preprocessing(_data())
+    x = torch.tensor(_data(6, seed=1))
+    x[1, 0], x[4, 1] = 0.0, -2.0
+    with torch.no_grad():
+        logp = flow.log_prob(x)
+        inside = flow.log_prob(x[[0, 2, 3, 5]])
+    assert math.isinf(logp[1]) and math.isinf(logp[4]) and logp[1] < 0
+    np.testing.assert_allclose(logp[[0, 2, 3, 5]].numpy(), inside.numpy(), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"row 1 has 0 in column 0.*log_columns='none'"):
+        flow.to_latent(x)
+    with pytest.raises(ValueError, match="unknown log_columns 'all'"):
+        Normalizer(3, log="all")
+
+
+def test_training_refuses_held_out_rows_outside_the_support() -> None:
+    """Positive on every training row, but a test row at zero: refused before training."""
+    flow = _flow(trained=False)
+    flow.fit_preprocessing(_data())
+    test = _data(10, seed=2)
+    data = SimpleNamespace(validation=lambda: _data(10, seed=1), test=lambda: test,
+                           columns=("size", "conc", "shift"))  # fmt: skip
+    _check_support(flow, data)  # all inside
+    test[3, 1] = 0.0
+    with pytest.raises(ValueError, match=r"conc is positive .* test split .* --log-columns none"):
+        _check_support(flow, data)
+    _check_support(_flow("none", trained=False), data)  # without log columns, any value
+
+
+def test_a_checkpoint_from_before_log_columns_loads(float64) -> None:
+    flow = _flow("none")
+    flow.fit_preprocessing(_data())
+    state = {k: v for k, v in flow.state_dict().items() if not k.endswith("log_mask")}
+    other = _flow("none", seed=1)
+    other.load_state_dict(state)
+    x = torch.tensor(_data(5, seed=3))
+    with torch.no_grad():
+        np.testing.assert_allclose(other.log_prob(x).numpy(), flow.log_prob(x).numpy())
+    assert not bool(other.normalizer.log_mask.any())
+
+
+def test_the_estimator_scores_rows_outside_the_support_minus_infinity() -> None:
+    from cnf import CNFDensity
+
+    x = _data(120)
+    est = CNFDensity(log_columns="positive", hidden=(8,), max_iter=20, finetune_iter=0,
+                     eval_every=10, method="rk4", step_size=0.25, random_state=0)  # fmt: skip
+    est.fit(x)
+    assert est.model_.normalizer.log_mask.tolist() == [True, True, False]
+    rows = _data(4, seed=5)
+    rows[2, 0] = -1.0
+    scores = est.score_samples(rows)
+    assert np.isneginf(scores[2]) and np.isfinite(scores[[0, 1, 3]]).all()
+    assert (est.sample(20, random_state=0)[:, :2] > 0).all()
