@@ -22,6 +22,7 @@ relative 1e-7) fails for that configuration.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import AbstractContextManager
 from typing import Any
@@ -40,6 +41,7 @@ from cnf.runtime import SAMPLE_CHUNK, check_memory, chosen_threads, thread_rule
 from cnf.solvers import SolverError
 from cnf.table_flow import TabularCNF
 from cnf.training import PRESETS, Diverged, KeepBest, TrainConfig, fit, setup
+from cnf.training.choice import choose_log_columns
 
 # The estimator's parameters that keep scikit-learn's spelling, and the setting each is in cnf's
 # configs (cnf train's flags); every other parameter has the config's own name.
@@ -70,7 +72,7 @@ class FlowEstimator(BaseEstimator):
         hidden: tuple[int, ...] = TABLE["hidden"],
         activation: str = "tanh",
         preprocess: str = TABLE["preprocess"],
-        log_columns: str = "none",
+        log_columns: str = TABLE["log_columns"],
         dequantize: bool = False,
         max_iter: int = TABLE["iters"],
         batch_size: int = TABLE["batch_size"],
@@ -189,6 +191,9 @@ class FlowEstimator(BaseEstimator):
 
     def _fit_model(self, cfg: TrainConfig, data: Dataset) -> TabularCNF:
         with torch.random.fork_rng(devices=[]):  # seeded, without touching the global RNG
+            say = (lambda text: print(text, file=sys.stderr)) if self.verbose else None
+            cfg = choose_log_columns(cfg, data, say=say)  # "auto": none or positive
+            self.log_columns_ = cfg.model.table.log_columns
             run = setup(cfg, data=data)
             best = KeepBest()
             try:
@@ -236,11 +241,12 @@ class CNFDensity(DensityMixin, FlowEstimator):
             ``"whiten"`` (inverse Cholesky of the covariance; the flow starts at the identity,
             so the untrained model is then the full-covariance Gaussian fit) or ``"none"``.
             Its log-det is part of every density.
-        log_columns: ``"none"``, or ``"positive"``: the log of every column positive on the
-            training rows is taken before ``preprocess`` (for skewed positive measurements:
-            sizes, concentrations, counts), its Jacobian part of every density. Rows at or
-            below zero in such a column lie outside the support: ``score_samples`` gives them
-            ``-inf``.
+        log_columns: ``"positive"``: the log of every column positive on the training rows is
+            taken before ``preprocess`` (for skewed positive measurements: sizes, areas,
+            concentrations), its Jacobian part of every density; rows at or below zero in such
+            a column lie outside the support (``score_samples`` gives them ``-inf``).
+            ``"none"``: no log. ``"auto"`` (the default): whichever of the two has the lower
+            validation NLL after a short flow matching (:mod:`cnf.training.choice`).
         dequantize: add ``U[0, 1)`` noise to integer-valued columns while training (the density is
             then that of the dequantized data; evaluate it at ``X + U`` for the bound on the
             discrete likelihood).
@@ -288,6 +294,8 @@ class CNFDensity(DensityMixin, FlowEstimator):
             is the density of the kept columns and ``sample`` fills the dropped ones back in.
         n_features_in_: as in scikit-learn.
         feature_names_in_: as in scikit-learn.
+        log_columns_: ``"none"`` or ``"positive"``, what ``log_columns`` became (``"auto"``
+            chooses on the validation rows: :mod:`cnf.training.choice`).
         n_iter_: iterations run; ``validation_scores_``: mean validation log-likelihood at each
             evaluation; ``best_validation_score_``: the best of them.
 

@@ -42,13 +42,14 @@ class TableModel:
     )
     log_columns: str = option(
         "none",
-        "columns taken on a log scale before it: none, or positive (every column positive on "
-        "the training rows; rows at or below zero there then have density zero)",
+        "columns taken on a log scale before it: none, positive (every column positive on the "
+        "training rows; rows at or below zero there then have density zero) or auto (whichever "
+        "of the two scores better on the validation rows after a short flow matching)",
     )
 
     def __post_init__(self) -> None:
         options.choice("preprocess", self.preprocess, PREPROCESS)
-        options.choice("log_columns", self.log_columns, LOG_COLUMNS)
+        options.choice("log_columns", self.log_columns, (*LOG_COLUMNS, "auto"))
 
 
 @dataclass
@@ -231,7 +232,10 @@ def _vector(cfg: ModelConfig, meta: dict[str, Any]) -> CNF:
 def _tabular(cfg: ModelConfig, meta: dict[str, Any]) -> TabularCNF:
     (dim,) = meta["event_shape"]
     table = cfg.table or TableModel()
-    return TabularCNF(dim, preprocess=table.preprocess, log_columns=table.log_columns,
+    # "auto" is resolved by training (cnf.training.choice) before the model that trains is
+    # built; a model built before that choice takes the log, as one candidate does
+    log_columns = "positive" if table.log_columns == "auto" else table.log_columns
+    return TabularCNF(dim, preprocess=table.preprocess, log_columns=log_columns,
                       mlp=cfg.mlp, **_common(cfg), **_condition(cfg, meta))  # fmt: skip
 
 

@@ -38,8 +38,8 @@ def fitted() -> tuple[cnf.CNFDensity, np.ndarray]:
     x = rng.normal(size=(120, 3)) * [1.0, 50.0, 0.1] + [0.0, 1000.0, -5.0]
     x = np.column_stack([x, np.full(120, 2.5), x[:, 0]])  # a constant and a duplicate column
     est = cnf.CNFDensity(hidden=(16,), max_iter=10, eval_every=5, method="rk4", step_size=0.25,
-                         dtype="float64", preprocess="standardize", objective="mle",
-                         random_state=0)  # fmt: skip
+                         dtype="float64", preprocess="standardize", log_columns="none",
+                         objective="mle", random_state=0)  # fmt: skip
     return est.fit(x), x
 
 

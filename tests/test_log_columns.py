@@ -1,6 +1,7 @@
 """A table's log columns (``log_columns="positive"``): the log taken before the affine layer,
 its Jacobian in every density, and rows outside the support."""
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
+from cnf import CNFDensity
 from cnf.solvers import Solver
 from cnf.table_flow import Normalizer, TabularCNF
 from cnf.training.setup import _check_support
@@ -141,8 +143,6 @@ def test_a_checkpoint_from_before_log_columns_loads(float64) -> None:
 
 
 def test_the_estimator_scores_rows_outside_the_support_minus_infinity() -> None:
-    from cnf import CNFDensity
-
     x = _data(120)
     est = CNFDensity(log_columns="positive", hidden=(8,), max_iter=20, finetune_iter=0,
                      eval_every=10, method="rk4", step_size=0.25, random_state=0)  # fmt: skip
@@ -153,3 +153,55 @@ def test_the_estimator_scores_rows_outside_the_support_minus_infinity() -> None:
     scores = est.score_samples(rows)
     assert np.isneginf(scores[2]) and np.isfinite(scores[[0, 1, 3]]).all()
     assert (est.sample(20, random_state=0)[:, :2] > 0).all()
+
+
+def _auto(x: np.ndarray) -> CNFDensity:
+    est = CNFDensity(log_columns="auto", hidden=(8,), max_iter=30, finetune_iter=0,
+                     eval_every=10, method="rk4", step_size=0.25, random_state=0)  # fmt: skip
+    return est.fit(x)
+
+
+def test_auto_takes_the_log_of_log_normal_columns() -> None:
+    """On a log scale these columns are exactly Gaussian: the log wins on validation."""
+    x = np.exp(1.5 * np.random.default_rng(0).normal(size=(300, 3)))
+    assert _auto(x).log_columns_ == "positive"
+
+
+def test_auto_keeps_a_sum_and_its_parts_on_their_own_scale() -> None:
+    """A total beside its parts lies on a plane, which the log bends: no log wins."""
+    rng = np.random.default_rng(0)
+    parts = rng.normal(10.0, 1.0, size=(300, 2))
+    x = np.column_stack([parts, parts.sum(1) + 0.01 * rng.normal(size=300)])
+    assert _auto(x).log_columns_ == "none"
+
+
+def test_auto_without_a_positive_column_takes_no_log() -> None:
+    assert _auto(np.random.default_rng(0).normal(size=(100, 2))).log_columns_ == "none"
+
+
+def test_cnf_train_saves_the_choice_and_refuses_held_out_rows_outside(tmp_path, capsys) -> None:
+    from cnf.cli import main
+    from cnf.data.tabular import split_indices
+
+    rng = np.random.default_rng(0)
+    x = np.exp(1.5 * rng.normal(size=(200, 2)))
+    np.savetxt(tmp_path / "pos.csv", x, delimiter=",", header="a,b", comments="")
+    flags = ["--iters", "20", "--eval-every", "10", "--hidden", "8", "--no-progress"]
+    assert main(["train", "--data", str(tmp_path / "pos.csv"), "--out", str(tmp_path / "r"),
+                 *flags]) == 0  # fmt: skip
+    table = json.loads((tmp_path / "r" / "config.json").read_text())["model"]["table"]
+    assert table["log_columns"] == "positive"  # chosen, so that a resume needs no choice
+    _, _, test = split_indices(len(x), 0.1, 0.1, 0)
+    x[test[0], 1] = 0.0  # positive on every training row, zero in a test row
+    np.savetxt(tmp_path / "zero.csv", x, delimiter=",", header="a,b", comments="")
+    capsys.readouterr()
+    for option, code in (("positive", 1), ("auto", 0)):  # auto takes no log there
+        out = tmp_path / option
+        argv = ["train", "--data", str(tmp_path / "zero.csv"), "--out", str(out),
+                "--log-columns", option, *flags]  # fmt: skip
+        assert main(argv) == code
+    err = capsys.readouterr().err
+    assert "b is positive on every training row" in err and "--log-columns none" in err
+    assert not (tmp_path / "positive").exists()  # refused before the directory was made
+    table = json.loads((tmp_path / "auto" / "config.json").read_text())["model"]["table"]
+    assert table["log_columns"] == "none"

@@ -123,6 +123,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ema=0.99,
         hidden=(128, 128),
         preprocess="whiten",
+        log_columns="auto",
         kinetic=0.0,
         jacobian=0.0,
         eval_every=50,

@@ -27,6 +27,7 @@ from cnf.io import json_text, open_append, write_text
 from cnf.report import report, used_solver
 from cnf.runs import RunLog, load_run, read_log
 from cnf.training import budget, rundir
+from cnf.training.choice import choose_log_columns
 from cnf.training.config import TrainConfig
 from cnf.training.distributed import SINGLE, Distributed, from_environment
 from cnf.training.logrows import LogRows, log_interval
@@ -103,6 +104,10 @@ def train(
     except CheckpointError as err:
         raise CheckpointError(f"{out / 'last.pt'}: {err}") from err
     check_report_size(cfg, run.data)
+    if ckpt is None and cfg.model.table is not None and cfg.model.table.log_columns == "auto":
+        say = (lambda text: print(text, file=sys.stderr)) if dist.main and progress else None
+        cfg = choose_log_columns(cfg, run.data, dist, say)  # saved as chosen: none or positive
+        run = setup(cfg, data=run.data, dist=dist)
     if ckpt is not None and _finished(run):
         return _finished_result(out, run, dist)
     deadline, kept_rows = None, ()

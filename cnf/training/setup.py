@@ -14,7 +14,7 @@ from cnf.adaptation import start_step
 from cnf.checkpoint import CheckpointError
 from cnf.data import Dataset, held_warnings
 from cnf.flow import Flow
-from cnf.model_config import DTYPES, build_model, model_shapes
+from cnf.model_config import DTYPES, TableModel, build_model, model_shapes
 from cnf.options import ConfigError
 from cnf.report import GROWTH
 from cnf.runtime import check_memory, configure_cuda, configure_threads, resolve_device, to_tensors
@@ -91,7 +91,7 @@ def setup(
             model.fit_preprocessing(rows.x, context=rows.c)
         else:
             model.fit_preprocessing(rows)
-        _check_support(model, data)
+        _check_support(model, data, (cfg.model.table or TableModel()).log_columns)
     settings = dict(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -133,11 +133,12 @@ def _check_model_size(cfg: TrainConfig, meta: dict[str, Any]) -> None:
                  "optimizer state)", "choose a smaller model")  # fmt: skip
 
 
-def _check_support(model, data: Dataset) -> None:
+def _check_support(model, data: Dataset, log_columns: str = "positive") -> None:
     """Refuse, before training, validation or test rows that a table's log columns (positive on
-    every training row) leave outside the model's support: their density would be zero."""
+    every training row) leave outside the model's support: their density would be zero.
+    ``log_columns``: the option as configured (``"auto"`` never takes such a log)."""
     normalizer = getattr(model, "normalizer", None)
-    if normalizer is None or not bool(normalizer.log_mask.any()):
+    if normalizer is None or not bool(normalizer.log_mask.any()) or log_columns != "positive":
         return
     for split, rows in (("validation", data.validation()), ("test", data.test())):
         x = torch.as_tensor(np.asarray(getattr(rows, "x", rows)), dtype=torch.float64)
