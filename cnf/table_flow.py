@@ -77,6 +77,7 @@ class Normalizer(nn.Module):
         self.register_buffer("loc", torch.zeros(dim))
         self.register_buffer("weight", torch.eye(dim))
         self.register_buffer("log_mask", torch.zeros(dim, dtype=torch.bool))
+        self.has_log = False  # log_mask.any(), kept on the host: no device read per batch
 
     def fit(self, x: np.ndarray | Tensor) -> None:
         """Set the log columns and the statistics from training rows ``x`` (in float64)."""
@@ -86,6 +87,7 @@ class Normalizer(nn.Module):
                 f"expected at least 2 rows of {len(self.loc)} columns, got {tuple(x.shape)}"
             )
         self.log_mask.copy_((x > 0).all(0) if self.log == "positive" else False)
+        self.has_log = bool(self.log_mask.any())
         x = self._logs(x)
         weight = torch.eye(x.shape[1], dtype=torch.float64)
         loc = x.mean(0) if self.kind != "none" else torch.zeros(x.shape[1], dtype=torch.float64)
@@ -103,19 +105,19 @@ class Normalizer(nn.Module):
 
     def log_jacobian(self, x: Tensor) -> Tensor:
         """``log|det du/dx|`` per row: :attr:`logdet`, less ``log x_j`` for each log column."""
-        if not self.log_mask.any():
+        if not self.has_log:
             return self.logdet.expand(x.shape[:-1])
         return self.logdet - x[..., self.log_mask].log().sum(-1)
 
     def inside(self, x: Tensor) -> Tensor | None:
         """Which rows lie in the support (positive in every log column); ``None``: all rows
         do, as without log columns."""
-        if not self.log_mask.any():
+        if not self.has_log:
             return None
         return (x[..., self.log_mask] > 0).all(-1)
 
     def _logs(self, x: Tensor) -> Tensor:
-        if not self.log_mask.any():
+        if not self.has_log:
             return x
         return torch.where(self.log_mask, torch.where(self.log_mask, x, 1).log(), x)
 
@@ -125,12 +127,13 @@ class Normalizer(nn.Module):
     def inverse(self, u: Tensor) -> Tensor:
         """``y = W^{-1} u + loc`` by a triangular solve, then ``exp`` of the log columns."""
         y = torch.linalg.solve_triangular(self.weight, u.T, upper=False).T + self.loc
-        return torch.where(self.log_mask, y.exp(), y) if self.log_mask.any() else y
+        return torch.where(self.log_mask, y.exp(), y) if self.has_log else y
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # checkpoints from before log columns: none of their columns had one
         state_dict.setdefault(prefix + "log_mask", torch.zeros_like(self.log_mask))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.has_log = bool(self.log_mask.any())
 
 
 def _outside(x: Tensor, mask: Tensor) -> tuple[int, int]:
@@ -225,9 +228,11 @@ class TabularCNF(CNF):
         return self.normalizer(self.check_input(x, "x"))
 
     def to_latent(self, x: Tensor, **kwargs: Any) -> FlowResult:
-        """Data (original units) to latents; ``logdet`` includes the normalizer's."""
+        """Data (original units) to latents; ``logdet`` includes the normalizer's. In eval mode,
+        a row outside the support of a model with log columns is refused (``log_prob`` gives it
+        ``-inf``); training rows are inside by the rule that chose the columns."""
         x = self.check_input(x, "x")
-        inside = self.normalizer.inside(x)
+        inside = None if self.training else self.normalizer.inside(x)
         if inside is not None and not bool(inside.all()):
             row, col = _outside(x, self.normalizer.log_mask)
             raise ValueError(
@@ -253,7 +258,7 @@ class TabularCNF(CNF):
         dimensions unless ``trace`` is given."""
         if not self.training and kwargs.get("trace") is None and self.dim <= EXACT_EVAL_MAX_DIM:
             kwargs["trace"] = "exact"
-        inside = self.normalizer.inside(self.check_input(x, "x"))
+        inside = None if self.training else self.normalizer.inside(self.check_input(x, "x"))
         if inside is None or bool(inside.all()):
             return super().log_prob(x, **kwargs)
         out = x.new_full(x.shape[:1], -math.inf)

@@ -205,3 +205,14 @@ def test_cnf_train_saves_the_choice_and_refuses_held_out_rows_outside(tmp_path, 
     assert not (tmp_path / "positive").exists()  # refused before the directory was made
     table = json.loads((tmp_path / "auto" / "config.json").read_text())["model"]["table"]
     assert table["log_columns"] == "none"
+
+
+def test_a_loaded_model_takes_the_log_of_the_columns_it_was_fitted_with(float64) -> None:
+    flow = _flow()
+    flow.fit_preprocessing(_data())
+    fresh = _flow(seed=1)  # never fitted: no log columns of its own
+    fresh.load_state_dict(flow.state_dict())
+    x = torch.tensor(_data(5, seed=3))
+    with torch.no_grad():
+        np.testing.assert_allclose(fresh.log_prob(x).numpy(), flow.log_prob(x).numpy())
+        np.testing.assert_allclose(fresh.normalizer.inverse(fresh.normalizer(x)).numpy(), x)
