@@ -168,9 +168,10 @@ def load_run(path: str | Path, device: str | torch.device = "cpu") -> Run:
     )
 
 
-# tensors a model gained after checkpoints were written without them, with what such a
-# checkpoint means: a table normalizer's log columns (none before there were any)
-ADDED_TENSORS = {"normalizer.log_mask": torch.bool}
+# tensors a model gained after checkpoints were written without them, by their last name, with
+# what such a checkpoint means: a table normalizer's log columns (none before there were any),
+# of the rows and, in a conditional model, of the features
+ADDED_TENSORS = {"log_mask": torch.bool}
 
 
 def _fill_added(expected: dict[str, torch.Size], weights: Any) -> None:
@@ -179,8 +180,9 @@ def _fill_added(expected: dict[str, torch.Size], weights: Any) -> None:
     if not isinstance(weights, dict):
         return
     for key in set(expected) - set(weights):
-        if key in ADDED_TENSORS:
-            weights[key] = torch.zeros(expected[key], dtype=ADDED_TENSORS[key])
+        name = key.rsplit(".", 1)[-1]
+        if name in ADDED_TENSORS:
+            weights[key] = torch.zeros(expected[key], dtype=ADDED_TENSORS[name])
 
 
 def _check_shapes(expected: dict[str, torch.Size], weights: Any) -> None:

@@ -216,3 +216,27 @@ def test_a_loaded_model_takes_the_log_of_the_columns_it_was_fitted_with(float64)
     with torch.no_grad():
         np.testing.assert_allclose(fresh.log_prob(x).numpy(), flow.log_prob(x).numpy())
         np.testing.assert_allclose(fresh.normalizer.inverse(fresh.normalizer(x)).numpy(), x)
+
+
+def test_a_conditional_run_from_before_log_columns_loads(tmp_path) -> None:
+    """Both of a conditional table model's normalizers gained a log mask; a checkpoint without
+    either loads as a model without log columns, with the densities it was saved with."""
+    from cnf.cli import main
+    from cnf.runs import load_run
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", "wine", "--condition", "target", "--iters", "4",
+                 "--eval-every", "2", "--hidden", "8", "--log-columns", "none", "--out",
+                 str(out), "--no-progress"]) == 0  # fmt: skip
+    before = load_run(out)
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    dropped = [k for k in ckpt["model"] if k.endswith("log_mask")]
+    assert sorted(dropped) == ["context_normalizer.log_mask", "normalizer.log_mask"]
+    for key in dropped:
+        del ckpt["model"][key]
+    torch.save(ckpt, out / "best.pt")
+    after = load_run(out)
+    assert not after.model.normalizer.has_log and not after.model.context_normalizer.has_log
+    saved = before.model.state_dict()
+    for key, value in after.model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
