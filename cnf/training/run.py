@@ -104,10 +104,11 @@ def train(
     except CheckpointError as err:
         raise CheckpointError(f"{out / 'last.pt'}: {err}") from err
     check_report_size(cfg, run.data)
-    if ckpt is None and cfg.model.table is not None and cfg.model.table.log_columns == "auto":
+    if ckpt is None:  # --log-columns auto: chosen here, saved as chosen (none or positive)
         say = (lambda text: print(text, file=sys.stderr)) if dist.main and progress else None
-        cfg = choose_log_columns(cfg, run.data, dist, say)  # saved as chosen: none or positive
-        run = setup(cfg, data=run.data, dist=dist)
+        chosen = choose_log_columns(cfg, run.data, dist, say)
+        if chosen is not cfg:
+            cfg, run = chosen, setup(chosen, data=run.data, dist=dist)
     if ckpt is not None and _finished(run):
         return _finished_result(out, run, dist)
     deadline, kept_rows = None, ()
