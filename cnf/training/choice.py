@@ -22,7 +22,7 @@ from cnf.data import Dataset
 from cnf.training.config import TrainConfig
 from cnf.training.distributed import SINGLE, Distributed
 from cnf.training.loop import fit
-from cnf.training.setup import setup
+from cnf.training.setup import held_out_outside, setup
 
 PILOT_ITERS = 300  # of flow matching per candidate (fewer if the run itself has fewer)
 PILOT_EVALUATIONS = 3
@@ -43,14 +43,13 @@ def choose_log_columns(cfg: TrainConfig, data: Dataset, dist: Distributed = SING
 
 
 def _choose(cfg: TrainConfig, data: Dataset) -> tuple[str, str]:
-    train, val, test = (_rows(rows) for rows in (data.train_data(), data.validation(),
-                                                  data.test()))  # fmt: skip
-    positive = (train > 0).all(0)
+    train = data.train_data()  # a conditional table's are pairs: their x
+    positive = (np.asarray(getattr(train, "x", train)) > 0).all(0)
     if not positive.any():
         return "none", "no column is positive on every training row"
-    if any(len(rows) and not (rows[:, positive] > 0).all() for rows in (val, test)):
+    if held_out_outside(data, positive) is not None:
         return "none", "held-out rows are at or below zero where the training rows are positive"
-    if not len(val):
+    if not len(data.validation()):
         return "none", "no validation rows to choose on"
     iters, began = min(PILOT_ITERS, cfg.iters), time.process_time()
     nll = {}
@@ -70,8 +69,3 @@ def _choose(cfg: TrainConfig, data: Dataset) -> tuple[str, str]:
 
 def _columns(n: int) -> str:
     return f"{n} positive column{'s' if n != 1 else ''}"
-
-
-def _rows(rows) -> np.ndarray:
-    """A split's rows as an array (a conditional table's: their ``x``)."""
-    return np.asarray(getattr(rows, "x", rows), dtype=np.float64)

@@ -138,19 +138,27 @@ def _check_support(model, data: Dataset, log_columns: str = "positive") -> None:
     every training row) leave outside the model's support: their density would be zero.
     ``log_columns``: the option as configured (``"auto"`` never takes such a log)."""
     normalizer = getattr(model, "normalizer", None)
-    if normalizer is None or not bool(normalizer.log_mask.any()) or log_columns != "positive":
+    if normalizer is None or not normalizer.has_log or log_columns != "positive":
         return
+    found = held_out_outside(data, normalizer.log_mask.cpu().numpy())
+    if found is not None:
+        split, col = found
+        name = data.columns[col] if hasattr(data, "columns") else f"column {col}"
+        raise ValueError(
+            f"{name} is positive on every training row, so --log-columns positive takes its "
+            f"log, but the {split} split has rows at or below zero there (density zero): "
+            "use --log-columns none"
+        )
+
+
+def held_out_outside(data: Dataset, mask: np.ndarray) -> tuple[str, int] | None:
+    """The first held-out split with a row at or below zero in a column of ``mask``, and that
+    column; ``None`` if there is none (a conditional table's rows: their ``x``)."""
     for split, rows in (("validation", data.validation()), ("test", data.test())):
-        x = torch.as_tensor(np.asarray(getattr(rows, "x", rows)), dtype=torch.float64)
-        inside = normalizer.inside(x.to(normalizer.log_mask.device))
-        if len(x) and not bool(inside.all()):
-            col = int(((x <= 0) & normalizer.log_mask.cpu()).any(0).nonzero()[0])
-            name = data.columns[col] if hasattr(data, "columns") else f"column {col}"
-            raise ValueError(
-                f"{name} is positive on every training row, so --log-columns positive takes its "
-                f"log, but the {split} split has rows at or below zero there (density zero): "
-                "use --log-columns none"
-            )
+        x = np.asarray(getattr(rows, "x", rows), dtype=np.float64)
+        if len(x) and (bad := mask & (x <= 0).any(0)).any():
+            return split, int(np.flatnonzero(bad)[0])
+    return None
 
 
 def check_report_size(cfg: TrainConfig, data: Dataset) -> None:
