@@ -13,16 +13,16 @@ and counts that map's log-det, so all NLLs are in the original units of the data
 * cnf: ``cnf.training.train`` (the code of ``cnf train``) with ``cnf train``'s tabular settings
   (``cnf.training.PRESETS["tabular"]``: ConcatSquash MLP 128-128, whitening, AdamW with weight
   decay and a moving average of the weights; flow matching, then maximum likelihood, each stopped
-  early on the validation NLL; positive columns on a log scale where that scores better on
-  validation), the best checkpoint evaluated on the test split (exact trace);
+  early on the validation NLL; positive columns on a log scale where a short pilot of each
+  scores better), the best checkpoint evaluated on the test split (exact trace);
 * cnf mle: the same with maximum likelihood throughout (``--objective mle``, the earlier preset:
   2000 iterations, validation every 25, patience 8);
 * cnf fm: the preset's flow matching alone (``--finetune-iters 0``): what its maximum-likelihood
   phase adds, per table;
 * cnf log, cnf no log: the preset with ``--log-columns positive`` (the log of every column
   positive on the training rows, before the whitening) and ``none``, where the preset chooses
-  between the two on validation (``auto``, :mod:`cnf.training.choice`): what a log scale gives
-  each table, and what the choice costs;
+  between the two by a short pilot of each (``auto``, :mod:`cnf.training.choice`): what a
+  log scale gives each table, and what the choice costs;
 * zuko NSF and MAF (``pip install zuko``; ``--no-zuko`` to leave them out): zuko's neural spline
   and masked autoregressive flows (3 transforms, hidden 64-64), Adam 1e-3, batch 256, early
   stopping on the validation NLL (patience 20 evaluations of 25 steps), on the standardized data;

@@ -246,7 +246,8 @@ class CNFDensity(DensityMixin, FlowEstimator):
             concentrations), its Jacobian part of every density; rows at or below zero in such
             a column lie outside the support (``score_samples`` gives them ``-inf``).
             ``"none"``: no log. ``"auto"`` (the default): whichever of the two has the lower
-            validation NLL after a short flow matching (:mod:`cnf.training.choice`).
+            NLL on the training and validation rows after a short flow matching
+            (:mod:`cnf.training.choice`).
         dequantize: add ``U[0, 1)`` noise to integer-valued columns while training (the density is
             then that of the dequantized data; evaluate it at ``X + U`` for the bound on the
             discrete likelihood).
@@ -295,7 +296,7 @@ class CNFDensity(DensityMixin, FlowEstimator):
         n_features_in_: as in scikit-learn.
         feature_names_in_: as in scikit-learn.
         log_columns_: ``"none"`` or ``"positive"``, what ``log_columns`` became (``"auto"``
-            chooses on the validation rows: :mod:`cnf.training.choice`).
+            chooses by a short pilot of each: :mod:`cnf.training.choice`).
         n_iter_: iterations run; ``validation_scores_``: mean validation log-likelihood at each
             evaluation; ``best_validation_score_``: the best of them.
 

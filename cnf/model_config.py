@@ -44,7 +44,8 @@ class TableModel:
         "none",
         "columns taken on a log scale before it: none, positive (every column positive on the "
         "training rows; rows at or below zero there then have density zero) or auto (whichever "
-        "of the two scores better on the validation rows after a short flow matching)",
+        "of the two scores better on the training and validation rows after a short flow "
+        "matching)",
     )
 
     def __post_init__(self) -> None:

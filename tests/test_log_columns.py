@@ -155,16 +155,37 @@ def test_the_estimator_scores_rows_outside_the_support_minus_infinity() -> None:
     assert (est.sample(20, random_state=0)[:, :2] > 0).all()
 
 
-def _auto(x: np.ndarray) -> CNFDensity:
+def _auto(x: np.ndarray, **kwargs) -> CNFDensity:
     est = CNFDensity(log_columns="auto", hidden=(8,), max_iter=30, finetune_iter=0,
-                     eval_every=10, method="rk4", step_size=0.25, random_state=0)  # fmt: skip
+                     eval_every=10, method="rk4", step_size=0.25, random_state=0,
+                     **kwargs)  # fmt: skip
     return est.fit(x)
 
 
-def test_auto_takes_the_log_of_log_normal_columns() -> None:
-    """On a log scale these columns are exactly Gaussian: the log wins on validation."""
+@pytest.mark.parametrize("validation_fraction", [0.1, 0.0])
+def test_auto_takes_the_log_of_log_normal_columns(validation_fraction) -> None:
+    """On a log scale these columns are exactly Gaussian: the log wins on the rows the pilots
+    are scored on (the training rows alone, where there are no validation rows)."""
     x = np.exp(1.5 * np.random.default_rng(0).normal(size=(300, 3)))
-    assert _auto(x).log_columns_ == "positive"
+    assert _auto(x, validation_fraction=validation_fraction).log_columns_ == "positive"
+
+
+def test_auto_scores_the_pilots_on_training_and_validation_rows(monkeypatch) -> None:
+    """The choice is the pilot with the lower NLL on the pooled rows, each counted once."""
+    from cnf.training import choice
+
+    seen = []
+    real = choice.evaluate
+
+    def spy(model, x, **kwargs):
+        seen.append(len(x))
+        return real(model, x, **kwargs)
+
+    monkeypatch.setattr(choice, "evaluate", spy)
+    x = np.exp(np.random.default_rng(0).normal(size=(200, 2)))
+    _auto(x)
+    n_val = round(0.1 * len(x))
+    assert seen == [n_val, len(x) - n_val] * 2  # validation, then training rows, per pilot
 
 
 def test_auto_keeps_a_sum_and_its_parts_on_their_own_scale() -> None:
