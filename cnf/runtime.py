@@ -82,8 +82,13 @@ def configure_threads(threads: int, device: torch.device, dim: int) -> int:
     most torch's default. A thread whose core another job holds makes every step wait for it:
     beside one busy process on 2 cores, two threads were 2.2 to 3.5 times slower than one for
     every model size; on the idle machine they gained 1.2 to 1.3 times on the 2-D toys, too
-    little for that risk, and up to 1.5 on a U-Net (bench/bench_threads.py). Sets the count
-    for the process (a command's, or training's) and returns it."""
+    little for that risk, and up to 1.5 on a U-Net (bench/bench_threads.py). A count the caller
+    set with ``torch.set_num_threads`` (:func:`chosen_threads`, and not one this rule set
+    before) stays theirs, as an explicit ``threads`` does. Sets the count for the process (a
+    command's, or training's) and returns it."""
+    own = chosen_threads() if threads == 0 else 0
+    if own and _SET != [own]:
+        return own
     _SET[:] = [_rule(threads, device, dim)]
     return _SET[0]
 

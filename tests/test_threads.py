@@ -102,6 +102,22 @@ def test_a_large_model_takes_the_idle_cores(threads, monkeypatch, idle, expected
     assert cnf.runtime.configure_threads(2, cpu, 64) == 2  # asked for: always
 
 
+def test_training_from_python_keeps_the_callers_own_count(threads, monkeypatch, tmp_path):
+    """``train`` keeps a count the caller set (``bench/`` sets one thread), for any model size;
+    a count the rule itself set before is the rule's to change."""
+    monkeypatch.setattr(cnf.runtime, "idle_cores", lambda: 3.0)
+    monkeypatch.setattr(cnf.runtime, "_SET", [])
+    cpu = torch.device("cpu")
+    torch.set_num_threads(2)  # the caller's own
+    assert cnf.runtime.configure_threads(0, cpu, 64) == 2 == torch.get_num_threads()
+    seen = _seen(monkeypatch, cnf.training.loop, "step")
+    train(config(data="8gaussians", **{**SMALL, "iters": 2}), tmp_path / "run", progress=False)
+    assert set(seen) == {2} and torch.get_num_threads() == 2
+    torch.set_num_threads(3)  # torch's count at import again: the rule's
+    assert cnf.runtime.configure_threads(0, cpu, 2) == 1
+    assert cnf.runtime.configure_threads(0, cpu, 64) == 3  # the 1 it set is not the caller's
+
+
 def test_idle_cores_counts_a_busy_core(monkeypatch) -> None:
     """/proc/stat over a short window: a process that spins holds about a core."""
     if not Path("/proc/stat").exists():
