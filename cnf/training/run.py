@@ -105,7 +105,7 @@ def train(
         raise CheckpointError(f"{out / 'last.pt'}: {err}") from err
     check_report_size(cfg, run.data)
     if ckpt is None:  # --log-columns auto: chosen here, saved as chosen (none or positive)
-        say = (lambda text: print(text, file=sys.stderr)) if dist.main and progress else None
+        say = (lambda text: print(text, file=sys.stderr)) if dist.main else None  # as fit's
         chosen = choose_log_columns(cfg, run.data, dist, say)
         if chosen is not cfg:
             cfg, run = chosen, setup(chosen, data=run.data, dist=dist)
