@@ -75,7 +75,9 @@ class Normalizer(nn.Module):
             raise ValueError(f"unknown log_columns {log!r}; valid choices: {list(LOG_COLUMNS)}")
         self.kind, self.log = kind, log
         self.register_buffer("loc", torch.zeros(dim))
-        self.register_buffer("weight", torch.eye(dim))
+        # the identity, written so that the meta device (model_shapes) needs no torch.eye,
+        # which there imports torch._dynamo: a CPU second for cnf eval, sample, plot, animate
+        self.register_buffer("weight", torch.zeros(dim, dim).fill_diagonal_(1.0))
         self.register_buffer("log_mask", torch.zeros(dim, dtype=torch.bool))
         self.has_log = False  # log_mask.any(), kept on the host: no device read per batch
 

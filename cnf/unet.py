@@ -27,7 +27,10 @@ class _TimeEmbedding(nn.Module):
 
     def __init__(self, features: int, out: int) -> None:
         super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0, math.log(1000), features // 2)))
+        # computed on the CPU, then moved: on the meta device (model_shapes) linspace imports
+        # torch._dynamo, a CPU second for a command that trains nothing (cnf eval, sample)
+        steps = torch.linspace(0, math.log(1000), features // 2, device="cpu")
+        self.register_buffer("freqs", torch.exp(steps).to(torch.get_default_device()))
         self.mlp = nn.Sequential(
             nn.Linear(2 * (features // 2), out), nn.SiLU(), nn.Linear(out, out)
         )

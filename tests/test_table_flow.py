@@ -1,6 +1,8 @@
 """The tabular model: the fixed affine layer's log-det, densities in original units."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +161,23 @@ def test_untrained_model_is_the_gaussian_fit(float64, preprocess: str) -> None:
         np.testing.assert_allclose(
             flow.log_prob(torch.tensor(x[:20])).numpy(), expected, rtol=1e-10
         )
+
+
+def test_sizing_a_model_imports_no_compiler() -> None:
+    """Every command sizes its model on the meta device before building it (model_shapes).
+    There, torch.eye and torch.linspace import torch._dynamo, a CPU second for a command that
+    trains nothing (training's optimizer imports it anyway): the table normalizer and the
+    U-Net's time embedding avoid both."""
+    code = """
+import sys
+from cnf.data import get_dataset
+from cnf.model_config import model_shapes
+from cnf.training import TrainConfig
+for name in ("wine", "digits"):
+    cfg = TrainConfig.for_data(name, seed=0)
+    shapes = model_shapes(cfg.model, get_dataset(name, seed=0).meta())
+    assert shapes, name
+assert "torch._dynamo" not in sys.modules, "model_shapes imported torch._dynamo"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
