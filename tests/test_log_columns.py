@@ -261,3 +261,16 @@ def test_a_conditional_run_from_before_log_columns_loads(tmp_path) -> None:
     saved = before.model.state_dict()
     for key, value in after.model.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_auto_chooses_for_a_regressors_target_on_its_pairs() -> None:
+    """``CNFRegressor``'s ``y`` given ``X``: a log-normal target (its log linear in ``X``) is
+    taken on a log scale, the pilots scored on the (X, y) pairs."""
+    from cnf import CNFRegressor
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 2))
+    y = np.exp(X @ [0.5, -0.3] + 1.2 * rng.normal(size=300))
+    est = CNFRegressor(log_columns="auto", hidden=(8,), max_iter=30, finetune_iter=0,
+                       eval_every=10, method="rk4", step_size=0.25, random_state=0)  # fmt: skip
+    assert est.fit(X, y).log_columns_ == "positive"
