@@ -171,21 +171,29 @@ def test_auto_takes_the_log_of_log_normal_columns(validation_fraction) -> None:
 
 
 def test_auto_scores_the_pilots_on_training_and_validation_rows(monkeypatch) -> None:
-    """The choice is the pilot with the lower NLL on the pooled rows, each counted once."""
+    """Each pilot's score is its mean NLL on the validation and training rows together: the
+    same number as one evaluation of its weights on those rows, pooled."""
+    from cnf.evaluate import evaluate
+    from cnf.seeds import VALIDATION
     from cnf.training import choice
 
-    seen = []
-    real = choice.evaluate
+    scored, real = [], choice._pooled_nll
 
-    def spy(model, x, **kwargs):
-        seen.append(len(x))
-        return real(model, x, **kwargs)
+    def recording(state, data, cfg):
+        nll = real(state, data, cfg)
+        rows = np.concatenate([data.validation(), data.train_data()])
+        x = torch.as_tensor(rows, dtype=next(state.model.parameters()).dtype)
+        solver = choice.validation_solver(state.model.eval_solver, cfg.val_tol)
+        with state.averaged(), torch.no_grad():
+            expected = evaluate(state.model, x, solver=solver, seed=cfg.seed, stream=VALIDATION)
+        scored.append((nll, expected.nll, len(data.validation())))
+        return nll
 
-    monkeypatch.setattr(choice, "evaluate", spy)
-    x = np.exp(np.random.default_rng(0).normal(size=(200, 2)))
-    _auto(x)
-    n_val = round(0.1 * len(x))
-    assert seen == [n_val, len(x) - n_val] * 2  # validation, then training rows, per pilot
+    monkeypatch.setattr(choice, "_pooled_nll", recording)
+    _auto(np.exp(np.random.default_rng(0).normal(size=(200, 2))))
+    assert len(scored) == 2  # one per scale
+    for nll, expected, n_val in scored:
+        assert n_val > 0 and nll == pytest.approx(expected, abs=1e-4)
 
 
 def test_auto_keeps_a_sum_and_its_parts_on_their_own_scale() -> None:

@@ -62,7 +62,7 @@ def _choose(cfg: TrainConfig, data: Dataset) -> tuple[str, str]:
     nll = {}
     for option in ("none", "positive"):
         pilot = cfg.replace(log_columns=option, objective="fm", iters=iters, finetune_iters=0,
-                            eval_every=iters, patience=0,
+                            eval_every=iters, patience=0,  # one validation, at the end
                             budget=0)  # fmt: skip
         with torch.random.fork_rng(devices=[]):  # the run's own draws stay as they were
             run = setup(pilot, data=data)
@@ -78,19 +78,18 @@ def _choose(cfg: TrainConfig, data: Dataset) -> tuple[str, str]:
 def _pooled_nll(state, data: Dataset, cfg: TrainConfig) -> float:
     """The mean NLL of a pilot's (averaged) weights on the validation rows and, up to
     :data:`CHOICE_ROWS` in all, the first training rows (a random subset: the split is), at the
-    validation's tolerance."""
+    validation's tolerance. The validation rows' is the pilot's own: ``fit`` validated once,
+    at its last iteration, with these weights and this solver (``state.best``)."""
+    n_val = len(data.validation())
+    total, n = (state.best * n_val, n_val) if n_val else (0.0, 0)
     p = next(state.model.parameters())
-    solver = validation_solver(state.model.eval_solver, cfg.val_tol)
-    val = data.validation()
-    rows = [val, _head(data.train_data(), max(0, CHOICE_ROWS - len(val)))]
-    total, n = 0.0, 0
-    with state.averaged(), torch.no_grad():
-        for part in rows:
-            x, c = to_tensors(part, p.device, p.dtype)
-            if len(x):
-                ev = evaluate(state.model, x, context=c, solver=solver, seed=cfg.seed,
-                              stream=VALIDATION)  # fmt: skip
-                total, n = total + ev.nll * len(x), n + len(x)
+    x, c = to_tensors(_head(data.train_data(), max(0, CHOICE_ROWS - n_val)), p.device, p.dtype)
+    if len(x):
+        solver = validation_solver(state.model.eval_solver, cfg.val_tol)
+        with state.averaged(), torch.no_grad():
+            ev = evaluate(state.model, x, context=c, solver=solver, seed=cfg.seed,
+                          stream=VALIDATION)  # fmt: skip
+        total, n = total + ev.nll * len(x), n + len(x)
     return total / n
 
 
