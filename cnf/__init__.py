@@ -22,7 +22,7 @@ _EXPORTS = {
     "ConcatSquashMLP": "cnf.fields",
     "ContextEncoder": "cnf.context",
     "ConvConfig": "cnf.field_configs",
-    "ConvField": "cnf.fields",
+    "ConvField": "cnf.conv_fields",
     "ExactTrace": "cnf.trace",
     "FeatureContext": "cnf.context",
     "Flow": "cnf.flow",

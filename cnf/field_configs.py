@@ -11,13 +11,14 @@ from typing import ClassVar
 from torch import nn
 
 from cnf import options
-from cnf.fields import CONV_LAYERS, ConvField, UNet
+from cnf.conv_fields import CONV_LAYERS, ConvField
+from cnf.fields import UNet
 from cnf.options import listed, option
 
 
 @dataclass(frozen=True)
 class ConvConfig:
-    """FFJORD's convolutional field (:class:`~cnf.fields.ConvField`); its widths and activation
+    """FFJORD's convolutional field (:class:`~cnf.conv_fields.ConvField`); its widths and activation
     are the model's ``hidden`` and ``activation``."""
 
     kind: ClassVar[str] = "conv"

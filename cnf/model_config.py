@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from cnf import options
+from cnf.conv_fields import CONV_LAYERS
 from cnf.field_configs import FIELD_CONFIGS, ConvConfig, FieldConfig, UNetConfig, as_field_config
-from cnf.fields import ACTIVATIONS, CONV_LAYERS, MLPS
+from cnf.fields import ACTIVATIONS, MLPS
 from cnf.flow import CNF, Flow
 from cnf.multiscale import MultiscaleCNF
 from cnf.options import help_of, listed, option

@@ -90,7 +90,7 @@ class MultiscaleCNF(Flow, nn.Module):
         alpha: the logit transform's ``alpha`` (FFJORD: ``1e-6``); 0 replaces the logit by
             ``y - 1/2``, as FFJORD does.
         hidden: the widths of every block's convolutional field
-            (:class:`~cnf.fields.ConvField`).
+            (:class:`~cnf.conv_fields.ConvField`).
         activation: that field's activation.
         field: every block's field: a :class:`~cnf.field_configs.ConvConfig` (FFJORD's stack of
             convolutions, of widths ``hidden``), a :class:`~cnf.field_configs.UNetConfig` (a

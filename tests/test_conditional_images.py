@@ -15,12 +15,12 @@ import torch
 from torch.autograd.functional import jacobian
 
 from cnf import Solver
+from cnf.conv_fields import ConvField
 from cnf.data import get_dataset, is_conditional
 from cnf.data.image_files import read_cifar_batch, read_labelled_cifar_batch
 from cnf.data.images import read_mnist_5k
 from cnf.evaluate import evaluate
 from cnf.field_configs import ConvConfig, UNetConfig
-from cnf.fields import ConvField
 from cnf.multiscale import MultiscaleCNF
 from cnf.runtime import to_tensors
 from cnf.training import TrainConfig, fit, setup, train
