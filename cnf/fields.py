@@ -198,14 +198,31 @@ class ConcatSquashMLP(nn.Module):
         ``context`` gives every row its own gate (:meth:`ConcatSquashLinear.tangent_map`).
         """
         n, d = z.shape
-        self.check_context(context, n)
+        eye = torch.eye(d, dtype=z.dtype, device=z.device).expand(n, d, d)
+        value, tangents = self._push(t, z, eye, context)
+        return value, tangents.transpose(1, 2)
+
+    def value_and_jvp(
+        self, t: Tensor, z: Tensor, v: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``f(t, z)`` and the Jacobian-vector product ``J v`` (``v`` shaped like ``z``), by
+        forward mode as :meth:`value_and_jacobian` with one tangent a row: Hutchinson's ``v^T J
+        v`` without a backward pass inside the solve (:class:`~cnf.trace.HutchinsonTrace`)."""
+        value, tangent = self._push(t, z, v.unsqueeze(1), context)
+        return value, tangent.squeeze(1)
+
+    def _push(
+        self, t: Tensor, z: Tensor, tangents: Tensor, context: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The field at ``z`` and its Jacobian applied to ``tangents`` ``(n, k, d)``: ``(n, k,
+        d)`` again, row ``[r, j]`` the derivative along ``tangents[r, j]``."""
+        self.check_context(context, z.shape[0])
         tt = t.reshape(1, 1).to(z)
         h = z
-        tangents = torch.eye(d, dtype=z.dtype, device=z.device).expand(n, d, d)
         for i, layer in enumerate(self.layers):
             pre, tangents = layer.tangent_map(tt, h, tangents, context)
             if i == len(self.layers) - 1:
-                return pre, tangents.transpose(1, 2)
+                return pre, tangents
             h, slope = _with_derivative(self.activation, pre)
             tangents = tangents * slope.unsqueeze(1)
         raise AssertionError("unreachable: the MLP has at least one layer")
@@ -270,21 +287,24 @@ class ConcatMLP(nn.Module):
         parts = [z, t.reshape(-1, 1).to(z).expand(len(z), 1)]
         return torch.cat(parts if context is None else [*parts, context.expand(len(z), -1)], 1)
 
-    def value_and_jacobian(
-        self, t: Tensor, z: Tensor, context: Tensor | None = None
+    # forward mode as the ConcatSquash MLP's: its value_and_jacobian and value_and_jvp call
+    # this _push, whose first layer sees the tangents through its weight's columns of z
+    value_and_jacobian = ConcatSquashMLP.value_and_jacobian
+    value_and_jvp = ConcatSquashMLP.value_and_jvp
+
+    def _push(
+        self, t: Tensor, z: Tensor, tangents: Tensor, context: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """``f(t, z)`` and its Jacobian ``J[n, i, j] = df_i/dz_j`` by forward mode, as
-        :meth:`ConcatSquashMLP.value_and_jacobian`: the first layer's tangents are its weight's
-        columns of ``z``, then the value and the tangents ``(n, d, width)`` go through together."""
-        n, d = z.shape
-        self.check_context(context, n)
+        """As :meth:`ConcatSquashMLP._push`: ``f(t, z)`` and ``J`` applied to ``tangents`` ``(n,
+        k, d)``."""
+        self.check_context(context, z.shape[0])
         first, *rest = self.layers
         pre = first(self._input(t, z, context))
-        tangents = first.weight[:, :d].T.expand(n, d, -1)
+        tangents = tangents @ first.weight[:, : z.shape[1]].T
         for layer in rest:
             h, slope = _with_derivative(self.activation, pre)
             pre, tangents = layer(h), (tangents * slope.unsqueeze(1)) @ layer.weight.T
-        return pre, tangents.transpose(1, 2)
+        return pre, tangents
 
 
 # the fields of vector data by name: the model's ``mlp`` option

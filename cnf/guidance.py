@@ -44,7 +44,7 @@ from cnf.fields import call_field
 from cnf.flow import CNF
 from cnf.multiscale import MultiscaleCNF
 from cnf.solvers import Solver
-from cnf.trace import JacobianField
+from cnf.trace import JacobianField, TangentField
 
 
 def check_guidance(guidance: object) -> float:
@@ -138,9 +138,10 @@ class GuidedField(nn.Module):
 
 
 class GuidedJacobianField(GuidedField):
-    """A :class:`GuidedField` over a field with ``value_and_jacobian``: the guided Jacobian is
-    the same combination, ``(1 + w) J(c) - w J(null)``, so the exact trace keeps its forward-mode
-    path (:class:`~cnf.trace.JacobianField`)."""
+    """A :class:`GuidedField` over a field with ``value_and_jacobian`` and ``value_and_jvp``:
+    the guided Jacobian is the same combination, ``(1 + w) J(c) - w J(null)``, so the exact
+    trace and Hutchinson's keep their forward-mode paths (:class:`~cnf.trace.JacobianField`,
+    :class:`~cnf.trace.TangentField`)."""
 
     def value_and_jacobian(
         self, t: Tensor, z: Tensor, context: Tensor | None = None
@@ -150,6 +151,24 @@ class GuidedJacobianField(GuidedField):
         value_0, jac_0 = self.field.value_and_jacobian(t, z, context=null)
         w = self.guidance
         return (1 + w) * value_c - w * value_0, (1 + w) * jac_c - w * jac_0
+
+    def value_and_jvp(
+        self, t: Tensor, z: Tensor, v: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        c, null = _halves(context)
+        value_c, jv_c = _value_and_jvp(self.field, t, z, v, c)
+        value_0, jv_0 = _value_and_jvp(self.field, t, z, v, null)
+        w = self.guidance
+        return (1 + w) * value_c - w * value_0, (1 + w) * jv_c - w * jv_0
+
+
+def _value_and_jvp(field, t: Tensor, z: Tensor, v: Tensor, context: Tensor):
+    """``field``'s own ``value_and_jvp``, or, for a field with only ``value_and_jacobian``, its
+    Jacobian applied to ``v``."""
+    if isinstance(field, TangentField):
+        return field.value_and_jvp(t, z, v, context=context)
+    value, jac = field.value_and_jacobian(t, z, context=context)
+    return value, (jac @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def _halves(context: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -6,14 +6,17 @@ solver pays one forward pass per function evaluation:
 * :class:`ExactTrace` forms the per-sample Jacobian: by forward mode when the field provides
   ``value_and_jacobian(t, z)`` (as :class:`~cnf.fields.ConcatSquashMLP` does), else with
   ``torch.func.vmap(jacrev)`` (``D`` vector-Jacobian products, vectorized, no Python loop);
-* :class:`HutchinsonTrace` uses one vector-Jacobian product, :math:`\epsilon^\top (\partial f /
-  \partial z)\, \epsilon`, with a probe :math:`\epsilon` drawn once per solve.
+* :class:`HutchinsonTrace` estimates :math:`\epsilon^\top (\partial f / \partial z)\,
+  \epsilon` with a probe :math:`\epsilon` drawn once per solve: by one Jacobian-vector product
+  in forward mode when the field provides ``value_and_jvp(t, z, v)`` (as the MLPs of
+  :mod:`cnf.fields` do), else by one vector-Jacobian product.
 
 For a conditional field both take the encoded ``context`` (held fixed: it is not part of the
 state) and differentiate with respect to the state only.
 
 Both also return the squared Frobenius norm of the Jacobian (exact, or its Hutchinson estimate
-:math:`\lVert \epsilon^\top J \rVert^2`), the regularizer of RNODE.
+:math:`\lVert J \epsilon \rVert^2` or :math:`\lVert \epsilon^\top J \rVert^2`, both unbiased),
+the regularizer of RNODE.
 
 References:
     Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian
@@ -65,6 +68,17 @@ class JacobianField(Protocol):
 
     def value_and_jacobian(
         self, t: Tensor, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
+class TangentField(Protocol):
+    """A vector field that gives ``J v`` with its value by forward mode (as
+    :class:`~cnf.fields.ConcatSquashMLP` does): Hutchinson's estimate without a backward pass
+    inside the solve, so that training backpropagates through forward operations only."""
+
+    def value_and_jvp(
+        self, t: Tensor, z: Tensor, v: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -180,6 +194,11 @@ class HutchinsonTrace:
     ) -> FieldEval:
         if probe is None:
             raise ValueError("the Hutchinson estimator needs a probe: draw one with .probe(z)")
+        if isinstance(field, TangentField) and z.ndim == 2:
+            extra = {} if context is None else {"context": context}
+            value, j_e = field.value_and_jvp(t, z, probe, **extra)  # J e, by forward mode
+            frob = j_e.square().sum(1) if frobenius else None
+            return FieldEval(value, (j_e * probe).sum(1), frob)
         value, vjp = torch.func.vjp(lambda zz: call_field(field, t, zz, context), z)
         (e_j,) = vjp(probe)
         frob = event_sum(e_j.square()) if frobenius else None

@@ -143,17 +143,17 @@ def test_exact_trace_with_context_equals_autograd(float64, path: str, rows: str)
 
 @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
 def test_hutchinson_with_context_is_each_probes_quadratic_form(float64, noise: str) -> None:
-    """Per row, the estimate is e^T J e and the Frobenius one ||e^T J||^2, J the row's Jacobian
+    """Per row, the estimate is e^T J e and the Frobenius one ||J e||^2, J the row's Jacobian
     under its own context: the context is held fixed, not differentiated."""
     field = ConcatSquashMLP(3, (16, 16), activation="softplus", context=4)
     t, z, c = torch.tensor(0.6), torch.randn(6, 3), torch.randn(6, 4)
     estimator = HutchinsonTrace(noise)
     probe = estimator.probe(z, torch.Generator().manual_seed(3))
     ev = estimator(field, t, z, probe, frobenius=True, context=c)
-    e_j = torch.einsum("ni,nij->nj", probe, _jacobians(field, t, z, c))
+    j_e = torch.einsum("nij,nj->ni", _jacobians(field, t, z, c), probe)
     torch.testing.assert_close(ev.value, field(t, z, context=c), rtol=0, atol=1e-12)
-    torch.testing.assert_close(ev.trace, (e_j * probe).sum(1), rtol=0, atol=1e-12)
-    torch.testing.assert_close(ev.frobenius, e_j.square().sum(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ev.trace, (j_e * probe).sum(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ev.frobenius, j_e.square().sum(1), rtol=0, atol=1e-12)
 
 
 def test_the_layer_is_an_affine_map_of_time_and_context(float64) -> None:

@@ -117,7 +117,8 @@ def test_guided_field_is_the_extrapolation(float64) -> None:
 
 @pytest.mark.parametrize("rows", ["per-row", "shared"])
 def test_guided_jacobian_equals_autograd(float64, rows: str) -> None:
-    """The forward-mode Jacobian of the guided field, (1 + w) J(c) - w J(null), per row."""
+    """The forward-mode Jacobian of the guided field, (1 + w) J(c) - w J(null), per row, and its
+    Jacobian-vector product."""
     flow = _label_flow()
     view = guided_flow(flow, 2.5)
     assert isinstance(view.field, GuidedJacobianField)
@@ -133,6 +134,10 @@ def test_guided_jacobian_equals_autograd(float64, rows: str) -> None:
         for i in range(5)
     ])  # fmt: skip
     torch.testing.assert_close(jac, expected, rtol=0, atol=1e-12)
+    v = torch.randn(5, 2)  # Hutchinson's forward-mode path: J v, the same combination
+    value_v, jv = view.field.value_and_jvp(t, z, v, context=e)
+    torch.testing.assert_close(value_v, value, rtol=0, atol=0)
+    torch.testing.assert_close(jv, torch.einsum("nij,nj->ni", expected, v), rtol=0, atol=1e-12)
 
 
 def test_the_view_shares_the_flows_tensors_and_leaves_the_flow_alone(float64) -> None:

@@ -5,8 +5,14 @@ import torch
 from torch import nn
 
 from cnf import ConcatSquashMLP
-from cnf.fields import ACTIVATIONS
-from cnf.trace import AUTO_EXACT_MAX_DIM, ExactTrace, HutchinsonTrace, make_trace
+from cnf.fields import ACTIVATIONS, ConcatMLP
+from cnf.trace import (
+    AUTO_EXACT_MAX_DIM,
+    ExactTrace,
+    HutchinsonTrace,
+    TangentField,
+    make_trace,
+)
 
 
 def _autograd_jacobians(field: nn.Module, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -97,6 +103,74 @@ def test_hutchinson_is_unbiased(float64, noise: str) -> None:
     se = est.std() / n**0.5
     assert abs(est.mean() - exact) < 3 * se
     assert est.std() > 0  # a probe-free shortcut would make this test vacuous
+
+
+class _Hidden(nn.Module):
+    """``field`` without its forward-mode methods: Hutchinson's estimate takes torch.func.vjp."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor, context=None) -> torch.Tensor:
+        return self.field(t, z) if context is None else self.field(t, z, context=context)
+
+
+@pytest.mark.parametrize("mlp", [ConcatSquashMLP, ConcatMLP])
+@pytest.mark.parametrize("context", ["none", "shared", "per-row"])
+def test_hutchinson_forward_mode_is_the_probe_quadratic_form(float64, mlp, context: str) -> None:
+    """``e^T J e`` and ``||J e||^2`` from one forward-mode pass against the autograd Jacobian,
+    and, for training, the same parameter gradients as the vector-Jacobian product's path."""
+    dim, n, width = 11, 6, 0 if context == "none" else 3
+    field = mlp(dim, (16, 16), activation="tanh", context=width)
+    assert isinstance(field, TangentField) and not isinstance(_Hidden(field), TangentField)
+    c = {"none": None, "shared": torch.randn(1, 3), "per-row": torch.randn(n, 3)}[context]
+    extra = {} if c is None else {"context": c}
+    t, z = torch.tensor(0.37), torch.randn(n, dim)
+    estimator = HutchinsonTrace("gaussian")  # not +-1: e * e would hide a misplaced probe
+    probe = estimator.probe(z, torch.Generator().manual_seed(3))
+    ev = estimator(field, t, z, probe, frobenius=True, **extra)
+    rows = [{} if c is None else {"context": c[i % len(c)][None]} for i in range(n)]
+    jac = torch.stack([
+        torch.autograd.functional.jacobian(lambda v, e=e: field(t, v[None], **e)[0], z[i])
+        for i, e in enumerate(rows)
+    ])  # fmt: skip
+    j_e = torch.einsum("nij,nj->ni", jac, probe)
+    torch.testing.assert_close(ev.value, field(t, z, **extra), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ev.trace, (probe * j_e).sum(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ev.frobenius, j_e.square().sum(1), rtol=0, atol=1e-12)
+    reverse = estimator(_Hidden(field), t, z, probe, **extra)
+    torch.testing.assert_close(ev.trace, reverse.trace, rtol=0, atol=1e-12)
+    params = list(field.parameters())
+    forward_grads = torch.autograd.grad(ev.trace.square().sum(), params, materialize_grads=True)
+    reverse_grads = torch.autograd.grad(
+        reverse.trace.square().sum(), params, materialize_grads=True
+    )
+    for a, b in zip(forward_grads, reverse_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_jacobian_vector_product_for_every_activation(float64, activation: str) -> None:
+    field = ConcatSquashMLP(3, (16, 16), activation=activation)
+    t, z, v = torch.tensor(0.8), torch.randn(9, 3) * 2, torch.randn(9, 3)
+    value, jv = field.value_and_jvp(t, z, v)
+    torch.testing.assert_close(value, field(t, z))
+    torch.testing.assert_close(jv, torch.einsum("nij,nj->ni", _autograd_jacobians(field, t, z), v))
+
+
+def test_hutchinson_frobenius_is_unbiased(float64) -> None:
+    """``||J e||^2`` averages to ``||J||_F^2`` (RNODE's penalty) over Rademacher probes."""
+    dim, n = 5, 40_000
+    field = ConcatSquashMLP(dim, (32,), activation="tanh")
+    t, z0 = torch.tensor(0.5), torch.randn(1, dim)
+    z = z0.expand(n, dim)
+    estimator = HutchinsonTrace()
+    est = estimator(field, t, z, estimator.probe(z, torch.Generator().manual_seed(2)),
+                    frobenius=True).frobenius  # fmt: skip
+    exact = ExactTrace()(field, t, z0, None, frobenius=True).frobenius
+    assert abs(est.mean() - exact) < 3 * est.std() / n**0.5
+    assert est.std() > 0
 
 
 def test_rademacher_probe_values(float64) -> None:
