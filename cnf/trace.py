@@ -43,7 +43,7 @@ TRACES = ("auto", "exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
 
 # Above this many dimensions "auto" switches from the exact trace to Hutchinson's estimator
-# (bench/bench_core.py: at d=10 an exact-trace iteration costs 2.4x a Hutchinson one).
+# (bench/bench_core.py: at d=10 an exact-trace iteration costs 2.3x a Hutchinson one).
 AUTO_EXACT_MAX_DIM = 8
 
 

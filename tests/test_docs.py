@@ -101,6 +101,7 @@ ANIMATE_SMALL = {"--frames": "4", "--grid": "20", "--particles": "50", "--no-pro
 # them. bench_toy.py passes what follows `--` to `cnf train` (it gets TRAIN_SMALL there).
 SCRIPT_SMALL: dict[str, dict[str, str | None]] = {
     "bench/bench_toy.py": {},
+    "bench/bench_core.py": {"--quick": None},
     "bench/bench_threads.py": {"--quick": None},
     "bench/bench_speed.py": {"--repeats": "1", "--short": "2", "--long": "4"},
     "bench/bench_budget.py": {"--quick": None, "--no-baseline": None},
