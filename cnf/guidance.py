@@ -138,10 +138,9 @@ class GuidedField(nn.Module):
 
 
 class GuidedJacobianField(GuidedField):
-    """A :class:`GuidedField` over a field with ``value_and_jacobian`` and ``value_and_jvp``:
-    the guided Jacobian is the same combination, ``(1 + w) J(c) - w J(null)``, so the exact
-    trace and Hutchinson's keep their forward-mode paths (:class:`~cnf.trace.JacobianField`,
-    :class:`~cnf.trace.TangentField`)."""
+    """A :class:`GuidedField` over a field with ``value_and_jacobian``: the guided Jacobian is
+    the same combination, ``(1 + w) J(c) - w J(null)``, so the exact trace keeps its forward-mode
+    path (:class:`~cnf.trace.JacobianField`)."""
 
     def value_and_jacobian(
         self, t: Tensor, z: Tensor, context: Tensor | None = None
@@ -152,23 +151,20 @@ class GuidedJacobianField(GuidedField):
         w = self.guidance
         return (1 + w) * value_c - w * value_0, (1 + w) * jac_c - w * jac_0
 
+
+class GuidedTangentField(GuidedJacobianField):
+    """A :class:`GuidedJacobianField` over a field with ``value_and_jvp`` too: the guided ``J
+    v`` is ``(1 + w) J(c) v - w J(null) v``, so Hutchinson's estimate keeps its forward-mode
+    path (:class:`~cnf.trace.TangentField`)."""
+
     def value_and_jvp(
         self, t: Tensor, z: Tensor, v: Tensor, context: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         c, null = _halves(context)
-        value_c, jv_c = _value_and_jvp(self.field, t, z, v, c)
-        value_0, jv_0 = _value_and_jvp(self.field, t, z, v, null)
+        value_c, jv_c = self.field.value_and_jvp(t, z, v, context=c)
+        value_0, jv_0 = self.field.value_and_jvp(t, z, v, context=null)
         w = self.guidance
         return (1 + w) * value_c - w * value_0, (1 + w) * jv_c - w * jv_0
-
-
-def _value_and_jvp(field, t: Tensor, z: Tensor, v: Tensor, context: Tensor):
-    """``field``'s own ``value_and_jvp``, or, for a field with only ``value_and_jacobian``, its
-    Jacobian applied to ``v``."""
-    if isinstance(field, TangentField):
-        return field.value_and_jvp(t, z, v, context=context)
-    value, jac = field.value_and_jacobian(t, z, context=context)
-    return value, (jac @ v.unsqueeze(-1)).squeeze(-1)
 
 
 def _halves(context: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -201,10 +197,17 @@ def guided_flow(flow: CNF, guidance: float) -> CNF:
         return _guided_multiscale(flow, w)
     view = copy.copy(flow)  # a new module over the same tensors: flow itself is not changed
     view._modules = dict(flow._modules)  # its own table of submodules, so the swaps stay here
-    kind = GuidedJacobianField if isinstance(flow.field, JacobianField) else GuidedField
+    kind = _guided_kind(flow.field)
     view.field = kind(flow.field, w)
     view.context_encoder = GuidedContext(flow.context_encoder)
     return view
+
+
+def _guided_kind(field: nn.Module) -> type[GuidedField]:
+    """The guided field that keeps ``field``'s forward-mode paths."""
+    if not isinstance(field, JacobianField):
+        return GuidedField
+    return GuidedTangentField if isinstance(field, TangentField) else GuidedJacobianField
 
 
 def _guided_multiscale(flow: MultiscaleCNF, guidance: float) -> MultiscaleCNF:
