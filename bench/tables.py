@@ -41,7 +41,7 @@ HEADLINE_TEXT = (
     "tabular data (lower is better; the best of each row in bold)"
 )
 ORDER = ("bench_core", "bench_threads", "bench_memory", "bench_toy", "bench_objectives",
-         "bench_budget", "bench_speed", "bench_tabular", "bench_conditional",
+         "bench_speed", "bench_tabular", "bench_conditional",
          "bench_conditional_images", "bench_images", "bench_image_recipes",
          "bench_image_references", "bench_fm_speed", "bench_distributed",
          "bench_animate")  # fmt: skip

@@ -103,8 +103,7 @@ SCRIPT_SMALL: dict[str, dict[str, str | None]] = {
     "bench/bench_toy.py": {},
     "bench/bench_core.py": {"--quick": None},
     "bench/bench_threads.py": {"--quick": None},
-    "bench/bench_speed.py": {"--repeats": "1", "--short": "2", "--long": "4"},
-    "bench/bench_budget.py": {"--quick": None, "--no-baseline": None},
+    "bench/bench_speed.py": {"--quick": None, "--no-baseline": None},
     "bench/bench_tabular.py": {"--quick": None},
     "bench/bench_conditional_images.py": {"--quick": None},
     "bench/bench_conditional.py": {

@@ -39,7 +39,7 @@ from cnf.training.state import TrainState
 from cnf.training.validation import validation_solver
 
 # measured on 8gaussians and checkerboard: 1.4 and 2.1 after the ConcatSquash field's flow
-# matching, 2.6 and 5.1 after the plain MLP's (bench/bench_budget.py, 120 s, 2 cores at load 4);
+# matching, 2.6 and 5.1 after the plain MLP's (bench/bench_speed.py, 120 s, 2 cores at load 4);
 # 2.0, not more, since the deadline (Plan.deadline) ends a phase that costs more than planned,
 # where a low estimate would leave a run's seconds unspent
 MLE_COST_AFTER_FM = 2.0
@@ -55,7 +55,7 @@ NFE_GROWTH = 2.0
 # the report and its figures, in solves of one validation row: the validity check (the checked
 # solver, a finer one and the float64 reference on 2,000 points), the choice of the evaluation
 # solver and the test NLL (~10,000 rows for a standard error of 0.01 nats), and the figures (a
-# 120 x 120 density grid and 5,000 samples on a toy): python bench/bench_budget.py prints the
+# 120 x 120 density grid and 5,000 samples on a toy): python bench/bench_speed.py prints the
 # report's and the rest's CPU seconds against what the plan set aside
 REPORT_SOLVES = {"toy": 35_000, "tabular": 10_000, "image": 2_000}
 TIMED_ROWS = 500  # rows of the solve that times a row
