@@ -133,6 +133,39 @@ def test_a_whole_budget_prices_validation_and_the_report_before_training() -> No
     assert short.iters == 1 and "give a larger --budget" in made.describe()
 
 
+def test_a_whole_budget_prices_a_fixed_validation_interval_into_each_iteration(
+    monkeypatch,
+) -> None:
+    """With --eval-every N the validation NLLs grow with the iterations: the plan's training,
+    its validations and the rest fill the budget, however many validations that makes (a
+    fixed count of 20 let `--objective fm --budget 120` spend 1.23 times its budget)."""
+    from cnf.training import budget as budgeting
+    from cnf.training import setup
+
+    seconds = {"fm": 0.01, "mle": 0.1}  # an iteration's, as if timed
+    monkeypatch.setattr(
+        budgeting, "_time", lambda probe, objective, cfg, n: seconds[objective.name]
+    )
+    monkeypatch.setattr(budgeting, "_time_validation", lambda probe, cfg: (0.5, 1e-4))
+    flat = dict(data="8gaussians", objective="fm", hidden=(16, 16), batch_size=64, budget=100.0,
+                eval_every=50, finetune_iters=1)  # fmt: skip
+    planned, plan = budgeting.plan(config(**flat), setup(config(**flat)), whole=True, spent=2.0)
+    assert planned.eval_every == plan.eval_every == 50
+    evaluations = math.ceil(planned.total_iters / 50)
+    assert evaluations > 20  # more than a fixed count would have priced
+    assert plan.others["validation"] == pytest.approx(evaluations * 0.5)
+    assert plan.others["report"] == pytest.approx(budgeting.REPORT_SOLVES["toy"] * 1e-4)
+    assert plan.finetune_iters > 0
+    assert plan.seconds_per_iter == seconds["fm"]
+    mle = plan.seconds_per_finetune_iter  # the timed one, times the cost of a sharpening field
+    assert mle == seconds["mle"] * budgeting.MLE_COST_AFTER_FM
+    training = plan.iters * seconds["fm"] + plan.finetune_iters * mle
+    spent = training + sum(plan.others.values())  # the whole command, as planned
+    assert abs(spent - 100.0) <= 0.5 + mle  # to within a validation and an iteration
+    assert plan.deadline == pytest.approx(100.0 - sum(plan.others.values()))
+    assert plan.deadline == pytest.approx(training, abs=0.5 + mle)
+
+
 def test_a_budget_run_goes_on_from_its_timed_iterations() -> None:
     """The timing's flow-matching iterations are the run's first: trained on its own state (the
     same weights as stepping a fresh run through the same batches), logged, and counted in the

@@ -4,11 +4,13 @@ The plan times a few iterations of each phase of the recipe (the same data and m
 machine) and a validation NLL: ``cnf train``'s first phase of flow matching on the run itself,
 which goes on from those iterations (``keep``), the rest on a throwaway copy. For ``cnf train``
 the budget is the whole command's (``whole``): what the process has spent so far, the timing
-itself, the validation NLLs, and the report with its figures, estimated as
-:data:`REPORT_SOLVES` solves of a validation row each, come off it first. The rest is
-training: ``iters`` (and, after flow matching, ``finetune_iters``) fill their shares of it,
+itself, and the report with its figures, estimated as :data:`REPORT_SOLVES` solves of a
+validation row each, come off it first. The rest is training and its validation NLLs:
+``iters`` (and, after flow matching, ``finetune_iters``) fill their shares of it,
 ``finetune_share`` for the maximum-likelihood phase. With ``eval_every`` 0 the validation NLLs
-are as many as :data:`VALIDATION_SHARE` of the budget pays for (at most 20). The plan is made
+are as many as :data:`VALIDATION_SHARE` of the budget pays for (at most 20), set aside before
+the iterations; with a fixed ``eval_every`` their number grows with the iterations, so each
+iteration is priced with its share of a validation NLL. The plan is made
 once, before training, and saved in ``config.json``: the run itself, and its resume, are then
 as repeatable as any other (two budget runs on different machines plan different iteration
 counts).
@@ -138,18 +140,26 @@ def plan(cfg: TrainConfig, setup_run, *, whole: bool = False, spent: float = 0.0
         _enter(probe, mle, cfg, adapter)  # the phase starts at the largest valid step
         t_mle = _time(probe, mle, cfg, _PROBES["mle"]) * MLE_COST_AFTER_FM
     t_val, t_row = _time_validation(probe, cfg)
-    evaluations = EVALUATIONS
-    if cfg.eval_every == 0 and t_val > 0:  # as many as their share pays for
-        evaluations = max(1, min(EVALUATIONS, math.floor(VALIDATION_SHARE * cfg.budget / t_val)))
     others = {}
     if whole:
         others = {"setup and timing": spent + time.process_time() - began,
-                  "validation": evaluations * t_val,
                   "report": REPORT_SOLVES.get(setup_run.data.kind, 10_000) * t_row}  # fmt: skip
-    training = max(cfg.budget - sum(others.values()), 0.0)
-    iters = kept + max(1, round((1 - share) * training / t_first))
-    finetune = round(share * training / t_mle) if share > 0 else 0
-    eval_every = cfg.eval_every or max(1, math.ceil((iters + finetune) / evaluations))
+    rest = max(cfg.budget - sum(others.values()), 0.0)
+    # a validation every eval_every iterations costs each iteration its share; eval_every 0:
+    # as many as their share of the budget pays for, set aside before training
+    every = cfg.eval_every
+    evaluations = EVALUATIONS
+    if not every and t_val > 0:
+        evaluations = max(1, min(EVALUATIONS, math.floor(VALIDATION_SHARE * cfg.budget / t_val)))
+        rest = max(rest - evaluations * t_val, 0.0) if whole else rest
+    per_val = t_val / every if every and whole else 0.0
+    iters = kept + max(1, round((1 - share) * rest / (t_first + per_val)))
+    finetune = round(share * rest / (t_mle + per_val)) if share > 0 else 0
+    eval_every = every or max(1, math.ceil((iters + finetune) / evaluations))
+    if whole:  # in the order describe() names them
+        count = math.ceil((iters + finetune) / every) if every else evaluations
+        others = {"setup and timing": others["setup and timing"], "validation": count * t_val,
+                  "report": others["report"]}  # fmt: skip
     result = Plan(cfg.budget, iters, finetune, t_first, t_mle, first.name, eval_every, others,
                   kept, rows)  # fmt: skip
     return cfg.replace(iters=iters, finetune_iters=finetune, eval_every=eval_every), result
