@@ -140,11 +140,9 @@ def plan(cfg: TrainConfig, setup_run, *, whole: bool = False, spent: float = 0.0
         _enter(probe, mle, cfg, adapter)  # the phase starts at the largest valid step
         t_mle = _time(probe, mle, cfg, _PROBES["mle"]) * MLE_COST_AFTER_FM
     t_val, t_row = _time_validation(probe, cfg)
-    others = {}
-    if whole:
-        others = {"setup and timing": spent + time.process_time() - began,
-                  "report": REPORT_SOLVES.get(setup_run.data.kind, 10_000) * t_row}  # fmt: skip
-    rest = max(cfg.budget - sum(others.values()), 0.0)
+    setup_s = spent + time.process_time() - began
+    report_s = REPORT_SOLVES.get(setup_run.data.kind, 10_000) * t_row
+    rest = max(cfg.budget - setup_s - report_s, 0.0) if whole else cfg.budget
     # a validation every eval_every iterations costs each iteration its share; eval_every 0:
     # as many as their share of the budget pays for, set aside before training
     every = cfg.eval_every
@@ -156,10 +154,10 @@ def plan(cfg: TrainConfig, setup_run, *, whole: bool = False, spent: float = 0.0
     iters = kept + max(1, round((1 - share) * rest / (t_first + per_val)))
     finetune = round(share * rest / (t_mle + per_val)) if share > 0 else 0
     eval_every = every or max(1, math.ceil((iters + finetune) / evaluations))
-    if whole:  # in the order describe() names them
+    others = {}
+    if whole:
         count = math.ceil((iters + finetune) / every) if every else evaluations
-        others = {"setup and timing": others["setup and timing"], "validation": count * t_val,
-                  "report": others["report"]}  # fmt: skip
+        others = {"setup and timing": setup_s, "validation": count * t_val, "report": report_s}
     result = Plan(cfg.budget, iters, finetune, t_first, t_mle, first.name, eval_every, others,
                   kept, rows)  # fmt: skip
     return cfg.replace(iters=iters, finetune_iters=finetune, eval_every=eval_every), result
