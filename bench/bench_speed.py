@@ -16,7 +16,10 @@ CPU seconds are the child process's (user + system), its training and validation
 sums of ``log.jsonl``'s ``cpu`` and ``val_cpu``, its report's those of ``report.json``'s
 ``cost``; "other" is the rest (start-up, the budget's timing, the figures). ``--objectives``:
 ``recipe`` is ``cnf train --budget B`` as it is (flow matching, then maximum likelihood),
-``fm`` and ``mle`` add ``--objective``; ``--data`` picks the toys.
+``fm`` and ``mle`` add ``--objective``; ``--data`` picks the toys, or tables (``--data wine
+diabetes``: their test NLL instead of a KL, and no baseline). "ended" says what ended the
+training: its planned iterations, its share of the budget spent (``deadline``), or the
+validation NLL's ``--patience`` (a table's recipe stops early: its run ends under budget).
 
 The baseline is Meta's flow_matching and TorchCFM's toy recipe: an MLP 64-64-64 with SiLU and
 the time concatenated to its input (``cnf.CNF(2, mlp="concat")``), Adam at 1e-3, batch 512,
@@ -59,7 +62,7 @@ from bench_objectives import kl
 from harness import Column
 
 from cnf import CNF
-from cnf.data import get_dataset
+from cnf.data import dataset_kind, get_dataset
 from cnf.runs import load_run
 from cnf.runtime import to_tensors
 from cnf.training import TrainConfig, fit, setup
@@ -131,7 +134,9 @@ BUDGET_COLUMNS = [
     Column("report", "report", "{:.1f}", "s", "report.json's cost, summed"),
     Column("other", "other", "{:.1f}", "s", "start-up, the budget's timing, the figures"),
     Column("report_share", "report / training", "{:.2f}"),
+    Column("ended", "ended", about="iterations, deadline or patience"),
     Column("kl", "KL", "{:.4f}", "nats", "the float64 evaluator's"),
+    Column("nll", "test NLL", "{:.3f}", "nats", "a table's, from report.json"),
     Column("baseline", "baseline KL", "{:.4f}", "nats", "plain flow matching, same CPU s"),
 ]
 
@@ -148,7 +153,10 @@ def run_cnf(data: str, extra: list[str], out: Path, smoke: bool) -> dict:
     if smoke:
         argv += ["--hidden", "8", "--test-size", "500", "--validity-size", "100"]
     before = children_cpu()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said = done.stderr  # what ended the training is said there
+    if done.returncode:
+        sys.exit(f"{' '.join(argv)} failed ({done.returncode}):\n{said}")
     whole = children_cpu() - before
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     report = json.loads((out / "report.json").read_text())
@@ -156,7 +164,10 @@ def run_cnf(data: str, extra: list[str], out: Path, smoke: bool) -> dict:
                  validation=sum(r.get("val_cpu", 0.0) for r in rows),
                  report=sum(report.get("cost", {}).values()))  # fmt: skip
     split["other"] = whole - sum(split.values())
-    return dict(whole=whole, **split, model=load_run(out / "best.pt").model)
+    ended = ("deadline" if "CPU s are spent" in said else
+             "patience" if "early stop at iteration" in said else "iterations")  # fmt: skip
+    model = load_run(out / "best.pt").model
+    return dict(whole=whole, **split, ended=ended, nll=report["nll"], model=model)
 
 
 def baseline(data_name: str, seconds: float, smoke: bool) -> torch.nn.Module:
@@ -213,11 +224,14 @@ def budget_rows(args) -> list[dict]:
             if args.quick and budget is None:
                 extra = ["--iters", "200", "--objective", "fm", "--finetune-iters", "5"]
             out = run_cnf(data, extra, Path(tmp) / f"run{k}", args.quick)
-            row = dict(data=data, command=command, **{k: v for k, v in out.items() if k != "model"})
+            row = dict(data=data, command=command,
+                       **{k: v for k, v in out.items() if k not in ("model", "nll")})  # fmt: skip
             row["of_budget"] = None if budget is None else out["whole"] / budget
             row["report_share"] = out["report"] / max(out["training"], 1e-9)
-            row["kl"] = kl(out["model"], data, args.n)
-            if not args.no_baseline:
+            toy = dataset_kind(data) == "toy"
+            row["kl"], row["nll"] = (kl(out["model"], data, args.n), None) if toy else (
+                None, out["nll"])  # fmt: skip
+            if toy and not args.no_baseline:
                 row["baseline"] = kl(baseline(data, budget or out["whole"], args.quick), data,
                                      args.n)  # fmt: skip
             rows.append(row)
@@ -229,7 +243,8 @@ def budget_rows(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    parser.add_argument("--data", nargs="+", default=["8gaussians"], help="the budgets' toys")
+    parser.add_argument("--data", nargs="+", default=["8gaussians"],
+                        help="the budgets' toys or tables")  # fmt: skip
     parser.add_argument("--budgets", nargs="+", type=float, default=[30, 60, 120, 240])
     parser.add_argument("--objectives", nargs="+", default=["recipe"], choices=list(OBJECTIVES),
                         help="the budgets' objectives")  # fmt: skip
@@ -258,7 +273,8 @@ def main() -> None:
     if {"quickstart", "budgets"} & set(args.parts):
         results.table("budget", "The whole cnf train command (one thread), CPU seconds by "
                       "phase, and the KL it reaches against plain flow matching for the same "
-                      "seconds", BUDGET_COLUMNS, budget_rows(args))  # fmt: skip
+                      "seconds (a table: its test NLL)", BUDGET_COLUMNS,
+                      budget_rows(args))  # fmt: skip
     results.write()
 
 

@@ -146,7 +146,7 @@ def test_a_whole_budget_prices_a_fixed_validation_interval_into_each_iteration(
     monkeypatch.setattr(
         budgeting, "_time", lambda probe, objective, cfg, n: seconds[objective.name]
     )
-    monkeypatch.setattr(budgeting, "_time_validation", lambda probe, cfg: (0.5, 1e-4))
+    monkeypatch.setattr(budgeting, "_time_validation", lambda probe, cfg: (0.5, 1e-4, None))
     flat = dict(data="8gaussians", objective="fm", hidden=(16, 16), batch_size=64, budget=100.0,
                 eval_every=50, finetune_iters=1)  # fmt: skip
     planned, plan = budgeting.plan(config(**flat), setup(config(**flat)), whole=True, spent=2.0)
@@ -164,6 +164,42 @@ def test_a_whole_budget_prices_a_fixed_validation_interval_into_each_iteration(
     assert abs(spent - 100.0) <= 0.5 + mle  # to within a validation and an iteration
     assert plan.deadline == pytest.approx(100.0 - sum(plan.others.values()))
     assert plan.deadline == pytest.approx(training, abs=0.5 + mle)
+
+
+def test_a_tables_report_is_planned_from_its_test_split(monkeypatch) -> None:
+    """A table's report solves its test split a few times (wine's: 18 rows), not the 10,000 rows
+    a toy's draws: priced as 10,000 rows, wine's was planned at 12 CPU s, took 1.4, and a
+    --budget 30 run ended at 15 CPU s."""
+    from cnf.training import budget as budgeting
+    from cnf.training import setup
+
+    solved = []  # the rows of each solve the timing makes
+    real = budgeting.evaluate
+
+    def evaluate(model, x, **kwargs):
+        solved.append(len(x))
+        return real(model, x, **kwargs)
+
+    monkeypatch.setattr(budgeting, "evaluate", evaluate)
+    flat = dict(data="wine", hidden=(16,), budget=20.0, test_fraction=0.2)
+    run = setup(config(**flat))
+    t_split = budgeting._time_validation(budgeting._Probe(run), run.cfg)[2]
+    assert len(run.data.test()) == 36 != len(run.data.validation())
+    assert 36 in solved and t_split is not None and t_split > 0
+    toy = setup(config(data="8gaussians", hidden=(16,), budget=20.0))
+    assert budgeting._time_validation(budgeting._Probe(toy), toy.cfg)[2] is None
+
+    # the plan: the cheaper of a split's solves and REPORT_SOLVES rows (as if timed)
+    monkeypatch.setattr(budgeting, "_time", lambda probe, objective, cfg, n: 0.01)
+    for kind, timings, planned in (
+        ("wine", (0.05, 1e-3, 0.05), budgeting.REPORT_SPLIT_SOLVES * 0.05 + budgeting.FIGURES_S),
+        ("wine", (0.05, 1e-5, 0.05), budgeting.REPORT_SOLVES["tabular"] * 1e-5),  # a large split
+        ("8gaussians", (0.05, 1e-3, None), budgeting.REPORT_SOLVES["toy"] * 1e-3),
+    ):
+        monkeypatch.setattr(budgeting, "_time_validation", lambda probe, cfg, t=timings: t)
+        cfg = config(data=kind, hidden=(16,), budget=100.0)
+        _, plan = budgeting.plan(cfg, setup(cfg), whole=True)
+        assert plan.others["report"] == pytest.approx(planned)
 
 
 def test_a_budget_run_goes_on_from_its_timed_iterations() -> None:

@@ -5,7 +5,8 @@ machine) and a validation NLL: ``cnf train``'s first phase of flow matching on t
 which goes on from those iterations (``keep``), the rest on a throwaway copy. For ``cnf train``
 the budget is the whole command's (``whole``): what the process has spent so far, the timing
 itself, and the report with its figures, estimated as :data:`REPORT_SOLVES` solves of a
-validation row each, come off it first. The rest is training and its validation NLLs:
+validation row each (a table's, at most :data:`REPORT_SPLIT_SOLVES` solves of its test split
+and :data:`FIGURES_S`), come off it first. The rest is training and its validation NLLs:
 ``iters`` (and, after flow matching, ``finetune_iters``) fill their shares of it,
 ``finetune_share`` for the maximum-likelihood phase. With ``eval_every`` 0 the validation NLLs
 are as many as :data:`VALIDATION_SHARE` of the budget pays for (at most 20), set aside before
@@ -60,6 +61,14 @@ NFE_GROWTH = 2.0
 # 120 x 120 density grid and 5,000 samples on a toy): python bench/bench_speed.py prints the
 # report's and the rest's CPU seconds against what the plan set aside
 REPORT_SOLVES = {"toy": 35_000, "tabular": 10_000, "image": 2_000}
+# a table's report solves its test split a few times over (the test NLL, the choice of its
+# solver, the validity check's three solvers, the float64 reference the costliest), in solves
+# of the whole split: wine's and diabetes's reports (18 and 44 test rows, --budget 30) took
+# 7.5 and 11 times their last validation NLL's CPU seconds; and the figures draw, besides their
+# solves, for about FIGURES_S (1.1 and 1.2 CPU s there). Without this, a table's report was
+# planned at 12 CPU s and took 1.4: the run ended at half its budget
+REPORT_SPLIT_SOLVES = 12
+FIGURES_S = 1.2
 TIMED_ROWS = 500  # rows of the solve that times a row
 
 
@@ -139,9 +148,11 @@ def plan(cfg: TrainConfig, setup_run, *, whole: bool = False, spent: float = 0.0
         mle = cfg.mle
         _enter(probe, mle, cfg, adapter)  # the phase starts at the largest valid step
         t_mle = _time(probe, mle, cfg, _PROBES["mle"]) * MLE_COST_AFTER_FM
-    t_val, t_row = _time_validation(probe, cfg)
+    t_val, t_row, t_split = _time_validation(probe, cfg)
     setup_s = spent + time.process_time() - began
     report_s = REPORT_SOLVES.get(setup_run.data.kind, 10_000) * t_row
+    if t_split is not None:  # a table's report: its test split, solved a few times
+        report_s = min(report_s, REPORT_SPLIT_SOLVES * t_split + FIGURES_S)
     rest = max(cfg.budget - setup_s - report_s, 0.0) if whole else cfg.budget
     # a validation every eval_every iterations costs each iteration its share; eval_every 0:
     # as many as their share of the budget pays for, set aside before training
@@ -163,15 +174,17 @@ def plan(cfg: TrainConfig, setup_run, *, whole: bool = False, spent: float = 0.0
     return cfg.replace(iters=iters, finetune_iters=finetune, eval_every=eval_every), result
 
 
-def _time_validation(probe: _Probe, cfg: TrainConfig) -> tuple[float, float]:
-    """CPU seconds of one validation NLL of the run, and of a row of a large solve (the report's
+def _time_validation(probe: _Probe, cfg: TrainConfig) -> tuple[float, float, float | None]:
+    """CPU seconds of one validation NLL of the run, of a row of a large solve (the report's
     are: the validation rows repeated, 8 then 4 times as many up to :data:`TIMED_ROWS` while a
-    solve takes under :data:`PROBE_SHARE` of the budget), at the validation solver, on the
-    probe's model and scaled by :data:`NFE_GROWTH`."""
+    solve takes under :data:`PROBE_SHARE` of the budget), and for a table, of a solve of its
+    whole test split (``None`` for other data): at the validation solver, on the probe's model
+    and scaled by :data:`NFE_GROWTH`."""
     model = probe.state.model
-    x, c = to_tensors(probe.run.data.validation(), *_where(model))
+    data = probe.run.data
+    x, c = to_tensors(data.validation(), *_where(model))
     if len(x) == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, None
     solver = validation_solver(model.eval_solver, cfg.val_tol)
 
     def seconds(rows: int) -> float:
@@ -187,7 +200,12 @@ def _time_validation(probe: _Probe, cfg: TrainConfig) -> tuple[float, float]:
         took = seconds(rows)
     per_row = took / rows
     whole = seconds(len(x)) if len(x) < rows else per_row * len(x)
-    return whole, per_row
+    if data.kind != "tabular":
+        return whole, per_row, None
+    test = data.test()
+    n = min(len(getattr(test, "x", test)), cfg.test_size)  # the rows the report evaluates
+    split = whole if n == len(x) else seconds(n) if n < rows else per_row * n
+    return whole, per_row, split
 
 
 def _where(model) -> tuple:
