@@ -19,7 +19,8 @@ sums of ``log.jsonl``'s ``cpu`` and ``val_cpu``, its report's those of ``report.
 ``fm`` and ``mle`` add ``--objective``; ``--data`` picks the toys, or tables (``--data wine
 diabetes``: their test NLL instead of a KL, and no baseline). "ended" says what ended the
 training: its planned iterations, its share of the budget spent (``deadline``), or the
-validation NLL's ``--patience`` (a table's recipe stops early: its run ends under budget).
+validation NLL's ``--patience`` (a table's recipe stops early: its run ends under budget), in
+the last phase or the first (whose unspent iterations are then not trained).
 
 The baseline is Meta's flow_matching and TorchCFM's toy recipe: an MLP 64-64-64 with SiLU and
 the time concatenated to its input (``cnf.CNF(2, mlp="concat")``), Adam at 1e-3, batch 512,
@@ -166,6 +167,8 @@ def run_cnf(data: str, extra: list[str], out: Path, smoke: bool) -> dict:
     split["other"] = whole - sum(split.values())
     ended = ("deadline" if "CPU s are spent" in said else
              "patience" if "early stop at iteration" in said else "iterations")  # fmt: skip
+    if "(--patience):" in said:  # a first phase stopped early, and the next began
+        ended = f"first phase's patience, then {ended}"
     model = load_run(out / "best.pt").model
     return dict(whole=whole, **split, ended=ended, nll=report["nll"], model=model)
 

@@ -253,3 +253,46 @@ def test_a_deadline_stops_training_validated_at_the_iteration_that_spends_it() -
     plan = Plan(60.0, 10, 0, 1.0, 0.0, others={"report": 10.0, "validation": 5.0})
     assert plan.deadline == pytest.approx(45.0)
     assert Plan(60.0, 10, 0, 1.0, 0.0).deadline is None  # a budget of training alone
+
+
+def test_each_validation_prices_the_report_again_from_the_trained_model(
+    monkeypatch, tmp_path
+) -> None:
+    """The plan prices a toy's report from a barely trained model's solves (4.0 CPU s planned
+    for --objective mle --budget 30, where report and figures took 8.6, and the command 35):
+    each validation NLL prices it again, and the training's seconds give way or gain."""
+    from cnf.training import budget as budgeting
+    from cnf.training import fit, setup, train
+
+    toy, table = get_dataset("8gaussians"), get_dataset("wine")
+    plan = budgeting.Plan(30.0, 400, 0, 0.05, 0.0, others={"setup": 4.0, "report": 4.0})
+    deadline = budgeting.Deadline(plan, toy)
+    assert deadline() == 22.0
+    rows = len(toy.validation())
+    deadline.validated(2 * 4.0 * rows / budgeting.REPORT_ROWS_TRAINED["toy"])  # twice the price
+    assert deadline() == pytest.approx(18.0)
+    deadline.validated(0.5 * 4.0 * rows / budgeting.REPORT_ROWS_TRAINED["toy"])  # half of it
+    assert deadline() == pytest.approx(24.0)
+    deadline.validated(1e3)  # more than the training's share: none is left
+    assert deadline() == 0.0
+    table_deadline = budgeting.Deadline(plan, table)  # a table keeps the plan's estimate
+    table_deadline.validated(1e3)
+    assert table_deadline() == 22.0
+
+    # the loop asks a callable deadline at every iteration
+    cfg = config(data="8gaussians", objective="fm", iters=50, eval_every=10**6, hidden=(8,),
+                 batch_size=32)  # fmt: skip
+    run = setup(cfg)
+    asked = []
+    result = fit(run.state, run.data, run.objective, cfg, progress=False, quiet=True,
+                 seconds=lambda: asked.append(1) or (None if len(asked) < 7 else 0.0))  # fmt: skip
+    assert result.stopped == "budget" and result.iteration == len(asked) == 7
+
+    # cnf train tells its deadline each validation's seconds, and none else
+    told = []
+    monkeypatch.setattr(budgeting.Deadline, "validated", lambda self, cpu: told.append(cpu))
+    flat = dict(data="8gaussians", objective="fm", hidden=(8,), batch_size=32, budget=6.0,
+                eval_every=0, test_size=200, validity_size=50, finetune_share=0.0)  # fmt: skip
+    out = train(config(**flat), tmp_path / "run", progress=False).out
+    logged = [r["val_cpu"] for r in map(json.loads, (out / "log.jsonl").open()) if "val_cpu" in r]
+    assert told == logged and len(told) >= 1

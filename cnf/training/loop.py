@@ -16,7 +16,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -287,7 +287,7 @@ def fit(
     hooks: Hooks | None = None,
     progress: bool = True,
     quiet: bool = False,
-    seconds: float | None = None,
+    seconds: float | Callable[[], float | None] | None = None,
     dist: Distributed = SINGLE,
 ) -> FitResult:
     """Train from ``state.iteration`` to ``cfg.total_iters`` (or until early stopping, a signal,
@@ -304,6 +304,8 @@ def fit(
             included, validations and their checkpoints not; CPU seconds on a CPU, where the
             machine may be shared, else wall seconds): the run then stops, validated and
             checkpointed, at the iteration that spends it (``cnf train --budget``'s deadline).
+            A callable gives it afresh at each iteration (a deadline that a validation moves:
+            :class:`~cnf.training.budget.Deadline`).
         dist: this process's place in a distributed job (:mod:`cnf.training.distributed`):
             each trains on its share of every batch and evaluates its share of the validation
             set; every decision (stop, early stop, divergence) is taken by all together.
@@ -316,6 +318,7 @@ def fit(
     engine = dist.wrap(Engine(state.model))
     has_validation = len(x_val) > 0
     clock = time.process_time if p.device.type == "cpu" else time.perf_counter
+    limit = seconds if callable(seconds) else lambda: seconds
     began, aside = clock(), 0.0  # aside: the seconds of validations and their checkpoints
     with (
         _stop_on_signals() as stop,
@@ -330,7 +333,8 @@ def fit(
             row = step(state, objective, x, cfg, dist, engine, context=c)
             # one collective call for both (all stop after the same iteration): a signal, and
             # the training's seconds spent (the loop's own work, batches and log, included)
-            out = seconds is not None and clock() - began - aside >= seconds
+            budget = limit()
+            out = budget is not None and clock() - began - aside >= budget
             signum, over = dist.maximum([stop.signal or 0, out])
             signum, over = int(signum), bool(over)
             evaluated = has_validation and (  # and the last weights of a run out of time
@@ -359,7 +363,7 @@ def fit(
                 hooks.interrupted(state, evaluated, signum)
                 return FitResult(state.iteration, "signal", signum)
             if over:
-                say(f"iteration {state.iteration}: the training's {seconds:.0f} CPU s are spent")
+                say(f"iteration {state.iteration}: the training's {budget:.0f} CPU s are spent")
                 return FitResult(state.iteration, "budget")
     return FitResult(state.iteration, "done")
 

@@ -123,7 +123,9 @@ def train(
             print(made.describe(), file=sys.stderr)
         timed = run.checkpoint() if made.kept else None
         run = setup(cfg, data=run.data, dist=dist, checkpoint=timed)
-        deadline, kept_rows = made.deadline, _as_logged(made.rows, run.objective)
+        kept_rows = _as_logged(made.rows, run.objective)
+        # one process: its validations price the report again (several: each sees its share)
+        deadline = made.deadline if dist.active else budget.Deadline(made, run.data)
     if dist.main:  # only now, with everything checked, does the directory change
         _prepare_directory(out, cfg, ckpt, log)
     dist.barrier()
@@ -143,12 +145,16 @@ def _as_logged(rows: tuple, objective) -> tuple:
 
 
 def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: Any,
-              deadline: float | None = None, kept_rows: tuple = ()):  # fmt: skip
+              deadline: float | budget.Deadline | None = None,
+              kept_rows: tuple = ()):  # fmt: skip
     """Train ``run`` with its log and checkpoints in ``out`` (written by rank 0 alone), for at
-    most ``deadline`` seconds of training (a budget's); ``kept_rows``: the log rows of the
-    iterations a budget's timing trained (the run starts after them, none of them saved)."""
+    most ``deadline`` seconds of training (a budget's; a :class:`~cnf.training.budget.Deadline`
+    is told each validation NLL's seconds); ``kept_rows``: the log rows of the iterations a
+    budget's timing trained (the run starts after them, none of them saved)."""
     tensorboard = None if writer is None or not dist.main else writer(str(out / "tensorboard"))
     recorder = _Recorder(out, run, tensorboard, write=dist.main)
+    if isinstance(deadline, budget.Deadline):
+        recorder.deadline = deadline
     if kept_rows:
         recorder.saved = None  # no checkpoint of them yet
     try:
@@ -182,7 +188,11 @@ class _Recorder(Hooks):
         """Whether the run or a phase ends at iteration ``it`` (so does a log row)."""
         return it == self.run.cfg.total_iters or self.run.objective.ends(it) == it
 
+    deadline: budget.Deadline | None = None
+
     def row(self, state: TrainState, row: dict[str, Any]) -> None:
+        if self.deadline is not None and "val_cpu" in row:
+            self.deadline.validated(row["val_cpu"])
         if self.write:  # a process other than rank 0 writes nothing
             self._write(self.rows.add(row))
 
