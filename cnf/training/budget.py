@@ -124,8 +124,8 @@ class Plan:
 
 
 class Deadline:
-    """A whole budget's training seconds (:attr:`Plan.deadline`), moved by each validation NLL:
-    the report is priced again from the model being trained (a toy's, as
+    """A whole budget's training seconds (:attr:`Plan.deadline`), moved by each validation NLL
+    of the last phase: the report is priced again from the model being trained (a toy's, as
     :data:`REPORT_ROWS_TRAINED` rows at that validation's CPU seconds a row), and what it costs
     more or less than planned comes off or goes to the training. Other data keep the plan's
     estimate (a table's is a few solves of its test split, as measured on trained models).

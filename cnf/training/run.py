@@ -149,8 +149,8 @@ def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: 
               kept_rows: tuple = ()):  # fmt: skip
     """Train ``run`` with its log and checkpoints in ``out`` (written by rank 0 alone), for at
     most ``deadline`` seconds of training (a budget's; a :class:`~cnf.training.budget.Deadline`
-    is told each validation NLL's seconds); ``kept_rows``: the log rows of the iterations a
-    budget's timing trained (the run starts after them, none of them saved)."""
+    is told the seconds of the last phase's validation NLLs); ``kept_rows``: the log rows of the
+    iterations a budget's timing trained (the run starts after them, none of them saved)."""
     tensorboard = None if writer is None or not dist.main else writer(str(out / "tensorboard"))
     recorder = _Recorder(out, run, tensorboard, write=dist.main)
     if isinstance(deadline, budget.Deadline):
@@ -188,10 +188,17 @@ class _Recorder(Hooks):
         """Whether the run or a phase ends at iteration ``it`` (so does a log row)."""
         return it == self.run.cfg.total_iters or self.run.objective.ends(it) == it
 
-    deadline: budget.Deadline | None = None
+    def _last_phase(self, it: int) -> bool:
+        """Whether iteration ``it`` trains the last phase: the model the report will solve
+        (flow matching's field, before maximum likelihood regularizes it, solves at a
+        different cost)."""
+        objective = self.run.objective
+        return objective.at(it) is objective.at(self.run.cfg.total_iters)
+
+    deadline: budget.Deadline | None = None  # a budget's, told the last phase's validations
 
     def row(self, state: TrainState, row: dict[str, Any]) -> None:
-        if self.deadline is not None and "val_cpu" in row:
+        if self.deadline is not None and "val_cpu" in row and self._last_phase(row["iter"]):
             self.deadline.validated(row["val_cpu"])
         if self.write:  # a process other than rank 0 writes nothing
             self._write(self.rows.add(row))
