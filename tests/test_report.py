@@ -4,6 +4,7 @@ validation NLL's looser solver; a budget that prices the whole command."""
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -292,8 +293,13 @@ def test_each_validation_prices_the_report_again_from_the_trained_model(
     # the one the report solves (flow matching's field solves at another cost)
     told = []
     monkeypatch.setattr(budgeting.Deadline, "validated", lambda self, cpu: told.append(cpu))
-    flat = dict(data="8gaussians", objective="fm", hidden=(8,), batch_size=32, budget=8.0,
-                eval_every=0, test_size=200, validity_size=50, finetune_share=0.5)  # fmt: skip
+    cost = {"fm": 0.01, "mle": 0.05}  # an iteration's and a validation's, as if timed: a plan
+    monkeypatch.setattr(budgeting, "_time", lambda probe, objective, cfg, n: cost[objective.name])
+    monkeypatch.setattr(budgeting, "_time_validation", lambda probe, cfg: (0.01, 1e-6, None))
+    spent = time.process_time()  # a budget is the whole process's: this one's so far, and 20 s
+    flat = dict(data="8gaussians", objective="fm", hidden=(8,), batch_size=32,
+                budget=spent + 20.0, eval_every=0, test_size=200, validity_size=50,
+                finetune_share=0.5)  # fmt: skip
     out = train(config(**flat), tmp_path / "run", progress=False).out
     fm = json.loads((out / "config.json").read_text())["iters"]
     rows = [r for r in map(json.loads, (out / "log.jsonl").open()) if "val_cpu" in r]
