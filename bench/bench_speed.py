@@ -14,7 +14,8 @@ iteration of ``cnf.training.fit`` against a bare loop on the same model.
 ``cnf train ... --threads 1`` subprocess, as a user runs it (report and figures included); its
 CPU seconds are the child process's (user + system), its training and validation seconds the
 sums of ``log.jsonl``'s ``cpu`` and ``val_cpu``, its report's those of ``report.json``'s
-``cost``; "other" is the rest (start-up, the budget's timing, the figures). ``--objectives``:
+``cost``; "other" is the rest (start-up, a table's ``--log-columns auto`` pilot, the budget's
+timing, the figures). ``--objectives``:
 ``recipe`` is ``cnf train --budget B`` as it is (flow matching, then maximum likelihood),
 ``fm`` and ``mle`` add ``--objective``; ``--data`` picks the toys, or tables (``--data wine
 diabetes``: their test NLL instead of a KL, and no baseline). "ended" says what ended the
@@ -155,7 +156,7 @@ def run_cnf(data: str, extra: list[str], out: Path, smoke: bool) -> dict:
         argv += ["--hidden", "8", "--test-size", "500", "--validity-size", "100"]
     before = children_cpu()
     done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    said = done.stderr  # what ended the training is said there
+    said = done.stderr  # what ended the training is said there (cnf.training.loop's words)
     if done.returncode:
         sys.exit(f"{' '.join(argv)} failed ({done.returncode}):\n{said}")
     whole = children_cpu() - before
