@@ -14,12 +14,12 @@ iteration of ``cnf.training.fit`` against a bare loop on the same model.
 ``cnf train ... --threads 1`` subprocess, as a user runs it (report and figures included); its
 CPU seconds are the child process's (user + system), its training and validation seconds the
 sums of ``log.jsonl``'s ``cpu`` and ``val_cpu``, its report's those of ``report.json``'s
-``cost``; "other" is the rest (start-up, a table's ``--log-columns auto`` pilot, the budget's
-timing, the figures). ``--objectives``:
-``recipe`` is ``cnf train --budget B`` as it is (flow matching, then maximum likelihood),
-``fm`` and ``mle`` add ``--objective``; ``--data`` picks the toys, or tables (``--data wine
-diabetes``: their test NLL instead of a KL, and no baseline). "ended" says what ended the
-training: its planned iterations, its share of the budget spent (``deadline``), or the
+``cost`` (each part, with the rows it solved, under "report's parts"); "other" is the rest
+(start-up, a table's ``--log-columns auto`` pilot, the budget's timing, the figures).
+``--objectives``: ``recipe`` is ``cnf train --budget B`` as it is (flow matching, then maximum
+likelihood), ``fm`` and ``mle`` add ``--objective``; ``--data`` picks the toys, or tables
+(``--data wine diabetes``: their test NLL instead of a KL, and no baseline). "ended" says what
+ended the training: its planned iterations, its share of the budget spent (``deadline``), or the
 validation NLL's ``--patience`` (a table's recipe stops early: its run ends under budget), in
 the last phase or the first (whose unspent iterations are then not trained).
 
@@ -126,6 +126,8 @@ def marginal(measure, objective: str, short: int, long: int) -> float:
     return (measure(objective, long) - measure(objective, short)) / (long - short) * 1e3
 
 
+REPORT_PARTS = ("CPU s of the validity check (on its rows), the evaluation solver's choice and "
+                "the test NLL (on its rows)")  # fmt: skip
 BUDGET_COLUMNS = [
     Column("data", "dataset"),
     Column("command", "command"),
@@ -136,6 +138,7 @@ BUDGET_COLUMNS = [
     Column("report", "report", "{:.1f}", "s", "report.json's cost, summed"),
     Column("other", "other", "{:.1f}", "s", "start-up, the budget's timing, the figures"),
     Column("report_share", "report / training", "{:.2f}"),
+    Column("report_parts", "report's parts", about=REPORT_PARTS),
     Column("ended", "ended", about="iterations, deadline or patience"),
     Column("kl", "KL", "{:.4f}", "nats", "the float64 evaluator's"),
     Column("nll", "test NLL", "{:.3f}", "nats", "a table's, from report.json"),
@@ -170,8 +173,13 @@ def run_cnf(data: str, extra: list[str], out: Path, smoke: bool) -> dict:
              "patience" if "early stop at iteration" in said else "iterations")  # fmt: skip
     if "(--patience):" in said:  # a first phase stopped early, and the next began
         ended = f"first phase's patience, then {ended}"
+    cost, checked = report.get("cost", {}), report.get("validity") or {}
+    parts = (f"validity {cost.get('validity check', 0):.1f} ({checked.get('n', 0):,} rows), "
+             f"solver {cost.get('evaluation solver', 0):.1f}, "
+             f"NLL {cost.get('test NLL', 0):.1f} ({report.get('n', 0):,} rows)")  # fmt: skip
     model = load_run(out / "best.pt").model
-    return dict(whole=whole, **split, ended=ended, nll=report["nll"], model=model)
+    return dict(whole=whole, **split, report_parts=parts, ended=ended, nll=report["nll"],
+                model=model)  # fmt: skip
 
 
 def baseline(data_name: str, seconds: float, smoke: bool) -> torch.nn.Module:
