@@ -14,7 +14,9 @@ the iterations; with a fixed ``eval_every`` their number grows with the iteratio
 iteration is priced with its share of a validation NLL. The plan is made
 once, before training, and saved in ``config.json``: the run itself, and its resume, are then
 as repeatable as any other (two budget runs on different machines plan different iteration
-counts).
+counts). Only the deadline moves: a :class:`Deadline` holds the training's share, which each
+validation NLL of the last phase moves as it prices a toy's report again, and a phase that
+costs more than planned stops there.
 
 Maximum likelihood starts at the largest valid step, timed there, and refines the step as the
 field sharpens, so its iterations cost more as training goes on: :data:`MLE_COST_AFTER_FM` is
@@ -50,7 +52,7 @@ MLE_COST_AFTER_FM = 2.0
 # 1,000 iterations of cnf train: 3.2 on 8gaussians, 3.8 on checkerboard; 2.8 over 5,658 on
 # rotating-gaussian (mean CPU per iteration over the run / the first iterations' at the start).
 # At 3.3, --objective mle --budget 60 on 8gaussians once trained all its planned iterations and
-# ended at 0.80 of its budget (another time, at 1.02)
+# ended at 0.80 of its budget (bench_speed's results at 1e0378b; at da4229b, 1.02)
 MLE_COST_FROM_SCRATCH = 2.5
 _PROBES = {"fm": 100, "mle": 4}  # iterations timed per phase, at most
 PROBE_SHARE = 0.01  # the timing of a phase stops after this share of the budget (3 iterations)

@@ -162,8 +162,8 @@ BUDGET_PRESETS: dict[str, dict[str, Any]] = {
 # What a toy trains when no option says how or for how long (``cnf train --data 8gaussians``):
 # the budget recipe at fixed lengths, so that the same command trains the same flow on any
 # machine. QUICK_ITERS flow-matching iterations, then QUICK_FINETUNE of maximum likelihood:
-# the whole command 88.7 CPU s on one core with another job on the second (119.5 in an earlier
-# such run), KL 0.008 on 8gaussians (python bench/bench_speed.py --parts quickstart); in
+# the whole command 88.7 CPU s on one core with another job on the second, KL 0.008 on
+# 8gaussians (python bench/bench_speed.py, bench/results/bench_speed.json); in
 # training alone, 30,000 then 200 reached 0.0104, 30,000 of flow matching alone 0.0083
 QUICK_ITERS, QUICK_FINETUNE = 24_000, 600
 QUICK_PRESETS: dict[str, dict[str, Any]] = {

@@ -152,9 +152,8 @@ def _fit_into(out: Path, run: Setup, dist: Distributed, progress: bool, writer: 
     is told the seconds of the last phase's validation NLLs); ``kept_rows``: the log rows of the
     iterations a budget's timing trained (the run starts after them, none of them saved)."""
     tensorboard = None if writer is None or not dist.main else writer(str(out / "tensorboard"))
-    recorder = _Recorder(out, run, tensorboard, write=dist.main)
-    if isinstance(deadline, budget.Deadline):
-        recorder.deadline = deadline
+    moving = deadline if isinstance(deadline, budget.Deadline) else None
+    recorder = _Recorder(out, run, tensorboard, write=dist.main, deadline=moving)
     if kept_rows:
         recorder.saved = None  # no checkpoint of them yet
     try:
@@ -178,8 +177,10 @@ class _Recorder(Hooks):
     (:class:`~cnf.training.logrows.LogRows`), then the checkpoints (and, with
     ``--tensorboard``, each row's numbers as TensorBoard scalars)."""
 
-    def __init__(self, out: Path, run: Setup, tensorboard: Any = None, write: bool = True):
+    def __init__(self, out: Path, run: Setup, tensorboard: Any = None, write: bool = True,
+                 deadline: budget.Deadline | None = None):  # fmt: skip
         self.out, self.run, self.tensorboard, self.write = out, run, tensorboard, write
+        self.deadline = deadline  # a budget's, told the last phase's validations
         self.saved: int | None = run.state.iteration if run.state.iteration else None
         self.log: Any = None
         self.rows = LogRows(log_interval(run.cfg.log_every, run.cfg.total_iters), self._ends)
@@ -194,8 +195,6 @@ class _Recorder(Hooks):
         different cost)."""
         objective = self.run.objective
         return objective.at(it) is objective.at(self.run.cfg.total_iters)
-
-    deadline: budget.Deadline | None = None  # a budget's, told the last phase's validations
 
     def row(self, state: TrainState, row: dict[str, Any]) -> None:
         if self.deadline is not None and "val_cpu" in row and self._last_phase(row["iter"]):
